@@ -1,0 +1,60 @@
+# Every target that needs Python creates .venv if it is missing, installs torch first
+# (TORCH_SPEC, e.g. TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu124'
+# for a GPU build), then the project.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Reference implementations used only by the parity tests and benchmarks. Their wheels declare
+# dependencies they never import (torchvision, Lightning), so they are installed with --no-deps.
+REFERENCE_PKGS ?= dall-e==0.1 taming-transformers==0.0.1
+
+DEMO_OUT ?= demo-out
+CONFIG ?= tiny
+DATA ?= $(DEMO_OUT)/mix.json
+PRETRAIN_OUT ?= runs/$(CONFIG)
+
+.PHONY: help install dev test demo lint bench pretrain clean
+
+help:
+	@echo "make demo      run the whole study on the embedded demo data (CPU, local Ray)"
+	@echo "make test      run the test suite"
+	@echo "make pretrain  pre-train (CONFIG=$(CONFIG) DATA=$(DATA))"
+	@echo "make bench     run the benchmarks in bench/"
+	@echo "make lint      ruff"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(VENV)/.torch: | $(PY)
+	$(PIP) install $(TORCH_SPEC)
+	@touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
+	$(PIP) install -e .
+	@touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+	$(PIP) install -e ".[dev]"
+	$(PIP) install --no-deps $(REFERENCE_PKGS)
+	@touch $@
+
+install: $(VENV)/.installed
+dev: $(VENV)/.installed-dev
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-dev
+	$(PY) -m ruff check pipeline trainer schemas tests bench
+
+bench: $(VENV)/.installed-dev
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/toto-pipeline demo --out $(DEMO_OUT)
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache

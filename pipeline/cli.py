@@ -1,0 +1,23 @@
+"""`toto-pipeline`: turn images and videos into token shards, mix them, and inspect the results."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="toto")
+def main() -> None:
+    """Toto data pipeline: decode → tokenize → token shards → mix manifests.
+
+    \b
+    Typical flow:
+      toto-pipeline demo-data --out demo/data
+      toto-pipeline tokenize --dataset imagenet --input demo/data/imagenet --output tok/imagenet
+      toto-pipeline status tok/imagenet
+      toto-pipeline mix --ratios imagenet=0.2,k600=0.8 --inputs imagenet=tok/imagenet,k600=tok/k600 --out mix.json
+    """
+
+
+if __name__ == "__main__":
+    main()

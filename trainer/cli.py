@@ -1,0 +1,15 @@
+"""`toto-train`: pre-train, export, generate and evaluate LLaMA models over visual tokens."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="toto")
+def main() -> None:
+    """Toto trainer: pre-training, checkpoints, export, generation and probes."""
+
+
+if __name__ == "__main__":
+    main()
