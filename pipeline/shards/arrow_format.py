@@ -1,0 +1,152 @@
+"""Arrow IPC file shards: one record batch per row group, ``tokens`` as list<uint16>.
+
+Uncompressed by default so a local shard is memory-mapped and one row is read without reading
+the file (the token values of a row are a zero-copy view into the map). Remote shards are read by
+range requests: the footer, then only the record batch that holds the row.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import storage
+from pipeline.shards.rows import META_COLUMNS
+
+ARROW_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("chunk", pa.int32(), nullable=False),
+        pa.field("t_start", pa.float64(), nullable=False),
+        pa.field("fps", pa.float64(), nullable=False),
+        pa.field("num_frames", pa.int32(), nullable=False),
+        pa.field("grid_h", pa.int32(), nullable=False),
+        pa.field("grid_w", pa.int32(), nullable=False),
+        pa.field("label", pa.string(), nullable=True),
+        pa.field("tokens", pa.list_(pa.field("item", pa.uint16(), nullable=False)), nullable=False),
+    ],
+    metadata={b"toto.format": b"token-shard", b"toto.format_version": b"1"},
+)
+
+
+def rows_to_batch(rows: list[dict[str, Any]]) -> pa.RecordBatch:
+    arrays = [pa.array([r[c] for r in rows], type=ARROW_SCHEMA.field(c).type) for c in META_COLUMNS]
+    lengths = np.fromiter((r["tokens"].size for r in rows), dtype=np.int64, count=len(rows))
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate([r["tokens"] for r in rows]) if rows else np.zeros(0, np.uint16)
+    tokens = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, pa.uint16()))
+    tokens = tokens.cast(ARROW_SCHEMA.field("tokens").type)
+    return pa.RecordBatch.from_arrays(arrays + [tokens], schema=ARROW_SCHEMA)
+
+
+class ArrowFileWriter:
+    def __init__(self, path: str, compression: str | None):
+        self._sink = pa.OSFile(path, "wb")
+        opts = pa.ipc.IpcWriteOptions(compression=compression)
+        self._writer = pa.ipc.new_file(self._sink, ARROW_SCHEMA, options=opts)
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        self._writer.write_batch(rows_to_batch(rows))
+
+    def close(self) -> None:
+        self._writer.close()
+        self._sink.close()
+
+    def abort(self) -> None:
+        try:
+            self._sink.close()
+        except Exception:  # noqa: BLE001 - best effort on an already failing path
+            pass
+
+
+class ArrowShardReader:
+    """Random access to rows of an Arrow IPC token shard."""
+
+    def __init__(self, url: str, storage_options: dict | None = None):
+        self.url = url
+        if storage.is_local(url):
+            self._source = pa.memory_map(storage.local_path(url), "r")
+            self._file = None
+        else:
+            fs, path = storage.url_to_fs(url, storage_options)
+            # Block cache of 1 MiB: the footer and one record batch per random read.
+            self._file = fs.open(path, "rb", block_size=1 << 20, cache_type="bytes")
+            self._source = pa.PythonFile(self._file, mode="r")
+        self._reader = pa.ipc.open_file(self._source)
+        if not self._reader.schema.equals(ARROW_SCHEMA, check_metadata=False):
+            raise ValueError(f"{url} is not a Toto token shard (unexpected Arrow schema)")
+        self._batches: dict[int, tuple[pa.RecordBatch, np.ndarray, np.ndarray]] = {}
+        self._starts = [0]
+        self._counts: list[int] | None = None
+
+    def _ensure_counts(self) -> None:
+        if self._counts is None:
+            # Row counts per batch need each batch's header; for a memory map this reads no data.
+            self._counts = []
+            for b in range(self._reader.num_record_batches):
+                n = self._batch(b)[0].num_rows
+                self._counts.append(n)
+                self._starts.append(self._starts[-1] + n)
+
+    def _batch(self, b: int) -> tuple[pa.RecordBatch, np.ndarray, np.ndarray]:
+        got = self._batches.get(b)
+        if got is None:
+            batch = self._reader.get_batch(b)
+            col = batch.column("tokens")
+            offsets = col.offsets.to_numpy()
+            values = col.values.to_numpy(zero_copy_only=False)
+            got = (batch, offsets, values)
+            if len(self._batches) > 64 and self._file is not None:
+                self._batches.clear()  # bound memory for remote reads
+            self._batches[b] = got
+        return got
+
+    def __len__(self) -> int:
+        self._ensure_counts()
+        return self._starts[-1]
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"row {i} out of range for {self.url} with {n} rows")
+        i %= n
+        b = bisect.bisect_right(self._starts, i) - 1
+        return b, i - self._starts[b]
+
+    def tokens(self, i: int) -> np.ndarray:
+        """Tokens of row ``i`` as uint16 ``[num_frames, grid_h, grid_w]`` (a view when mapped)."""
+        b, j = self._locate(i)
+        batch, offsets, values = self._batch(b)
+        flat = values[offsets[j] : offsets[j + 1]]
+        nf = batch.column("num_frames")[j].as_py()
+        gh = batch.column("grid_h")[j].as_py()
+        gw = batch.column("grid_w")[j].as_py()
+        return flat.reshape(nf, gh, gw)
+
+    def row(self, i: int) -> dict[str, Any]:
+        b, j = self._locate(i)
+        batch = self._batch(b)[0]
+        out = {c: batch.column(c)[j].as_py() for c in META_COLUMNS}
+        out["tokens"] = self.tokens(i)
+        return out
+
+    def column(self, name: str) -> list:
+        if name == "tokens":
+            raise ValueError("use tokens(i) or iterate rows to read token arrays")
+        self._ensure_counts()
+        out: list = []
+        for b in range(self._reader.num_record_batches):
+            out.extend(self._batch(b)[0].column(name).to_pylist())
+        return out
+
+    def close(self) -> None:
+        self._batches.clear()
+        if self._file is not None:
+            self._file.close()
