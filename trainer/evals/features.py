@@ -49,7 +49,7 @@ def extract_features(
             tok = tokens[i : i + batch_size].to(device)
             mask = visual[i : i + batch_size]
             hidden = model.features(tok, layers=list(layers))  # list of (b, T, D)
-            for layer, h in zip(layers, hidden):
+            for layer, h in zip(layers, hidden, strict=True):
                 h = h.float().cpu()[mask].reshape(tok.shape[0], p, -1)  # (b, P, D)
                 if pool_tokens > 1:
                     h = h.reshape(h.shape[0], p // pool_tokens, pool_tokens, -1).mean(dim=2)

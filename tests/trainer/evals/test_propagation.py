@@ -17,7 +17,7 @@ def _write_davis(root, name, frames, masks):
     ann_dir = os.path.join(root, "Annotations", "480p", name)
     os.makedirs(img_dir)
     os.makedirs(ann_dir)
-    for t, (f, m) in enumerate(zip(frames, masks)):
+    for t, (f, m) in enumerate(zip(frames, masks, strict=True)):
         Image.fromarray(f).save(os.path.join(img_dir, f"{t:05d}.png"))  # PNG: lossless frames for exact tests
         p = Image.fromarray(m, mode="P")
         p.putpalette(PALETTE)

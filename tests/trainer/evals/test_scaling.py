@@ -40,8 +40,8 @@ def test_frontier_keeps_lower_envelope_and_study_fits_it(tmp_path):
     doc = scaling_study(runs)
     validate(doc, "scaling_fit")
     front = doc["frontier"]
-    assert all(x["loss"] > y["loss"] for x, y in zip(front, front[1:]))  # strictly decreasing
-    assert all(x["macs"] < y["macs"] for x, y in zip(front, front[1:]))
+    assert all(x["loss"] > y["loss"] for x, y in zip(front, front[1:], strict=False))  # strictly decreasing
+    assert all(x["macs"] < y["macs"] for x, y in zip(front, front[1:], strict=False))
     # The three optima are on the frontier, and the fit through the frontier is close to the law.
     for opt in (1e16, 1e17, 1e18):
         assert any(p["macs"] == pytest.approx(opt) for p in front)
