@@ -11,5 +11,11 @@ def main() -> None:
     """Toto trainer: pre-training, checkpoints, export, generation and probes."""
 
 
+from trainer.evals.cli import probe, scaling, track  # noqa: E402
+
+main.add_command(probe)
+main.add_command(track)
+main.add_command(scaling)
+
 if __name__ == "__main__":
     main()
