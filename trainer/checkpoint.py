@@ -183,12 +183,13 @@ class CheckpointWriter:
     `commit(meta)` after a barrier. Single-process code calls them in sequence.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, step: int) -> None:
+    def __init__(self, run_dir: str | os.PathLike, step: int, create: bool = True) -> None:
         self.run = Path(run_dir)
         self.step = step
         self.final = self.run / step_dir_name(step)
         self.tmp = self.run / (".tmp-" + step_dir_name(step))
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.tmp.mkdir(parents=True, exist_ok=True)
 
     def write_model(self, state_dict: dict[str, torch.Tensor]) -> None:
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}

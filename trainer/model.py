@@ -55,13 +55,11 @@ class ModelConfig:
             raise bad("n_heads", f"dim={self.dim} must be divisible by n_heads; pick a divisor of dim")
         if (self.dim // self.n_heads) % 2:
             raise bad("n_heads", f"head_dim={self.dim // self.n_heads} must be even for rotary embeddings")
-        if self.mlp_hidden is None:
-            self.mlp_hidden = 4 * self.dim
-        if not isinstance(self.mlp_hidden, int) or self.mlp_hidden <= 0:
+        # None stays None (so overriding dim or n_heads re-derives them); read ffn_dim / kv_heads.
+        if self.mlp_hidden is not None and (not isinstance(self.mlp_hidden, int) or self.mlp_hidden <= 0):
             raise bad("mlp_hidden", "use a positive integer or None for 4 * dim")
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        if not isinstance(self.n_kv_heads, int) or self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads:
+        kv = self.n_kv_heads
+        if kv is not None and (not isinstance(kv, int) or kv <= 0 or self.n_heads % kv):
             raise bad("n_kv_heads", f"use a positive divisor of n_heads={self.n_heads} (or None)")
         if not (self.rope_theta > 0):
             raise bad("rope_theta", "use a positive base, e.g. 10000 (50000 for the 256 px stage)")
@@ -75,6 +73,15 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        """SwiGLU hidden width: mlp_hidden, or 4 * dim when unset (the paper's base and large)."""
+        return self.mlp_hidden if self.mlp_hidden is not None else 4 * self.dim
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
 
     @property
     def width_mult(self) -> float:
@@ -116,9 +123,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int | None = None)
 
 
 def count_params(cfg: ModelConfig, include_embedding: bool = True) -> int:
-    d, h, kv = cfg.dim, cfg.head_dim, cfg.n_kv_heads
+    d, h, kv = cfg.dim, cfg.head_dim, cfg.kv_heads
     attn = d * d * 2 + 2 * d * kv * h  # wq, wo, wk, wv
-    mlp = 3 * d * cfg.mlp_hidden
+    mlp = 3 * d * cfg.ffn_dim
     per_layer = attn + mlp + 2 * d
     n = cfg.n_layers * per_layer + d + cfg.vocab_size * d  # + final norm + output head
     if include_embedding:
@@ -166,7 +173,7 @@ class KVCache:
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype=torch.float32) -> None:
         if max_len > cfg.max_seq_len:
             raise ValueError(f"KVCache max_len={max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
-        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.pos = 0  # number of positions already filled
@@ -176,10 +183,10 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         # μP: 1/hd keeps attention logits O(1) as width grows; equals 1/sqrt(hd) at the base width.
         if cfg.mup_base_dim is not None:
@@ -221,9 +228,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.mlp_hidden, bias=False)  # gate
-        self.w3 = nn.Linear(cfg.dim, cfg.mlp_hidden, bias=False)  # up
-        self.w2 = nn.Linear(cfg.mlp_hidden, cfg.dim, bias=False)  # down
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # up
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -63,7 +63,7 @@ def test_config_validation_names_field_and_fix():
 
 def test_presets_match_the_paper():
     assert (PRESETS["base"].dim, PRESETS["base"].n_heads, PRESETS["base"].n_layers) == (768, 12, 12)
-    assert PRESETS["base"].mlp_hidden == 4 * 768
+    assert PRESETS["base"].ffn_dim == 4 * 768
     assert (PRESETS["large"].dim, PRESETS["large"].n_heads, PRESETS["large"].n_layers) == (1024, 16, 16)
     assert (PRESETS["1b"].dim, PRESETS["1b"].n_layers, PRESETS["1b"].mlp_hidden) == (2048, 22, 5504)
     # ~120M / ~280M / ~1.1B as in the paper (embeddings included, 8195-token vocabulary).
