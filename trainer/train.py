@@ -599,7 +599,7 @@ def ray_train_loop(config: dict[str, Any]) -> None:
     """Entry for Ray Train's TorchTrainer: `TorchTrainer(ray_train_loop, train_loop_config={...})`.
 
     config: {"train_config": dict (config_to_dict), "data": mix path, "out": run dir on storage
-    shared by all workers}. Ray initialises the process group; train() picks it up.
+    shared by all workers, optional "loader_factory": a picklable LoaderFactory}. Ray initialises the process group; train() picks it up.
     """
     from ray import train as ray_train
 
@@ -615,4 +615,34 @@ def ray_train_loop(config: dict[str, Any]) -> None:
     def report(rec: dict) -> None:
         ray_train.report({k: v for k, v in rec.items() if v is not None})
 
-    train(cfg, config["data"], config["out"], on_log=report)
+    train(cfg, config["data"], config["out"], on_log=report, loader_factory=config.get("loader_factory"))
+
+
+def run_with_ray(cfg: TrainConfig, data: str, out: str, *, num_workers: int, use_gpu: bool,
+                 address: str | None = None, cpus_per_worker: float = 1.0,
+                 loader_factory: LoaderFactory | None = None) -> dict:
+    """Run `train` on a Ray cluster with Ray Train's TorchTrainer (one worker per GPU).
+
+    OUT must be storage every worker sees (a shared filesystem): checkpoints are ours, written by
+    rank 0 exactly as under torchrun, so a Ray run and a torchrun run resume each other.
+    """
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(address=address)
+    out_abs = str(Path(out).resolve())
+    trainer = TorchTrainer(
+        ray_train_loop,
+        train_loop_config={"train_config": config_to_dict(cfg), "data": str(data), "out": out_abs,
+                           "loader_factory": loader_factory},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name=f"toto-{cfg.name}", storage_path=str(Path(out_abs) / "ray")),
+    )
+    result = trainer.fit()
+    latest = ck.latest_checkpoint(out_abs)
+    return {"out": out_abs, "step": ck.read_meta(latest)["step"] if latest else 0,
+            "ray_metrics": dict(result.metrics or {})}
