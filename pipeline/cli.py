@@ -19,5 +19,10 @@ def main() -> None:
     """
 
 
+from pipeline.shards.cli import COMMANDS as _shard_commands  # noqa: E402
+
+for _cmd in _shard_commands:
+    main.add_command(_cmd)
+
 if __name__ == "__main__":
     main()
