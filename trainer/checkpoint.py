@@ -63,23 +63,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _validate_meta(doc: dict) -> dict:
-    """Validate against schemas/checkpoint_meta.v1.json (through the shared `schemas` package)."""
-    try:
-        from schemas import validate  # the project-wide validator (refuses unknown versions)
-    except ImportError:
-        validate = None
-    if validate is not None:
-        return validate(doc, META_KIND)
-    import jsonschema
+    """Validate against schemas/checkpoint_meta.v1.json (refuses unknown versions with a fix)."""
+    import schemas
 
-    if doc.get("schema") != META_KIND or doc.get("version") != META_VERSION:
-        raise ValueError(
-            f"checkpoint meta has schema={doc.get('schema')!r} version={doc.get('version')!r}; this "
-            f"build reads {META_KIND} v{META_VERSION}: upgrade toto or re-save the checkpoint"
-        )
-    schema_path = Path(__file__).resolve().parent.parent / "schemas" / f"{META_KIND}.v{META_VERSION}.json"
-    jsonschema.validate(doc, json.loads(schema_path.read_text()))
-    return doc
+    return schemas.validate(doc, META_KIND)
 
 
 def read_meta(step_dir: str | os.PathLike) -> dict:

@@ -174,10 +174,13 @@ def _barrier(d: _Dist, device: torch.device) -> None:
 
 
 def _read_mix_doc(data: str) -> dict:
-    try:
-        return json.loads(Path(data).read_text())
-    except (OSError, ValueError):
+    """The mix manifest (for the tokenizer id, grid and frames recorded in checkpoints); {} when the
+    data is not a manifest file (an injected loader in tests)."""
+    if not (str(data).startswith("s3://") or Path(data).is_file()):
         return {}
+    from pipeline.storage import read_json
+
+    return read_json(str(data), "mix_manifest")
 
 
 class _Metrics:
@@ -232,6 +235,9 @@ def _write_position_loss(out: Path, step: int, pos_sum: np.ndarray, pos_cnt: np.
         "position_loss": [None if not np.isfinite(v) else round(float(v), 6) for v in pos],
         "frame_loss": [None if not np.isfinite(v) else round(float(v), 6) for v in frm],
     }
+    import schemas
+
+    schemas.validate(doc, "position_loss")
     d = out / "position_loss"
     d.mkdir(exist_ok=True)
     stem = d / ck.step_dir_name(step)
@@ -437,6 +443,9 @@ def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
                 "seq_len": seq_len,
                 "specials": specials,
                 "tokenizer": tokenizer,
+                "grid": mix_doc.get("grid"),
+                "frames": mix_doc.get("frames"),
+                "codebook_size": mix_doc.get("codebook_size"),
                 "data": str(data),
                 "init_from": cfg.init_from,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
