@@ -29,7 +29,7 @@ import schemas
 from pipeline import storage
 from pipeline.mix.blend import Blend, SourceOrder
 from pipeline.mix.build import TABLE_ARRAYS, order_key
-from pipeline.mix.sequence import assemble
+from pipeline.mix.sequence import assemble_into, layout
 from pipeline.mix.tables import locate_frames
 from pipeline.shards import open_shard, read_manifest
 
@@ -203,6 +203,7 @@ class MixReader:
         self._load_index()
         self._orders = [SourceOrder(len(self._tab[i]["units"]), order_key(m["seed"], s["name"], split))
                         for i, s in enumerate(self._src)]
+        self._layouts: dict[int, dict[str, Any]] = {}
         self._stores = [TokenStore(s["url"], self._dsm[s["name"]], self.hw, storage_options=storage_options,
                                    verify_sha256=verify_sha256, block_cache_mb=block_cache_mb) for s in self._src]
 
@@ -281,26 +282,54 @@ class MixReader:
         """Tokens of absolute frames (int64 [m, F]) of source ``si`` → (uint16 [m, F, HW], row pos [m, F])."""
         return self._stores[si].gather(self._tab[si], frames)
 
+    def _layout(self, si: int) -> dict[str, Any]:
+        lay = self._layouts.get(si)
+        if lay is None:
+            m = self.manifest
+            video = self._src[si]["kind"] == "video"
+            lay = self._layouts[si] = layout(
+                m["frames"] if video else m["images_per_seq"], self.hw,
+                start=self.specials["bos_video" if video else "bos_image"], seq_len=self.seq_len, specials=self.specials)
+        return lay
+
     def batch(self, ids: np.ndarray) -> dict[str, Any]:
         """The sequences of global sample ids ``ids`` (int64 [B]) as numpy arrays and lists."""
         ids = np.asarray(ids, dtype=np.int64)
         b, t = len(ids), self.seq_len
-        out = {k: np.empty((b, t), dtype=np.int64) for k in ("inputs", "targets", "frame_index", "target_frame_index")}
+        out = {k: np.empty((b, t), dtype=np.int64) for k in ("inputs", "targets", "frame_index")}
         source: list[str] = [""] * b
         label: list[str | None] = [None] * b
-        for si, pos, frames in self.sample_frames(ids):
-            toks, q = self.gather(si, frames)
-            kind = self._src[si]["kind"]
-            start = self.specials["bos_video" if kind == "video" else "bos_image"]
-            seq = assemble(toks, start=start, seq_len=t, specials=self.specials)
-            for k in out:
-                out[k][pos] = seq[k]
+        groups = self.sample_frames(ids)
+        lays = [self._layout(si) for si, _, _ in groups]
+        same = all(lay["body"] == lays[0]["body"] and (lay["inputs"][1:] == lays[0]["inputs"][1:]).all()
+                   and (lay["targets"] == lays[0]["targets"]).all() for lay in lays)
+        if same and len(groups) > 1:
+            # One layout for the whole batch (same frames per sample for every kind, e.g. the paper's
+            # 16 frames / 16 images): gather into one uint16 buffer, then write contiguous rows.
+            f = groups[0][2].shape[1]
+            toks_all = np.empty((b, f, self.hw), dtype=np.uint16)
+            starts = np.empty(b, dtype=np.int64)
+            qs = []
+            for (si, pos, frames), lay in zip(groups, lays, strict=True):
+                toks, q = self.gather(si, frames)
+                toks_all[pos] = toks
+                starts[pos] = lay["inputs"][0]
+                qs.append(q)
+            assemble_into(out, slice(None), toks_all, lays[0], starts=starts)
+        else:
+            qs = []
+            for (si, pos, frames), lay in zip(groups, lays, strict=True):
+                toks, q = self.gather(si, frames)
+                assemble_into(out, slice(None) if len(pos) == b else pos, toks, lay)
+                qs.append(q)
+        for (si, pos, _), q in zip(groups, qs, strict=True):
             tab = self._tab[si]
             lab = np.asarray(tab["label"][q[:, 0]])
+            names = tab["labels"]
             name = self.sources[si]
             for p, li in zip(pos.tolist(), lab.tolist(), strict=True):
                 source[p] = name
-                label[p] = tab["labels"][li] if li >= 0 else None
+                label[p] = names[li] if li >= 0 else None
         out["source"] = source
         out["label"] = label
         out["sample_index"] = ids.copy()

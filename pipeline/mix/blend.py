@@ -21,7 +21,7 @@ which is how the loader extends the index past ``num_samples``.
 Per-source order: source-local sample stream position ``p`` belongs to pass (epoch) ``p // n`` and
 maps to unit ``perm_e(p % n)``, where ``perm_e`` is a seeded permutation of ``[0, n)`` drawn afresh
 for each pass. A small source is thereby repeated as often as needed, each pass in a new order. The
-permutation is a keyed Feistel network with cycle walking: a bijection on ``[0, n)`` evaluated
+permutation is a keyed (unbalanced) Feistel network with cycle walking: a bijection on ``[0, n)`` evaluated
 element-wise and vectorised, so no table of ``n`` entries per pass is ever stored (HowTo100M-sized
 sources have ~10^8 units) and every worker computes the same order from (seed, source, pass).
 """
@@ -210,27 +210,33 @@ class Permutation:
     """A seeded bijection of ``[0, n)``, evaluated element-wise: ``perm(np.arange(n))`` is a shuffle.
 
     Keys come from ``np.random.SeedSequence(key)``, so ``key`` is any tuple of non-negative ints,
-    e.g. (seed, source index, split code, pass).
+    e.g. (seed, source, split, pass). The network works on ``bits = ceil(log2 n)`` bits (an
+    unbalanced Feistel: each round moves the low ``s`` bits to the top and xors a keyed hash of them
+    into the rest, a bijection of ``[0, 2^bits)``), so the domain is < 2n and cycle walking needs
+    fewer than two rounds per element on average.
     """
 
-    ROUNDS = 6
+    ROUNDS = 8
 
     def __init__(self, n: int, key: tuple[int, ...]):
         if n < 1:
             raise ValueError(f"cannot permute an empty range (n={n})")
         self.n = int(n)
-        bits = max(2, (self.n - 1).bit_length())
-        self.half = (bits + 1) // 2
-        self.mask = np.uint64((1 << self.half) - 1)
+        self.bits = max(2, (self.n - 1).bit_length())
+        self.low = self.bits // 2  # s: bits moved to the top each round
+        self.high = self.bits - self.low
         self.keys = np.random.SeedSequence(list(key)).generate_state(self.ROUNDS, dtype=np.uint64)
 
     def _encrypt(self, x: np.ndarray) -> np.ndarray:
-        h = np.uint64(self.half)
-        left = x >> h
-        right = x & self.mask
+        s, hb = np.uint64(self.low), np.uint64(self.high)
+        lmask = np.uint64((1 << self.low) - 1)
+        hmask = np.uint64((1 << self.high) - 1)
         for k in self.keys:
-            left, right = right, left ^ (_mix64(right ^ k) & self.mask)
-        return (left << h) | right
+            lo = x & lmask
+            hi = x >> s
+            # (hi, lo) -> (lo, hi ^ F_k(lo)): invertible given lo, so each round is a bijection.
+            x = (lo << hb) | (hi ^ (_mix64(lo ^ k) & hmask))
+        return x
 
     def __call__(self, pos: np.ndarray) -> np.ndarray:
         """Permuted positions (int64, same shape as ``pos``); every ``pos`` must be in [0, n)."""
@@ -239,40 +245,62 @@ class Permutation:
             return np.zeros_like(pos)
         with np.errstate(over="ignore"):
             x = self._encrypt(pos.astype(np.uint64))
-            # Cycle walking: the network permutes [0, 4^half) ⊇ [0, n); re-encrypting values that land
+            # Cycle walking: the network permutes [0, 2^bits) ⊇ [0, n); re-encrypting values that land
             # outside [0, n) until they fall inside keeps it a bijection of [0, n).
-            out = x >= np.uint64(self.n)
-            while out.any():
+            out = np.flatnonzero(x >= np.uint64(self.n))
+            while out.size:
                 x[out] = self._encrypt(x[out])
-                out = x >= np.uint64(self.n)
+                out = out[x[out] >= np.uint64(self.n)]
         return x.astype(np.int64)
 
 
 class SourceOrder:
-    """Source-local stream position → unit id, repeating the source with a new order each pass."""
+    """Source-local stream position → unit id, repeating the source with a new order each pass.
 
-    def __init__(self, n_units: int, key: tuple[int, ...], cache: int = 4):
+    Passes of up to ``table_max`` units are materialised once per pass (one vectorised evaluation of
+    the permutation, int32/int64 table) so a lookup is a single index; bigger sources are permuted
+    element-wise and never held in memory.
+    """
+
+    def __init__(self, n_units: int, key: tuple[int, ...], cache: int = 2, table_max: int = 1 << 24):
         if n_units < 1:
             raise ValueError("a source with no usable units cannot be sampled")
         self.n = int(n_units)
         self.key = tuple(int(k) for k in key)
-        self._perms: dict[int, Permutation] = {}
+        self._perms: dict[int, Permutation | np.ndarray] = {}
         self._cache = cache
+        self._table_max = table_max
 
-    def _perm(self, epoch: int) -> Permutation:
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        d["_perms"] = {}  # rebuilt on demand in each worker
+        return d
+
+    def _perm(self, epoch: int) -> Permutation | np.ndarray:
         p = self._perms.get(epoch)
         if p is None:
             if len(self._perms) >= self._cache:
                 self._perms.pop(next(iter(self._perms)))
-            p = self._perms[epoch] = Permutation(self.n, (*self.key, epoch))
+            perm = Permutation(self.n, (*self.key, epoch))
+            if self.n <= self._table_max:
+                dt = np.int32 if self.n < (1 << 31) else np.int64
+                p = perm(np.arange(self.n, dtype=np.int64)).astype(dt)
+            else:
+                p = perm
+            self._perms[epoch] = p
         return p
 
     def units(self, pos: np.ndarray) -> np.ndarray:
         """Unit ids (int64) for stream positions ``pos`` (int64, any shape, ≥ 0)."""
         pos = np.asarray(pos, dtype=np.int64)
         epoch, r = np.divmod(pos, self.n)
+        e0 = int(epoch.flat[0]) if pos.size else 0
+        if pos.size and (epoch == e0).all():
+            p = self._perm(e0)
+            return p[r].astype(np.int64) if isinstance(p, np.ndarray) else p(r)
         out = np.empty_like(pos)
         for e in np.unique(epoch):
             m = epoch == e
-            out[m] = self._perm(int(e))(r[m])
+            p = self._perm(int(e))
+            out[m] = p[r[m]] if isinstance(p, np.ndarray) else p(r[m])
         return out

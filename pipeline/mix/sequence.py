@@ -21,6 +21,8 @@ input token, -1 on specials and padding; ``target_frame_index`` is the same for 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 SPECIAL_NAMES: tuple[str, ...] = ("bos_video", "bos_image", "eos", "pad")
@@ -39,6 +41,61 @@ def vocab_size_for(codebook_size: int) -> int:
     return codebook_size + len(SPECIAL_NAMES)
 
 
+def layout(f: int, hw: int, *, start: int, seq_len: int, specials: dict[str, int]) -> dict[str, Any]:
+    """The fixed part of a sequence of ``f`` frames: token/frame templates of S' (length T+1)."""
+    t = int(seq_len)
+    n = f * hw + 2  # length of S
+    keep = min(n, t + 1)
+    tmpl = np.full(t + 1, specials["pad"], dtype=np.int64)
+    fidx = np.full(t + 1, -1, dtype=np.int64)
+    tmpl[0] = start
+    body = min(f * hw, keep - 1)  # frame tokens that fit
+    fidx[1 : 1 + body] = np.repeat(np.arange(f, dtype=np.int64), hw)[:body]
+    if keep == n:
+        tmpl[n - 1] = specials["eos"]
+    tgt = tmpl[1:].copy()
+    if keep < t + 1:
+        tgt[keep - 1 :] = IGNORE_INDEX
+    return {"body": body, "inputs": tmpl[:t], "targets": tgt, "frame_index": fidx[:t], "target_frame_index": fidx[1:]}
+
+
+def assemble_into(out: dict[str, np.ndarray], rows: np.ndarray | slice, frames: np.ndarray, lay: dict[str, Any],
+                  starts: np.ndarray | None = None) -> None:
+    """Write the sequences of ``frames`` (integer [m, F, HW]) into rows ``rows`` of ``out``'s
+    int64 [B, T] arrays ``inputs``, ``targets``, ``frame_index`` (and ``target_frame_index`` if present).
+
+    Every output value is written once: frame tokens straight from the gathered uint16 values,
+    specials and padding from the layout's templates only where there are no frame tokens.
+    ``starts`` (int64 [m]) overrides the start token per row (samples of both kinds sharing one
+    layout, i.e. videos and image sequences with the same number of frames).
+    """
+    m = frames.shape[0]
+    body = lay["body"]
+    flat = frames.reshape(m, -1)  # (m, F*HW)
+    t = out["inputs"].shape[1]
+    nb = min(body, t - 1)  # frame tokens among the inputs (after the start token)
+    inp, tgt = out["inputs"], out["targets"]
+    if isinstance(rows, slice):
+        inp[rows, 0] = lay["inputs"][0] if starts is None else starts
+        inp[rows, 1 : 1 + nb] = flat[:, :nb]
+        inp[rows, 1 + nb :] = lay["inputs"][1 + nb :]
+        tgt[rows, :body] = flat[:, :body]
+        tgt[rows, body:] = lay["targets"][body:]
+    else:
+        # Fancy row indices: fill the rows in one go from a full template (copies are unavoidable).
+        seq = np.empty((m, t), dtype=np.int64)
+        seq[:, 0] = lay["inputs"][0] if starts is None else starts
+        seq[:, 1 : 1 + nb] = flat[:, :nb]
+        seq[:, 1 + nb :] = lay["inputs"][1 + nb :]
+        inp[rows] = seq
+        seq[:, :body] = flat[:, :body]
+        seq[:, body:] = lay["targets"][body:]
+        tgt[rows] = seq
+    for k in ("frame_index", "target_frame_index"):
+        if k in out:  # target_frame_index is optional (derivable; the loader leaves it out)
+            out[k][rows] = lay[k]
+
+
 def assemble(
     frames: np.ndarray, *, start: int, seq_len: int, specials: dict[str, int]
 ) -> dict[str, np.ndarray]:
@@ -50,23 +107,7 @@ def assemble(
     if frames.ndim != 3:
         raise ValueError(f"frames must be [B, F, HW], got shape {frames.shape}")
     b, f, hw = frames.shape
-    t = int(seq_len)
-    n = f * hw + 2  # length of S
-    keep = min(n, t + 1)
-    seq = np.full((b, t + 1), specials["pad"], dtype=np.int64)  # (B, T+1)
-    fidx = np.full(t + 1, -1, dtype=np.int64)  # (T+1,) the same for every sample
-    seq[:, 0] = start
-    body = min(f * hw, keep - 1)  # frame tokens that fit
-    seq[:, 1 : 1 + body] = frames.reshape(b, f * hw)[:, :body]
-    fidx[1 : 1 + body] = np.repeat(np.arange(f, dtype=np.int64), hw)[:body]
-    if keep == n:
-        seq[:, n - 1] = specials["eos"]
-    targets = seq[:, 1:].copy()  # (B, T)
-    if keep < t + 1:
-        targets[:, keep - 1 :] = IGNORE_INDEX
-    return {
-        "inputs": seq[:, :t],
-        "targets": targets,
-        "frame_index": np.broadcast_to(fidx[:t], (b, t)).copy(),
-        "target_frame_index": np.broadcast_to(fidx[1:], (b, t)).copy(),
-    }
+    lay = layout(f, hw, start=start, seq_len=seq_len, specials=specials)
+    out = {k: np.empty((b, int(seq_len)), dtype=np.int64) for k in ("inputs", "targets", "frame_index", "target_frame_index")}
+    assemble_into(out, slice(None), frames, lay)
+    return out

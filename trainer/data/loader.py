@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.mix.access import MixReader
 
 STATE_VERSION = 1
-_TENSOR_KEYS = ("inputs", "targets", "frame_index", "target_frame_index", "sample_index")
+_TENSOR_KEYS = ("inputs", "targets", "frame_index", "sample_index")
 
 
 def _to_torch(batch: dict[str, Any]) -> dict[str, Any]:
@@ -58,8 +58,10 @@ class MixLoader:
     >>> sd = loader.state_dict()   # save with the checkpoint; load_state_dict(sd) to resume
 
     Batch keys: ``inputs``/``targets`` int64 [B, T]; ``source`` list[str]; ``label`` list[str|None];
-    ``frame_index`` int64 [B, T] (frame of each input, -1 on specials/padding);
-    ``target_frame_index`` int64 [B, T] (the same for each target); ``sample_index`` int64 [B].
+    ``frame_index`` int64 [B, T] (frame of each input, -1 on specials/padding); ``sample_index``
+    int64 [B]. The frame of target ``t`` is ``frame_index[:, t+1]`` (targets are the inputs shifted
+    by one); for the last position it is ``frame_index[:, -1]`` whenever ``seq_len`` ≤ frames × tokens
+    per frame (the default layout, where the sequence is cut inside the last frame).
     Targets on padding are -100 (``ignore_index``), which only occurs when ``seq_len`` exceeds a
     sample's length.
     """

@@ -25,13 +25,20 @@ def _cfg(d, **kw):
 
 
 def _decode_sample(seq, hw):
-    """(video, frame) of every frame of an assembled sequence (inputs + last target)."""
-    toks = np.r_[seq["inputs"], seq["targets"][-1:]][1:]
-    fi = np.r_[seq["frame_index"], seq["target_frame_index"][-1:]][1:]
-    out = []
-    for f in range(fi.max() + 1):
-        out.append(decode_frame(toks[fi == f][:hw], CB))
-    return out
+    """(video, frame) of every frame of an assembled sequence, checking the layout on the way.
+
+    Targets are the inputs shifted by one: the frame tokens first (all of them at seq_len = F*HW),
+    then eos/ignored padding for shorter image sequences; frame_index names each input's frame.
+    """
+    toks, fi = seq["targets"], seq["frame_index"]
+    t = len(toks)
+    assert (seq["inputs"][1:] == np.where(toks[:-1] == -100, 515, toks[:-1])).all()
+    body = (toks >= 0) & (toks < CB)
+    n = int(body.sum())
+    assert body[:n].all() and n % hw == 0
+    assert fi[0] == -1 and (fi[1 : n + 1] == np.repeat(np.arange(n // hw), hw)[: t - 1]).all()
+    assert (fi[n + 1 :] == -1).all()
+    return [decode_frame(f, CB) for f in toks[:n].reshape(-1, hw)]
 
 
 def test_manifest_pins_inputs_and_validates(datasets):
@@ -116,7 +123,7 @@ def test_sequences_have_specials_length_and_frame_order(datasets):
     assert b["inputs"].shape == (120, 16) and b["inputs"].dtype == np.int64
     video = {s["name"]: s["kind"] == "video" for s in doc["sources"]}
     for i in range(120):
-        seq = {k: b[k][i] for k in ("inputs", "targets", "frame_index", "target_frame_index")}
+        seq = {k: b[k][i] for k in ("inputs", "targets", "frame_index")}
         assert seq["inputs"][0] == (512 if video[b["source"][i]] else 513)
         assert ((seq["inputs"][1:] < 512) | (seq["inputs"][1:] >= 514)).all()
         frames = _decode_sample(seq, 4)
