@@ -62,6 +62,41 @@ def h100_need() -> tuple[float, float]:
     return 989e12 * 0.45 / flops_per_token, flops_per_token
 
 
+def index_scale(n_samples: int, n_rows: int) -> None:
+    """Time the index builders at ImageNet/HowTo100M-like sizes (no shards needed)."""
+    import pyarrow as pa
+
+    from pipeline.mix.blend import Blend, SourceOrder, exact_weights
+    from pipeline.mix.tables import RowTable, image_units, split_table, video_units
+
+    t0 = time.perf_counter()
+    Blend(*exact_weights(["0.2", "0.1", "0.1", "0.6"])).build(n_samples)
+    t1 = time.perf_counter()
+    SourceOrder(n_rows, (0, 1, 2)).units(np.arange(16, dtype=np.int64))  # materialises one pass
+    t2 = time.perf_counter()
+    rng = np.random.default_rng(0)
+    ids = rng.permutation(n_rows)
+    names = pa.array([f"v{i:08d}" for i in ids])
+    rows = RowTable(shard=(np.arange(n_rows) // 4096).astype(np.int32), row=(np.arange(n_rows) % 4096).astype(np.int32),
+                    elem=np.arange(n_rows, dtype=np.int64) * 256, num_frames=np.ones(n_rows, np.int32),
+                    chunk=np.zeros(n_rows, np.int64), split=pa.array(["train"] * n_rows), dataset=pa.array(["in"] * n_rows),
+                    video_id=names, label=pa.array([f"c{i % 1000}" for i in ids]))
+    t3 = time.perf_counter()
+    t = split_table(rows, "train")
+    image_units(t)
+    t4 = time.perf_counter()
+    vrows = RowTable(shard=rows.shard, row=rows.row, elem=rows.elem, num_frames=np.full(n_rows, 64, np.int32),
+                     chunk=np.arange(n_rows, dtype=np.int64) % 8, split=rows.split, dataset=rows.dataset,
+                     video_id=pa.array([f"v{i // 8:08d}" for i in range(n_rows)]), label=rows.label)
+    t5 = time.perf_counter()
+    vt = split_table(vrows, "train")
+    u, _ = video_units(vt, frames=16, stride=4, hop=64)
+    t6 = time.perf_counter()
+    print(f"index build: blend of {n_samples / 1e6:.0f} M samples {t1 - t0:.2f} s; one pass of a {n_rows / 1e6:.0f} M-unit "
+          f"source order {t2 - t1:.2f} s; image split table of {n_rows / 1e6:.0f} M rows {t4 - t3:.2f} s; video split "
+          f"table of {n_rows / 1e6:.0f} M chunks ({len(u) / 1e6:.0f} M clips) {t6 - t5:.2f} s")
+
+
 def best(fn, repeat: int) -> float:
     out = []
     for _ in range(repeat):
@@ -78,6 +113,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=60)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--index-samples", type=int, default=50_000_000, help="blend index size for the build timing")
+    ap.add_argument("--index-rows", type=int, default=2_000_000, help="rows for the split-table build timing")
     args = ap.parse_args()
     d = tempfile.mkdtemp(prefix="toto-bench-loader-")
     try:
@@ -152,6 +189,24 @@ def main() -> None:
                 if off >= u16.size:
                     k, off = k + 1, 0
 
+        def through_loader(workers: int) -> float:
+            import itertools
+
+            from trainer.data import MixLoader
+
+            loader = MixLoader(f"{d}/mix.json", global_batch=args.batch, num_workers=workers, verify_sha256=False)
+            rates = []
+            for _ in range(args.repeat):
+                loader.load_state_dict({**loader.state_dict(), "consumed_samples": 0})
+                it = iter(loader)
+                next(it)  # start the workers
+                t0 = time.perf_counter()
+                for _ in itertools.islice(it, args.batches - 1):
+                    pass
+                rates.append((args.batches - 1) * args.batch * r.seq_len / (time.perf_counter() - t0))
+                del it
+            return max(rates)
+
         td = best(delivered, args.repeat)
         tg = best(raw_gather, args.repeat)
         ts = best(raw_sequential, args.repeat)
@@ -163,12 +218,15 @@ def main() -> None:
         print(f"{n} sequences of {r.seq_len} tokens ({seq_tokens / 1e6:.1f} M tokens, {tokens_frames / 1e6:.1f} M frame tokens read), "
               f"batch {args.batch}, best of {args.repeat}")
         print(f"  delivered (MixReader.batch)     {seq_tokens / td / 1e6:9.1f} M tokens/s")
+        for w in (0, 2):
+            print(f"  MixLoader, {w} workers (torch)    {through_loader(w) / 1e6:9.1f} M tokens/s")
         print(f"  raw memmap gather, same frames  {tokens_frames / tg / 1e6:9.1f} M tokens/s   delivered/raw = {(seq_tokens / td) / (tokens_frames / tg):.2f}")
         print(f"  raw gather + int64 inputs/targets {tokens_frames / t64 / 1e6:7.1f} M tokens/s   delivered/raw = {(seq_tokens / td) / (tokens_frames / t64):.2f}")
         print(f"  raw memmap sequential, same n   {tokens_frames / ts / 1e6:9.1f} M tokens/s   delivered/raw = {(seq_tokens / td) / (tokens_frames / ts):.2f}")
         print(f"  needed by the 1b model per H100 at 45% MFU: {need / 1e3:.0f} k tokens/s "
               f"({fpt / 1e9:.1f} GFLOP/token, 989 TFLOP/s bf16 peak); one loader process covers "
               f"{seq_tokens / td / need:.0f} GPUs")
+        index_scale(args.index_samples, args.index_rows)
     finally:
         shutil.rmtree(d, ignore_errors=True)
 

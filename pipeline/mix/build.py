@@ -150,7 +150,7 @@ def build_mix(cfg: MixConfig, out_url: str, storage_options: dict | None = None,
             print(f"reading rows of {n} ({len(manifests[n]['shards'])} shards)", file=sys.stderr)
         rows[n] = read_row_table(urls[n], manifests[n], storage_options)
     kinds = {n: cfg.kinds.get(n) or detect_kind(rows[n]) for n in names}
-    splits = sorted({s for n in names for s in rows[n].split})
+    splits = sorted({s for n in names for s in rows[n].splits()})
 
     # Per split: tables and units of each source that has rows in it.
     tables: dict[tuple[str, str], Any] = {}
@@ -158,7 +158,7 @@ def build_mix(cfg: MixConfig, out_url: str, storage_options: dict | None = None,
     for sp in splits:
         present, info = [], {}
         for n in names:
-            if sp not in set(rows[n].split):
+            if sp not in rows[n].splits():
                 continue
             t = split_table(rows[n], sp)
             if kinds[n] == "video":
@@ -173,7 +173,7 @@ def build_mix(cfg: MixConfig, out_url: str, storage_options: dict | None = None,
                 continue
             present.append(n)
             tables[(sp, n)] = (t, units)
-            info[n] = {"rows": int(len(t.row)), "videos": len(t.videos), "segments": int(t.segment[-1]) + 1,
+            info[n] = {"rows": int(len(t.row)), "videos": int(t.video[-1]) + 1, "segments": int(t.segment[-1]) + 1,
                        "frames": int(t.cum[-1]), "units": int(len(units)), "samples_per_pass": int(per_pass),
                        "segments_too_short": short, "used": True}
         if not present:
@@ -275,7 +275,6 @@ def _write_index(idx_url: str, key: str, split_info: dict, tables: dict, cfg: Mi
             for a in TABLE_ARRAYS:
                 put(f"{sp}.{n}.{a}.npy", _npy_bytes(arrays[a]))
             put(f"{sp}.{n}.labels.json", json.dumps(t.labels).encode())
-            put(f"{sp}.{n}.videos.json", json.dumps(t.videos).encode())
     # Written last: its presence means the index is complete.
     storage.atomic_write_bytes(done_url, json.dumps({"key": key, "files": files}, sort_keys=True).encode(), storage_options)
     return files

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import storage
 from pipeline.shards import open_shard
@@ -26,20 +27,34 @@ from pipeline.shards import open_shard
 
 @dataclass
 class RowTable:
-    """All rows of one token dataset, in shard order (arrays of equal length)."""
+    """All rows of one token dataset, in shard order (columns of equal length).
+
+    String columns stay Arrow arrays so that tables of 10^7 rows never become Python lists.
+    """
 
     shard: np.ndarray  # int32: index into the manifest's shards list
     row: np.ndarray  # int32: row inside that shard
     elem: np.ndarray  # int64: uint16 element offset of the row's tokens in the data file, -1 if not addressable
     num_frames: np.ndarray  # int32
     chunk: np.ndarray  # int64
-    split: list[str]
-    dataset: list[str]
-    video_id: list[str]
-    label: list[str | None]
+    split: pa.Array
+    dataset: pa.Array
+    video_id: pa.Array
+    label: pa.Array  # string, nullable
 
     def __len__(self) -> int:
         return len(self.shard)
+
+    def take(self, idx: np.ndarray) -> RowTable:
+        ix = pa.array(np.asarray(idx, dtype=np.int64))
+        return RowTable(self.shard[idx], self.row[idx], self.elem[idx], self.num_frames[idx], self.chunk[idx],
+                        self.split.take(ix), self.dataset.take(ix), self.video_id.take(ix), self.label.take(ix))
+
+    def splits(self) -> list[str]:
+        return sorted(x for x in pc.unique(self.split).to_pylist())
+
+
+_STR_COLS = ("split", "dataset", "video_id", "label")
 
 
 def _arrow_buffer(url: str, storage_options: dict | None) -> pa.Buffer:
@@ -52,17 +67,18 @@ def _arrow_buffer(url: str, storage_options: dict | None) -> pa.Buffer:
 
 def read_row_table(dataset_url: str, manifest: dict[str, Any], storage_options: dict | None = None) -> RowTable:
     """Read the metadata of every row of a token dataset (one pass over its shards)."""
-    cols: dict[str, list] = {k: [] for k in ("shard", "row", "elem", "num_frames", "chunk", "split", "dataset", "video_id", "label")}
+    num: dict[str, list[np.ndarray]] = {k: [] for k in ("shard", "row", "elem", "num_frames", "chunk")}
+    strs: dict[str, list[pa.Array]] = {k: [] for k in _STR_COLS}
     for si, sh in enumerate(manifest["shards"]):
         data_url = storage.join(dataset_url, sh["data_file"])
-        n0 = len(cols["row"])
+        got = 0
         if manifest["format"] == "arrow":
             base = _arrow_buffer(data_url, storage_options)
             reader = pa.ipc.open_file(base)
             lo, hi = base.address, base.address + base.size
-            r = 0
             for b in range(reader.num_record_batches):
                 batch = reader.get_batch(b)
+                n = batch.num_rows
                 tok = batch.column("tokens")
                 values = tok.values
                 vbuf = values.buffers()[1]
@@ -70,37 +86,42 @@ def read_row_table(dataset_url: str, manifest: dict[str, Any], storage_options: 
                 offsets = tok.offsets.to_numpy().astype(np.int64)[:-1] - tok.offsets[0].as_py()
                 # Zero-copy (uncompressed) shards: the values buffer lies inside the file's bytes.
                 if vbuf is not None and lo <= start and start + values.nbytes <= hi and (start - lo) % 2 == 0:
-                    cols["elem"].extend(((start - lo) // 2 + offsets).tolist())
+                    num["elem"].append((start - lo) // 2 + offsets)
                 else:
-                    cols["elem"].extend([-1] * batch.num_rows)
-                for c in ("num_frames", "chunk", "split", "dataset", "video_id", "label"):
-                    cols[c].extend(batch.column(c).to_pylist())
-                cols["row"].extend(range(r, r + batch.num_rows))
-                r += batch.num_rows
+                    num["elem"].append(np.full(n, -1, dtype=np.int64))
+                num["num_frames"].append(batch.column("num_frames").to_numpy())
+                num["chunk"].append(batch.column("chunk").to_numpy())
+                num["row"].append(np.arange(got, got + n, dtype=np.int32))
+                for c in _STR_COLS:
+                    strs[c].append(batch.column(c))
+                got += n
         else:
             with open_shard(data_url, storage_options) as rd:
-                for c in ("num_frames", "chunk", "split", "dataset", "video_id", "label"):
-                    cols[c].extend(rd.column(c))
                 n = len(rd)
-                cols["row"].extend(range(n))
-                cols["elem"].extend([-1] * n)
-        got = len(cols["row"]) - n0
+                num["num_frames"].append(np.asarray(rd.column("num_frames"), dtype=np.int32))
+                num["chunk"].append(np.asarray(rd.column("chunk"), dtype=np.int64))
+                for c in _STR_COLS:
+                    strs[c].append(pa.array(rd.column(c), type=pa.string()))
+                num["row"].append(np.arange(n, dtype=np.int32))
+                num["elem"].append(np.full(n, -1, dtype=np.int64))
+                got = n
         if got != sh["rows"]:
             raise ValueError(
                 f"{data_url} has {got} rows but the manifest says {sh['rows']}: the dataset changed after its "
                 "manifest was written; rebuild the manifest (toto-pipeline status URL --rebuild-manifest)"
             )
-        cols["shard"].extend([si] * got)
+        num["shard"].append(np.full(got, si, dtype=np.int32))
+
+    def cat(xs: list[np.ndarray], dt) -> np.ndarray:
+        return np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
+
+    def cats(xs: list[pa.Array]) -> pa.Array:
+        return pa.concat_arrays([x.cast(pa.string()) for x in xs]) if xs else pa.array([], pa.string())
+
     return RowTable(
-        shard=np.asarray(cols["shard"], dtype=np.int32),
-        row=np.asarray(cols["row"], dtype=np.int32),
-        elem=np.asarray(cols["elem"], dtype=np.int64),
-        num_frames=np.asarray(cols["num_frames"], dtype=np.int32),
-        chunk=np.asarray(cols["chunk"], dtype=np.int64),
-        split=cols["split"],
-        dataset=cols["dataset"],
-        video_id=cols["video_id"],
-        label=cols["label"],
+        shard=cat(num["shard"], np.int32), row=cat(num["row"], np.int32), elem=cat(num["elem"], np.int64),
+        num_frames=cat(num["num_frames"], np.int32), chunk=cat(num["chunk"], np.int64),
+        **{c: cats(strs[c]) for c in _STR_COLS},
     )
 
 
@@ -108,9 +129,10 @@ def detect_kind(rows: RowTable) -> str:
     """"image" when every row is one frame and no video has two rows, else "video"."""
     if len(rows) == 0:
         raise ValueError("cannot tell the kind of an empty dataset")
-    single = bool((rows.num_frames == 1).all())
-    unique = len(set(zip(rows.dataset, rows.video_id, strict=True))) == len(rows)
-    return "image" if single and unique else "video"
+    if not bool((rows.num_frames == 1).all()):
+        return "video"
+    keys = pc.binary_join_element_wise(rows.dataset, rows.video_id, "/")
+    return "image" if len(pc.unique(keys)) == len(rows) else "video"
 
 
 @dataclass
@@ -123,10 +145,14 @@ class SplitTable:
     num_frames: np.ndarray  # int64 [R]
     cum: np.ndarray  # int64 [R+1]: first frame number of each row; cum[-1] = frames in the split
     segment: np.ndarray  # int64 [R]: segment id of each row
-    video: np.ndarray  # int64 [R]: video id (index into ``videos``)
+    video: np.ndarray  # int64 [R]: video number (increasing in video order)
     label: np.ndarray  # int32 [R]: index into ``labels``, -1 for none
     labels: list[str]
-    videos: list[str]  # "dataset/video_id"
+    video_names: pa.Array  # "dataset/video_id" of each video number
+
+    @property
+    def videos(self) -> list[str]:
+        return self.video_names.to_pylist()
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {k: getattr(self, k) for k in ("shard", "row", "elem", "num_frames", "cum", "segment", "video", "label")}
@@ -134,37 +160,41 @@ class SplitTable:
 
 def split_table(rows: RowTable, split: str) -> SplitTable:
     """The rows of ``split`` in video order, with segments (runs of consecutive chunks)."""
-    idx = [i for i, s in enumerate(rows.split) if s == split]
-    idx.sort(key=lambda i: (rows.dataset[i], rows.video_id[i], int(rows.chunk[i])))
-    ix = np.asarray(idx, dtype=np.int64)
-    vid_names = [f"{rows.dataset[i]}/{rows.video_id[i]}" for i in idx]
-    videos = sorted(set(vid_names))
-    vcode = {v: k for k, v in enumerate(videos)}
-    video = np.asarray([vcode[v] for v in vid_names], dtype=np.int64)
-    chunk = rows.chunk[ix] if len(ix) else np.zeros(0, np.int64)
-    new_seg = np.ones(len(ix), dtype=bool)
-    if len(ix) > 1:
-        new_seg[1:] = (video[1:] != video[:-1]) | (chunk[1:] != chunk[:-1] + 1)
+    sel = np.flatnonzero(pc.equal(rows.split, split).to_numpy(zero_copy_only=False))
+    sub = rows.take(sel)
+    order = pc.sort_indices(
+        pa.table({"d": sub.dataset, "v": sub.video_id, "c": pa.array(sub.chunk)}),
+        sort_keys=[("d", "ascending"), ("v", "ascending"), ("c", "ascending")],
+    ).to_numpy()
+    t = sub.take(order)
+    r = len(t)
+    new_video = np.ones(r, dtype=bool)
+    if r > 1:
+        same_d = pc.equal(t.dataset.slice(1), t.dataset.slice(0, r - 1)).to_numpy(zero_copy_only=False)
+        same_v = pc.equal(t.video_id.slice(1), t.video_id.slice(0, r - 1)).to_numpy(zero_copy_only=False)
+        new_video[1:] = ~(same_d & same_v)
+    video = np.cumsum(new_video) - 1
+    new_seg = new_video.copy()
+    if r > 1:
+        new_seg[1:] |= t.chunk[1:] != t.chunk[:-1] + 1
     segment = np.cumsum(new_seg) - 1
-    nf = rows.num_frames[ix].astype(np.int64) if len(ix) else np.zeros(0, np.int64)
-    cum = np.zeros(len(ix) + 1, dtype=np.int64)
+    nf = t.num_frames.astype(np.int64)
+    cum = np.zeros(r + 1, dtype=np.int64)
     np.cumsum(nf, out=cum[1:])
-    lab = [rows.label[i] for i in idx]
-    labels = sorted({x for x in lab if x is not None})
-    lcode = {v: k for k, v in enumerate(labels)}
-    label = np.asarray([lcode[x] if x is not None else -1 for x in lab], dtype=np.int32)
-    return SplitTable(
-        shard=rows.shard[ix] if len(ix) else np.zeros(0, np.int32),
-        row=rows.row[ix] if len(ix) else np.zeros(0, np.int32),
-        elem=rows.elem[ix] if len(ix) else np.zeros(0, np.int64),
-        num_frames=nf,
-        cum=cum,
-        segment=segment.astype(np.int64),
-        video=video,
-        label=label,
-        labels=labels,
-        videos=videos,
-    )
+    enc = pc.dictionary_encode(t.label)
+    dict_vals = enc.dictionary.to_pylist()
+    labels = sorted(dict_vals)
+    pos = {v: k for k, v in enumerate(labels)}
+    remap = np.asarray([pos[x] for x in dict_vals], dtype=np.int32)
+    idx = enc.indices.to_numpy(zero_copy_only=False)  # float with NaN where null
+    label = np.full(r, -1, dtype=np.int32)
+    valid = ~np.isnan(idx) if idx.dtype.kind == "f" else np.ones(r, dtype=bool)
+    if len(remap):
+        label[valid] = remap[idx[valid].astype(np.int64)]
+    first = np.flatnonzero(new_video)
+    names = pc.binary_join_element_wise(t.dataset.take(pa.array(first)), t.video_id.take(pa.array(first)), "/")
+    return SplitTable(shard=t.shard, row=t.row, elem=t.elem, num_frames=nf, cum=cum, segment=segment.astype(np.int64),
+                      video=video.astype(np.int64), label=label, labels=labels, video_names=names)
 
 
 def segment_bounds(t: SplitTable) -> tuple[np.ndarray, np.ndarray]:

@@ -85,7 +85,7 @@ def iter_clips(
         raise ValueError(f"kind={kind!r}: use 'image' or 'video'")
     hw = int(m["grid"][0]) * int(m["grid"][1])
     store = TokenStore(dataset_url, m, hw, storage_options=storage_options, verify_sha256=verify_sha256)
-    splits = [split] if split is not None else sorted(set(rows.split))
+    splits = [split] if split is not None else rows.splits()
     done = 0
     for sp in splits:
         t = split_table(rows, sp)
@@ -109,12 +109,12 @@ def iter_clips(
             r0 = int(q[0, 0])
             li = int(t.label[r0])
             vcode = int(t.video[r0])
-            video_start = int(t.cum[int(np.flatnonzero(t.video == vcode)[0])])
+            video_start = int(t.cum[int(np.searchsorted(t.video, vcode))])  # video numbers increase in row order
             yield {
                 "tokens": seq["inputs"][0],
                 "frame_index": seq["frame_index"][0],
                 "label": t.labels[li] if li >= 0 else None,
-                "video_id": t.videos[vcode],
+                "video_id": t.video_names[vcode].as_py(),
                 "split": sp,
                 "first_frame": int(fr[0]) - video_start,  # frame number inside its video
             }
