@@ -3,7 +3,6 @@ rotate, resize + centre crop in FFmpeg's scaler, and cut into chunks."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from fractions import Fraction
 from typing import Any
@@ -12,6 +11,8 @@ import numpy as np
 
 from pipeline.decode.config import DecodeConfig, DecodeError
 from pipeline.decode.media_io import looks_like_container, open_source, sniff
+
+EPS = 1e-6  # seconds; far below any frame interval
 
 
 def _fraction(x: Any) -> Fraction | None:
@@ -57,7 +58,12 @@ class _Converter:
     """RGB at the output size for one frame: one swscale call (resize + YUV→RGB), then rotate and crop views."""
 
     def __init__(self, cfg: DecodeConfig, sar: Fraction | None) -> None:
+        from av.video.reformatter import VideoReformatter
+
         self.cfg = cfg
+        # One reformatter per stream keeps its SwsContext (filter coefficients) across frames;
+        # frame.reformat() builds a new one per call, which costs more than the scaling itself.
+        self.reformatter = VideoReformatter()
         self.sar = sar
         self.key: tuple[int, int, int] | None = None
         self.size = (0, 0)
@@ -72,7 +78,9 @@ class _Converter:
             self.k = (round(rot / 90)) % 4
             self.size = output_size(frame.width, frame.height, self.sar, rot, self.cfg.resolution)
         sw, sh = self.size
-        rgb = frame.reformat(width=sw, height=sh, format="rgb24", interpolation=self.cfg.interpolation).to_ndarray()
+        rgb = self.reformatter.reformat(
+            frame, width=sw, height=sh, format="rgb24", interpolation=self.cfg.interpolation
+        ).to_ndarray()  # (sh, sw, 3)
         if self.k:
             rgb = np.rot90(rgb, self.k)  # (H', W', 3) view
         r = self.cfg.resolution
@@ -119,22 +127,29 @@ def _decode_open(container: Any, item: dict, cfg: DecodeConfig) -> Iterator[dict
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
     stream.codec_context.thread_count = cfg.threads
-    tb = stream.time_base or Fraction(1, 1_000_000)
-    start_offset = (stream.start_time or 0) * tb
+    tb_q = stream.time_base or Fraction(1, 1_000_000)
+    # Per-frame timing runs in float seconds (Fraction arithmetic per frame costs more than the
+    # scaler at 480p); EPS makes a frame whose pts equals a grid time count as covering it.
+    tb = float(tb_q)
+    start_offset = float((stream.start_time or 0) * tb_q)
     native = native_rate(stream)
-    fps = output_rate(native, cfg)
-    frame_dur_default = 1 / native if native else 1 / fps
-    chunk_window = Fraction(cfg.chunk_frames) / Fraction(cfg.max_fps).limit_denominator(1001)
+    fps_q = output_rate(native, cfg)
+    fps = float(fps_q)
+    frame_dur_default = float(1 / native) if native else 1 / fps
+    # chunk of output frame k = floor(k / fps / (chunk_frames / max_fps)), in exact integers.
+    max_q = Fraction(cfg.max_fps).limit_denominator(1001)
+    chunk_num = max_q.numerator * fps_q.denominator
+    chunk_den = fps_q.numerator * cfg.chunk_frames * max_q.denominator
     sar = _fraction(stream.sample_aspect_ratio) or _fraction(stream.codec_context.sample_aspect_ratio)
     convert = _Converter(cfg, sar)
 
-    t0 = Fraction(item.get("t_start") or 0.0).limit_denominator(1_000_000)
+    t0 = float(item.get("t_start") or 0.0)
     t_end = item.get("t_end")
-    t_end = None if t_end is None else Fraction(t_end).limit_denominator(1_000_000)
+    t_end = None if t_end is None else float(t_end)
     if stream.duration is not None:
         total = stream.duration * tb
     elif container.duration is not None:
-        total = Fraction(container.duration, 1_000_000) - start_offset
+        total = container.duration / 1_000_000 - start_offset
     else:
         total = None
     if t0 > 0:
@@ -147,39 +162,35 @@ def _decode_open(container: Any, item: dict, cfg: DecodeConfig) -> Iterator[dict
     cur_chunk = 0
     chunk_k0 = 0
     k = 0
-    prev = None  # (frame, time)
+    prev = None  # (frame, time s)
     prev_rgb = None
     prev_rgb_of = None
     last_time = None
     last_dur = frame_dur_default
-
-    def chunk_of(kk: int) -> int:
-        return math.floor(Fraction(kk) / fps / chunk_window)
+    key_prefix = f"{item['dataset']}/{item['video_id']}/"
 
     def record(c: int, k0: int, n: int) -> dict:
         return {
             "type": "chunk",
-            "key": f"{item['dataset']}/{item['video_id']}/{base_chunk + c:05d}",
+            "key": f"{key_prefix}{base_chunk + c:05d}",
             "uri": item["uri"],
             "dataset": item["dataset"],
             "split": item["split"],
             "video_id": item["video_id"],
             "label": item.get("label"),
             "chunk": base_chunk + c,
-            "t_start": float(t0 + Fraction(k0) / fps),
-            "fps": float(fps),
+            "t_start": t0 + k0 / fps,
+            "fps": fps,
             "num_frames": n,
             "frames": buf[:n].copy(),
         }
 
-    def emit_until(limit: Fraction) -> Iterator[dict]:
+    def emit_until(limit: float) -> Iterator[dict]:
         """Emit `prev` for every grid time < limit (and < t_end)."""
         nonlocal k, n_buf, cur_chunk, chunk_k0, prev_rgb, prev_rgb_of
-        while True:
-            tk = t0 + Fraction(k) / fps
-            if tk >= limit or (t_end is not None and tk >= t_end):
-                return
-            c = chunk_of(k)
+        stop = limit - EPS if t_end is None else min(limit, t_end) - EPS
+        while t0 + k / fps < stop:
+            c = (k * chunk_num) // chunk_den
             if c != cur_chunk:
                 if n_buf:
                     yield record(cur_chunk, chunk_k0, n_buf)
@@ -193,14 +204,16 @@ def _decode_open(container: Any, item: dict, cfg: DecodeConfig) -> Iterator[dict
 
     try:
         for frame in container.decode(stream):
-            if frame.pts is not None:
-                ft = frame.pts * tb - start_offset
+            pts = frame.pts
+            if pts is not None:
+                ft = pts * tb - start_offset
             else:
-                ft = (last_time + last_dur) if last_time is not None else Fraction(0)
+                ft = (last_time + last_dur) if last_time is not None else 0.0
             if last_time is not None and ft <= last_time:
                 continue  # duplicate or backwards timestamp from a broken muxer: keep the first
-            if frame.duration:
-                last_dur = frame.duration * tb
+            dur = frame.duration
+            if dur:
+                last_dur = dur * tb
             if prev is not None:
                 yield from emit_until(ft)
             prev = (frame, ft)
@@ -210,12 +223,12 @@ def _decode_open(container: Any, item: dict, cfg: DecodeConfig) -> Iterator[dict
     except av.error.FFmpegError as e:
         msg = getattr(e, "strerror", None) or str(e)
         if k > 0 or prev is not None:
-            got = float(last_time) if last_time is not None else 0.0
+            got = last_time if last_time is not None else 0.0
             raise DecodeError(f"truncated: decoding failed at {got:.2f} s ({msg})") from None
         raise DecodeError(f"decoder error: {msg}") from None
     if prev is None:
         if t0 > 0 and total is not None and t0 >= total:
-            raise DecodeError(f"decoder error: t_start {float(t0):.2f} s is past the end ({float(total):.2f} s)")
+            raise DecodeError(f"decoder error: t_start {t0:.2f} s is past the end ({total:.2f} s)")
         raise DecodeError("decoder error: no frames could be decoded")
     end_of_last = prev[1] + last_dur
     yield from emit_until(end_of_last)
@@ -224,8 +237,6 @@ def _decode_open(container: Any, item: dict, cfg: DecodeConfig) -> Iterator[dict
     # A stream that ends well before its declared duration (or the requested t_end) was cut off.
     expected = total if t_end is None else (min(t_end, total) if total is not None else None)
     if expected is not None and expected > t0:
-        tolerance = max(Fraction(1, 2), (expected - t0) / 10)
+        tolerance = max(0.5, (expected - t0) / 10)
         if end_of_last < expected - tolerance:
-            raise DecodeError(
-                f"truncated: decoded {float(end_of_last):.2f} s of {float(expected):.2f} s"
-            )
+            raise DecodeError(f"truncated: decoded {end_of_last:.2f} s of {expected:.2f} s")

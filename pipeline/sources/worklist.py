@@ -159,7 +159,7 @@ def freeze_worklist(
     """
     items = sorted(items, key=lambda i: i["key"])
     keys = [i["key"] for i in items]
-    dups = sorted({k for a, k in zip(keys, keys[1:]) if a == k})
+    dups = sorted({k for a, k in zip(keys, keys[1:], strict=False) if a == k})
     if dups:
         raise ValueError(f"{len(dups)} duplicate work-item keys, e.g. {dups[:3]}; video ids must be unique per dataset")
     data = items_to_parquet_bytes(items)

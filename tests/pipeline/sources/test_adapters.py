@@ -26,15 +26,15 @@ def touch(path: str, data: bytes = b"x") -> str:
 def test_kinetics_trimmed_untrimmed_missing_unmatched(tmp_path):
     root = tmp_path / "k600"
     touch(str(root / "annotations" / "train.csv"), (
-        "label,youtube_id,time_start,time_end,split\n"
-        "abseiling,-abc_DEF123,10,20,train\n"
-        "zumba,zz9,0,10,train\n"
-        "zumba,missing1,5,15,train\n"
-    ).encode())
+        b"label,youtube_id,time_start,time_end,split\n"
+        b"abseiling,-abc_DEF123,10,20,train\n"
+        b"zumba,zz9,0,10,train\n"
+        b"zumba,missing1,5,15,train\n"
+    ))
     touch(str(root / "annotations" / "validate.csv"), (
-        "label,youtube_id,time_start,time_end,split\n"
-        "air drumming,full01,30,40,validate\n"
-    ).encode())
+        b"label,youtube_id,time_start,time_end,split\n"
+        b"air drumming,full01,30,40,validate\n"
+    ))
     touch(str(root / "train" / "-abc_DEF123_000010_000020.mp4"))
     touch(str(root / "train" / "zz9_000000_000010.mp4"))
     touch(str(root / "train" / "stray_000001_000011.mp4"))  # not in any CSV
@@ -95,11 +95,11 @@ def test_segment_video_keeps_short_and_unknown_durations():
 
 def test_howto100m_probes_duration_and_segments(tmp_path):
     touch(str(tmp_path / "HowTo100M_v1.csv"), (
-        "video_id,category_1,category_2,rank,task_id\n"
-        "vidA,Food and Entertaining,Recipes,1,100\n"
-        "vidB,Hobbies and Crafts,Knitting,2,101\n"
-        "vidMissing,Cars,Repair,3,102\n"
-    ).encode())
+        b"video_id,category_1,category_2,rank,task_id\n"
+        b"vidA,Food and Entertaining,Recipes,1,100\n"
+        b"vidB,Hobbies and Crafts,Knitting,2,101\n"
+        b"vidMissing,Cars,Repair,3,102\n"
+    ))
     os.makedirs(tmp_path / "videos")
     write_video(str(tmp_path / "videos" / "vidA.mp4"), lambda i, t: quadrant_frame(32, 32, t, 3.0), fps=10, num_frames=30)
     write_video(str(tmp_path / "videos" / "vidB.webm"), lambda i, t: quadrant_frame(32, 32), fps=10, num_frames=5,
@@ -134,10 +134,10 @@ def test_imagenet_2012_train_val_with_solution(tmp_path):
     _jpeg(str(tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG"), (10, 10, 200))
     _jpeg(str(tmp_path / "val" / "ILSVRC2012_val_00000009.JPEG"), (10, 10, 200))
     touch(str(tmp_path / "LOC_val_solution.csv"), (
-        "ImageId,PredictionString\n"
-        "ILSVRC2012_val_00000001,n01751748 1 2 3 4 n01751748 5 6 7 8\n"
-        "ILSVRC2012_val_00000002,n09193705 1 2 3 4\n"
-    ).encode())
+        b"ImageId,PredictionString\n"
+        b"ILSVRC2012_val_00000001,n01751748 1 2 3 4 n01751748 5 6 7 8\n"
+        b"ILSVRC2012_val_00000002,n09193705 1 2 3 4\n"
+    ))
     items, report = list_items("imagenet", str(tmp_path))
     got = {(i["split"], i["label"], i["video_id"]) for i in items}
     assert got == {
