@@ -87,13 +87,15 @@ def tmp_name(final_name: str) -> str:
     return f".{final_name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def commit_local_file(tmp_path: str, url: str, storage_options: dict | None = None) -> None:
+def commit_local_file(tmp_path: str, url: str, storage_options: dict | None = None, synced: bool = False) -> None:
     """Move a finished local file to ``url`` atomically (rename locally, one upload remotely).
 
-    The temporary file is fsynced first; it is consumed (renamed or deleted) in every case.
+    The temporary file is fsynced first (unless the caller already did: ``synced``); it is
+    consumed (renamed or deleted) in every case.
     """
-    with open(tmp_path, "rb") as f:
-        os.fsync(f.fileno())
+    if not synced:
+        with open(tmp_path, "rb") as f:
+            os.fsync(f.fileno())
     if is_local(url):
         dest = local_path(url)
         os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)

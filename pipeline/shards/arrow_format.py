@@ -8,6 +8,10 @@ range requests: the footer, then only the record batch that holds the row.
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
+import hashlib
+import io
+import os
 from typing import Any
 
 import numpy as np
@@ -46,11 +50,60 @@ def rows_to_batch(rows: list[dict[str, Any]]) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(arrays + [tokens], schema=ARROW_SCHEMA)
 
 
+class HashingFile(io.RawIOBase):
+    """A write-only file that hashes what passes through, so the sha256 needs no second read.
+
+    Hashing runs on one background thread (hashlib releases the GIL on large buffers), in write
+    order, overlapping the file writes; the objects passed in are kept alive until hashed.
+    """
+
+    def __init__(self, path: str):
+        self._f = open(path, "wb", buffering=0)
+        self._sha = hashlib.sha256()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="toto-sha256")
+        self._last: concurrent.futures.Future | None = None
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        mv = memoryview(b)
+        self._last = self._pool.submit(self._sha.update, b)
+        self.size += mv.nbytes
+        self._f.write(mv)
+        return mv.nbytes
+
+    def tell(self) -> int:
+        return self.size
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+    @property
+    def sha256(self):
+        if self._last is not None:
+            self._last.result()
+        return self._sha
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            self._pool.shutdown(wait=True)
+        super().close()
+
+
 class ArrowFileWriter:
     def __init__(self, path: str, compression: str | None):
-        self._sink = pa.OSFile(path, "wb")
+        self._raw = HashingFile(path)
+        self._sink = pa.PythonFile(self._raw, mode="w")
         opts = pa.ipc.IpcWriteOptions(compression=compression)
         self._writer = pa.ipc.new_file(self._sink, ARROW_SCHEMA, options=opts)
+
+    def digest(self) -> tuple[str, int]:
+        return self._raw.sha256.hexdigest(), self._raw.size
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         self._writer.write_batch(rows_to_batch(rows))
@@ -58,10 +111,11 @@ class ArrowFileWriter:
     def close(self) -> None:
         self._writer.close()
         self._sink.close()
+        self._raw.close()
 
     def abort(self) -> None:
         try:
-            self._sink.close()
+            self._raw.close()
         except Exception:  # noqa: BLE001 - best effort on an already failing path
             pass
 
@@ -95,14 +149,16 @@ class ArrowShardReader:
                 self._counts.append(n)
                 self._starts.append(self._starts[-1] + n)
 
-    def _batch(self, b: int) -> tuple[pa.RecordBatch, np.ndarray, np.ndarray]:
+    def _batch(self, b: int) -> tuple[pa.RecordBatch, np.ndarray, np.ndarray, np.ndarray]:
         got = self._batches.get(b)
         if got is None:
             batch = self._reader.get_batch(b)
             col = batch.column("tokens")
             offsets = col.offsets.to_numpy()
             values = col.values.to_numpy(zero_copy_only=False)
-            got = (batch, offsets, values)
+            # (rows, 3): num_frames, grid_h, grid_w, read once per batch instead of per row
+            shapes = np.stack([batch.column(c).to_numpy() for c in ("num_frames", "grid_h", "grid_w")], axis=1).tolist()
+            got = (batch, offsets, values, shapes)
             if len(self._batches) > 64 and self._file is not None:
                 self._batches.clear()  # bound memory for remote reads
             self._batches[b] = got
@@ -113,7 +169,9 @@ class ArrowShardReader:
         return self._starts[-1]
 
     def _locate(self, i: int) -> tuple[int, int]:
-        n = len(self)
+        if self._counts is None:
+            self._ensure_counts()
+        n = self._starts[-1]
         if not -n <= i < n:
             raise IndexError(f"row {i} out of range for {self.url} with {n} rows")
         i %= n
@@ -123,12 +181,17 @@ class ArrowShardReader:
     def tokens(self, i: int) -> np.ndarray:
         """Tokens of row ``i`` as uint16 ``[num_frames, grid_h, grid_w]`` (a view when mapped)."""
         b, j = self._locate(i)
-        batch, offsets, values = self._batch(b)
-        flat = values[offsets[j] : offsets[j + 1]]
-        nf = batch.column("num_frames")[j].as_py()
-        gh = batch.column("grid_h")[j].as_py()
-        gw = batch.column("grid_w")[j].as_py()
-        return flat.reshape(nf, gh, gw)
+        _, offsets, values, shapes = self._batch(b)
+        return values[offsets[j] : offsets[j + 1]].reshape(shapes[j])
+
+    def iter_token_batches(self):
+        """Whole-shard sequential read: per record batch, (offsets int32 [rows+1], values uint16 [n]).
+
+        ``values`` is a view into the memory map for local uncompressed shards: no per-row work.
+        """
+        for b in range(self._reader.num_record_batches):
+            col = self._reader.get_batch(b).column("tokens")
+            yield col.offsets.to_numpy(), col.values.to_numpy(zero_copy_only=False)
 
     def row(self, i: int) -> dict[str, Any]:
         b, j = self._locate(i)

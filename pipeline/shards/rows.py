@@ -56,7 +56,9 @@ def normalize_row(row: dict[str, Any], codebook_size: int) -> dict[str, Any]:
             f"row {key}: tokens has {tok.size} values but num_frames*grid_h*grid_w = {nf}*{gh}*{gw} = {nf * gh * gw}"
         )
     if tok.size:
-        lo, hi = int(tok.min()), int(tok.max())
+        # unsigned inputs cannot be negative: skip a full pass over the data
+        lo = 0 if tok.dtype.kind == "u" else int(tok.min())
+        hi = int(tok.max())
         if lo < 0 or hi >= codebook_size:
             bad = lo if lo < 0 else hi
             raise ValueError(

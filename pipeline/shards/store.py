@@ -152,9 +152,9 @@ class ShardWriter:
         t0 = time.perf_counter()
         try:
             self._flush()
-            self._file.close()
-            sha, size = storage.sha256_local(self._tmp)
-            storage.commit_local_file(self._tmp, self.data_url, self.storage_options)
+            self._file.close()  # fsyncs
+            sha, size = self._file.digest()
+            storage.commit_local_file(self._tmp, self.data_url, self.storage_options, synced=True)
         except BaseException:
             self.abort()
             raise
@@ -215,6 +215,15 @@ class ShardReader:
 
     def column(self, name: str) -> list:
         return self._impl.column(name)
+
+    def iter_token_batches(self):
+        """Sequential whole-shard read: (offsets [rows+1], flat uint16 values) per row group."""
+        if isinstance(self._impl, ArrowShardReader):
+            yield from self._impl.iter_token_batches()
+            return
+        for i in range(len(self)):
+            t = self._impl.tokens(i).reshape(-1)
+            yield np.array([0, t.size], dtype=np.int64), t
 
     def __iter__(self):
         for i in range(len(self)):

@@ -42,7 +42,9 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
 
 class TarFileWriter:
     def __init__(self, path: str):
-        self._f = open(path, "wb")
+        from pipeline.shards.arrow_format import HashingFile
+
+        self._f = HashingFile(path)
         self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.PAX_FORMAT)
 
     def write(self, rows: list[dict[str, Any]]) -> None:
@@ -55,6 +57,9 @@ class TarFileWriter:
             ]
             for name, data in members:
                 self._tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+
+    def digest(self) -> tuple[str, int]:
+        return self._f.sha256.hexdigest(), self._f.size
 
     def close(self) -> None:
         self._tar.close()

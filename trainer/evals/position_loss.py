@@ -60,23 +60,18 @@ def per_position_loss(
     return mean, tframe
 
 
-def summarize_position_loss(loss: np.ndarray, target_frame: np.ndarray, *, step: int = 0, num_sequences: int = 1) -> dict:
-    """A position_loss document (the schema `toto-train pretrain` also writes at validation), plus
-    the first frame vs the mean of later frames and their ratio."""
+def summarize_position_loss(loss: np.ndarray, target_frame: np.ndarray) -> dict:
+    """Per-frame mean loss, first frame vs the mean of later frames, and their ratio."""
     frames = sorted(int(f) for f in np.unique(target_frame) if f >= 0)
     if len(frames) < 2:
         raise ValueError("need clips of at least two frames to compare the first frame with later ones")
     per_frame = [float(np.nanmean(loss[target_frame == f])) for f in frames]
     first, later = per_frame[0], float(np.mean(per_frame[1:]))
     return {
-        "schema": "position_loss",
+        "schema": "clip_loss",
         "version": 1,
-        "step": int(step),
-        "seq_len": int(len(loss)),
-        "num_sequences": int(num_sequences),
-        "mean_loss": float(np.nanmean(loss)),
-        "position_loss": [None if np.isnan(x) else float(x) for x in loss],
-        "frame_loss": per_frame,
+        "per_frame": per_frame,
+        "per_position": [None if np.isnan(x) else float(x) for x in loss],
         "first_frame": first,
         "later_frames": later,
         "first_over_later": first / later if later > 0 else None,
@@ -91,14 +86,14 @@ def plot_position_loss(doc: dict, tokens_per_frame: int, path: str) -> str:
     import matplotlib.pyplot as plt
 
     fig, (a0, a1) = plt.subplots(1, 2, figsize=(9, 3.3))
-    pos = np.array([np.nan if x is None else x for x in doc["position_loss"]])
+    pos = np.array([np.nan if x is None else x for x in doc["per_position"]])
     a0.plot(np.arange(len(pos)), pos, lw=0.6)
-    for f in range(1, len(doc["frame_loss"])):
+    for f in range(1, len(doc["per_frame"])):
         a0.axvline(f * tokens_per_frame, color="grey", lw=0.3)
     a0.set_xlabel("token position")
     a0.set_ylabel("loss (nats)")
     a0.set_title("loss per position")
-    a1.bar(np.arange(len(doc["frame_loss"])), doc["frame_loss"])
+    a1.bar(np.arange(len(doc["per_frame"])), doc["per_frame"])
     a1.set_xlabel("frame in clip")
     a1.set_title("mean loss per frame")
     fig.tight_layout()

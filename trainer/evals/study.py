@@ -114,11 +114,11 @@ def _position_loss(model, meta, url: str, split: str | None, cfg: StudyConfig, o
         for i in range(0, tokens.shape[0], 8)
     ]
     loss, tframe = per_position_loss(model, batches)
-    doc = summarize_position_loss(loss, tframe, step=int(meta.get("step", 0)), num_sequences=int(tokens.shape[0]))
+    doc = summarize_position_loss(loss, tframe)
     doc.update(frames=frames, tokens_per_frame=hw, clips=int(tokens.shape[0]))
     from pipeline.storage import write_json
 
-    write_json(os.path.join(out_dir, "position-loss.json"), doc, "position_loss")
+    write_json(os.path.join(out_dir, "position-loss.json"), doc, "clip_loss")
     png = plot_position_loss(doc, hw, os.path.join(out_dir, "position-loss.png"))
     return doc, png
 
@@ -238,7 +238,7 @@ def run_study(
         ("first / later", fmt(pos["first_over_later"], 2), "> 1", ""),
     ])
     report.figure(pos_png, "loss by token position (left) and mean loss per frame (right)")
-    results["position_loss"] = {k: pos[k] for k in ("frame_loss", "first_frame", "later_frames", "first_frame_higher")}
+    results["position_loss"] = {k: pos[k] for k in ("per_frame", "first_frame", "later_frames", "first_frame_higher")}
 
     report.section("Label propagation (DAVIS protocol)")
     if davis_root is None or tokenize is None or resolution is None:

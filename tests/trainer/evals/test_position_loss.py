@@ -34,12 +34,12 @@ def test_loss_by_frame_and_first_frame_finding(tmp_path):
     assert tframe.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
     np.testing.assert_allclose(loss[:hw], np.log(vocab), rtol=1e-5)
     np.testing.assert_allclose(loss[hw:], 0.0, atol=1e-4)
-    doc = summarize_position_loss(loss, tframe, step=7, num_sequences=2)
-    validate(doc, "position_loss")
+    doc = summarize_position_loss(loss, tframe)
+    validate(doc, "clip_loss")
     assert doc["first_frame"] == pytest.approx(np.log(vocab), rel=1e-5)
     assert doc["later_frames"] == pytest.approx(0.0, abs=1e-4)
     assert doc["first_frame_higher"] is True
-    assert len(doc["frame_loss"]) == 3 and doc["seq_len"] == 12 and doc["step"] == 7
+    assert len(doc["per_frame"]) == 3
     assert plot_position_loss(doc, hw, str(tmp_path / "p.png")).endswith("p.png")
 
 

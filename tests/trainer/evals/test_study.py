@@ -110,7 +110,7 @@ def test_study_writes_every_section_with_numbers(tmp_path):
     for png in ("probe-image.png", "probe-video.png", "position-loss.png", "generation.png"):
         assert f"]({png})" in text and os.path.getsize(os.path.join(out, png)) > 0
     res = validate(json.loads(open(os.path.join(out, "results.json")).read()), "demo_results")
-    assert len(res["position_loss"]["frame_loss"]) == 10  # 168 // 16 = 10 frames fit the context
+    assert len(res["position_loss"]["per_frame"]) == 10  # 168 // 16 = 10 frames fit the context
     assert res["track"]["objects"] == 2
 
 
