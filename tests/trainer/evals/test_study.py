@@ -73,9 +73,8 @@ def _generate(model, meta, out_dir):
 
 def _checkpoint(run_dir):
     from pipeline.mix.sequence import make_specials
-    from trainer.model import ModelConfig, Transformer
-
     from trainer import checkpoint as ck
+    from trainer.model import ModelConfig, Transformer
 
     torch.manual_seed(0)
     cfg = ModelConfig(dim=32, n_layers=3, n_heads=2, vocab_size=CODEBOOK + 4, max_seq_len=168, mlp_hidden=64)
