@@ -60,6 +60,7 @@ class StudyConfig:
     loss_frames: int | None = None  # None: as many frames as the context holds (at most 16)
     loss_stride: int | None = None  # None: video_stride
     track_max_frames: int | None = None
+    track_split: str | None = "val"  # DAVIS ImageSets/2017/<split>.txt; every sequence when absent
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -247,7 +248,7 @@ def run_study(
     log("label propagation on the DAVIS-style sequences")
     layer = default_track_layer(n_layers)
     track, _ = track_job(model, meta, davis_root, out_dir, tokenize=tokenize, resolution=resolution, layer=layer,
-                         split=None, max_frames=cfg.track_max_frames, log=log)
+                         split=cfg.track_split, max_frames=cfg.track_max_frames, log=log)
     timings["track"] = time.time() - t0
     s = track["summary"]
     report.parts.append(
