@@ -33,7 +33,7 @@ __all__ = ["DemoConfig", "run_demo", "demo"]
 
 _PIPELINE_TOKENIZE = "toto-pipeline tokenize (issue 5: pipeline/jobs)"
 _DEMO_TOKENIZER = 'pipeline.tokenizers.load_tokenizer("demo") (issue 4: the bundled demo tokenizer)'
-_GENERATE = "toto-train generate (issue 7: trainer/generate.py)"
+_GENERATE = "trainer.generate.generate (issue 7: toto-train generate)"
 
 
 def _log(msg: str) -> None:
@@ -147,35 +147,30 @@ def stage_pretrain(cfg: DemoConfig, mix: str) -> str:
     return run
 
 
-def _generate_fn(cfg: DemoConfig):
-    from trainer.cli import main as train_main
-
-    if "generate" not in train_main.commands:
-        raise RuntimeError(f"the demo needs {_GENERATE}, which is not in this build")
-
-    def generate(model, meta, out_dir: str) -> str:
-        vids = sorted(os.listdir(_p(cfg, "data", "kinetics", "val")))
-        if not vids:
-            raise RuntimeError("the demo data has no validation clip to prompt the generation with")
-        out = os.path.join(out_dir, "generation.gif")
-        train_main.main(["generate", meta["step_dir"], "--prompt", _p(cfg, "data", "kinetics", "val", vids[0]),
-                         "--frames", str(cfg.generate_frames), "--out", out], standalone_mode=False)
-        return out
-
-    return generate
-
-
-def _tokenizer_fn(cfg: DemoConfig):
+def _load_tokenizer(cfg: DemoConfig):
     try:
         from pipeline.tokenizers import load_tokenizer
     except ImportError as e:
         raise RuntimeError(f"the demo needs {_DEMO_TOKENIZER}, which is not in this build ({e})") from e
-    tok = load_tokenizer(cfg.tokenizer)
+    return load_tokenizer(cfg.tokenizer)
 
-    def encode(frames: np.ndarray) -> np.ndarray:
-        return np.asarray(tok.encode(frames))
 
-    return encode
+def _generate_fn(cfg: DemoConfig, tokenizer):
+    try:
+        from trainer.generate import generate as generate_clip
+    except ImportError as e:
+        raise RuntimeError(f"the demo needs {_GENERATE}, which is not in this build ({e})") from e
+
+    def generate(model, meta, out_dir: str) -> str:
+        val_dir = _p(cfg, "data", "kinetics", "val")
+        vids = sorted(os.listdir(val_dir)) if os.path.isdir(val_dir) else []
+        if not vids:
+            raise RuntimeError(f"{val_dir} has no validation clip to prompt the generation with")
+        res = generate_clip(meta["step_dir"], os.path.join(val_dir, vids[0]), os.path.join(out_dir, "generation.gif"),
+                            frames=cfg.generate_frames, tokenizer=tokenizer, seed=cfg.seed)
+        return res["out"]
+
+    return generate
 
 
 def run_demo(cfg: DemoConfig) -> str:
@@ -196,8 +191,12 @@ def run_demo(cfg: DemoConfig) -> str:
     os.makedirs(cfg.out, exist_ok=True)
     summary = timed("data", stage_data, cfg)
     # Fail before the long stages if a piece the study needs is missing from this build.
-    encode = _tokenizer_fn(cfg)
-    generate = _generate_fn(cfg)
+    tokenizer = _load_tokenizer(cfg)
+    generate = _generate_fn(cfg, tokenizer)
+
+    def encode(frames: np.ndarray) -> np.ndarray:
+        return np.asarray(tokenizer.encode(frames))
+
     tokens = timed("tokenize", stage_tokenize, cfg)
     mix = timed("mix", stage_mix, cfg, tokens)
     run = timed("pretrain", stage_pretrain, cfg, mix)
