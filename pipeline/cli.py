@@ -19,5 +19,9 @@ def main() -> None:
     """
 
 
+from pipeline.demo_data.cli import demo_data  # noqa: E402
+
+main.add_command(demo_data)
+
 if __name__ == "__main__":
     main()
