@@ -395,7 +395,7 @@ def _make(cfg: DemoDataConfig, pool, progress: bool) -> dict:
                 wr.writerow([f"ILSVRC2012_val_{i:08d}", f"{wnid} 0 0 {cfg.image_size - 1} {cfg.image_size - 1}"])
     os.makedirs(inet, exist_ok=True)
     with open(os.path.join(inet, "LOC_synset_mapping.txt"), "w") as f:
-        for wnid, name in zip(DIGIT_WNIDS, DIGIT_NAMES):
+        for wnid, name in zip(DIGIT_WNIDS, DIGIT_NAMES, strict=True):
             f.write(f"{wnid} digit {name}\n")
 
     # Kinetics-style.
