@@ -20,8 +20,10 @@ def main() -> None:
 
 
 from pipeline.demo_data.cli import demo_data  # noqa: E402
+from pipeline.sources.cli import worklist  # noqa: E402
 
 main.add_command(demo_data)
+main.add_command(worklist)
 
 if __name__ == "__main__":
     main()
