@@ -28,5 +28,11 @@ from pipeline.mix.cli import mix_command  # noqa: E402
 
 main.add_command(mix_command)
 
+from pipeline.demo_data.cli import demo_data  # noqa: E402
+from pipeline.sources.cli import worklist  # noqa: E402
+
+main.add_command(demo_data)
+main.add_command(worklist)
+
 if __name__ == "__main__":
     main()
