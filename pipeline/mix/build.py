@@ -146,9 +146,7 @@ def build_mix(cfg: MixConfig, out_url: str, storage_options: dict | None = None,
 
     rows: dict[str, RowTable] = {}
     for n in names:
-        if progress:
-            print(f"reading rows of {n} ({len(manifests[n]['shards'])} shards)", file=sys.stderr)
-        rows[n] = read_row_table(urls[n], manifests[n], storage_options)
+        rows[n] = read_row_table(urls[n], manifests[n], storage_options, progress=f"rows of {n}" if progress else None)
     kinds = {n: cfg.kinds.get(n) or detect_kind(rows[n]) for n in names}
     splits = sorted({s for n in names for s in rows[n].splits()})
 

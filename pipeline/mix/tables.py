@@ -14,6 +14,7 @@ a *unit* is the absolute number of a clip's first frame (video) or an image's fr
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,11 +66,20 @@ def _arrow_buffer(url: str, storage_options: dict | None) -> pa.Buffer:
     return pa.py_buffer(fs.cat_file(path))
 
 
-def read_row_table(dataset_url: str, manifest: dict[str, Any], storage_options: dict | None = None) -> RowTable:
-    """Read the metadata of every row of a token dataset (one pass over its shards)."""
+def read_row_table(dataset_url: str, manifest: dict[str, Any], storage_options: dict | None = None,
+                   progress: str | None = None) -> RowTable:
+    """Read the metadata of every row of a token dataset (one pass over its shards).
+
+    ``progress``: a label for a progress bar on stderr (None: no bar).
+    """
     num: dict[str, list[np.ndarray]] = {k: [] for k in ("shard", "row", "elem", "num_frames", "chunk")}
     strs: dict[str, list[pa.Array]] = {k: [] for k in _STR_COLS}
-    for si, sh in enumerate(manifest["shards"]):
+    shards = manifest["shards"]
+    if progress is not None:
+        from tqdm import tqdm
+
+        shards = tqdm(shards, desc=progress, unit="shard", file=sys.stderr, leave=False)
+    for si, sh in enumerate(shards):
         data_url = storage.join(dataset_url, sh["data_file"])
         got = 0
         if manifest["format"] == "arrow":

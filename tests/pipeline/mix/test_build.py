@@ -61,6 +61,19 @@ def test_manifest_pins_inputs_and_validates(datasets):
     assert os.path.exists(os.path.join(idx_dir, "index.json"))
 
 
+def test_hand_edited_or_incomplete_manifest_is_refused(datasets):
+    out = str(datasets["root"] / "mix.json")
+    doc = build_mix(_cfg(datasets), out, progress=False)
+    edited = dict(doc, seed=99)
+    json.dump(edited, open(out, "w"))
+    with pytest.raises(ValueError, match="content_hash does not match"):
+        read_mix_manifest(out)
+    del edited["index"]
+    json.dump(edited, open(out, "w"))
+    with pytest.raises(schemas.SchemaError, match="index"):
+        read_mix_manifest(out)
+
+
 def test_index_is_cached_by_hash(datasets, capsys):
     out = str(datasets["root"] / "mix.json")
     a = build_mix(_cfg(datasets), out, progress=True)
