@@ -231,6 +231,17 @@ class MixReader:
         if done.get("files") != self.manifest["index"]["files"]:
             raise ValueError(f"{self._index_url} does not belong to {self.mix_url} (file hashes differ); rebuild the mix")
         sp = self.split
+        if self.verify_sha256 and not getattr(self, "_index_checked", False):
+            # Once per reader (not again in workers): a flipped byte here would silently reorder data.
+            files = self.manifest["index"]["files"]
+            for name in sorted(n for n in files if n.startswith(f"{sp}.")):
+                got = storage.sha256_file(storage.join(self._index_url, name), self.storage_options)
+                if got != files[name]:
+                    raise ValueError(
+                        f"index file {storage.join(self._index_url, name)} is corrupt (sha256 {got}, manifest says "
+                        f"{files[name]}); delete {self._index_url} and rerun the same toto-pipeline mix command"
+                    )
+            self._index_checked = True
         self._blend_src = self._npy(f"{sp}.blend_source.npy")
         self._blend_local = self._npy(f"{sp}.blend_local.npy")
         self._tab = []

@@ -194,6 +194,30 @@ def test_corrupt_shard_is_caught_on_first_use(datasets):
     r.batch(np.arange(3))
 
 
+def test_corrupt_index_file_is_caught(datasets):
+    out = str(datasets["root"] / "mix.json")
+    doc = build_mix(_cfg(datasets), out, progress=False)
+    path = os.path.join(str(datasets["root"]), doc["index"]["dir"], "train.blend_local.npy")
+    data = bytearray(open(path, "rb").read())
+    data[-3] ^= 0x01
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(ValueError, match="train.blend_local.npy is corrupt"):
+        MixReader(out)
+
+
+def test_reader_survives_pickling_for_spawned_workers(datasets):
+    import pickle
+
+    out = str(datasets["root"] / "mix.json")
+    build_mix(_cfg(datasets), out, progress=False)
+    r = MixReader(out)
+    a = r.batch(np.arange(20))
+    r2 = pickle.loads(pickle.dumps(r))
+    b = r2.batch(np.arange(20))
+    assert (a["inputs"] == b["inputs"]).all() and a["label"] == b["label"]
+    assert len(pickle.dumps(r)) < 200_000  # memory maps and permutation tables are not shipped
+
+
 def test_webdataset_shards_read_through_the_shard_reader(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     vids = [{"frames": 64, "label": "x"}, {"frames": 40, "label": "y"}]
