@@ -38,6 +38,7 @@ from pipeline.mix.tables import (
     detect_kind,
     image_units,
     read_row_table,
+    segment_bounds,
     split_table,
     video_units,
 )
@@ -149,6 +150,10 @@ def build_mix(cfg: MixConfig, out_url: str, storage_options: dict | None = None,
         rows[n] = read_row_table(urls[n], manifests[n], storage_options, progress=f"rows of {n}" if progress else None)
     kinds = {n: cfg.kinds.get(n) or detect_kind(rows[n]) for n in names}
     splits = sorted({s for n in names for s in rows[n].splits()})
+    for sp in splits:
+        if not sp or not all(c.isalnum() or c in "_-" for c in sp):
+            raise ValueError(f"split name {sp!r} in the inputs: index files are named after splits, so use letters, "
+                             "digits, '_' and '-' only (re-tokenize with a clean split name)")
 
     # Per split: tables and units of each source that has rows in it.
     tables: dict[tuple[str, str], Any] = {}
@@ -165,6 +170,18 @@ def build_mix(cfg: MixConfig, out_url: str, storage_options: dict | None = None,
             else:
                 units, short = image_units(t), 0
                 per_pass = len(units) // cfg.images_per_seq
+            if per_pass == 0 and sp == "train":
+                if kinds[n] == "video":
+                    _, seg_len = segment_bounds(t)
+                    raise ValueError(
+                        f"source {n} has no clip of {cfg.frames} frames at stride {cfg.stride} "
+                        f"({(cfg.frames - 1) * cfg.stride + 1} frames) in its train split: its longest run of "
+                        f"consecutive frames is {int(seg_len.max())}; lower --stride or --frames"
+                    )
+                raise ValueError(
+                    f"source {n} has {len(units)} train images, fewer than --images-per-seq {cfg.images_per_seq}; "
+                    "lower --images-per-seq"
+                )
             if per_pass == 0:
                 info[n] = {"rows": len(t.row), "units": int(len(units)), "samples_per_pass": 0,
                            "segments_too_short": short, "used": False}

@@ -100,6 +100,13 @@ def test_refuses_mismatched_tokenizations(datasets, tmp_path):
         build_mix(cfg, str(tmp_path / "m.json"), progress=False)
 
 
+def test_source_without_a_single_clip_is_refused(datasets):
+    with pytest.raises(ValueError, match=r"source k600 has no clip of 16 frames at stride 10 \(151 frames\).*longest run of consecutive frames is 150"):
+        build_mix(_cfg(datasets, frames=16, stride=10), str(datasets["root"] / "m.json"), progress=False)
+    with pytest.raises(ValueError, match="source imagenet has 40 train images, fewer than --images-per-seq 41"):
+        build_mix(_cfg(datasets, images_per_seq=41), str(datasets["root"] / "m.json"), progress=False)
+
+
 def test_config_validation_names_the_field(datasets):
     with pytest.raises(ValueError, match="frames=0"):
         _cfg(datasets, frames=0)
