@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
 import os
 from typing import Any
 
@@ -76,8 +77,10 @@ class _ShardFile:
         self._check()
         if storage.is_local(self.url):
             if self._win is None:
-                mm = np.memmap(storage.local_path(self.url), dtype=np.uint8, mode="r")
-                u16 = mm[: mm.size - mm.size % 2].view(np.uint16)
+                with open(storage.local_path(self.url), "rb") as fh:
+                    self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                # A plain ndarray over the map (np.memmap's subclass hooks cost µs per fancy index).
+                u16 = np.frombuffer(self._mmap, dtype=np.uint16, count=len(self._mmap) // 2)
                 # Overlapping windows: row e of this view is u16[e : e + HW] (no copy).
                 self._win = np.lib.stride_tricks.as_strided(
                     u16, shape=(u16.size - self.hw + 1, self.hw), strides=(2, 2), writeable=False
