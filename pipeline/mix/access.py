@@ -34,8 +34,6 @@ from pipeline.mix.sequence import assemble_into, layout
 from pipeline.mix.tables import locate_frames
 from pipeline.shards import open_shard, read_manifest
 
-STATE_VERSION = 1
-
 
 def read_mix_manifest(mix_url: str, storage_options: dict | None = None) -> dict[str, Any]:
     """Read and validate a mix manifest; checks its content hash."""
@@ -58,6 +56,7 @@ class _ShardFile:
         self.url, self.sha256, self.fmt, self.hw = url, sha256, fmt, hw
         self.so, self.verify, self.block_cache_mb = storage_options, verify, block_cache_mb
         self._win: np.ndarray | None = None
+        self._mmap: mmap.mmap | None = None
         self._file = None
         self._reader = None
         self._checked = False
@@ -168,7 +167,7 @@ class MixReader:
     """Read sequences of a mix by global sample id (one split)."""
 
     def __init__(self, mix_url: str, *, split: str = "train", storage_options: dict | None = None,
-                 verify_sha256: bool = True, block_cache_mb: int = 64, check_inputs: bool = True):
+                 verify_sha256: bool = True, block_cache_mb: int = 64):
         self.mix_url = mix_url
         self.storage_options = storage_options
         self.verify_sha256 = verify_sha256
@@ -189,19 +188,15 @@ class MixReader:
         by_name = {s["name"]: s for s in m["sources"]}
         self._src = [by_name[n] for n in self.sources]
         self._dsm: dict[str, dict] = {}
-        if check_inputs:
-            for s in self._src:
-                got = read_manifest(s["url"], storage_options)
-                if got["content_hash"] != s["manifest_hash"]:
-                    raise ValueError(
-                        f"source {s['name']} ({s['url']}) changed since the mix was built: its manifest hash is now "
-                        f"{got['content_hash']}, the mix pinned {s['manifest_hash']}; rebuild the mix "
-                        "(toto-pipeline mix ...) to train on the new data"
-                    )
-                self._dsm[s["name"]] = got
-        else:
-            for s in self._src:
-                self._dsm[s["name"]] = read_manifest(s["url"], storage_options)
+        for s in self._src:
+            got = read_manifest(s["url"], storage_options)
+            if got["content_hash"] != s["manifest_hash"]:
+                raise ValueError(
+                    f"source {s['name']} ({s['url']}) changed since the mix was built: its manifest hash is now "
+                    f"{got['content_hash']}, the mix pinned {s['manifest_hash']}; rebuild the mix "
+                    "(toto-pipeline mix ...) to train on the new data"
+                )
+            self._dsm[s["name"]] = got
         self._index_url = storage.join(_parent(mix_url), m["index"]["dir"])
         self._load_index()
         self._orders = [SourceOrder(len(self._tab[i]["units"]), order_key(m["seed"], s["name"], split))
@@ -315,8 +310,9 @@ class MixReader:
         label: list[str | None] = [None] * b
         groups = self.sample_frames(ids)
         lays = [self._layout(si) for si, _, _ in groups]
-        same = all(lay["body"] == lays[0]["body"] and (lay["inputs"][1:] == lays[0]["inputs"][1:]).all()
-                   and (lay["targets"] == lays[0]["targets"]).all() for lay in lays)
+        same = all(g[2].shape[1] == groups[0][2].shape[1] and lay["body"] == lays[0]["body"]
+                   and (lay["inputs"][1:] == lays[0]["inputs"][1:]).all() and (lay["targets"] == lays[0]["targets"]).all()
+                   for g, lay in zip(groups, lays, strict=True))
         if same and len(groups) > 1:
             # One layout for the whole batch (same frames per sample for every kind, e.g. the paper's
             # 16 frames / 16 images): gather into one uint16 buffer, then write contiguous rows.
