@@ -90,7 +90,7 @@ def index_scale(n_samples: int, n_rows: int) -> None:
                      video_id=pa.array([f"v{i // 8:08d}" for i in range(n_rows)]), label=rows.label)
     t5 = time.perf_counter()
     vt = split_table(vrows, "train")
-    u, _ = video_units(vt, frames=16, stride=4, hop=64)
+    u, _, _ = video_units(vt, frames=16, stride=4, hop=64)
     t6 = time.perf_counter()
     print(f"index build: blend of {n_samples / 1e6:.0f} M samples {t1 - t0:.2f} s; one pass of a {n_rows / 1e6:.0f} M-unit "
           f"source order {t2 - t1:.2f} s; image split table of {n_rows / 1e6:.0f} M rows {t4 - t3:.2f} s; video split "

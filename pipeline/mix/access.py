@@ -28,7 +28,7 @@ import numpy as np
 
 import schemas
 from pipeline import storage
-from pipeline.mix.blend import Blend, SourceOrder
+from pipeline.mix.blend import Blend, SourceOrder, _mix64
 from pipeline.mix.build import TABLE_ARRAYS, order_key
 from pipeline.mix.sequence import assemble_into, layout
 from pipeline.mix.tables import locate_frames
@@ -278,13 +278,29 @@ class MixReader:
             pos = np.flatnonzero(src == si)
             j = local[pos]
             if self._src[si]["kind"] == "video":
-                first = np.asarray(self._tab[si]["units"][self._orders[si].units(j)])  # (m,) absolute frames
+                uid = self._orders[si].units(j)  # (m,) unit ids
+                first = np.asarray(self._tab[si]["units"][uid])  # (m,) absolute first frames
+                if m["jitter"]:
+                    first = first + self._jitter(si, j // self._orders[si].n, uid)
                 frames = first[:, None] + m["stride"] * np.arange(m["frames"], dtype=np.int64)[None, :]
             else:
                 k = m["images_per_seq"]
                 stream = j[:, None] * k + np.arange(k, dtype=np.int64)[None, :]  # (m, K)
                 frames = np.asarray(self._tab[si]["units"][self._orders[si].units(stream)])
             out.append((int(si), pos, frames))
+        return out
+
+    def _jitter(self, si: int, epoch: np.ndarray, uid: np.ndarray) -> np.ndarray:
+        """Seeded per-pass start offsets in [0, slack[uid]] (int64 [m]): each pass sees new clip phases."""
+        slack = np.asarray(self._tab[si]["slack"][uid]).astype(np.uint64)
+        out = np.empty(len(uid), dtype=np.int64)
+        for e in np.unique(epoch):
+            sel = epoch == e
+            key = np.random.SeedSequence([*order_key(self.manifest["seed"], self._src[si]["name"], self.split),
+                                          int(e), 0x4A495454]).generate_state(1, dtype=np.uint64)[0]
+            with np.errstate(over="ignore"):
+                h = _mix64(uid[sel].astype(np.uint64) ^ key)
+            out[sel] = (h % (slack[sel] + np.uint64(1))).astype(np.int64)
         return out
 
     def gather(self, si: int, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

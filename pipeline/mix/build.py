@@ -44,7 +44,7 @@ from pipeline.mix.tables import (
 )
 from pipeline.shards import read_manifest
 
-TABLE_ARRAYS = ("shard", "row", "elem", "num_frames", "cum", "segment", "video", "label", "units")
+TABLE_ARRAYS = ("shard", "row", "elem", "num_frames", "cum", "segment", "video", "label", "units", "slack")
 
 
 @dataclass
@@ -58,6 +58,7 @@ class MixConfig:
     frames: int = 16
     stride: int = 4
     hop: int | None = None  # None: frames × stride (clips tile each video once per pass)
+    jitter: bool = True  # shift each clip start by a seeded per-pass offset in [0, hop) inside its segment
     images_per_seq: int = 16
     num_samples: int | None = None  # train split; None: until every source has had one full pass
     kinds: dict[str, str] = field(default_factory=dict)  # override "image"/"video" detection
@@ -165,10 +166,11 @@ def build_mix(cfg: MixConfig, out_url: str, storage_options: dict | None = None,
                 continue
             t = split_table(rows[n], sp)
             if kinds[n] == "video":
-                units, short = video_units(t, frames=cfg.frames, stride=cfg.stride, hop=hop)
+                units, slack, short = video_units(t, frames=cfg.frames, stride=cfg.stride, hop=hop)
                 per_pass = len(units)
             else:
                 units, short = image_units(t), 0
+                slack = np.zeros(0, dtype=np.int32)  # images have no temporal jitter
                 per_pass = len(units) // cfg.images_per_seq
             if per_pass == 0 and sp == "train":
                 if kinds[n] == "video":
@@ -187,7 +189,7 @@ def build_mix(cfg: MixConfig, out_url: str, storage_options: dict | None = None,
                            "segments_too_short": short, "used": False}
                 continue
             present.append(n)
-            tables[(sp, n)] = (t, units)
+            tables[(sp, n)] = (t, units, slack)
             info[n] = {"rows": int(len(t.row)), "videos": int(t.video[-1]) + 1, "segments": int(t.segment[-1]) + 1,
                        "frames": int(t.cum[-1]), "units": int(len(units)), "samples_per_pass": int(per_pass),
                        "segments_too_short": short, "used": True}
@@ -216,6 +218,7 @@ def build_mix(cfg: MixConfig, out_url: str, storage_options: dict | None = None,
         frames=cfg.frames,
         stride=cfg.stride,
         hop=hop,
+        jitter=bool(cfg.jitter),
         images_per_seq=cfg.images_per_seq,
         num_samples=split_info["train"]["num_samples"],
         sources=[
@@ -285,8 +288,8 @@ def _write_index(idx_url: str, key: str, split_info: dict, tables: dict, cfg: Mi
         put(f"{sp}.blend_source.npy", _npy_bytes(src))
         put(f"{sp}.blend_local.npy", _npy_bytes(local))
         for n in info["sources"]:
-            t, units = tables[(sp, n)]
-            arrays = {**t.arrays(), "units": units}
+            t, units, slack = tables[(sp, n)]
+            arrays = {**t.arrays(), "units": units, "slack": slack}
             for a in TABLE_ARRAYS:
                 put(f"{sp}.{n}.{a}.npy", _npy_bytes(arrays[a]))
             put(f"{sp}.{n}.labels.json", json.dumps(t.labels).encode())

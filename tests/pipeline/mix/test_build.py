@@ -125,17 +125,21 @@ def test_segments_split_at_missing_chunks(tmp_path):
     assert t.segment.tolist() == [0, 1, 2, 2]
     assert t.video.tolist() == [0, 0, 1, 1] and t.videos == ["k600/v00000", "k600/v00001"]
     assert t.label.tolist() == [-1, -1, -1, -1] and t.labels == []
-    units, short = video_units(t, frames=4, stride=4, hop=4)  # span 13
-    # segment 0 = frames 0..31 (1 row), segment 1 = 32..63 (chunk 2), segment 2 = video 1, 40 frames
+    units, slack, short = video_units(t, frames=4, stride=4, hop=8)  # span 13
+    # segment 0 = frames 0..31 (1 row), segment 1 = 32..63 (chunk 2), segment 2 = video 1 (64..103)
     assert short == 0
-    for u in units:
-        seg_of = t.segment[np.searchsorted(t.cum, [u, u + 12], side="right") - 1]
+    assert units.tolist() == [0, 8, 16, 32, 40, 48, 64, 72, 80, 88]
+    # latest start in a segment = its end - 13; slack = min(hop - 1, latest - unit)
+    assert slack.tolist() == [7, 7, 3, 7, 7, 3, 7, 7, 7, 3]
+    for u, sl in zip(units, slack, strict=True):
+        # the latest jittered start still ends inside the same segment
+        seg_of = t.segment[np.searchsorted(t.cum, [u, u + sl + 12], side="right") - 1]
         assert seg_of[0] == seg_of[1]
 
 
 def test_sequences_have_specials_length_and_frame_order(datasets):
     out = str(datasets["root"] / "mix.json")
-    doc = build_mix(_cfg(datasets), out, progress=False)
+    doc = build_mix(_cfg(datasets, jitter=False), out, progress=False)
     r = MixReader(out)
     ids = np.arange(120)  # several passes over both sources
     b = r.batch(ids)
@@ -160,6 +164,27 @@ def test_sequences_have_specials_length_and_frame_order(datasets):
     # shares of the prefix match the blend within one sample
     n_vid = sum(s == "k600" for s in b["source"])
     assert abs(n_vid - 0.7 * 120) < 1
+
+
+def test_jitter_moves_clip_starts_each_pass_but_never_out_of_the_video(datasets):
+    out = str(datasets["root"] / "mix.json")
+    build_mix(_cfg(datasets, ratios={"k600": "1", "imagenet": "1"}), out, progress=False)
+    r = MixReader(out)
+    src, _ = r.locate(np.arange(400))
+    vid_ids = np.arange(400)[src == 0][:100]  # 4 passes over the 25 clips
+    b = r.batch(vid_ids)
+    lengths = {0: 150, 1: 90, 3: 75}
+    starts = []
+    for i in range(100):
+        fr = _decode_sample({k: b[k][i] for k in ("inputs", "targets", "frame_index")}, 4)
+        (v,) = {x for x, _ in fr}
+        nums = [f for _, f in fr]
+        assert np.diff(nums).tolist() == [3, 3, 3] and nums[-1] < lengths[v]
+        starts.append((v, nums[0]))
+    for k in range(4):
+        windows = {(v, f // 12) for v, f in starts[k * 25 : (k + 1) * 25]}
+        assert len(windows) == 25  # each pass: one clip starting in each hop window [12k, 12k+11]
+    assert len(set(starts)) > 40  # ... at a phase that changes from pass to pass
 
 
 def test_every_clip_is_used_once_per_pass(datasets):
