@@ -454,14 +454,22 @@ def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
         _barrier(d, device)
 
     val_cache: list[dict] | None = None
+    val_loader = None
+    if cfg.val_every:
+        try:  # fail now, not after hours of training, when the mix has no held-out split
+            val_loader = factory(data, global_batch=per_rank_unit, rank=d.rank, world=d.world,
+                                 split=cfg.val_split, num_workers=0)
+        except ValueError as e:
+            raise ValueError(
+                f"validation needs split {cfg.val_split!r} of {data}: {e}. Set val_every=0 to train without "
+                "validation, or val_split=NAME for another held-out split"
+            ) from e
 
     def validate(step: int) -> dict:
         nonlocal val_cache
         if val_cache is None:
             # Fixed held-out batches: the first val_batches micro-batches of each rank.
-            vl = factory(data, global_batch=per_rank_unit, rank=d.rank, world=d.world, split=cfg.val_split,
-                         num_workers=0)
-            it = iter(vl)
+            it = iter(val_loader)
             val_cache = [next(it) for _ in range(cfg.val_batches)]
         model.eval()
         pos_sum = torch.zeros(seq_len, dtype=torch.float64)
