@@ -445,6 +445,7 @@ def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
                 "tokenizer": tokenizer,
                 "grid": mix_doc.get("grid"),
                 "frames": mix_doc.get("frames"),
+                "stride": mix_doc.get("stride"),
                 "codebook_size": mix_doc.get("codebook_size"),
                 "data": str(data),
                 "init_from": cfg.init_from,
