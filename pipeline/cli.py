@@ -24,5 +24,9 @@ from pipeline.shards.cli import COMMANDS as _shard_commands  # noqa: E402
 for _cmd in _shard_commands:
     main.add_command(_cmd)
 
+from pipeline.mix.cli import mix_command  # noqa: E402
+
+main.add_command(mix_command)
+
 if __name__ == "__main__":
     main()

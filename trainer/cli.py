@@ -18,6 +18,11 @@ from trainer.pretrain_cli import pretrain_command  # noqa: E402
 main.add_command(pretrain_command)
 main.add_command(export_hf_command)
 main.add_command(generate_command)
+from trainer.evals.cli import probe, scaling, track  # noqa: E402
+
+main.add_command(probe)
+main.add_command(track)
+main.add_command(scaling)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,242 @@
+"""Video decoding with PyAV: seek, decode, resample to the output rate by presentation time,
+rotate, resize + centre crop in FFmpeg's scaler, and cut into chunks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+
+from pipeline.decode.config import DecodeConfig, DecodeError
+from pipeline.decode.media_io import looks_like_container, open_source, sniff
+
+EPS = 1e-6  # seconds; far below any frame interval
+
+
+def _fraction(x: Any) -> Fraction | None:
+    if x is None:
+        return None
+    f = Fraction(x)
+    return f if f > 0 else None
+
+
+def output_size(width: int, height: int, sar: Fraction | None, rotation: int, resolution: int) -> tuple[int, int]:
+    """Scaler output size (in the coded orientation) whose display short side is `resolution`.
+
+    The sample aspect ratio stretches the coded width to the display width, so scaling to this
+    size also squares the pixels. Rotation by 90/270 swaps which side is short after rotating,
+    but the short side of the display is the same either way.
+    """
+    disp_w = width * (sar if sar else 1)
+    disp_h = Fraction(height)
+    scale = Fraction(resolution) / min(disp_w, disp_h)
+    sw = max(resolution, round(disp_w * scale))
+    sh = max(resolution, round(disp_h * scale))
+    return int(sw), int(sh)
+
+
+def native_rate(stream: Any) -> Fraction | None:
+    for r in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+        f = _fraction(r)
+        if f is not None and f < 1000:
+            return f
+    return None
+
+
+def output_rate(native: Fraction | None, cfg: DecodeConfig) -> Fraction:
+    cap = Fraction(cfg.max_fps).limit_denominator(1001)
+    if cfg.fps is not None:
+        return Fraction(cfg.fps).limit_denominator(1001)
+    if native is None:
+        return cap
+    return min(native.limit_denominator(1001), cap)
+
+
+class _Converter:
+    """RGB at the output size for one frame: one swscale call (resize + YUV→RGB), then rotate and crop views."""
+
+    def __init__(self, cfg: DecodeConfig, sar: Fraction | None) -> None:
+        from av.video.reformatter import VideoReformatter
+
+        self.cfg = cfg
+        # One reformatter per stream keeps its SwsContext (filter coefficients) across frames;
+        # frame.reformat() builds a new one per call, which costs more than the scaling itself.
+        self.reformatter = VideoReformatter()
+        self.sar = sar
+        self.key: tuple[int, int, int] | None = None
+        self.size = (0, 0)
+        self.k = 0
+
+    def __call__(self, frame: Any) -> np.ndarray:
+        rot = int(frame.rotation or 0) % 360 if self.key is None else self.key[2]
+        key = (frame.width, frame.height, rot)
+        if key != self.key:
+            self.key = key
+            # frame.rotation is counter-clockwise degrees to apply for display; np.rot90 turns counter-clockwise.
+            self.k = (round(rot / 90)) % 4
+            self.size = output_size(frame.width, frame.height, self.sar, rot, self.cfg.resolution)
+        sw, sh = self.size
+        rgb = self.reformatter.reformat(
+            frame, width=sw, height=sh, format="rgb24", interpolation=self.cfg.interpolation
+        ).to_ndarray()  # (sh, sw, 3)
+        if self.k:
+            rgb = np.rot90(rgb, self.k)  # (H', W', 3) view
+        r = self.cfg.resolution
+        y0 = (rgb.shape[0] - r) // 2
+        x0 = (rgb.shape[1] - r) // 2
+        return rgb[y0 : y0 + r, x0 : x0 + r]  # (r, r, 3) view
+
+
+def decode_video(item: dict, cfg: DecodeConfig, storage_options: dict | None = None) -> Iterator[dict]:
+    """Yield chunk records for one video work item (see pipeline.decode for the record fields).
+
+    Frames are taken on a uniform grid t_k = t_start + k / fps: each grid time gets the frame on
+    screen at that time (the last frame whose pts <= t_k), so variable-frame-rate input comes out
+    at a constant rate, 60 fps input at 30 fps drops every other frame without converting it, and
+    low-rate input repeats frames. Output frame k belongs to chunk item.chunk + floor(k / fps /
+    chunk_seconds).
+    """
+    import av
+
+    src, closer = open_source(item, storage_options)
+    try:
+        try:
+            container = av.open(src, metadata_errors="ignore")
+        except av.error.FFmpegError as e:
+            msg = getattr(e, "strerror", None) or str(e)
+            if looks_like_container(sniff(src)):
+                raise DecodeError(f"truncated: container cannot be opened ({msg})") from None
+            raise DecodeError(f"decoder error: not a media file ({msg})") from None
+        try:
+            yield from _decode_open(container, item, cfg)
+        finally:
+            container.close()
+    finally:
+        if closer is not None:
+            closer.close()
+
+
+def _decode_open(container: Any, item: dict, cfg: DecodeConfig) -> Iterator[dict]:
+    import av
+
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams})
+        raise DecodeError("no video stream" + (f" (streams: {', '.join(kinds)})" if kinds else ""))
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    stream.codec_context.thread_count = cfg.threads
+    tb_q = stream.time_base or Fraction(1, 1_000_000)
+    # Per-frame timing runs in float seconds (Fraction arithmetic per frame costs more than the
+    # scaler at 480p); EPS makes a frame whose pts equals a grid time count as covering it.
+    tb = float(tb_q)
+    start_offset = float((stream.start_time or 0) * tb_q)
+    native = native_rate(stream)
+    fps_q = output_rate(native, cfg)
+    fps = float(fps_q)
+    frame_dur_default = float(1 / native) if native else 1 / fps
+    # chunk of output frame k = floor(k / fps / (chunk_frames / max_fps)), in exact integers.
+    max_q = Fraction(cfg.max_fps).limit_denominator(1001)
+    chunk_num = max_q.numerator * fps_q.denominator
+    chunk_den = fps_q.numerator * cfg.chunk_frames * max_q.denominator
+    sar = _fraction(stream.sample_aspect_ratio) or _fraction(stream.codec_context.sample_aspect_ratio)
+    convert = _Converter(cfg, sar)
+
+    t0 = float(item.get("t_start") or 0.0)
+    t_end = item.get("t_end")
+    t_end = None if t_end is None else float(t_end)
+    if stream.duration is not None:
+        total = stream.duration * tb
+    elif container.duration is not None:
+        total = container.duration / 1_000_000 - start_offset
+    else:
+        total = None
+    if t0 > 0:
+        container.seek(int((t0 + start_offset) / tb), stream=stream, backward=True, any_frame=False)
+
+    res = cfg.resolution
+    base_chunk = int(item.get("chunk") or 0)
+    buf = np.empty((cfg.chunk_frames, res, res, 3), np.uint8)  # (T, H, W, 3)
+    n_buf = 0
+    cur_chunk = 0
+    chunk_k0 = 0
+    k = 0
+    prev = None  # (frame, time s)
+    prev_rgb = None
+    prev_rgb_of = None
+    last_time = None
+    last_dur = frame_dur_default
+    key_prefix = f"{item['dataset']}/{item['video_id']}/"
+
+    def record(c: int, k0: int, n: int) -> dict:
+        return {
+            "type": "chunk",
+            "key": f"{key_prefix}{base_chunk + c:05d}",
+            "uri": item["uri"],
+            "dataset": item["dataset"],
+            "split": item["split"],
+            "video_id": item["video_id"],
+            "label": item.get("label"),
+            "chunk": base_chunk + c,
+            "t_start": t0 + k0 / fps,
+            "fps": fps,
+            "num_frames": n,
+            "frames": buf[:n].copy(),
+        }
+
+    def emit_until(limit: float) -> Iterator[dict]:
+        """Emit `prev` for every grid time < limit (and < t_end)."""
+        nonlocal k, n_buf, cur_chunk, chunk_k0, prev_rgb, prev_rgb_of
+        stop = limit - EPS if t_end is None else min(limit, t_end) - EPS
+        while t0 + k / fps < stop:
+            c = (k * chunk_num) // chunk_den
+            if c != cur_chunk:
+                if n_buf:
+                    yield record(cur_chunk, chunk_k0, n_buf)
+                cur_chunk, chunk_k0, n_buf = c, k, 0
+            if prev_rgb_of is not prev[0]:
+                prev_rgb = convert(prev[0])
+                prev_rgb_of = prev[0]
+            buf[n_buf] = prev_rgb
+            n_buf += 1
+            k += 1
+
+    try:
+        for frame in container.decode(stream):
+            pts = frame.pts
+            if pts is not None:
+                ft = pts * tb - start_offset
+            else:
+                ft = (last_time + last_dur) if last_time is not None else 0.0
+            if last_time is not None and ft <= last_time:
+                continue  # duplicate or backwards timestamp from a broken muxer: keep the first
+            dur = frame.duration
+            if dur:
+                last_dur = dur * tb
+            if prev is not None:
+                yield from emit_until(ft)
+            prev = (frame, ft)
+            last_time = ft
+            if t_end is not None and ft >= t_end:
+                break
+    except av.error.FFmpegError as e:
+        msg = getattr(e, "strerror", None) or str(e)
+        if k > 0 or prev is not None:
+            got = last_time if last_time is not None else 0.0
+            raise DecodeError(f"truncated: decoding failed at {got:.2f} s ({msg})") from None
+        raise DecodeError(f"decoder error: {msg}") from None
+    if prev is None:
+        if t0 > 0 and total is not None and t0 >= total:
+            raise DecodeError(f"decoder error: t_start {t0:.2f} s is past the end ({total:.2f} s)")
+        raise DecodeError("decoder error: no frames could be decoded")
+    end_of_last = prev[1] + last_dur
+    yield from emit_until(end_of_last)
+    if n_buf:
+        yield record(cur_chunk, chunk_k0, n_buf)
+    # A stream that ends well before its declared duration (or the requested t_end) was cut off.
+    expected = total if t_end is None else (min(t_end, total) if total is not None else None)
+    if expected is not None and expected > t0:
+        tolerance = max(0.5, (expected - t0) / 10)
+        if end_of_last < expected - tolerance:
+            raise DecodeError(f"truncated: decoded {end_of_last:.2f} s of {expected:.2f} s")

@@ -1,0 +1,204 @@
+"""Work items, the listing report and long-video segmentation.
+
+A work item is a plain dict (cheap to put in Arrow, Ray and Parquet) with these fields:
+
+    key         str   "{dataset}/{video_id}/{chunk:05d}", the key of the item's first output row
+    uri         str   local path or s3://... URL of the file (or of the tar holding it)
+    dataset     str   e.g. "kinetics600", "imagenet", "folder"
+    split       str   "train" / "val" / "test" / ...
+    label       str | None
+    video_id    str   [A-Za-z0-9_-]+ (no dots, no slashes): shared by all items of one video
+    chunk       int   number of the item's first output chunk; the segments of one long video
+                      number their chunks consecutively (segment i starts at i * chunks_per_segment)
+    t_start     float seconds into the file where decoding starts
+    t_end       float | None  seconds where it stops (None: end of the file)
+    kind        str   "video" or "image"
+    byte_offset int | None  for a member of a tar archive: where its bytes start in `uri`
+    byte_size   int | None  ... and how many there are (None: the whole file)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+ITEM_FIELDS = (
+    "key",
+    "uri",
+    "dataset",
+    "split",
+    "label",
+    "video_id",
+    "chunk",
+    "t_start",
+    "t_end",
+    "kind",
+    "byte_offset",
+    "byte_size",
+)
+
+VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v")
+IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+# The chunk duration the decoder uses by default: 64 frames at the 30 fps cap.
+DEFAULT_CHUNK_SECONDS = 64 / 30
+# Long videos are cut into items of at most about this many seconds (rounded down to whole chunks).
+DEFAULT_MAX_ITEM_SECONDS = 60.0
+
+_ID_OK = re.compile(r"^[A-Za-z0-9_-]+$")
+_ID_BAD_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def make_key(dataset: str, video_id: str, chunk: int) -> str:
+    """Row/item key `{dataset}/{video_id}/{chunk:05d}` (no dots, fixed width)."""
+    return f"{dataset}/{video_id}/{chunk:05d}"
+
+
+def safe_video_id(raw: str) -> str:
+    """A video id usable inside keys: [A-Za-z0-9_-] only.
+
+    Ids that are already safe are kept; others get their unsafe characters replaced and a short
+    hash of the original appended, so two different raw names never map to the same id.
+    """
+    if _ID_OK.match(raw):
+        return raw
+    import hashlib
+
+    digest = hashlib.sha1(raw.encode()).hexdigest()[:8]
+    return f"{_ID_BAD_CHARS.sub('_', raw)}-{digest}"
+
+
+def media_kind(path: str) -> str | None:
+    """'video', 'image' or None from the file extension (case-insensitive)."""
+    low = path.lower()
+    if low.endswith(VIDEO_EXTS):
+        return "video"
+    if low.endswith(IMAGE_EXTS):
+        return "image"
+    return None
+
+
+def make_item(
+    *,
+    uri: str,
+    dataset: str,
+    split: str,
+    label: str | None,
+    video_id: str,
+    kind: str,
+    chunk: int = 0,
+    t_start: float = 0.0,
+    t_end: float | None = None,
+    byte_offset: int | None = None,
+    byte_size: int | None = None,
+) -> dict[str, Any]:
+    assert _ID_OK.match(video_id), video_id
+    assert kind in ("video", "image"), kind
+    return {
+        "key": make_key(dataset, video_id, chunk),
+        "uri": uri,
+        "dataset": dataset,
+        "split": split,
+        "label": label,
+        "video_id": video_id,
+        "chunk": int(chunk),
+        "t_start": float(t_start),
+        "t_end": None if t_end is None else float(t_end),
+        "kind": kind,
+        "byte_offset": byte_offset,
+        "byte_size": byte_size,
+    }
+
+
+def segment_video(
+    item: dict[str, Any],
+    duration: float | None,
+    *,
+    max_item_seconds: float = DEFAULT_MAX_ITEM_SECONDS,
+    chunk_seconds: float = DEFAULT_CHUNK_SECONDS,
+) -> list[dict[str, Any]]:
+    """Cut one video item covering [t_start, t_end or duration) into items of bounded duration.
+
+    Each segment lasts a whole number of chunks (`chunk_seconds` each, the decoder's chunk
+    window), so segment i's first chunk is `i * chunks_per_segment` and the chunk numbers of a
+    video's items are consecutive. The last segment runs to the end of the file (`t_end=None`)
+    when the item did, so a duration that was slightly off in the metadata loses no frames.
+    With an unknown duration the item is returned unchanged (one item, decoded to the end).
+    """
+    if max_item_seconds <= 0 or chunk_seconds <= 0:
+        raise ValueError(
+            f"max_item_seconds={max_item_seconds}, chunk_seconds={chunk_seconds}: both must be > 0"
+        )
+    start = item["t_start"]
+    end = item["t_end"] if item["t_end"] is not None else duration
+    if end is None or end - start <= 0:
+        return [item]
+    chunks_per_segment = max(1, math.floor(max_item_seconds / chunk_seconds + 1e-9))
+    seg = chunks_per_segment * chunk_seconds
+    n = max(1, math.ceil((end - start) / seg - 1e-6))
+    if n == 1:
+        return [item]
+    out = []
+    for i in range(n):
+        last = i == n - 1
+        t_end = item["t_end"] if last else start + (i + 1) * seg
+        out.append(
+            make_item(
+                uri=item["uri"],
+                dataset=item["dataset"],
+                split=item["split"],
+                label=item["label"],
+                video_id=item["video_id"],
+                kind="video",
+                chunk=item["chunk"] + i * chunks_per_segment,
+                t_start=start + i * seg,
+                t_end=t_end,
+                byte_offset=item["byte_offset"],
+                byte_size=item["byte_size"],
+            )
+        )
+    return out
+
+
+@dataclass
+class ListReport:
+    """What an adapter found: item counts and the problems it saw, with a few examples each.
+
+    `problems` maps a problem name (e.g. "missing_file", "unmatched_file", "bad_row") to its
+    count; `examples` maps the same name to at most `max_examples` strings.
+    """
+
+    dataset: str
+    root: str
+    num_items: int = 0
+    num_files: int = 0
+    problems: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    max_examples: int = 5
+
+    def add(self, problem: str, example: str) -> None:
+        self.problems[problem] = self.problems.get(problem, 0) + 1
+        ex = self.examples.setdefault(problem, [])
+        if len(ex) < self.max_examples:
+            ex.append(example)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "root": self.root,
+            "num_items": self.num_items,
+            "num_files": self.num_files,
+            "problems": dict(sorted(self.problems.items())),
+            "examples": {k: list(v) for k, v in sorted(self.examples.items())},
+        }
+
+    def summary(self) -> str:
+        """Human-readable lines: counts first, then a few examples of each problem."""
+        lines = [f"{self.dataset} at {self.root}: {self.num_items} items from {self.num_files} files"]
+        for name, count in sorted(self.problems.items()):
+            lines.append(f"  {name.replace('_', ' ')}: {count}")
+            for ex in self.examples.get(name, []):
+                lines.append(f"    e.g. {ex}")
+        return "\n".join(lines)
