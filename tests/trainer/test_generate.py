@@ -99,7 +99,6 @@ def _checkpoint(run, max_seq_len):
 
 @pytest.mark.parametrize("ext", [".gif", ".mp4"])
 def test_generate_from_a_video_writes_the_requested_frames(tmp_path, ext):
-    pytest.importorskip("pipeline.decode", reason="the decode layer (sources issue) is merged separately")
     video = tmp_path / "clip.mp4"
     _write_video(video)
     _checkpoint(tmp_path / "run", max_seq_len=5 * 64 + 1)  # room for 2 prompt + 3 new frames of 8x8
