@@ -152,8 +152,34 @@ def probe_job(
     return doc, json_path, png_path
 
 
-def frame_tokenizer_from_meta(meta: dict) -> Callable[[np.ndarray], np.ndarray]:
+def resolution_from_meta(meta: dict) -> int:
+    """Training frame size of a checkpoint: recorded, or token grid × tokenizer downsampling."""
+    if meta.get("resolution"):
+        return int(meta["resolution"])
+    grid, down = meta.get("grid"), (meta.get("tokenizer") or {}).get("downsample")
+    if grid and down:
+        return int(grid[0]) * int(down)
+    raise ValueError("the checkpoint records neither its frame resolution nor grid and downsampling; pass --resolution")
+
+
+def tokenizer_spec_for(meta: dict, spec: str | None) -> str:
+    """The `load_tokenizer` spec for a checkpoint: the one given, or "demo" for demo-tokenizer runs."""
+    if spec:
+        return spec
+    info = meta.get("tokenizer") or {}
+    if info.get("spec"):
+        return str(info["spec"])
+    if str(info.get("id", "")).startswith("demo"):
+        return "demo"
+    raise ValueError(
+        f"the checkpoint was trained on tokenizer {info.get('id')!r}; pass --tokenizer SPEC "
+        "(dalle:DIR, vqgan:DIR, dvae:DIR or demo) pointing at the same weights"
+    )
+
+
+def frame_tokenizer_from_meta(meta: dict, spec: str | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """frames (F, R, R, 3) uint8 -> tokens (F, h, w) with the tokenizer the checkpoint was trained on."""
+    spec = tokenizer_spec_for(meta, spec)
     try:
         from pipeline.tokenizers import load_tokenizer  # the tokenizers engineer's registry
     except ImportError as e:
@@ -161,7 +187,13 @@ def frame_tokenizer_from_meta(meta: dict) -> Callable[[np.ndarray], np.ndarray]:
             "tracking needs the checkpoint's frame tokenizer, but pipeline.tokenizers.load_tokenizer is not "
             f"available in this build ({e}); install a Toto with the tokenizers module"
         ) from e
-    tok = load_tokenizer(meta["tokenizer"])
+    tok = load_tokenizer(spec)
+    want = (meta.get("tokenizer") or {}).get("id")
+    if want and getattr(tok, "id", want) != want:
+        raise ValueError(
+            f"tokenizer {spec!r} has id {tok.id!r} but the checkpoint was trained on {want!r}: features of other "
+            "tokens would be meaningless; pass the tokenizer the model was trained with"
+        )
 
     def encode(frames: np.ndarray) -> np.ndarray:
         return np.asarray(tok.encode(frames))
