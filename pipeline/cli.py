@@ -28,5 +28,10 @@ from pipeline.mix.cli import mix_command  # noqa: E402
 
 main.add_command(mix_command)
 
+from pipeline.jobs.cli import COMMANDS as _job_commands  # noqa: E402
+
+for _cmd in _job_commands:
+    main.add_command(_cmd)
+
 if __name__ == "__main__":
     main()
