@@ -231,6 +231,7 @@ def _execute(ray, cfg: TokenizeConfig, plan: JobPlan, sizes: dict, progress: Pro
         format=cfg.format,
         compression=cfg.compression,
         settings=cfg.settings(),
+        grid=(cfg.resolution // plan.tokenizer["downsample"],) * 2,
         storage_options=cfg.storage_options,
     )
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):

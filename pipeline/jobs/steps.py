@@ -138,9 +138,11 @@ class ShardAssembler:
         format: str,
         compression: str | None,
         settings: dict[str, Any],
+        grid: tuple[int, int],
         storage_options: dict | None = None,
     ) -> None:
         self.out_url = out_url
+        self.grid = grid
         self.shards = shards  # shard id -> input shard descriptor {id, worklist_sha256, num_items}
         self.kw = dict(codebook_size=codebook_size, tokenizer=tokenizer, resolution=resolution, format=format,
                        compression=compression, storage_options=storage_options, settings=settings)
@@ -176,6 +178,11 @@ class ShardAssembler:
         rows = sorted(self.rows.pop(sid, []), key=lambda r: r["key"])
         t_commit = time.perf_counter()
         w = ShardWriter(self.out_url, sid, **self.kw)
+        if not rows:
+            # A shard whose inputs all failed has no row to take the grid from; ShardWriter would
+            # record [1, 1] and the manifest would then refuse the mixed grids. ShardWriter takes
+            # no grid argument (asked of its owner), so set the one this job's tokenizer produces.
+            w._grid = tuple(self.grid)
         try:
             for r in rows:
                 t = r["tokens"]  # (T, gh, gw) uint16
