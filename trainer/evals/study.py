@@ -61,6 +61,9 @@ class StudyConfig:
     loss_stride: int | None = None  # None: video_stride
     track_max_frames: int | None = None
     track_split: str | None = "val"  # DAVIS ImageSets/2017/<split>.txt; every sequence when absent
+    # Tracking input size relative to the training frames: the paper pre-trains at 128 px and
+    # propagates DAVIS labels at 256 px (a 32x32 grid), i.e. twice the training resolution.
+    track_scale: int = 2
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -71,6 +74,8 @@ class StudyConfig:
                 raise ValueError(f"StudyConfig.{name}={v!r} is invalid: use a positive integer")
         if not (self.probe_lr > 0):
             raise ValueError(f"StudyConfig.probe_lr={self.probe_lr!r} is invalid: use a positive learning rate")
+        if not isinstance(self.track_scale, int) or self.track_scale < 1:
+            raise ValueError(f"StudyConfig.track_scale={self.track_scale!r} is invalid: use a positive integer (paper: 2)")
         if self.loss_stride is not None and self.loss_stride < 1:
             raise ValueError(f"StudyConfig.loss_stride={self.loss_stride!r} is invalid: use >= 1 (or None)")
         if self.loss_frames is not None and self.loss_frames < 2:
@@ -280,6 +285,7 @@ def run_study(
     t0 = time.time()
     log("label propagation on the DAVIS-style sequences")
     layer = default_track_layer(n_layers)
+    train_resolution, resolution = resolution, resolution * cfg.track_scale
     track, _ = track_job(model, meta, davis_root, out_dir, tokenize=tokenize, resolution=resolution, layer=layer,
                          split=cfg.track_split, max_frames=cfg.track_max_frames, log=log)
     down = int((meta.get("tokenizer") or {}).get("downsample") or 8)
@@ -295,9 +301,11 @@ def run_study(
     report.parts.append(
         f"First-frame masks propagated with block {layer}'s per-patch features (top-k 10, temperature "
         f"0.05, radius 12, first frame + last 20 frames), scored at full resolution; J = region IoU, "
-        f"F = boundary F-measure (tolerance 0.8% of the diagonal), first and last frames excluded. Frames are "
-        f"resized to {resolution} px, so labels live on a {grid}×{grid} grid; the baseline row propagates with "
-        f"raw patch colours on the same grid and the same protocol (no model), to show what the grid alone allows.\n"
+        f"F = boundary F-measure (tolerance 0.8% of the diagonal), first and last frames excluded. As the paper "
+        f"does (pre-training at 128 px, DAVIS at 256 px), frames are fed at {cfg.track_scale}× the training "
+        f"resolution: {resolution} px instead of {train_resolution} px, a {grid}×{grid} token grid the model never "
+        f"saw in training, with as many frames per context window as fit. The baseline row propagates with raw "
+        f"patch colours on the same grid and protocol (no model), to show what the grid alone allows.\n"
     )
     report.comparison([
         ("J&F mean", f"{100 * s['JF_mean']:.1f}", f"{paper.DAVIS_JF['base']} (base, DAVIS-2017 val, 256 px)",

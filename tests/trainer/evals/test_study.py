@@ -59,8 +59,9 @@ def _davis(root):
 
 
 def _tokenize(frames: np.ndarray) -> np.ndarray:
-    """A colour quantiser standing in for the demo tokenizer: (F, 32, 32, 3) -> (F, 4, 4) codes < 32."""
-    f = frames.reshape(frames.shape[0], 4, 8, 4, 8, 3).mean(axis=(2, 4))  # (F, 4, 4, 3)
+    """A colour quantiser standing in for the demo tokenizer: (F, H, W, 3) -> (F, H/8, W/8) codes < 32."""
+    n, h, w, _ = frames.shape
+    f = frames.reshape(n, h // 8, 8, w // 8, 8, 3).mean(axis=(2, 4))  # (F, h, w, 3)
     q = (f // 128).astype(np.int64)  # 2 levels per channel
     return (q[..., 0] * 4 + q[..., 1] * 2 + q[..., 2]).astype(np.uint16)
 
