@@ -64,6 +64,9 @@ class StudyConfig:
     # Tracking input size relative to the training frames: the paper pre-trains at 128 px and
     # propagates DAVIS labels at 256 px (a 32x32 grid), i.e. twice the training resolution.
     track_scale: int = 2
+    # Torch intra-op threads for the whole study (None: torch's default). 1 by default: on a shared
+    # 2-core machine 2 threads made feature extraction 17x slower (measured); idle, 1 costs < 2x.
+    threads: int | None = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -175,9 +178,19 @@ def run_study(
     label propagation on ``davis_root``; ``generate(model, meta, out_dir) -> png path`` adds a
     generation figure. Every section is always present: a stage that cannot run says why.
     """
+    cfg = cfg or StudyConfig()
+    from trainer.evals.probes import torch_threads
+
+    with torch_threads(cfg.threads):
+        return _run_study(ckpt, image_task=image_task, video_task=video_task, out_dir=out_dir, davis_root=davis_root,
+                          tokenize=tokenize, resolution=resolution, generate=generate, cfg=cfg, intro=intro,
+                          extra_sections=extra_sections, log=log)
+
+
+def _run_study(ckpt, *, image_task, video_task, out_dir, davis_root, tokenize, resolution, generate, cfg, intro,
+               extra_sections, log) -> str:
     from trainer.checkpoint import load_model
 
-    cfg = cfg or StudyConfig()
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model, meta = load_model(ckpt)
