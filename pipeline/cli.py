@@ -28,5 +28,9 @@ from pipeline.mix.cli import mix_command  # noqa: E402
 
 main.add_command(mix_command)
 
+from pipeline.tokenizers.convert import convert_tokenizer_cmd  # noqa: E402
+
+main.add_command(convert_tokenizer_cmd)
+
 if __name__ == "__main__":
     main()
