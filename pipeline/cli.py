@@ -32,5 +32,9 @@ from pipeline.tokenizers.convert import convert_tokenizer_cmd  # noqa: E402
 
 main.add_command(convert_tokenizer_cmd)
 
+from pipeline.tokenizers.train import train_tokenizer_cmd  # noqa: E402
+
+main.add_command(train_tokenizer_cmd)
+
 if __name__ == "__main__":
     main()
