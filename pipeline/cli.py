@@ -39,5 +39,13 @@ from pipeline.jobs.cli import COMMANDS as _job_commands  # noqa: E402
 for _cmd in _job_commands:
     main.add_command(_cmd)
 
+from pipeline.tokenizers.convert import convert_tokenizer_cmd  # noqa: E402
+
+main.add_command(convert_tokenizer_cmd)
+
+from pipeline.tokenizers.train import train_tokenizer_cmd  # noqa: E402
+
+main.add_command(train_tokenizer_cmd)
+
 if __name__ == "__main__":
     main()
