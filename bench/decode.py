@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
+from itertools import islice
 
 import numpy as np
 
@@ -140,7 +141,7 @@ def scaler_only_ms(path: str, res: int, frames: int = 40, repeats: int = 5) -> d
     from av.video.reformatter import VideoReformatter
 
     with av.open(path) as c:
-        decoded = [f for _, f in zip(range(frames), c.decode(video=0))]
+        decoded = list(islice(c.decode(video=0), frames))
     w = round(decoded[0].width * res / decoded[0].height)
     out = {}
     for fmt in ("rgb24", "bgr24"):
