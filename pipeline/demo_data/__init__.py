@@ -257,7 +257,7 @@ def _video_job(args: tuple) -> tuple[str, str, str, int, int, str]:
     seed, index, size, fps, seconds, root, split = args
     rng = _rng(seed, 2, index)
     motion = MOTIONS[index % len(MOTIONS)]  # balanced classes
-    yid = f"demo{rng.integers(0, 10**7):07d}"  # 11 characters like a YouTube id
+    yid = f"demo{index:07d}"  # 11 characters like a YouTube id, unique by construction
     t0 = int(rng.integers(0, 300))
     t1 = t0 + int(np.ceil(seconds))
     folder = "train" if split == "train" else "val"
