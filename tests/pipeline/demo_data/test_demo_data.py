@@ -126,3 +126,14 @@ def test_cli_tiny_set(tmp_path):
     assert len(rows) == 3 and all(r["label"] in MOTIONS for r in rows)
     bad = CliRunner().invoke(main, ["demo-data", "--out", str(tmp_path / "e"), "--scale", "0"])
     assert bad.exit_code != 0 and "DemoDataConfig.scale=0.0" in bad.output
+
+
+def test_motion_windows_never_leave_the_photo(monkeypatch):
+    """Rendered over all-white photos, no frame of any class may show the black fill outside."""
+    import pipeline.demo_data as dd
+
+    white = tuple(np.full_like(p, 255) for p in dd.photos())
+    monkeypatch.setattr(dd, "photos", lambda: white)
+    for j in range(48):
+        frames = np.stack(dd.motion_frames(np.random.default_rng(j), MOTIONS[j % len(MOTIONS)], 64, 16))
+        assert frames.min() >= 128, MOTIONS[j % len(MOTIONS)]
