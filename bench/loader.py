@@ -1,0 +1,233 @@
+"""Mix loader throughput against a raw memmap read of the same token bytes, same run.
+
+Delivered = global sample ids → blend lookup → per-source permutation → (row, frame) search →
+token gather from the memory-mapped Arrow shards → sequence assembly into int64 inputs/targets/
+frame_index [B, T] (``MixReader.batch``; ``MixLoader`` adds only the torch wrap).
+
+Baselines, timed on the very same frames (their element offsets are computed before timing):
+- "raw gather": the frames copied out of ``numpy.memmap`` views of the same data files with one
+  fancy index per shard, nothing else (2 bytes written per token); the issue's target is
+  delivered ≥ 0.5× this.
+- "raw gather + int64": the same, then widened into contiguous int64 ``inputs`` and ``targets``
+  [B, T], the least the loader contract (int64 outputs) requires (16 bytes written per token).
+- "raw sequential": the same number of bytes copied contiguously from a memmap (the ceiling of any
+  reader; reported for context).
+Also printed: the rate the 1b model needs per H100 at 45% MFU (~60k tokens/s).
+
+    python bench/loader.py [--videos 240] [--images 20000] [--batches 60] [--batch 64] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+
+from pipeline.mix import MixConfig, MixReader, build_mix
+from pipeline.mix.tables import locate_frames
+from pipeline.shards import ShardWriter, write_manifest
+from trainer.data import MixLoader  # imports torch before any timing, so every measurement runs alike
+
+TOK = {"id": "bench", "sha256": "0" * 64, "vocab_size": 8192, "downsample": 8}
+GRID = (16, 16)
+
+
+def write_dataset(url: str, *, dataset: str, items: list[int], chunk: int, rows_per_shard: int, seed: int) -> None:
+    """Random tokens; ``items`` = frames per video (1 for images)."""
+    rng = np.random.default_rng(seed)
+    hw = GRID[0] * GRID[1]
+    rows = []
+    for v, n in enumerate(items):
+        for c, f0 in enumerate(range(0, n, chunk)):
+            nf = min(chunk, n - f0)
+            rows.append(dict(key=f"{dataset}/v{v:06d}/{c:05d}", dataset=dataset, split="train", video_id=f"v{v:06d}",
+                             chunk=c, t_start=f0 / 30, fps=30.0, num_frames=nf, grid_h=GRID[0], grid_w=GRID[1],
+                             label=f"c{v % 10}", tokens=rng.integers(0, 8192, size=nf * hw, dtype=np.uint16)))
+    for s, lo in enumerate(range(0, len(rows), rows_per_shard)):
+        w = ShardWriter(url, s, codebook_size=8192, tokenizer=TOK, resolution=128)
+        for r in rows[lo : lo + rows_per_shard]:
+            w.add(r)
+        w.commit(input_shard={"id": s, "worklist_sha256": "0" * 64, "num_items": 1}, errors=[])
+    write_manifest(url)
+
+
+def h100_need() -> tuple[float, float]:
+    """Tokens/s the 1b model (2048 d, 22 layers, 1.1B params, T=4096) consumes per H100 at 45% MFU."""
+    n_params, layers, d, t = 1.1e9, 22, 2048, 4096
+    # 6N per token for the dense layers (fwd+bwd) + causal attention scores/values: 6 * L * T * d.
+    flops_per_token = 6 * n_params + 6 * layers * t * d
+    return 989e12 * 0.45 / flops_per_token, flops_per_token
+
+
+def index_scale(n_samples: int, n_rows: int) -> None:
+    """Time the index builders at ImageNet/HowTo100M-like sizes (no shards needed)."""
+    import pyarrow as pa
+
+    from pipeline.mix.blend import Blend, SourceOrder, exact_weights
+    from pipeline.mix.tables import RowTable, image_units, split_table, video_units
+
+    t0 = time.perf_counter()
+    Blend(*exact_weights(["0.2", "0.1", "0.1", "0.6"])).build(n_samples)
+    t1 = time.perf_counter()
+    SourceOrder(n_rows, (0, 1, 2)).units(np.arange(16, dtype=np.int64))  # materialises one pass
+    t2 = time.perf_counter()
+    rng = np.random.default_rng(0)
+    ids = rng.permutation(n_rows)
+    names = pa.array([f"v{i:08d}" for i in ids])
+    rows = RowTable(shard=(np.arange(n_rows) // 4096).astype(np.int32), row=(np.arange(n_rows) % 4096).astype(np.int32),
+                    elem=np.arange(n_rows, dtype=np.int64) * 256, num_frames=np.ones(n_rows, np.int32),
+                    chunk=np.zeros(n_rows, np.int64), split=pa.array(["train"] * n_rows), dataset=pa.array(["in"] * n_rows),
+                    video_id=names, label=pa.array([f"c{i % 1000}" for i in ids]))
+    t3 = time.perf_counter()
+    t = split_table(rows, "train")
+    image_units(t)
+    t4 = time.perf_counter()
+    vrows = RowTable(shard=rows.shard, row=rows.row, elem=rows.elem, num_frames=np.full(n_rows, 64, np.int32),
+                     chunk=np.arange(n_rows, dtype=np.int64) % 8, split=rows.split, dataset=rows.dataset,
+                     video_id=pa.array([f"v{i // 8:08d}" for i in range(n_rows)]), label=rows.label)
+    t5 = time.perf_counter()
+    vt = split_table(vrows, "train")
+    u, _, _ = video_units(vt, frames=16, stride=4, hop=64)
+    t6 = time.perf_counter()
+    print(f"index build: blend of {n_samples / 1e6:.0f} M samples {t1 - t0:.2f} s; one pass of a {n_rows / 1e6:.0f} M-unit "
+          f"source order {t2 - t1:.2f} s; image split table of {n_rows / 1e6:.0f} M rows {t4 - t3:.2f} s; video split "
+          f"table of {n_rows / 1e6:.0f} M chunks ({len(u) / 1e6:.0f} M clips) {t6 - t5:.2f} s")
+
+
+def best(fn, repeat: int) -> float:
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return min(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--videos", type=int, default=240, help="videos of 300 frames (64-frame chunks)")
+    ap.add_argument("--images", type=int, default=20000)
+    ap.add_argument("--batches", type=int, default=60)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--index-samples", type=int, default=50_000_000, help="blend index size for the build timing")
+    ap.add_argument("--index-rows", type=int, default=2_000_000, help="rows for the split-table build timing")
+    args = ap.parse_args()
+    d = tempfile.mkdtemp(prefix="toto-bench-loader-")
+    try:
+        t0 = time.perf_counter()
+        write_dataset(f"{d}/video", dataset="k600", items=[300] * args.videos, chunk=64, rows_per_shard=128, seed=0)
+        write_dataset(f"{d}/image", dataset="imagenet", items=[1] * args.images, chunk=1, rows_per_shard=4096, seed=1)
+        t1 = time.perf_counter()
+        cfg = MixConfig(ratios={"video": "0.8", "image": "0.2"}, inputs={"video": f"{d}/video", "image": f"{d}/image"},
+                        frames=16, stride=4, images_per_seq=16, seq_len=4096)
+        build_mix(cfg, f"{d}/mix.json", progress=False)
+        t2 = time.perf_counter()
+        r = MixReader(f"{d}/mix.json", verify_sha256=False)
+        n = args.batches * args.batch
+        batches = [np.arange(k * args.batch, (k + 1) * args.batch, dtype=np.int64) for k in range(args.batches)]
+        r.batch(batches[0])  # map the shards
+
+        # Element offsets of every frame of every sample, per (source, shard): the raw baseline's input.
+        plan = []
+        total_frames = 0
+        for ids in batches:
+            per = []
+            for si, _pos, frames in r.sample_frames(ids):
+                t = r._tab[si]
+                q, k = locate_frames(np.asarray(t["cum"]), frames.reshape(-1))
+                shard = np.asarray(t["shard"][q])
+                starts = np.asarray(t["elem"][q]) + k * r.hw
+                for sh in np.unique(shard):
+                    f = r._stores[si]._file(int(sh))
+                    per.append((f, starts[shard == sh]))
+                total_frames += frames.size
+            plan.append(per)
+        tokens_frames = total_frames * r.hw
+
+        def delivered() -> None:
+            for ids in batches:
+                r.batch(ids)
+
+        def raw_gather() -> None:
+            for per in plan:
+                for f, starts in per:
+                    f.frames_direct(starts)
+
+        t_len = r.seq_len
+
+        def raw_gather_int64() -> None:
+            # The least any loader honouring the contract does: the same frames, widened into
+            # contiguous int64 inputs and targets [B, T] (no blend, no permutation, no specials).
+            for per in plan:
+                parts = [f.frames_direct(starts) for f, starts in per]
+                flat = np.concatenate(parts).reshape(args.batch, -1)[:, :t_len]
+                inputs = np.empty((args.batch, t_len), np.int64)
+                targets = np.empty((args.batch, t_len), np.int64)
+                inputs[:, 1:] = flat[:, : t_len - 1]
+                targets[:] = flat
+
+        maps = []
+        for name in sorted(os.listdir(f"{d}/video")):
+            if name.endswith(".arrow"):
+                mm = np.memmap(f"{d}/video/{name}", dtype=np.uint8, mode="r")
+                maps.append(mm[: mm.size - mm.size % 2].view(np.uint16))
+        chunk_elems = args.batch * 16 * r.hw
+
+        def raw_sequential() -> None:
+            # The same number of tokens copied contiguously, batch by batch, walking through the files.
+            left, k, off = tokens_frames, 0, 0
+            while left > 0:
+                u16 = maps[k % len(maps)]
+                m = min(chunk_elems, left, u16.size - off)
+                np.array(u16[off : off + m])
+                left -= m
+                off += m
+                if off >= u16.size:
+                    k, off = k + 1, 0
+
+        def through_loader(workers: int) -> float:
+            loader = MixLoader(f"{d}/mix.json", global_batch=args.batch, num_workers=workers, verify_sha256=False)
+            rates = []
+            for _rep in range(args.repeat):
+                loader.load_state_dict({**loader.state_dict(), "consumed_samples": 0})
+                it = iter(loader)
+                next(it)  # start the workers
+                t0 = time.perf_counter()
+                for _ in itertools.islice(it, args.batches - 1):
+                    pass
+                rates.append((args.batches - 1) * args.batch * r.seq_len / (time.perf_counter() - t0))
+                del it
+            return max(rates)
+
+        td = best(delivered, args.repeat)
+        tg = best(raw_gather, args.repeat)
+        ts = best(raw_sequential, args.repeat)
+        t64 = best(raw_gather_int64, args.repeat)
+        seq_tokens = n * r.seq_len
+        need, fpt = h100_need()
+        print(f"data: {args.videos} videos × 300 frames + {args.images} images, 16×16 tokens, written in {t1 - t0:.1f} s; "
+              f"mix built in {t2 - t1:.2f} s")
+        print(f"{n} sequences of {r.seq_len} tokens ({seq_tokens / 1e6:.1f} M tokens, {tokens_frames / 1e6:.1f} M frame tokens read), "
+              f"batch {args.batch}, best of {args.repeat}")
+        print(f"  delivered (MixReader.batch)     {seq_tokens / td / 1e6:9.1f} M tokens/s")
+        for w in (0, 2):
+            print(f"  MixLoader, {w} workers (torch)    {through_loader(w) / 1e6:9.1f} M tokens/s")
+        print(f"  raw memmap gather, same frames  {tokens_frames / tg / 1e6:9.1f} M tokens/s   delivered/raw = {(seq_tokens / td) / (tokens_frames / tg):.2f}")
+        print(f"  raw gather + int64 inputs/targets {tokens_frames / t64 / 1e6:7.1f} M tokens/s   delivered/raw = {(seq_tokens / td) / (tokens_frames / t64):.2f}")
+        print(f"  raw memmap sequential, same n   {tokens_frames / ts / 1e6:9.1f} M tokens/s   delivered/raw = {(seq_tokens / td) / (tokens_frames / ts):.2f}")
+        print(f"  needed by the 1b model per H100 at 45% MFU: {need / 1e3:.0f} k tokens/s "
+              f"({fpt / 1e9:.1f} GFLOP/token, 989 TFLOP/s bf16 peak); one loader process covers "
+              f"{seq_tokens / td / need:.0f} GPUs")
+        index_scale(args.index_samples, args.index_rows)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

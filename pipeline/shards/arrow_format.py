@@ -1,0 +1,215 @@
+"""Arrow IPC file shards: one record batch per row group, ``tokens`` as list<uint16>.
+
+Uncompressed by default so a local shard is memory-mapped and one row is read without reading
+the file (the token values of a row are a zero-copy view into the map). Remote shards are read by
+range requests: the footer, then only the record batch that holds the row.
+"""
+
+from __future__ import annotations
+
+import bisect
+import concurrent.futures
+import hashlib
+import io
+import os
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import storage
+from pipeline.shards.rows import META_COLUMNS
+
+ARROW_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("chunk", pa.int32(), nullable=False),
+        pa.field("t_start", pa.float64(), nullable=False),
+        pa.field("fps", pa.float64(), nullable=False),
+        pa.field("num_frames", pa.int32(), nullable=False),
+        pa.field("grid_h", pa.int32(), nullable=False),
+        pa.field("grid_w", pa.int32(), nullable=False),
+        pa.field("label", pa.string(), nullable=True),
+        pa.field("tokens", pa.list_(pa.field("item", pa.uint16(), nullable=False)), nullable=False),
+    ],
+    metadata={b"toto.format": b"token-shard", b"toto.format_version": b"1"},
+)
+
+
+def rows_to_batch(rows: list[dict[str, Any]]) -> pa.RecordBatch:
+    arrays = [pa.array([r[c] for r in rows], type=ARROW_SCHEMA.field(c).type) for c in META_COLUMNS]
+    lengths = np.fromiter((r["tokens"].size for r in rows), dtype=np.int64, count=len(rows))
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate([r["tokens"] for r in rows]) if rows else np.zeros(0, np.uint16)
+    tokens = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, pa.uint16()))
+    tokens = tokens.cast(ARROW_SCHEMA.field("tokens").type)
+    return pa.RecordBatch.from_arrays(arrays + [tokens], schema=ARROW_SCHEMA)
+
+
+class HashingFile(io.RawIOBase):
+    """A write-only file that hashes what passes through, so the sha256 needs no second read.
+
+    Hashing runs on one background thread (hashlib releases the GIL on large buffers), in write
+    order, overlapping the file writes; the objects passed in are kept alive until hashed.
+    """
+
+    def __init__(self, path: str):
+        self._f = open(path, "wb", buffering=0)
+        self._sha = hashlib.sha256()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="toto-sha256")
+        self._last: concurrent.futures.Future | None = None
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        mv = memoryview(b)
+        self._last = self._pool.submit(self._sha.update, b)
+        self.size += mv.nbytes
+        self._f.write(mv)
+        return mv.nbytes
+
+    def tell(self) -> int:
+        return self.size
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+    @property
+    def sha256(self):
+        if self._last is not None:
+            self._last.result()
+        return self._sha
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            self._pool.shutdown(wait=True)
+        super().close()
+
+
+class ArrowFileWriter:
+    def __init__(self, path: str, compression: str | None):
+        self._raw = HashingFile(path)
+        self._sink = pa.PythonFile(self._raw, mode="w")
+        opts = pa.ipc.IpcWriteOptions(compression=compression)
+        self._writer = pa.ipc.new_file(self._sink, ARROW_SCHEMA, options=opts)
+
+    def digest(self) -> tuple[str, int]:
+        return self._raw.sha256.hexdigest(), self._raw.size
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        self._writer.write_batch(rows_to_batch(rows))
+
+    def close(self) -> None:
+        self._writer.close()
+        self._sink.close()
+        self._raw.close()
+
+    def abort(self) -> None:
+        try:
+            self._raw.close()
+        except Exception:  # noqa: BLE001 - best effort on an already failing path
+            pass
+
+
+class ArrowShardReader:
+    """Random access to rows of an Arrow IPC token shard."""
+
+    def __init__(self, url: str, storage_options: dict | None = None):
+        self.url = url
+        if storage.is_local(url):
+            self._source = pa.memory_map(storage.local_path(url), "r")
+            self._file = None
+        else:
+            fs, path = storage.url_to_fs(url, storage_options)
+            # Block cache of 1 MiB: the footer and one record batch per random read.
+            self._file = fs.open(path, "rb", block_size=1 << 20, cache_type="bytes")
+            self._source = pa.PythonFile(self._file, mode="r")
+        self._reader = pa.ipc.open_file(self._source)
+        if not self._reader.schema.equals(ARROW_SCHEMA, check_metadata=False):
+            raise ValueError(f"{url} is not a Toto token shard (unexpected Arrow schema)")
+        self._batches: dict[int, tuple[pa.RecordBatch, np.ndarray, np.ndarray]] = {}
+        self._starts = [0]
+        self._counts: list[int] | None = None
+
+    def _ensure_counts(self) -> None:
+        if self._counts is None:
+            # Row counts per batch need each batch's header; for a memory map this reads no data.
+            self._counts = []
+            for b in range(self._reader.num_record_batches):
+                n = self._batch(b)[0].num_rows
+                self._counts.append(n)
+                self._starts.append(self._starts[-1] + n)
+
+    def _batch(self, b: int) -> tuple[pa.RecordBatch, np.ndarray, np.ndarray, np.ndarray]:
+        got = self._batches.get(b)
+        if got is None:
+            batch = self._reader.get_batch(b)
+            col = batch.column("tokens")
+            offsets = col.offsets.to_numpy()
+            values = col.values.to_numpy(zero_copy_only=False)
+            # (rows, 3): num_frames, grid_h, grid_w, read once per batch instead of per row
+            shapes = np.stack([batch.column(c).to_numpy() for c in ("num_frames", "grid_h", "grid_w")], axis=1).tolist()
+            got = (batch, offsets, values, shapes)
+            if len(self._batches) > 64 and self._file is not None:
+                self._batches.clear()  # bound memory for remote reads
+            self._batches[b] = got
+        return got
+
+    def __len__(self) -> int:
+        self._ensure_counts()
+        return self._starts[-1]
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        if self._counts is None:
+            self._ensure_counts()
+        n = self._starts[-1]
+        if not -n <= i < n:
+            raise IndexError(f"row {i} out of range for {self.url} with {n} rows")
+        i %= n
+        b = bisect.bisect_right(self._starts, i) - 1
+        return b, i - self._starts[b]
+
+    def tokens(self, i: int) -> np.ndarray:
+        """Tokens of row ``i`` as uint16 ``[num_frames, grid_h, grid_w]`` (a view when mapped)."""
+        b, j = self._locate(i)
+        _, offsets, values, shapes = self._batch(b)
+        return values[offsets[j] : offsets[j + 1]].reshape(shapes[j])
+
+    def iter_token_batches(self):
+        """Whole-shard sequential read: per record batch, (offsets int32 [rows+1], values uint16 [n]).
+
+        ``values`` is a view into the memory map for local uncompressed shards: no per-row work.
+        """
+        for b in range(self._reader.num_record_batches):
+            col = self._reader.get_batch(b).column("tokens")
+            yield col.offsets.to_numpy(), col.values.to_numpy(zero_copy_only=False)
+
+    def row(self, i: int) -> dict[str, Any]:
+        b, j = self._locate(i)
+        batch = self._batch(b)[0]
+        out = {c: batch.column(c)[j].as_py() for c in META_COLUMNS}
+        out["tokens"] = self.tokens(i)
+        return out
+
+    def column(self, name: str) -> list:
+        if name == "tokens":
+            raise ValueError("use tokens(i) or iterate rows to read token arrays")
+        self._ensure_counts()
+        out: list = []
+        for b in range(self._reader.num_record_batches):
+            out.extend(self._batch(b)[0].column(name).to_pylist())
+        return out
+
+    def close(self) -> None:
+        self._batches.clear()
+        if self._file is not None:
+            self._file.close()

@@ -1,0 +1,380 @@
+"""LLaMA over visual tokens: one dependency-light file (RMSNorm pre-norm, SwiGLU, RoPE, no biases).
+
+Layout choices that matter beyond this file:
+- Rotary embeddings use Hugging Face's half-split layout (rotate the first half of each head
+  against the second half), so exporting to `LlamaForCausalLM` is a pure rename of weights.
+- Input and output embeddings are untied, as in LLaMA.
+- Attention is PyTorch's `scaled_dot_product_attention` (flash / memory-efficient kernels on GPU).
+- Optional μP (maximal update parameterisation, Tensor Programs V): hidden matrices get their
+  Adam learning rate scaled by base_dim / dim, logits are multiplied by base_dim / dim and
+  attention uses 1 / head_dim instead of 1 / sqrt(head_dim). With `mup_base_dim == dim` the
+  model is identical to standard parameterisation, so one learning rate tuned at the base width
+  transfers to wider models (the paper's width sweep).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["ModelConfig", "PRESETS", "Transformer", "KVCache", "param_groups", "flops_per_token", "count_params"]
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the causal transformer. Validated on construction."""
+
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    vocab_size: int = 8195  # 8192 dVAE codes + start-of-video, start-of-image, end
+    max_seq_len: int = 4096
+    mlp_hidden: int | None = None  # SwiGLU hidden width; None -> 4 * dim (the paper's base/large)
+    n_kv_heads: int | None = None  # grouped-query attention; None -> n_heads (the paper: MHA)
+    rope_theta: float = 10000.0  # 50 000 for the 256 px stage
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    mup_base_dim: int | None = None  # set to enable μP relative to this width
+    extra: dict = field(default_factory=dict)  # free-form notes carried into checkpoints
+
+    def __post_init__(self) -> None:
+        def bad(name: str, fix: str) -> ValueError:
+            return ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is invalid: {fix}")
+
+        for name in ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise bad(name, "use a positive integer")
+        if self.dim % self.n_heads:
+            raise bad("n_heads", f"dim={self.dim} must be divisible by n_heads; pick a divisor of dim")
+        if (self.dim // self.n_heads) % 2:
+            raise bad("n_heads", f"head_dim={self.dim // self.n_heads} must be even for rotary embeddings")
+        # None stays None (so overriding dim or n_heads re-derives them); read ffn_dim / kv_heads.
+        if self.mlp_hidden is not None and (not isinstance(self.mlp_hidden, int) or self.mlp_hidden <= 0):
+            raise bad("mlp_hidden", "use a positive integer or None for 4 * dim")
+        kv = self.n_kv_heads
+        if kv is not None and (not isinstance(kv, int) or kv <= 0 or self.n_heads % kv):
+            raise bad("n_kv_heads", f"use a positive divisor of n_heads={self.n_heads} (or None)")
+        if not (self.rope_theta > 0):
+            raise bad("rope_theta", "use a positive base, e.g. 10000 (50000 for the 256 px stage)")
+        if not (0 < self.norm_eps < 1):
+            raise bad("norm_eps", "use a small positive number such as 1e-5")
+        if not (self.init_std > 0):
+            raise bad("init_std", "use a positive standard deviation such as 0.02")
+        if self.mup_base_dim is not None and (not isinstance(self.mup_base_dim, int) or self.mup_base_dim <= 0):
+            raise bad("mup_base_dim", "use a positive width (e.g. 256) or None to disable μP")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        """SwiGLU hidden width: mlp_hidden, or 4 * dim when unset (the paper's base and large)."""
+        return self.mlp_hidden if self.mlp_hidden is not None else 4 * self.dim
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def width_mult(self) -> float:
+        """dim / base_dim under μP; 1.0 otherwise."""
+        return 1.0 if self.mup_base_dim is None else self.dim / self.mup_base_dim
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown fields {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # For unit tests: a few hundred thousand parameters.
+    "tiny": ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=515, max_seq_len=1088, mlp_hidden=256),
+    # The CPU demo: ~3M parameters, trains meaningfully in minutes on 2 cores.
+    "demo": ModelConfig(dim=192, n_layers=6, n_heads=6, vocab_size=515, max_seq_len=1088, mlp_hidden=512),
+    # The paper's models (Table 9): SwiGLU hidden 4d for base and large; 5504 for 1b.
+    "base": ModelConfig(dim=768, n_layers=12, n_heads=12),
+    "large": ModelConfig(dim=1024, n_layers=16, n_heads=16),
+    "1b": ModelConfig(dim=2048, n_layers=22, n_heads=16, mlp_hidden=5504),
+}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int | None = None) -> float:
+    """Training FLOPs per token: 6·N (forward + backward matmuls) + 12·L·d·T (attention scores).
+
+    N counts the non-embedding parameters plus the output head (the input embedding is a lookup).
+    """
+    if n_params is None:
+        n_params = count_params(cfg, include_embedding=False)
+    return 6.0 * n_params + 12.0 * cfg.n_layers * cfg.dim * seq_len
+
+
+def count_params(cfg: ModelConfig, include_embedding: bool = True) -> int:
+    d, h, kv = cfg.dim, cfg.head_dim, cfg.kv_heads
+    attn = d * d * 2 + 2 * d * kv * h  # wq, wo, wk, wv
+    mlp = 3 * d * cfg.ffn_dim
+    per_layer = attn + mlp + 2 * d
+    n = cfg.n_layers * per_layer + d + cfg.vocab_size * d  # + final norm + output head
+    if include_embedding:
+        n += cfg.vocab_size * d
+    return n
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back, exactly like Hugging Face's LlamaRMSNorm."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_cache(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (max_seq_len, head_dim) in the half-split layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    t = torch.arange(max_seq_len, dtype=torch.int64).float()
+    freqs = torch.outer(t, inv_freq)  # (T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, hd); cos/sin: (T, hd)
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+
+class KVCache:
+    """Pre-allocated keys/values for incremental decoding; one (B, kvH, max_len, hd) pair per layer."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype=torch.float32) -> None:
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"KVCache max_len={max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
+        shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.pos = 0  # number of positions already filled
+        self.max_len = max_len
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        # μP: 1/hd keeps attention logits O(1) as width grows; equals 1/sqrt(hd) at the base width.
+        if cfg.mup_base_dim is not None:
+            base_hd = cfg.mup_base_dim // cfg.n_heads if cfg.mup_base_dim % cfg.n_heads == 0 else cfg.head_dim
+            self.scale = math.sqrt(base_hd) / self.hd
+        else:
+            self.scale = 1.0 / math.sqrt(self.hd)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.wk(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, kvH, T, hd)
+        v = self.wv(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.pos
+            cache.k[layer][:B, :, past : past + T] = k
+            cache.v[layer][:B, :, past : past + T] = v
+            k = cache.k[layer][:B, :, : past + T]
+            v = cache.v[layer][:B, :, : past + T]
+        if self.n_kv != self.n_heads:
+            rep = self.n_heads // self.n_kv
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        if past == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            # Queries at positions past..past+T-1 see keys 0..their own position.
+            qpos = torch.arange(past, past + T, device=x.device)[:, None]
+            kpos = torch.arange(past + T, device=x.device)[None, :]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=kpos <= qpos, scale=self.scale)
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)  # (B, T, D)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # up
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """Causal LLaMA. `model(tokens)` -> logits; `return_hidden=[i, ...]` adds residual streams."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        cos, sin = rope_cache(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        # Not saved in checkpoints: rebuilt from the config (and in fp32 regardless of the model dtype).
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.activation_checkpointing = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        # μP: hidden matrices' init scales as 1/sqrt(fan_in), i.e. std / sqrt(width_mult).
+        hidden_std = std / math.sqrt(self.cfg.width_mult)
+        # Residual projections are scaled down with depth (GPT-2) so the stream's variance stays O(1).
+        out_std = hidden_std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        for block in self.layers:
+            for lin in (block.attention.wq, block.attention.wk, block.attention.wv, block.feed_forward.w1,
+                        block.feed_forward.w3):
+                nn.init.normal_(lin.weight, std=hidden_std)
+            nn.init.normal_(block.attention.wo.weight, std=out_std)
+            nn.init.normal_(block.feed_forward.w2.weight, std=out_std)
+            nn.init.ones_(block.attention_norm.weight)
+            nn.init.ones_(block.ffn_norm.weight)
+        nn.init.ones_(self.norm.weight)
+        nn.init.normal_(self.output.weight, std=std)
+        cos, sin = rope_cache(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    @property
+    def output_mult(self) -> float:
+        """μP readout multiplier (1 / width_mult); 1.0 in standard parameterisation."""
+        return 1.0 / self.cfg.width_mult
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n if include_embedding else n - self.tok_embeddings.weight.numel()
+
+    def _trunk(self, tokens: torch.Tensor, keep: set[int], cache: KVCache | None, stop_after: int | None):
+        B, T = tokens.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}; "
+                "raise ModelConfig.max_seq_len or shorten the input"
+            )
+        cos = self.rope_cos[start : start + T]  # (T, hd)
+        sin = self.rope_sin[start : start + T]
+        h = self.tok_embeddings(tokens)  # (B, T, D)
+        hidden: dict[int, torch.Tensor] = {}
+        for i, block in enumerate(self.layers):
+            if self.activation_checkpointing and self.training and cache is None:
+                h = checkpoint(block, h, cos, sin, use_reentrant=False)
+            else:
+                h = block(h, cos, sin, cache, i)
+            if i + 1 in keep:
+                hidden[i + 1] = h
+            if stop_after is not None and i + 1 >= stop_after:
+                break
+        if cache is not None:
+            cache.pos += T
+        return h, hidden
+
+    def _check_layers(self, layers) -> list[int]:
+        layers = [int(i) for i in layers]
+        for i in layers:
+            if not 1 <= i <= self.cfg.n_layers:
+                raise ValueError(f"layer {i} is out of range: blocks are numbered 1..{self.cfg.n_layers}")
+        return layers
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        return_hidden: list[int] | None = None,
+        cache: KVCache | None = None,
+    ):
+        """tokens (B, T) int64 -> logits (B, T, V) [, list of (B, T, D) after the given 1-based blocks]."""
+        layers = self._check_layers(return_hidden or [])
+        h, hidden = self._trunk(tokens, set(layers), cache, None)
+        logits = self.output(self.norm(h))  # (B, T, V)
+        if self.cfg.mup_base_dim is not None:
+            logits = logits * self.output_mult
+        if return_hidden is None:
+            return logits
+        return logits, [hidden[i] for i in layers]
+
+    def features(self, tokens: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+        """Residual stream after each requested block (1-based), (B, T, D) each; skips the head."""
+        layers = self._check_layers(layers)
+        if not layers:
+            raise ValueError("features(layers=[]) asks for nothing; pass block numbers such as [6]")
+        _, hidden = self._trunk(tokens, set(layers), None, max(layers))
+        return [hidden[i] for i in layers]
+
+
+def param_groups(model: Transformer, lr: float, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay only on hidden/output matrices; μP scales hidden matrices' lr.
+
+    Norm weights and the input embedding get no weight decay (LLaMA practice). Each group
+    carries `lr_scale` so a scheduler can set lr = base_lr(step) * lr_scale.
+    """
+    hidden, vectors, output = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.endswith("tok_embeddings.weight") or p.ndim < 2:
+            vectors.append(p)
+        elif name.endswith("output.weight"):
+            output.append(p)
+        else:
+            hidden.append(p)
+    hidden_scale = 1.0 / model.cfg.width_mult  # Adam μP: matrix-like params' lr ∝ 1/width
+    groups = [
+        {"params": hidden, "weight_decay": weight_decay, "lr_scale": hidden_scale, "name": "hidden"},
+        {"params": output, "weight_decay": weight_decay, "lr_scale": 1.0, "name": "output"},
+        {"params": vectors, "weight_decay": 0.0, "lr_scale": 1.0, "name": "no_decay"},
+    ]
+    for g in groups:
+        g["lr"] = lr * g["lr_scale"]
+    return [g for g in groups if g["params"]]
