@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import stat
 import tarfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -76,6 +77,9 @@ def probe_duration(uri: str, storage_options: dict | None = None) -> float | Non
 
     try:
         if is_local(uri):
+            # Only regular files: opening a FIFO or device would block the listing forever.
+            if not stat.S_ISREG(os.stat(uri[len("file://") :] if uri.startswith("file://") else uri).st_mode):
+                return None
             ctx = av.open(uri, metadata_errors="ignore")
             fobj = None
         else:
