@@ -136,8 +136,15 @@ def _port() -> int:
 
 
 @pytest.mark.slow
-def test_submit_to_a_real_ray_head_through_the_jobs_api(tmp_path, make_layout):
+def test_submit_to_a_real_ray_head_through_the_jobs_api(tmp_path, make_layout, monkeypatch):
+    import uuid
+
     from pipeline.jobs.submit import submit
+
+    # Ray's token authentication, as a real cluster runs it: head and client share one token.
+    token = uuid.uuid4().hex + uuid.uuid4().hex
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
 
     lay = make_layout("imagenet", str(tmp_path / "data"))
     out = str(tmp_path / "tok")
@@ -153,6 +160,7 @@ def test_submit_to_a_real_ray_head_through_the_jobs_api(tmp_path, make_layout):
     )
     try:
         address = f"http://127.0.0.1:{dash}"
+        import urllib.error
         import urllib.request
 
         deadline = time.time() + 120
@@ -160,6 +168,8 @@ def test_submit_to_a_real_ray_head_through_the_jobs_api(tmp_path, make_layout):
             try:
                 urllib.request.urlopen(f"{address}/api/version", timeout=2).read()
                 break
+            except urllib.error.HTTPError:
+                break  # it answers (with token auth on, 401 to this bare probe; the Jobs client sends the token)
             except OSError:
                 if time.time() > deadline or head.poll() is not None:
                     raise RuntimeError("the Ray head did not come up") from None
