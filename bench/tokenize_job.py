@@ -140,13 +140,13 @@ def peak_memory(data: str, out: str, n: int, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--inputs", type=int, default=24, help="videos for the rate measurement")
+    ap.add_argument("--inputs", type=int, default=60, help="videos for the rate measurement")
     ap.add_argument("--frames", type=int, default=90, help="frames per video (30 fps)")
     ap.add_argument("--size", default="180x320", help="source video HxW")
     ap.add_argument("--resolution", type=int, default=64, help="frame side fed to the tokenizer (demo: 64)")
     ap.add_argument("--tokenizer", default="demo")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--items-per-shard", type=int, default=4)
+    ap.add_argument("--items-per-shard", type=int, default=2)
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--decode-cpus", type=float, default=1.0)
     ap.add_argument("--mem-inputs", default="10,100", help="input counts for the memory runs ('' to skip)")
@@ -185,19 +185,22 @@ def main() -> None:
     t0 = time.perf_counter()
     summary = run_tokenize(cfg)
     wall = time.perf_counter() - t0
-    e2e = summary["tokens_per_s"]
+    e2e_all = summary["tokens_per_s"]
+    e2e = summary["steady_tokens_per_s"]
     bound = min(dec_rate, tok_rate)
     res = {
         "machine_cpus": os.cpu_count(), "tokenizer": tok.id, "resolution": args.resolution, "inputs": args.inputs,
         "frames": int(summary["counts"]["frames"]), "tokens": int(summary["counts"]["tokens"]), "stages": sizes,
         "decode_only_tokens_per_s": dec_rate, "decode_only_frames_per_s": n_dec / dt_dec,
         "tokenizer_only_tokens_per_s": tok_rate, "tokenizer_only_frames_per_s": n_tok / dt_tok,
-        "end_to_end_tokens_per_s": e2e, "end_to_end_frames_per_s": e2e / tpf, "bound_tokens_per_s": bound,
-        "ratio_to_bound": e2e / bound, "job_wall_s_incl_ray_start": wall, "job_work_s": summary["counts"]["tokens"] / e2e,
+        "end_to_end_steady_tokens_per_s": e2e, "end_to_end_incl_actor_start_tokens_per_s": e2e_all,
+        "bound_tokens_per_s": bound, "ratio_to_bound": e2e / bound, "ratio_incl_actor_start": e2e_all / bound,
+        "job_wall_s_incl_ray_start": wall,
     }
     print(f"decode-only     {dec_rate:12,.0f} tokens/s ({n_dec / dt_dec:,.0f} frames/s, {sizes['decode']['actors']} workers)")
     print(f"tokenizer-only  {tok_rate:12,.0f} tokens/s ({n_tok / dt_tok:,.0f} frames/s, {threads} threads, batch {args.batch_size})")
-    print(f"end-to-end      {e2e:12,.0f} tokens/s  → {e2e / bound:.2f} of min(decode, tokenizer) = {bound:,.0f}")
+    print(f"end-to-end      {e2e:12,.0f} tokens/s steady (first to last commit) → {e2e / bound:.2f} of min(decode, tokenizer) = {bound:,.0f}")
+    print(f"                {e2e_all:12,.0f} tokens/s including actor start-up → {e2e_all / bound:.2f}")
     print(f"job wall incl. Ray start-up and listing: {wall:.1f} s for {summary['counts']['frames']:,} frames")
     mem = []
     for n in [int(x) for x in args.mem_inputs.split(",") if x]:
