@@ -59,6 +59,7 @@ def _hashes(out: str, so=None) -> dict[str, str]:
     return got
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_rerun_equals_uninterrupted(ray_local, tmp_path, make_layout):
     lay = make_layout("folder", str(tmp_path / "data"))
     for i in range(3, 6):  # more inputs: more shards to be caught mid-way
@@ -101,6 +102,7 @@ def test_sigkill_at_random_points_then_rerun_equals_uninterrupted(ray_local, tmp
     assert read_manifest(out)["content_hash"] == read_manifest(ref)["content_hash"]
 
 
+@pytest.mark.slow
 def test_s3_input_and_output_on_moto(s3_server, tmp_path, make_layout):
     import s3fs
 
