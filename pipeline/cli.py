@@ -28,6 +28,12 @@ from pipeline.mix.cli import mix_command  # noqa: E402
 
 main.add_command(mix_command)
 
+from pipeline.demo_data.cli import demo_data  # noqa: E402
+from pipeline.sources.cli import worklist  # noqa: E402
+
+main.add_command(demo_data)
+main.add_command(worklist)
+
 from pipeline.jobs.cli import COMMANDS as _job_commands  # noqa: E402
 
 for _cmd in _job_commands:

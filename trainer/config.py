@@ -70,6 +70,9 @@ class TrainConfig:
     progress: bool = True
     peak_flops: float | None = None  # per device; None: look up the GPU in a table (none on CPU)
     init_from: str | None = None  # checkpoint whose model weights start the run (new optimizer)
+    # Leave early with a checkpoint (for time-limited allocations); re-running continues the schedule.
+    exit_after_steps: int | None = None  # steps run by this invocation
+    exit_after_minutes: float | None = None  # wall-clock minutes of this invocation
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -113,6 +116,10 @@ class TrainConfig:
             raise bad("device", f"choose one of {_DEVICES}")
         if self.peak_flops is not None and not (self.peak_flops > 0):
             raise bad("peak_flops", "use the device's peak FLOP/s, e.g. 989e12 for an H100 in bf16, or None")
+        if self.exit_after_steps is not None and (not isinstance(self.exit_after_steps, int) or self.exit_after_steps < 1):
+            raise bad("exit_after_steps", "use a positive number of steps, or None to run to max_steps")
+        if self.exit_after_minutes is not None and not (self.exit_after_minutes > 0):
+            raise bad("exit_after_minutes", "use a positive number of minutes, or None")
         if not self.val_split:
             raise bad("val_split", "name the mix's held-out split, e.g. val")
 

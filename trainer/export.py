@@ -46,9 +46,10 @@ def hf_config(cfg: ModelConfig, specials: dict | None = None) -> dict:
         "mlp_bias": False,
         "attention_dropout": 0.0,
         "use_cache": True,
-        "bos_token_id": specials.get("bov", specials.get("start_of_video")),
-        "eos_token_id": specials.get("eov", specials.get("end")),
-        "pad_token_id": None,
+        # Special ids live above the codebook (trainer.data: bos_video, bos_image, eos, pad).
+        "bos_token_id": specials.get("bos_video"),
+        "eos_token_id": specials.get("eos"),
+        "pad_token_id": specials.get("pad"),
         "torch_dtype": "float32",
         "dtype": "float32",
     }

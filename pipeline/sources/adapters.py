@@ -104,7 +104,7 @@ def _probe_all(uris: list[str], storage_options: dict | None, threads: int = 8) 
         return {}
     with ThreadPoolExecutor(max_workers=threads) as ex:
         durs = list(ex.map(lambda u: probe_duration(u, storage_options), uris))
-    return dict(zip(uris, durs, strict=False))
+    return dict(zip(uris, durs, strict=True))
 
 
 def _split_name(split: str) -> str:
@@ -315,7 +315,7 @@ def list_howto100m(
     durs = {}
     if pending:
         with ThreadPoolExecutor(max_workers=probe_threads) as ex:
-            durs = dict(zip([p["uri"] for p in pending], ex.map(lambda p: probe_duration(p["uri"], storage_options), pending), strict=False))
+            durs = dict(zip([p["uri"] for p in pending], ex.map(lambda p: probe_duration(p["uri"], storage_options), pending), strict=True))
     out = []
     for item in pending:
         out.extend(segment_video(item, durs.get(item["uri"]), max_item_seconds=max_item_seconds, chunk_seconds=chunk_seconds))

@@ -27,7 +27,7 @@ def test_export_logits_match_transformers(tmp_path, extra):
         for p in ours.parameters():
             if p.ndim == 1:
                 p.uniform_(0.5, 1.5)
-    export_hf(ours, tmp_path, specials={"bov": 120, "end": 122})
+    export_hf(ours, tmp_path, specials={"bos_video": 119, "bos_image": 120, "eos": 121, "pad": 122})
     conf = json.loads((tmp_path / "config.json").read_text())
     assert conf["tie_word_embeddings"] is False and conf["vocab_size"] == 123
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()

@@ -1,0 +1,136 @@
+"""`toto-train probe | scaling` end to end on a real checkpoint and real token shards."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline.shards import ShardWriter, write_manifest
+from schemas import validate
+from trainer.cli import main
+
+CODEBOOK = 64
+TOK = {"id": "test-labelled", "sha256": "0" * 64, "vocab_size": CODEBOOK, "downsample": 8}
+
+
+def _write_labelled(out: str, *, video: bool, per_class: int, seed: int) -> None:
+    """Class c's tokens come from codes [4c, 4c + 4): separable by token content.
+
+    Images: one 4x4 frame per row. Videos: 12 frames per row, one row per video.
+    """
+    rng = np.random.default_rng(seed)
+    rows = []
+    for split in ("train", "val"):
+        for c in range(3):
+            for i in range(per_class):
+                nf = 12 if video else 1
+                tok = (4 * c + rng.integers(0, 4, size=(nf, 4, 4))).astype(np.uint16)
+                vid = f"{split}{c}{i:03d}"
+                rows.append({"key": f"toy/{vid}/00000", "dataset": "toy", "split": split, "video_id": vid, "chunk": 0,
+                             "t_start": 0.0, "fps": 30.0, "num_frames": nf, "grid_h": 4, "grid_w": 4,
+                             "label": f"class{c}", "tokens": tok})
+    w = ShardWriter(out, 0, codebook_size=CODEBOOK, tokenizer=TOK, resolution=32)
+    for r in rows:
+        w.add(r)
+    w.commit(input_shard={"id": 0, "worklist_sha256": "0" * 64, "num_items": len(rows)}, errors=[])
+    write_manifest(out)
+
+
+def _checkpoint(run_dir: str) -> str:
+    from pipeline.mix.sequence import make_specials
+    from trainer import checkpoint as ck
+    from trainer.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=32, n_layers=3, n_heads=2, vocab_size=CODEBOOK + 4, max_seq_len=80, mlp_hidden=64)
+    model = Transformer(cfg)
+    w = ck.CheckpointWriter(run_dir, 10)
+    w.write_model(model.state_dict())
+    w.commit({
+        "model_config": cfg.to_dict(), "train_config": {"name": "test"},
+        "scheduler": {"kind": "warmup_cosine", "step": 10},
+        "loader_state": {"version": 1, "mix_hash": "x", "consumed_samples": 40}, "world_size": 1,
+        "specials": make_specials(CODEBOOK), "tokenizer": dict(TOK, resolution=32),
+    })
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    _write_labelled(str(root / "images"), video=False, per_class=12, seed=0)
+    _write_labelled(str(root / "videos"), video=True, per_class=6, seed=1)
+    return {"root": root, "ckpt": _checkpoint(str(root / "run"))}
+
+
+def test_probe_images_all_layers_both_poolings(setup):
+    out = setup["root"] / "probe-img"
+    data = str(setup["root"] / "images")
+    res = CliRunner().invoke(main, ["probe", setup["ckpt"], "--train", data, "--val", data, "--layers", "all",
+                                    "--pooling", "both", "--epochs", "10", "--lr", "1e-2", "--batch-size", "12",
+                                    "--heads", "2", "--out", str(out), "--task", "digits"])
+    assert res.exit_code == 0, res.output
+    doc = validate(json.loads((out / "probe-digits.json").read_text()), "probe_sweep")
+    assert sorted({(r["layer"], r["pooling"]) for r in doc["results"]}) == [
+        (layer, p) for layer in (1, 2, 3) for p in ("attention", "average")]
+    assert {r["num_train"] for r in doc["results"]} == {36} and {r["num_eval"] for r in doc["results"]} == {36}
+    assert all(r["top1"] >= 90.0 for r in doc["results"])  # token content separates the classes
+    assert os.path.getsize(out / "probe-digits.png") > 1000
+    assert "layer   3 (1.00)  average" in res.output
+
+
+def test_probe_videos_averages_clips_per_video(setup):
+    out = setup["root"] / "probe-vid"
+    data = str(setup["root"] / "videos")
+    res = CliRunner().invoke(main, ["probe", setup["ckpt"], "--train", data, "--val", data, "--layers", "2",
+                                    "--frames", "4", "--stride", "2", "--clips", "2", "--epochs", "10", "--lr", "1e-2",
+                                    "--batch-size", "12", "--heads", "2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "probe-probe.json").read_text())
+    (r,) = doc["results"]
+    assert r["layer"] == 2 and r["pooling"] == "attention"
+    assert r["num_train"] == 36  # 18 videos x 2 clips
+    assert r["num_eval"] == 18  # one score per validation video
+    assert r["top1"] >= 90.0
+
+
+def test_probe_rejects_clips_longer_than_context(setup):
+    data = str(setup["root"] / "videos")
+    res = CliRunner().invoke(main, ["probe", setup["ckpt"], "--train", data, "--val", data, "--frames", "8",
+                                    "--stride", "1", "--out", str(setup["root"] / "x")])
+    assert res.exit_code != 0 and "context" in res.output
+
+
+def test_scaling_command(tmp_path):
+    runs = []
+    for i, opt in enumerate([1e12, 1e13]):
+        d = tmp_path / f"run{i}"
+        d.mkdir()
+        with open(d / "metrics.jsonl", "w") as f:
+            for c in (opt / 4, opt, opt * 4):
+                f.write(json.dumps({"step": 1, "macs": c, "val_loss": 7.32 * c**-0.0378}) + "\n")
+        runs.append(str(d))
+    res = CliRunner().invoke(main, ["scaling", *runs, "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    doc = validate(json.loads((tmp_path / "out" / "scaling.json").read_text()), "scaling_fit")
+    assert doc["fit"]["a"] == pytest.approx(7.32, rel=1e-6) and doc["fit"]["b"] == pytest.approx(-0.0378, rel=1e-6)
+    assert "paper: 7.32 · C^-0.0378" in res.output
+
+
+def test_track_defaults_from_checkpoint_meta():
+    from trainer.evals.run import resolution_from_meta, tokenizer_spec_for
+
+    meta = {"grid": [8, 8], "tokenizer": {"id": "demo-dvae-abc", "downsample": 8}}
+    assert resolution_from_meta(meta) == 64
+    assert resolution_from_meta({"resolution": 128}) == 128
+    assert tokenizer_spec_for(meta, None) == "demo"
+    assert tokenizer_spec_for(meta, "dalle:w") == "dalle:w"
+    with pytest.raises(ValueError, match="--tokenizer"):
+        tokenizer_spec_for({"tokenizer": {"id": "dalle-123"}}, None)
+    with pytest.raises(ValueError, match="--resolution"):
+        resolution_from_meta({"tokenizer": {"id": "x"}})

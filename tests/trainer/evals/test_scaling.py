@@ -1,0 +1,84 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from schemas import validate
+from trainer.evals.scaling import fit_power_law, frontier, plot_scaling, read_run_points, scaling_study
+
+
+def _write_run(path, rows):
+    os.makedirs(path)
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def test_fit_recovers_known_law():
+    c = np.geomspace(1e15, 1e20, 12)
+    a, b, r2 = fit_power_law(c, 7.32 * c**-0.0378)
+    assert a == pytest.approx(7.32, rel=1e-9) and b == pytest.approx(-0.0378, rel=1e-9) and r2 == pytest.approx(1.0)
+
+
+def test_frontier_keeps_lower_envelope_and_study_fits_it(tmp_path):
+    a, b = 5.0, -0.05
+    # Three model sizes: each run's curve meets the law at its compute-optimal point and sits above it
+    # elsewhere (too small a model plateaus, too large a model is not trained enough yet).
+    runs = []
+    for i, opt in enumerate([1e16, 1e17, 1e18]):
+        rows = []
+        for c in np.geomspace(opt / 30, opt * 30, 9):
+            gap = 0.02 * abs(np.log10(c / opt))  # 0 exactly at the run's optimum
+            rows.append({"step": len(rows), "train_loss": 9.9, "macs": float(c), "val_loss": float(a * c**b + gap)})
+            rows.append({"step": len(rows), "train_loss": 9.9})  # lines without val_loss are skipped
+        d = str(tmp_path / f"run{i}")
+        _write_run(d, rows)
+        runs.append(d)
+    points = read_run_points(runs[0])
+    assert len(points) == 9 and points[0]["run"] == "run0"
+    doc = scaling_study(runs)
+    validate(doc, "scaling_fit")
+    front = doc["frontier"]
+    assert all(x["loss"] > y["loss"] for x, y in zip(front, front[1:], strict=False))  # strictly decreasing
+    assert all(x["macs"] < y["macs"] for x, y in zip(front, front[1:], strict=False))
+    # The three optima are on the frontier, and the fit through the frontier is close to the law.
+    for opt in (1e16, 1e17, 1e18):
+        assert any(p["macs"] == pytest.approx(opt) for p in front)
+    assert doc["fit"]["b"] == pytest.approx(b, abs=0.01)
+    assert doc["paper"] == {"a": 7.32, "b": -0.0378}
+    png = plot_scaling(doc, str(tmp_path / "scaling.png"))
+    assert os.path.getsize(png) > 1000
+
+
+def test_flops_converted_to_macs_and_errors(tmp_path):
+    _write_run(str(tmp_path / "r"), [{"step": 1, "flops": 4e12, "val_loss": 6.0}])
+    assert read_run_points(str(tmp_path / "r"))[0]["macs"] == 2e12
+    _write_run(str(tmp_path / "bad"), [{"step": 1, "val_loss": 6.0}])
+    with pytest.raises(ValueError, match="macs"):
+        read_run_points(str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="neither val.jsonl nor metrics.jsonl"):
+        read_run_points(str(tmp_path / "nothing"))
+    with pytest.raises(ValueError, match="frontier has 1 point"):
+        scaling_study([str(tmp_path / "r")])
+
+
+def test_frontier_drops_dominated_points():
+    pts = [{"macs": 1.0, "loss": 5.0}, {"macs": 2.0, "loss": 6.0}, {"macs": 3.0, "loss": 4.0}, {"macs": 3.0, "loss": 4.5}]
+    assert [p["macs"] for p in frontier(pts)] == [1.0, 3.0]
+
+
+def test_pretrain_run_layout_compute_from_tokens_and_flops_per_token(tmp_path):
+    """val.jsonl + metrics.jsonl (tokens_seen) + config.json (flops_per_token), as `toto-train pretrain` writes."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"flops_per_token": 6e6, "global_batch": 4, "seq_len": 100}))
+    with open(run / "metrics.jsonl", "w") as f:
+        for step in (10, 20):
+            f.write(json.dumps({"step": step, "loss": 5.0, "tokens_seen": step * 400}) + "\n")
+    with open(run / "val.jsonl", "w") as f:
+        f.write(json.dumps({"step": 20, "val_loss": 4.5}) + "\n")
+        f.write(json.dumps({"step": 30, "val_loss": 4.0}) + "\n")  # no metrics line: step x batch x seq_len
+    pts = read_run_points(str(run))
+    assert [p["macs"] for p in pts] == [20 * 400 * 3e6, 30 * 400 * 3e6]
+    assert [p["loss"] for p in pts] == [4.5, 4.0]

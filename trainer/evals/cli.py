@@ -1,0 +1,158 @@
+"""`toto-train probe | track | scaling`: click commands (registered in trainer/cli.py)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from trainer.evals.probes import POOLINGS, ProbeConfig
+
+__all__ = ["probe", "track", "scaling"]
+
+
+def _fail(e: Exception) -> None:
+    raise click.ClickException(str(e)) from e
+
+
+@click.command("probe")
+@click.argument("ckpt")
+@click.option("--train", "train_url", required=True, help="Labelled token dataset (dir or s3:// URL) to train the probe on.")
+@click.option("--val", "val_url", required=True, help="Labelled token dataset to score the probe on (may equal --train with other splits).")
+@click.option("--train-split", default="train", show_default=True, help="Split of --train to use; 'all' for every split.")
+@click.option("--val-split", default="val", show_default=True, help="Split of --val to use; 'all' for every split.")
+@click.option("--layers", default="all", show_default=True,
+              help="'all' sweeps every block (accuracy by relative depth, JSON + PNG); a block number such as 6; "
+                   "a comma list such as 2,4,6; 'half' for the middle block.")
+@click.option("--pooling", default="attention", show_default=True,
+              type=click.Choice([*POOLINGS, "both"]), help="Probe head; 'both' = attention and average.")
+@click.option("--clips", default=4, show_default=True, type=int,
+              help="Clips per video; the clips of one validation video are averaged. Ignored for images.")
+@click.option("--frames", default=16, show_default=True, type=int, help="Frames per video clip (the paper: 16).")
+@click.option("--stride", default=4, show_default=True, type=int, help="Temporal stride inside a clip (the paper: 4).")
+@click.option("--max-samples", default=None, type=int, help="Cap on samples per split (quick runs). Default: all.")
+@click.option("--pool-tokens", default=1, show_default=True, type=int,
+              help="Average this many consecutive tokens before the probe (bounds memory on long clips).")
+@click.option("--epochs", default=30, show_default=True, type=int, help="Probe training epochs.")
+@click.option("--lr", default=1e-3, show_default=True, type=float, help="Peak AdamW learning rate (cosine decay).")
+@click.option("--batch-size", default=64, show_default=True, type=int, help="Probe training batch size.")
+@click.option("--weight-decay", default=0.05, show_default=True, type=float, help="AdamW weight decay.")
+@click.option("--heads", default=4, show_default=True, type=int, help="Heads of the attention-pooling probe.")
+@click.option("--out", "out_dir", default="probe-out", show_default=True, help="Output directory.")
+@click.option("--task", default="probe", show_default=True, help="Name used in file names and plots.")
+@click.option("--device", default="cpu", show_default=True, help="Device for feature extraction (cpu, cuda).")
+def probe(ckpt, train_url, val_url, train_split, val_split, layers, pooling, clips, frames, stride, max_samples,
+          pool_tokens, epochs, lr, batch_size, weight_decay, heads, out_dir, task, device) -> None:
+    """Train probes on a frozen checkpoint's features and report top-1 / top-5.
+
+    CKPT is a checkpoint directory (step-NNNNNNNN) or a run directory (its newest checkpoint).
+    Images are single-frame sequences; videos are FRAMES-frame clips at STRIDE. Features are
+    extracted once per layer; probes train on them with AdamW + cosine.
+
+    Example:
+
+    \b
+        toto-train probe runs/demo --train data/digits --val data/digits --layers all --pooling both
+    """
+    from trainer.checkpoint import load_model
+    from trainer.evals.run import ProbeJob, probe_job
+
+    try:
+        model, meta = load_model(ckpt, device=device)
+        job = ProbeJob(
+            train=train_url, val=val_url, layers=layers,
+            poolings=("attention", "average") if pooling == "both" else (pooling,),
+            train_split=None if train_split == "all" else train_split,
+            val_split=None if val_split == "all" else val_split,
+            frames=frames, stride=stride, clips=clips, max_samples=max_samples, pool_tokens=pool_tokens, task=task,
+        )
+        cfg = ProbeConfig(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, num_heads=heads)
+        doc, json_path, png_path = probe_job(model, meta, job, cfg, out_dir)
+    except ValueError as e:
+        _fail(e)
+    for r in doc["results"]:
+        click.echo(f"layer {r['layer']:>3} ({r['relative_depth']:.2f})  {r['pooling']:<9}  "
+                   f"top-1 {r['top1']:5.1f}  top-5 {r['top5']:5.1f}")
+    click.echo(f"wrote {json_path} and {png_path}")
+
+
+@click.command("track")
+@click.argument("ckpt")
+@click.option("--davis", "davis_root", required=True, help="DAVIS-2017 root (JPEGImages/480p, Annotations/480p).")
+@click.option("--split", default="val", show_default=True, help="ImageSets/2017/<split>.txt; every sequence if absent.")
+@click.option("--layer", default=None, type=int, help="Block whose features are used. Default: the middle block.")
+@click.option("--resolution", default=None, type=int,
+              help="Frame size fed to the tokenizer. Default: the checkpoint's training resolution.")
+@click.option("--tokenizer", "tokenizer_spec", default=None,
+              help="load_tokenizer spec of the checkpoint's tokenizer (dalle:DIR, vqgan:DIR, dvae:DIR, demo). "
+                   "Default: demo for demo-tokenizer checkpoints; its id must match the checkpoint's.")
+@click.option("--max-frames", default=None, type=int, help="Use only the first N frames of each sequence.")
+@click.option("--topk", default=10, show_default=True, type=int, help="Affinities kept per patch.")
+@click.option("--temperature", default=0.05, show_default=True, type=float, help="Softmax temperature.")
+@click.option("--radius", default=12.0, show_default=True, type=float, help="Spatial radius in feature-grid cells.")
+@click.option("--context", "n_context", default=20, show_default=True, type=int,
+              help="Previous frames in the context (besides the first frame).")
+@click.option("--out", "out_dir", default="track-out", show_default=True, help="Output directory (track.json).")
+@click.option("--device", default="cpu", show_default=True, help="Device (cpu, cuda).")
+def track(ckpt, davis_root, split, layer, resolution, tokenizer_spec, max_frames, topk, temperature, radius, n_context, out_dir,
+          device) -> None:
+    """Semi-supervised video object segmentation by label propagation (DAVIS protocol): J, F, J&F.
+
+    The first frame's masks are propagated with the model's per-patch features (Jabri et al.
+    2020: L2-normalised affinities, top-k, temperature, spatial radius, first frame + last N
+    frames as context) and scored per object against the annotations.
+
+    Example:
+
+    \b
+        toto-train track runs/demo --davis demo-out/data/davis --layer 3 --out track-out
+    """
+    from trainer.checkpoint import load_model
+    from trainer.evals.propagation import PropagationConfig
+    from trainer.evals.run import frame_tokenizer_from_meta, resolution_from_meta, track_job
+
+    try:
+        model, meta = load_model(ckpt, device=device)
+        cfg = PropagationConfig(topk=topk, temperature=temperature, radius=radius, n_context=n_context)
+        res = resolution or resolution_from_meta(meta)
+        doc, path = track_job(model, meta, davis_root, out_dir, tokenize=frame_tokenizer_from_meta(meta, tokenizer_spec),
+                              resolution=res, layer=layer, split=split, max_frames=max_frames, cfg=cfg)
+    except (ValueError, RuntimeError) as e:
+        _fail(e)
+    for r in doc["objects"]:
+        click.echo(f"{r['sequence']:<24} object {r['object']:>2}  J {100 * r['J']:5.1f}  F {100 * r['F']:5.1f}  "
+                   f"J&F {100 * r['JF']:5.1f}")
+    s = doc["summary"]
+    click.echo(f"overall ({s['objects']} objects): J {100 * s['J_mean']:.1f}  F {100 * s['F_mean']:.1f}  "
+               f"J&F {100 * s['JF_mean']:.1f}   wrote {path}")
+
+
+@click.command("scaling")
+@click.argument("run_dirs", nargs=-1, required=True)
+@click.option("--out", "out_dir", required=True, help="Output directory (scaling.json, scaling.png).")
+def scaling(run_dirs, out_dir) -> None:
+    """Fit L(C) = a·C^b on the compute-optimal frontier of several pre-training runs.
+
+    Each RUN_DIR holds metrics.jsonl with validation losses and the compute so far (MACs, or
+    FLOPs / 2). The plot shows every run, our fit and the paper's 7.32·C^-0.0378.
+
+    Example:
+
+    \b
+        toto-train scaling runs/w128 runs/w256 runs/w512 --out scaling-out
+    """
+    from pipeline.storage import write_json
+    from trainer.evals.scaling import plot_scaling, scaling_study
+
+    try:
+        doc = scaling_study(list(run_dirs))
+    except ValueError as e:
+        _fail(e)
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(os.path.join(out_dir, "scaling.json"), doc, "scaling_fit")
+    png = plot_scaling(doc, os.path.join(out_dir, "scaling.png"))
+    f = doc["fit"]
+    click.echo(f"L(C) = {f['a']:.4g} · C^{f['b']:.5f}  (r² {f['r2']:.3f}, {len(doc['frontier'])} frontier points); "
+               f"paper: 7.32 · C^-0.0378")
+    click.echo(f"wrote {os.path.join(out_dir, 'scaling.json')} and {png}", file=sys.stderr)

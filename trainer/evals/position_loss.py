@@ -1,0 +1,102 @@
+"""Next-token loss by position inside a clip: per token position, per frame, first frame vs later.
+
+The paper finds the first frame of a clip clearly harder to predict than the following frames
+(later frames are largely predictable from earlier ones). Losses are grouped by the frame of the
+*target* token, so frame 0 means "predicting the tokens of the first frame".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["per_position_loss", "summarize_position_loss", "plot_position_loss"]
+
+
+def per_position_loss(
+    model: torch.nn.Module, batches: Iterable[dict], *, max_batches: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean cross-entropy per sequence position and the target frame of each position.
+
+    ``batches`` yield dicts with "inputs" and "targets" int64 (B, T) and either
+    "target_frame_index" (B, T) or "frame_index" (B, T) (the frame of each input; the target
+    frame is then the next position's). Targets of -100 (padding) are ignored.
+    Returns (loss (T,), target_frame (T,)), with NaN loss where no target was scored.
+    """
+    device = next(model.parameters()).device
+    total = None
+    count = None
+    tframe = None
+    model.eval()
+    with torch.no_grad():
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            inputs = torch.as_tensor(batch["inputs"]).to(device)
+            targets = torch.as_tensor(batch["targets"]).to(device)
+            logits = model(inputs)  # (B, T, V)
+            loss = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")  # (B, T)
+            valid = (targets != -100).float()
+            if total is None:
+                total = torch.zeros(inputs.shape[1], dtype=torch.float64)
+                count = torch.zeros(inputs.shape[1], dtype=torch.float64)
+                if "target_frame_index" in batch:
+                    tframe = np.asarray(batch["target_frame_index"])[0].astype(np.int64)
+                else:
+                    fi = np.asarray(batch["frame_index"])[0].astype(np.int64)
+                    tframe = np.concatenate([fi[1:], [-1]])
+                    # The last input's target is the token after the window: the last frame's, when it is one.
+                    if fi[-1] >= 0:
+                        tframe[-1] = fi[-1]
+            total += (loss * valid).sum(dim=0).double().cpu()
+            count += valid.sum(dim=0).double().cpu()
+    if total is None:
+        raise ValueError("no batches to measure the loss on")
+    mean = (total / count.clamp(min=1)).numpy()
+    mean[count.numpy() == 0] = np.nan
+    return mean, tframe
+
+
+def summarize_position_loss(loss: np.ndarray, target_frame: np.ndarray) -> dict:
+    """Per-frame mean loss, first frame vs the mean of later frames, and their ratio."""
+    frames = sorted(int(f) for f in np.unique(target_frame) if f >= 0)
+    if len(frames) < 2:
+        raise ValueError("need clips of at least two frames to compare the first frame with later ones")
+    per_frame = [float(np.nanmean(loss[target_frame == f])) for f in frames]
+    first, later = per_frame[0], float(np.mean(per_frame[1:]))
+    return {
+        "schema": "clip_loss",
+        "version": 1,
+        "per_frame": per_frame,
+        "per_position": [None if np.isnan(x) else float(x) for x in loss],
+        "first_frame": first,
+        "later_frames": later,
+        "first_over_later": first / later if later > 0 else None,
+        "first_frame_higher": bool(first > later),
+    }
+
+
+def plot_position_loss(doc: dict, tokens_per_frame: int, path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a0, a1) = plt.subplots(1, 2, figsize=(9, 3.3))
+    pos = np.array([np.nan if x is None else x for x in doc["per_position"]])
+    a0.plot(np.arange(len(pos)), pos, lw=0.6)
+    for f in range(1, len(doc["per_frame"])):
+        a0.axvline(f * tokens_per_frame, color="grey", lw=0.3)
+    a0.set_xlabel("token position")
+    a0.set_ylabel("loss (nats)")
+    a0.set_title("loss per position")
+    a1.bar(np.arange(len(doc["per_frame"])), doc["per_frame"])
+    a1.set_xlabel("frame in clip")
+    a1.set_title("mean loss per frame")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,83 @@
+"""Markdown reports with PNG plots: each of our numbers beside the paper's corresponding result."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+__all__ = ["Finding", "Report", "fmt"]
+
+
+def fmt(x: float | None, digits: int = 1, unit: str = "") -> str:
+    """A number for a table cell; '—' for missing values."""
+    if x is None:
+        return "—"
+    return f"{x:.{digits}f}{unit}"
+
+
+@dataclass
+class Finding:
+    """One of the paper's qualitative findings and whether our run reproduces it."""
+
+    name: str
+    paper: str
+    ours: str
+    holds: bool
+
+    @property
+    def verdict(self) -> str:
+        return "holds" if self.holds else "does not hold"
+
+
+@dataclass
+class Report:
+    title: str
+    out_dir: str
+    intro: str = ""
+    parts: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+
+    def section(self, title: str, text: str = "") -> None:
+        self.parts.append(f"## {title}\n")
+        if text:
+            self.parts.append(text.strip() + "\n")
+
+    def table(self, header: list[str], rows: list[list[str]]) -> None:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+        self.parts.append("\n".join(lines) + "\n")
+
+    def comparison(self, rows: list[tuple[str, str, str, str]]) -> None:
+        """Rows of (what, ours, paper, note)."""
+        self.table(["what", "ours", "paper", "note"], [list(r) for r in rows])
+
+    def figure(self, path: str, caption: str) -> None:
+        if not os.path.exists(path):
+            raise ValueError(f"figure {path} does not exist; write the plot before adding it to the report")
+        rel = os.path.relpath(path, self.out_dir)
+        self.parts.append(f"![{caption}]({rel})\n\n*{caption}*\n")
+
+    def finding(self, name: str, paper: str, ours: str, holds: bool) -> Finding:
+        f = Finding(name, paper, ours, bool(holds))
+        self.findings.append(f)
+        return f
+
+    def render(self) -> str:
+        out = [f"# {self.title}\n"]
+        if self.intro:
+            out.append(self.intro.strip() + "\n")
+        if self.findings:
+            out.append("## Findings at a glance\n")
+            lines = ["| paper's finding | paper | ours | verdict |", "|---|---|---|---|"]
+            lines += [f"| {f.name} | {f.paper} | {f.ours} | **{f.verdict}** |" for f in self.findings]
+            out.append("\n".join(lines) + "\n")
+        out.extend(self.parts)
+        return "\n".join(out)
+
+    def write(self, name: str = "report.md") -> str:
+        from pipeline.storage import atomic_write_bytes
+
+        os.makedirs(self.out_dir, exist_ok=True)
+        path = os.path.join(self.out_dir, name)
+        atomic_write_bytes(path, self.render().encode())
+        return path

@@ -1,0 +1,108 @@
+"""Layer sweep: one probe per (layer, pooling), accuracy by relative depth (the paper's Figure 4)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+import torch
+
+from trainer.evals.probes import FeatureSet, ProbeConfig, train_probe
+
+__all__ = ["layer_sweep", "write_sweep", "plot_sweep", "best_layer"]
+
+
+def layer_sweep(
+    train_feats: dict[int, torch.Tensor],
+    val_feats: dict[int, torch.Tensor],
+    train_labels: torch.Tensor,
+    val_labels: torch.Tensor,
+    classes: list[str],
+    *,
+    n_layers: int,
+    poolings: list[str],
+    cfg: ProbeConfig,
+    task: str,
+    val_groups: list[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Train a probe for every layer in ``train_feats`` and every pooling; return a probe_sweep doc."""
+    if set(train_feats) != set(val_feats):
+        raise ValueError(f"train layers {sorted(train_feats)} and val layers {sorted(val_feats)} differ")
+    results = []
+    for layer in sorted(train_feats):
+        if not 1 <= layer <= n_layers:
+            raise ValueError(f"layer {layer} outside 1..{n_layers}")
+        train = FeatureSet(train_feats[layer], train_labels, classes)
+        val = FeatureSet(val_feats[layer], val_labels, classes, groups=val_groups)
+        for pooling in poolings:
+            res, _ = train_probe(train, val, dataclasses.replace(cfg, pooling=pooling))
+            results.append(
+                {
+                    "layer": layer,
+                    "relative_depth": layer / n_layers,
+                    "pooling": pooling,
+                    "top1": res.top1,
+                    "top5": res.top5,
+                    "final_train_loss": res.train_loss[-1] if res.train_loss else None,
+                    "num_train": res.num_train,
+                    "num_eval": res.num_eval,
+                }
+            )
+            if progress is not None:
+                progress(f"{task}: layer {layer}/{n_layers} {pooling}: top-1 {res.top1:.1f}%")
+    doc = {
+        "schema": "probe_sweep",
+        "version": 1,
+        "task": task,
+        "n_layers": n_layers,
+        "classes": list(classes),
+        "probe_config": dataclasses.asdict(cfg),
+        "results": results,
+        "best": {p: best_layer(results, p) for p in poolings},
+    }
+    return doc
+
+
+def best_layer(results: list[dict], pooling: str) -> dict:
+    rows = [r for r in results if r["pooling"] == pooling]
+    if not rows:
+        raise ValueError(f"no results for pooling {pooling!r}")
+    # Ties go to the shallower layer: the cheaper read-out.
+    best = max(rows, key=lambda r: (r["top1"], -r["layer"]))
+    return {"layer": best["layer"], "relative_depth": best["relative_depth"], "top1": best["top1"]}
+
+
+def plot_sweep(doc: dict, path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for pooling in sorted({r["pooling"] for r in doc["results"]}):
+        rows = sorted((r for r in doc["results"] if r["pooling"] == pooling), key=lambda r: r["layer"])
+        ax.plot([r["relative_depth"] for r in rows], [r["top1"] for r in rows], marker="o", label=f"{pooling} pooling")
+    ax.axvline(0.5, color="grey", ls=":", lw=1, label="paper's best depth (~50%)")
+    ax.set_xlabel("relative depth (layer / layers)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(f"probe accuracy by depth: {doc['task']}")
+    ax.set_xlim(0, 1.05)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_sweep(doc: dict, out_dir: str, name: str | None = None) -> tuple[str, str]:
+    """Write `<name>.json` (validated probe_sweep) and `<name>.png` into out_dir; return both paths."""
+    from pipeline.storage import write_json
+
+    os.makedirs(out_dir, exist_ok=True)
+    name = name or f"probe-sweep-{doc['task']}"
+    json_path = os.path.join(out_dir, f"{name}.json")
+    write_json(json_path, doc, "probe_sweep")
+    png_path = plot_sweep(doc, os.path.join(out_dir, f"{name}.png"))
+    return json_path, png_path
