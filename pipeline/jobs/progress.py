@@ -18,14 +18,21 @@ class Progress:
         self.enabled = enabled
         self.items = self.frames = self.tokens = self.rows = 0
         self.errors: collections.Counter[str] = collections.Counter()
+        self.t_start: float | None = None
         self.t_first: float | None = None
         self.t_last: float | None = None
+        # (time, tokens so far) at each commit: the steady-state rate excludes actor start-up.
+        self.commits: list[tuple[float, int]] = []
         self._bar = None
         if enabled:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_shards, initial=self.skipped, desc="tokenize", unit="shard",
                              file=file, dynamic_ncols=True, mininterval=0.5)
+
+    def start(self) -> None:
+        """The stages are about to start (before actors exist)."""
+        self.t_start = time.perf_counter()
 
     def record(self, rec: dict) -> None:
         now = time.perf_counter()
@@ -43,10 +50,20 @@ class Progress:
 
     @property
     def work_s(self) -> float:
-        """Seconds from the first tokenized record to the last (excludes Ray start-up)."""
-        return (self.t_last - self.t_first) if self.t_first is not None and self.t_last is not None else 0.0
+        """Seconds from starting the stages (actor start-up included) to the last record."""
+        t0 = self.t_start if self.t_start is not None else self.t_first
+        return (self.t_last - t0) if t0 is not None and self.t_last is not None else 0.0
+
+    @property
+    def steady_tokens_per_s(self) -> float | None:
+        """Tokens/s between the first and the last commit: the pipeline's rate once it is full."""
+        if len(self.commits) < 2 or self.commits[-1][0] <= self.commits[0][0]:
+            return None
+        (t0, n0), (t1, n1) = self.commits[0], self.commits[-1]
+        return (n1 - n0) / (t1 - t0)
 
     def committed(self, sidecar: dict[str, Any]) -> None:
+        self.commits.append((time.perf_counter(), self.tokens))
         if self._bar is not None:
             rate = self.tokens / self.work_s if self.work_s > 0 else 0.0
             self._bar.set_postfix_str(

@@ -234,6 +234,7 @@ def _execute(ray, cfg: TokenizeConfig, plan: JobPlan, sizes: dict, progress: Pro
         grid=(cfg.resolution // plan.tokenizer["downsample"],) * 2,
         storage_options=cfg.storage_options,
     )
+    progress.start()
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
         for rec in table_to_records(batch):
             side = asm.add(rec)
@@ -272,6 +273,7 @@ def finish(cfg: TokenizeConfig, plan: JobPlan, progress: Progress, elapsed: floa
         errors_by_reason=errors_by_reason(sides),
         elapsed_s=elapsed,
         tokens_per_s=(run_tokens / progress.work_s) if progress.work_s > 0 else 0.0,
+        steady_tokens_per_s=progress.steady_tokens_per_s or 0.0,
         manifest_hash=manifest["content_hash"],
     )
     storage.write_json(storage.join(cfg.output, RUN_SUMMARY), summary, "run_summary", so)

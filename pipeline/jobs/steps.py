@@ -146,10 +146,13 @@ class ShardAssembler:
         self.shards = shards  # shard id -> input shard descriptor {id, worklist_sha256, num_items}
         self.kw = dict(codebook_size=codebook_size, tokenizer=tokenizer, resolution=resolution, format=format,
                        compression=compression, storage_options=storage_options, settings=settings)
-        self.rows: dict[int, list[dict]] = {}
+        # shard id -> key -> record. Keyed so that a decode task Ray retries after losing a worker
+        # mid-shard (its blocks already delivered come again) cannot put a row in twice.
+        self.rows: dict[int, dict[str, dict]] = {}
         self.ends: dict[int, dict] = {}
         self.first_seen: dict[int, float] = {}
         self.committed: list[dict] = []
+        self.done_ids: set[int] = set()
 
     def in_flight(self) -> int:
         return len(set(self.rows) | set(self.ends))
@@ -159,13 +162,15 @@ class ShardAssembler:
         sid = int(rec["shard_id"])
         if sid not in self.shards:
             raise RuntimeError(f"record for input shard {sid}, which this job did not plan")
+        if sid in self.done_ids:
+            return None  # a retried task's repeat of a shard already committed
         self.first_seen.setdefault(sid, time.perf_counter())
         if rec["type"] == "end":
-            if sid in self.ends:
-                raise RuntimeError(f"input shard {sid} ended twice")
+            if sid in self.ends and self.ends[sid]["expected_rows"] != rec["expected_rows"]:
+                raise RuntimeError(f"input shard {sid} ended twice with different row counts")
             self.ends[sid] = rec
         else:
-            self.rows.setdefault(sid, []).append(rec)
+            self.rows.setdefault(sid, {})[rec["key"]] = rec
         end = self.ends.get(sid)
         if end is not None and len(self.rows.get(sid, ())) == end["expected_rows"]:
             return self._commit(sid)
@@ -175,7 +180,7 @@ class ShardAssembler:
 
     def _commit(self, sid: int) -> dict:
         end = self.ends.pop(sid)
-        rows = sorted(self.rows.pop(sid, []), key=lambda r: r["key"])
+        rows = [r for _, r in sorted(self.rows.pop(sid, {}).items())]
         t_commit = time.perf_counter()
         w = ShardWriter(self.out_url, sid, **self.kw)
         if not rows:
@@ -198,6 +203,7 @@ class ShardAssembler:
             w.abort()
             raise
         self.committed.append(side)
+        self.done_ids.add(sid)
         return side
 
 

@@ -59,6 +59,7 @@ def _hashes(out: str, so=None) -> dict[str, str]:
     return got
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_rerun_equals_uninterrupted(ray_local, tmp_path, make_layout):
     lay = make_layout("folder", str(tmp_path / "data"))
     for i in range(3, 6):  # more inputs: more shards to be caught mid-way
@@ -69,7 +70,7 @@ def test_sigkill_at_random_points_then_rerun_equals_uninterrupted(ray_local, tmp
     ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
     run_tokenize(TokenizeConfig(dataset="folder", input=lay["root"], output=ref, items_per_shard=1, **SMALL))
     want = _hashes(ref)
-    assert len(want) == 11
+    assert len(want) == 10  # 7 good inputs + 3 bad ones, one per shard
 
     args = ["--dataset", "folder", "--input", lay["root"], "--output", out, "--items-per-shard", "1", *SMALL_ARGS]
     rng = random.Random(5)
@@ -83,7 +84,7 @@ def test_sigkill_at_random_points_then_rerun_equals_uninterrupted(ray_local, tmp
     time.sleep(0.5)
     _kill_group(p)
     first = len(committed_shards(out))
-    assert 1 <= first < 11
+    assert 1 <= first < 10
     # Kill 2: at a random instant of the resumed run (start-up, listing, decoding or committing).
     p = _start_job(args)
     time.sleep(rng.uniform(1.0, 12.0))
@@ -93,14 +94,15 @@ def test_sigkill_at_random_points_then_rerun_equals_uninterrupted(ray_local, tmp
     # Rerun to the end (in-process on the shared Ray): exactly the reference's shards.
     summary = run_tokenize(TokenizeConfig(dataset="folder", input=lay["root"], output=out, items_per_shard=1, **SMALL))
     assert _hashes(out) == want
-    assert summary["shards"]["total"] == 11 and summary["shards"]["skipped"] >= first
+    assert summary["shards"]["total"] == 10 and summary["shards"]["skipped"] >= first
     assert debris(out) == []
     names = set(os.listdir(out))
-    assert names == set(want) | {f"shard-{i:06d}.json" for i in range(11)} | {
+    assert names == set(want) | {f"shard-{i:06d}.json" for i in range(10)} | {
         "job.json", "worklist", "manifest.json", "run_summary.json"}
     assert read_manifest(out)["content_hash"] == read_manifest(ref)["content_hash"]
 
 
+@pytest.mark.slow
 def test_s3_input_and_output_on_moto(s3_server, tmp_path, make_layout):
     import s3fs
 
@@ -136,8 +138,15 @@ def _port() -> int:
 
 
 @pytest.mark.slow
-def test_submit_to_a_real_ray_head_through_the_jobs_api(tmp_path, make_layout):
+def test_submit_to_a_real_ray_head_through_the_jobs_api(tmp_path, make_layout, monkeypatch):
+    import uuid
+
     from pipeline.jobs.submit import submit
+
+    # Ray's token authentication, as a real cluster runs it: head and client share one token.
+    token = uuid.uuid4().hex + uuid.uuid4().hex
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
 
     lay = make_layout("imagenet", str(tmp_path / "data"))
     out = str(tmp_path / "tok")
@@ -153,6 +162,7 @@ def test_submit_to_a_real_ray_head_through_the_jobs_api(tmp_path, make_layout):
     )
     try:
         address = f"http://127.0.0.1:{dash}"
+        import urllib.error
         import urllib.request
 
         deadline = time.time() + 120
@@ -160,6 +170,8 @@ def test_submit_to_a_real_ray_head_through_the_jobs_api(tmp_path, make_layout):
             try:
                 urllib.request.urlopen(f"{address}/api/version", timeout=2).read()
                 break
+            except urllib.error.HTTPError:
+                break  # it answers (with token auth on, 401 to this bare probe; the Jobs client sends the token)
             except OSError:
                 if time.time() > deadline or head.poll() is not None:
                     raise RuntimeError("the Ray head did not come up") from None
