@@ -58,7 +58,7 @@ class DemoConfig:
     # not reached the preset's max_steps (the report states the step reached).
     pretrain_overrides: tuple[str, ...] = ("exit_after_minutes=6",)
     probe_epochs: int = 30
-    max_probe_samples: int | None = None
+    max_probe_samples: int | None = 1000  # per split: a seeded random subset (time budget)
     loss_clips: int = 32
     track_max_frames: int | None = None
     generate_frames: int = 4
