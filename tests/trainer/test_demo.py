@@ -21,7 +21,7 @@ from trainer.demo import DemoConfig, run_demo
 SECTIONS = (
     "## Findings at a glance", "## Setup", "## Pipeline", "## Probes: image: digit identity",
     "## Probes: video: motion class", "## Loss by position within a clip", "## Label propagation (DAVIS protocol)",
-    "## Generation", "## Timings",
+    "## Pre-training: validation loss against compute", "## Generation", "## Timings",
 )
 
 
@@ -50,6 +50,8 @@ def test_demo_quick_end_to_end_report(tmp_path):
     assert re.search(r"\| attention probe, best block \| \d+\.\d% \(block \d+\) \| 64\.7%", text)
     assert re.search(r"\| loss, first frame \| \d+\.\d{3} \|", text)
     assert re.search(r"\| J&F mean \| \d+\.\d \| 42\.0", text)
+    # Two validations (steps 3 and 6): a fit when the loss fell between them, else the reason why not.
+    assert re.search(r"\| exponent b of L = a·C\^b \| -?\d\.\d{4} \(one run's curve\) \| -0\.0378|No fit: ", text)
     for png in ("probe-image.png", "probe-video.png", "position-loss.png"):
         assert os.path.getsize(out / png) > 1000
     assert os.path.getsize(out / "generation.gif") > 0

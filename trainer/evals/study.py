@@ -157,6 +157,38 @@ def _pixel_features(down: int) -> Callable[[np.ndarray], torch.Tensor]:
     return fn
 
 
+def _pretraining_section(report: Report, meta: dict, out_dir: str) -> None:
+    """Validation loss against training compute for this one run, with the paper's law for scale."""
+    from pipeline.storage import write_json
+    from trainer.evals.scaling import scaling_study
+
+    run_dir = os.path.dirname(str(meta.get("step_dir", "")).rstrip("/"))
+    report.section("Pre-training: validation loss against compute")
+    try:
+        doc = scaling_study([run_dir])
+    except ValueError as e:
+        report.parts.append(f"No fit: {e}\n")
+        return
+    from trainer.evals.scaling import plot_scaling
+
+    write_json(os.path.join(out_dir, "scaling.json"), doc, "scaling_fit")
+    png = plot_scaling(doc, os.path.join(out_dir, "scaling.png"))
+    f = doc["fit"]
+    last = doc["points"][-1]
+    report.parts.append(
+        "One run's validation losses against its training compute (MACs). This is a training curve, not the "
+        "compute-optimal frontier over model sizes that the paper fits (`toto-train scaling RUN ...` fits that "
+        "across several runs); it is shown with the paper's law only to place our scale.\n"
+    )
+    report.comparison([
+        ("validation loss at the end", f"{last['loss']:.3f} at {last['macs']:.2e} MACs",
+         f"{paper.SCALING_LAW[0] * last['macs'] ** paper.SCALING_LAW[1]:.3f} (law at that compute)",
+         "other tokenizer and data: not comparable in level"),
+        ("exponent b of L = a·C^b", f"{f['b']:.4f} (one run's curve)", f"{paper.SCALING_LAW[1]} (frontier)", ""),
+    ])
+    report.figure(png, "validation loss against training compute, with the paper's 7.32·C^-0.0378")
+
+
 def run_study(
     ckpt: str,
     *,
@@ -332,6 +364,8 @@ def _run_study(ckpt, *, image_task, video_task, out_dir, davis_root, tokenize, r
         for r in track["objects"]
     ])
     results["track"] = dict(s, baseline_JF_mean=b["JF_mean"])
+
+    _pretraining_section(report, meta, out_dir)
 
     report.section("Generation")
     if generate is None:
