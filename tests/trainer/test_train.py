@@ -194,3 +194,11 @@ def test_two_process_gloo_equals_one_process(tmp_path, parallel):
     assert meta["world_size"] == 2
     for k, v in ma.state_dict().items():
         torch.testing.assert_close(mb.state_dict()[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path):
+    common = QUIET + ["max_steps=3", "global_batch=2", "micro_batch=2", "ckpt_every=0"]
+    train(load_config("tiny", common), "fake", tmp_path / "a", loader_factory=factory())
+    train(load_config("tiny", common + ["activation_checkpointing=true"]), "fake", tmp_path / "b",
+          loader_factory=factory())
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
