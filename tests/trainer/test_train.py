@@ -166,20 +166,22 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_process_gloo_equals_one_process(tmp_path, parallel):
+def test_two_process_gloo_equals_one_process_and_resumes(tmp_path, parallel):
     overrides = QUIET + ["max_steps=4", "global_batch=4", "micro_batch=1", "ckpt_every=2", "lr=3e-3",
                          f"parallel={parallel}", "val_every=2"]
     single = tmp_path / "single"
     subprocess.run(_run_script(single, overrides, 0.0), check=True, env=_env(), timeout=120)
     multi = tmp_path / "multi"
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = _env()
-        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port))
-        procs.append(subprocess.Popen(_run_script(multi, overrides, 0.0), env=env))
-    assert [p.wait(timeout=180) for p in procs] == [0, 0]
+    # Two invocations: leave after 3 steps (checkpoint saved sharded-to-full), then resume to the end.
+    for extra in (["exit_after_steps=3"], []):
+        port = _free_port()
+        procs = []
+        for rank in range(2):
+            env = _env()
+            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port))
+            procs.append(subprocess.Popen(_run_script(multi, overrides + extra, 0.0), env=env))
+        assert [p.wait(timeout=180) for p in procs] == [0, 0]
     a, b = losses(single), losses(multi)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for s in a:
