@@ -54,7 +54,7 @@ bench: $(VENV)/.installed-dev
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/toto-pipeline demo --out $(DEMO_OUT)
+	$(VENV)/bin/toto-train demo --out $(DEMO_OUT) $(DEMO_ARGS)
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

@@ -23,6 +23,9 @@ from trainer.evals.cli import probe, scaling, track  # noqa: E402
 main.add_command(probe)
 main.add_command(track)
 main.add_command(scaling)
+from trainer.demo import demo  # noqa: E402
+
+main.add_command(demo)
 
 if __name__ == "__main__":
     main()

@@ -43,9 +43,8 @@ def _write_labelled(out: str, *, video: bool, per_class: int, seed: int) -> None
 
 def _checkpoint(run_dir: str) -> str:
     from pipeline.mix.sequence import make_specials
-    from trainer.model import ModelConfig, Transformer
-
     from trainer import checkpoint as ck
+    from trainer.model import ModelConfig, Transformer
 
     torch.manual_seed(0)
     cfg = ModelConfig(dim=32, n_layers=3, n_heads=2, vocab_size=CODEBOOK + 4, max_seq_len=80, mlp_hidden=64)
@@ -121,3 +120,31 @@ def test_scaling_command(tmp_path):
     doc = validate(json.loads((tmp_path / "out" / "scaling.json").read_text()), "scaling_fit")
     assert doc["fit"]["a"] == pytest.approx(7.32, rel=1e-6) and doc["fit"]["b"] == pytest.approx(-0.0378, rel=1e-6)
     assert "paper: 7.32 · C^-0.0378" in res.output
+
+
+def test_track_defaults_from_checkpoint_meta():
+    from trainer.evals.run import resolution_from_meta, tokenizer_spec_for
+
+    meta = {"grid": [8, 8], "tokenizer": {"id": "demo-dvae-abc", "downsample": 8}}
+    assert resolution_from_meta(meta) == 64
+    assert resolution_from_meta({"resolution": 128}) == 128
+    assert tokenizer_spec_for(meta, None) == "demo"
+    assert tokenizer_spec_for(meta, "dalle:w") == "dalle:w"
+    with pytest.raises(ValueError, match="--tokenizer"):
+        tokenizer_spec_for({"tokenizer": {"id": "dalle-123"}}, None)
+    with pytest.raises(ValueError, match="--resolution"):
+        resolution_from_meta({"tokenizer": {"id": "x"}})
+
+
+def test_max_samples_takes_a_seeded_subset_across_classes(setup):
+    from pipeline.mix.sequence import make_specials
+    from trainer.evals.run import load_labelled
+
+    kw = dict(specials=make_specials(CODEBOOK), frames=1, stride=1, clips=1, split="train", max_seq_len=80)
+    tok, fi, labels, vids = load_labelled(str(setup["root"] / "images"), max_samples=6, **kw)
+    assert tok.shape == (6, 17) and len(set(labels)) >= 2  # the rows are stored class by class
+    again = load_labelled(str(setup["root"] / "images"), max_samples=6, **kw)
+    assert again[3] == vids  # deterministic for a seed
+    vkw = dict(kw, frames=4, stride=2, clips=2)
+    _, _, vlab, vvid = load_labelled(str(setup["root"] / "videos"), max_samples=4, **vkw)
+    assert len(vvid) == 4 and all(vvid.count(v) == 2 for v in vvid)  # whole videos: both clips kept
