@@ -40,7 +40,8 @@ def make_videos(root: str, n: int, frames: int, size: tuple[int, int]) -> None:
     for i in range(n):
         noise = rng.integers(0, 40, (h, w, 3), dtype=np.uint8)
         write_video(os.path.join(root, f"v{i:04d}.mp4"),
-                    lambda k, t, i=i: np.clip(quadrant_frame(h, w, t + i, 3.0).astype(np.int16) + np.roll(noise, k, 1), 0, 255).astype(np.uint8),
+                    lambda k, t, i=i, noise=noise: np.clip(quadrant_frame(h, w, t + i, 3.0).astype(np.int16)
+                                                           + np.roll(noise, k, 1), 0, 255).astype(np.uint8),
                     fps=30, num_frames=frames)
 
 

@@ -65,7 +65,7 @@ def test_sigkill_at_random_points_then_rerun_equals_uninterrupted(ray_local, tmp
     for i in range(3, 6):  # more inputs: more shards to be caught mid-way
         from pipeline.media import quadrant_frame, write_video
 
-        write_video(str(tmp_path / "data" / "clips" / f"more{i}.mp4"), lambda k, t: quadrant_frame(32, 48, t + i, 3.0),
+        write_video(str(tmp_path / "data" / "clips" / f"more{i}.mp4"), lambda k, t, i=i: quadrant_frame(32, 48, t + i, 3.0),
                     fps=10, num_frames=8)
     ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
     run_tokenize(TokenizeConfig(dataset="folder", input=lay["root"], output=ref, items_per_shard=1, **SMALL))
@@ -141,8 +141,6 @@ def _port() -> int:
 def test_submit_to_a_real_ray_head_through_the_jobs_api(tmp_path, make_layout, monkeypatch):
     import uuid
 
-    from pipeline.jobs.submit import submit
-
     # Ray's token authentication, as a real cluster runs it: head and client share one token.
     token = uuid.uuid4().hex + uuid.uuid4().hex
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
@@ -176,14 +174,17 @@ def test_submit_to_a_real_ray_head_through_the_jobs_api(tmp_path, make_layout, m
                 if time.time() > deadline or head.poll() is not None:
                     raise RuntimeError("the Ray head did not come up") from None
                 time.sleep(1)
-        lines: list[str] = []
-        job_id, status = submit(
-            address,
-            ["tokenize", "--dataset", "imagenet", "--input", lay["root"], "--output", out, "--items-per-shard", "2",
-             "--resolution", "64", "--batch-size", "8", "--decode-cpus", "0.5", "--no-progress"],
-            install="none", working_dir=REPO, echo=lines.append, poll_s=1.0,
+        # `toto-pipeline submit` in its own process: it reads the token from its environment
+        # (this test process may hold another one cached from the shared local Ray).
+        sub = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "submit", "--address", address, "--install", "none",
+             "--working-dir", REPO, "--", "tokenize", "--dataset", "imagenet", "--input", lay["root"], "--output", out,
+             "--items-per-shard", "2", "--resolution", "64", "--batch-size", "8", "--decode-cpus", "0.5",
+             "--no-progress"],
+            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400,
         )
-        assert status == "SUCCEEDED", "\n".join(lines)
+        assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
+        assert sub.stdout.strip().endswith("SUCCEEDED") and "submitted raysubmit_" in sub.stderr
     finally:
         try:
             os.killpg(head.pid, signal.SIGTERM)
