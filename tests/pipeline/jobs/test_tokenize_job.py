@@ -13,6 +13,7 @@ from pipeline import storage
 from pipeline.decode import decode_item
 from pipeline.jobs import JobError, TokenizeConfig, prepare, run_tokenize
 from pipeline.shards import committed_shards, debris, open_shard, read_manifest, verify_shard
+from pipeline.shards.cli import dataset_status
 from pipeline.sources import load_worklist
 from pipeline.tokenizers import load_tokenizer
 
@@ -80,6 +81,8 @@ def test_layouts_end_to_end_then_rerun_is_a_noop(ray_local, tmp_path, make_layou
         assert all(n == 1 for n in summary["errors_by_reason"].values())
         assert sum(1 for k in got if k.startswith("folder/clips__good")) >= 3
     assert debris(out) == []
+    st = dataset_status(out)  # `toto-pipeline status OUT` reads job.json for the planned count
+    assert (st["shards_planned"], st["shards_committed"], st["rows"]) == (len(sides), len(sides), len(want))
 
     # Rerun: nothing decoded, nothing rewritten (same bytes, same sidecar files untouched).
     mtimes = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out) if n.startswith("shard-")}
