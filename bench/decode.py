@@ -9,6 +9,7 @@ so that every frame differs, with light sensor-like grain), measures frames/s of
                  + its quality: PSNR against Pillow's Lanczos resize of the same frames
   to_ndarray     decode + frame.to_ndarray(width, height, format="rgb24")  (PyAV's default bicubic)
   worker         decode_items in the watchdog subprocess (adds pickling through a pipe)
+  scaler only    CPU ms per frame of the swscale call alone, RGB vs BGR output
 Each figure is the best of --repeats runs, variants interleaved within each repeat. Two rates:
   fps_wall        frames per wall-clock second
   fps_per_cpu_s   frames per CPU-second (user+sys of every thread, and of the worker subprocess):
@@ -26,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
+from itertools import islice
 
 import numpy as np
 
@@ -132,6 +134,28 @@ def worker_run(path: str, cfg: DecodeConfig) -> tuple[int, float, float]:
         return (n, *clock.stop())
 
 
+def scaler_only_ms(path: str, res: int, frames: int = 40, repeats: int = 5) -> dict[str, float]:
+    """CPU ms per frame of the swscale call alone (AREA, cached context) for each packed output
+    format, on frames decoded beforehand: why the decode path asks swscale for BGR."""
+    import av
+    from av.video.reformatter import VideoReformatter
+
+    with av.open(path) as c:
+        decoded = list(islice(c.decode(video=0), frames))
+    w = round(decoded[0].width * res / decoded[0].height)
+    out = {}
+    for fmt in ("rgb24", "bgr24"):
+        r = VideoReformatter()
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.process_time()
+            for f in decoded:
+                r.reformat(f, width=w, height=res, format=fmt, interpolation="AREA").to_ndarray()
+            best = min(best, (time.process_time() - t) / len(decoded) * 1000)
+        out[f"scaler_AREA_{fmt}_cpu_ms"] = round(best, 3)
+    return out
+
+
 def quality_psnr(path: str, interp: str, res: int, frames: int = 8) -> float:
     """PSNR (dB) of the decode path's output against Pillow's Lanczos resize of the same RGB frame."""
     import av
@@ -194,6 +218,8 @@ def main() -> None:
                         row[f"{k}_ratio_wall"] = round(wall[k] / wall["bare"], 3)
                         row[f"{k}_ratio_cpu"] = round(cpu[k] / cpu["bare"], 3)
                 print(f"{name} threads={threads}: " + ", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+            clip.update(scaler_only_ms(path, args.resolution))
+            print(f"{name} scaler only: " + ", ".join(f"{k}={v}" for k, v in clip.items() if k.startswith("scaler")))
             for interp in args.interpolations:
                 clip[f"psnr_{interp}_db"] = round(quality_psnr(path, interp, args.resolution), 2)
             print(f"{name} PSNR vs Lanczos: " + ", ".join(f"{k}={v}" for k, v in clip.items() if k.startswith("psnr")))

@@ -29,8 +29,9 @@ from trainer.model import PRESETS, ModelConfig, Transformer, flops_per_token  # 
 from trainer.train import peak_flops_for  # noqa: E402
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
-    """Sustained FLOP/s of one large square matmul: the practical peak of this device."""
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10, clock: str = "wall") -> float:
+    """Sustained FLOP/s of one large square matmul: the practical peak of this device (same clock as the steps)."""
+    now = time.perf_counter if clock == "wall" else time.process_time
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
@@ -39,11 +40,11 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: i
     for _ in range(reps):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t = time.perf_counter()
+        t = now()
         a @ b
         if device.type == "cuda":
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
+        best = min(best, now() - t)
     return 2 * n**3 / best
 
 
@@ -76,15 +77,18 @@ def step_fn(model, opt, x, y, is_ref: bool, amp: torch.dtype | None, device: tor
     return step
 
 
-def time_steps(step, n: int, device: torch.device) -> float:
+def time_steps(step, n: int, device: torch.device, clock: str = "wall") -> float:
+    """Seconds per step by wall clock, or by this process's CPU time (`clock="cpu"`, meant for
+    --threads 1 on a shared machine: other processes' load then does not inflate the figure)."""
+    now = time.perf_counter if clock == "wall" else time.process_time
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t = time.perf_counter()
+    t = now()
     for _ in range(n):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n
+    return (now() - t) / n
 
 
 def main() -> None:
@@ -99,10 +103,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="steps per round (timed one at a time, interleaved)")
     ap.add_argument("--compile", action="store_true", help="torch.compile our model (not the reference)")
     ap.add_argument("--peak-flops", type=float, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall time, or process CPU time (use with --threads 1 on a loaded machine)")
     ap.add_argument("--ours-only", action="store_true", help="skip the reference (e.g. MFU of base on a GPU)")
     args = ap.parse_args()
 
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and device.type == "cuda":
+        ap.error("--clock cpu measures CPU work; use the wall clock on a GPU")
     if args.preset:
         import dataclasses
 
@@ -129,19 +140,20 @@ def main() -> None:
     order = list(runners)
     for i in range(args.rounds * args.steps):
         for k in order if i % 2 == 0 else order[::-1]:  # one step each, alternating who goes first
-            times[k].append(time_steps(runners[k], 1, device))
+            times[k].append(time_steps(runners[k], 1, device, args.clock))
     tokens = args.batch * args.seq
     if args.peak_flops:
         peak, peak_src = args.peak_flops, "--peak-flops"
     elif device.type == "cuda" and peak_flops_for(device, None):
         peak, peak_src = peak_flops_for(device, None), f"datasheet ({torch.cuda.get_device_name(device)})"
     else:
-        peak = matmul_peak(device, torch.bfloat16 if amp else torch.float32)
-        peak_src = "measured 2048^3 matmul in this run"
+        peak = matmul_peak(device, torch.bfloat16 if amp else torch.float32, clock=args.clock)
+        peak_src = f"measured 2048^3 matmul in this run ({args.clock} clock, {torch.get_num_threads()} threads)"
     res = {
         "config": {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "mlp": cfg.ffn_dim,
                    "vocab": cfg.vocab_size, "seq": args.seq, "batch": args.batch, "dtype": args.dtype,
-                   "device": str(device), "threads": torch.get_num_threads(), "compile": args.compile},
+                   "device": str(device), "threads": torch.get_num_threads(), "compile": args.compile,
+                   "clock": args.clock},
         "params": ours.num_params(),
         "flops_per_token": fpt,
         "peak_flops": peak,

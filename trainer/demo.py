@@ -4,7 +4,8 @@ Stages (each skipped when its output is already complete, so an interrupted demo
 
 1. data      `pipeline.demo_data.make_demo_data`: digit images (ImageNet layout), camera-motion
              clips (Kinetics layout), DAVIS-style sequences.
-2. tokenize  `toto-pipeline tokenize` on embedded Ray with the bundled demo tokenizer, 64 px.
+2. tokenize  `pipeline.jobs.run_tokenize` (`toto-pipeline tokenize`) on embedded Ray with the
+             bundled demo tokenizer, 64 px.
 3. mix       `pipeline.mix.build.build_mix`: images and videos, 16-frame clips at stride 2
              (the demo clips are 2 s at 16 fps: stride 4 would need 61 frames).
 4. pretrain  `trainer.train.train` with the `demo` preset (a ~3M-parameter LLaMA).
@@ -31,7 +32,6 @@ import numpy as np
 
 __all__ = ["DemoConfig", "run_demo", "demo"]
 
-_PIPELINE_TOKENIZE = "toto-pipeline tokenize (issue 5: pipeline/jobs)"
 _DEMO_TOKENIZER = 'pipeline.tokenizers.load_tokenizer("demo") (issue 4: the bundled demo tokenizer)'
 _GENERATE = "trainer.generate.generate (issue 7: toto-train generate)"
 
@@ -103,24 +103,24 @@ def stage_data(cfg: DemoConfig) -> dict:
     return summary
 
 
+ADAPTER = {"imagenet": "imagenet", "kinetics": "kinetics600"}  # mix source name -> pipeline.sources adapter
+
+
 def stage_tokenize(cfg: DemoConfig) -> dict[str, str]:
-    """Tokenize both demo data sets with the bundled tokenizer (embedded Ray). Reruns skip done shards."""
-    try:
-        from pipeline.cli import main as pipeline_main
-    except ImportError as e:  # pragma: no cover - the pipeline CLI is part of every build
-        raise RuntimeError(f"the pipeline CLI cannot be imported: {e}") from e
-    if "tokenize" not in pipeline_main.commands:
-        raise RuntimeError(f"the demo needs {_PIPELINE_TOKENIZE}, which is not in this build")
+    """Tokenize both demo data sets with the bundled tokenizer on embedded Ray. Reruns skip done shards."""
+    from pipeline.jobs import TokenizeConfig, run_tokenize
+
     out = {}
-    for name in ("imagenet", "kinetics"):
+    for name, adapter in ADAPTER.items():
         dst = _p(cfg, "tokens", name)
         out[name] = dst
         if os.path.exists(os.path.join(dst, "manifest.json")):
             continue
-        args = ["tokenize", "--dataset", name, "--input", _p(cfg, "data", name), "--output", dst,
-                "--tokenizer", cfg.tokenizer, "--resolution", str(cfg.resolution)]
-        _log("tokenize " + " ".join(args[1:]))
-        pipeline_main.main(args, standalone_mode=False)
+        _log(f"tokenize {name} ({adapter} layout) at {cfg.resolution} px with tokenizer {cfg.tokenizer!r}")
+        # 2 cores: half a core per decode actor, one tokenizer actor with one core.
+        run_tokenize(TokenizeConfig(dataset=adapter, input=_p(cfg, "data", name), output=dst, tokenizer=cfg.tokenizer,
+                                    resolution=cfg.resolution, num_cpus=2, decode_cpus=0.5, tokenizer_cpus=1.0,
+                                    cpu_actors=1, batch_size=64))
     return out
 
 

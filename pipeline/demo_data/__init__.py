@@ -205,9 +205,15 @@ def motion_frames(rng: np.random.Generator, motion: str, size: int, n: int) -> l
     ph = photos()[rng.integers(len(photos()))]
     im = Image.fromarray(ph)
     W, H = im.size
-    cx, cy = W / 2 + rng.uniform(-0.15, 0.15) * W, H / 2 + rng.uniform(-0.15, 0.15) * H
     view = rng.uniform(0.35, 0.6) * min(W, H)  # side of the source window at t = 0
     speed = rng.uniform(0.35, 0.6)  # fraction of the window per clip for pans
+    # Keep every window (turned by up to 90°: half-diagonal 0.71·side, or panned) inside the
+    # photo, so no frame shows the black fill outside it (a give-away unrelated to the motion).
+    reach = 0.7072 + speed
+    view = min(view, min(W, H) / (2 * reach) - 1)
+    m = view * reach
+    cx = rng.uniform(m, W - m)
+    cy = rng.uniform(m, H - m)
     zoom_total = rng.uniform(1.6, 2.2)
     angle_total = rng.uniform(50, 90)  # degrees over the clip
     frames = []
@@ -257,7 +263,7 @@ def _video_job(args: tuple) -> tuple[str, str, str, int, int, str]:
     seed, index, size, fps, seconds, root, split = args
     rng = _rng(seed, 2, index)
     motion = MOTIONS[index % len(MOTIONS)]  # balanced classes
-    yid = f"demo{rng.integers(0, 10**7):07d}"  # 11 characters like a YouTube id
+    yid = f"demo{index:07d}"  # 11 characters like a YouTube id, unique by construction
     t0 = int(rng.integers(0, 300))
     t1 = t0 + int(np.ceil(seconds))
     folder = "train" if split == "train" else "val"

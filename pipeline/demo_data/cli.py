@@ -32,7 +32,7 @@ def demo_data(out: str, seed: int, scale: float, images: int, val_images: int, v
     OUT/kinetics/  Kinetics layout (annotations/*.csv + {train,val}/*.mp4), 8 camera-motion classes
     OUT/davis/     DAVIS-2017 layout (JPEGImages/480p, Annotations/480p palette PNGs, ImageSets/2017)
 
-    Defaults take about half a minute on 2 cores (~21 MB). Read the parts with the normal
+    Defaults take under a minute on 2 cores (~24 CPU-seconds, ~21 MB). Read the parts with the normal
     adapters: imagenet → `imagenet`, kinetics → `kinetics600` (or 400/700).
 
     \b

@@ -20,9 +20,11 @@ from pipeline.sources.worklist import ensure_worklist, input_shards
               help="Decoder chunk window = chunk_frames / max_fps (64/30); must match the decode settings.")
 @click.option("--items-per-shard", default=256, show_default=True, help="Input-shard size to report.")
 @click.option("--index", default=None, help="folder only: CSV/JSONL with path,label,split (relative to --input).")
+@click.option("--val-solution", default=None, help="imagenet only: LOC_val_solution.csv when it is not under --input.")
 @click.option("--name", default=None, help="Dataset name written into keys (default: --dataset).")
 def worklist(dataset: str, root: str, out: str, splits: tuple[str, ...], max_item_seconds: float,
-             chunk_seconds: float, items_per_shard: int, index: str | None, name: str | None) -> None:
+             chunk_seconds: float, items_per_shard: int, index: str | None, val_solution: str | None,
+             name: str | None) -> None:
     """List a dataset once into a frozen, sorted, hashed work list and print what was found.
 
     Missing and unmatched files are counted with a few examples (see docs/datasets.md). A rerun
@@ -38,6 +40,8 @@ def worklist(dataset: str, root: str, out: str, splits: tuple[str, ...], max_ite
         opts["splits"] = list(splits)
     if index:
         opts["index"] = index
+    if val_solution:
+        opts["val_solution"] = val_solution
     if name:
         opts["name"] = name
     try:

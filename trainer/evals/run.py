@@ -86,10 +86,12 @@ def load_labelled(
     max_samples: int | None,
     max_seq_len: int,
     storage_options: dict | None = None,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
     """Labelled sequences of a token dataset: images as single-frame sequences, videos as clips.
 
-    Returns tokens (N, T), frame_index (N, T), labels, video ids. Unlabelled rows are dropped.
+    Returns tokens (N, T), frame_index (N, T), labels, video ids. Unlabelled rows are dropped;
+    ``max_samples`` keeps a seeded random subset of videos (images) of about that many samples.
     """
     from trainer.data import iter_clips
 
@@ -104,8 +106,14 @@ def load_labelled(
                 f"{max_seq_len}; pass fewer --frames"
             )
         items.append(c)
-        if max_samples is not None and len(items) >= max_samples:
-            break
+    if max_samples is not None and len(items) > max_samples:
+        # Datasets are stored class by class: a prefix would hold a few classes only. Take a seeded
+        # random subset of whole videos (all clips of a chosen video, so per-video averaging holds).
+        videos = sorted({c["video_id"] for c in items})
+        order = np.random.default_rng(seed).permutation(len(videos))
+        per_video = max(1, len(items) // len(videos))
+        keep = {videos[i] for i in order[: max(1, max_samples // per_video)]}
+        items = [c for c in items if c["video_id"] in keep]
     if not items:
         raise ValueError(
             f"{url} (split {split or 'all'}) has no labelled samples to probe (videos shorter than one clip of "

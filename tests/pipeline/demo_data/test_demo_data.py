@@ -126,3 +126,32 @@ def test_cli_tiny_set(tmp_path):
     assert len(rows) == 3 and all(r["label"] in MOTIONS for r in rows)
     bad = CliRunner().invoke(main, ["demo-data", "--out", str(tmp_path / "e"), "--scale", "0"])
     assert bad.exit_code != 0 and "DemoDataConfig.scale=0.0" in bad.output
+
+
+def test_motion_windows_never_leave_the_photo(monkeypatch):
+    """Rendered over all-white photos, no frame of any class may show the black fill outside."""
+    import pipeline.demo_data as dd
+
+    white = tuple(np.full_like(p, 255) for p in dd.photos())
+    monkeypatch.setattr(dd, "photos", lambda: white)
+    for j in range(48):
+        frames = np.stack(dd.motion_frames(np.random.default_rng(j), MOTIONS[j % len(MOTIONS)], 64, 16))
+        assert frames.min() >= 128, MOTIONS[j % len(MOTIONS)]
+
+
+def test_demo_to_worklist_to_shards_to_decoded_chunks(demo, tmp_path):
+    """The path the tokenize job takes: list once, freeze, cut into input shards, decode a shard."""
+    from pipeline.decode import decode_items
+    from pipeline.sources import ensure_worklist, input_shards
+
+    out, _ = demo
+    cfg = DecodeConfig(resolution=64)
+    wl, created = ensure_worklist("kinetics600", os.path.join(out, "kinetics"), str(tmp_path / "wl"),
+                                  chunk_seconds=cfg.chunk_seconds)
+    assert created and len(wl) == 24
+    shards = input_shards(wl, 10)
+    assert [s.num_items for s in shards] == [10, 10, 4]
+    recs = list(decode_items(shards[2].items, cfg))
+    assert [r["type"] for r in recs] == ["chunk"] * 4
+    assert [r["key"] for r in recs] == [i["key"] for i in shards[2].items]
+    assert all(r["frames"].shape == (32, 64, 64, 3) and r["label"] in MOTIONS for r in recs)

@@ -134,3 +134,17 @@ def test_track_defaults_from_checkpoint_meta():
         tokenizer_spec_for({"tokenizer": {"id": "dalle-123"}}, None)
     with pytest.raises(ValueError, match="--resolution"):
         resolution_from_meta({"tokenizer": {"id": "x"}})
+
+
+def test_max_samples_takes_a_seeded_subset_across_classes(setup):
+    from pipeline.mix.sequence import make_specials
+    from trainer.evals.run import load_labelled
+
+    kw = dict(specials=make_specials(CODEBOOK), frames=1, stride=1, clips=1, split="train", max_seq_len=80)
+    tok, fi, labels, vids = load_labelled(str(setup["root"] / "images"), max_samples=6, **kw)
+    assert tok.shape == (6, 17) and len(set(labels)) >= 2  # the rows are stored class by class
+    again = load_labelled(str(setup["root"] / "images"), max_samples=6, **kw)
+    assert again[3] == vids  # deterministic for a seed
+    vkw = dict(kw, frames=4, stride=2, clips=2)
+    _, _, vlab, vvid = load_labelled(str(setup["root"] / "videos"), max_samples=4, **vkw)
+    assert len(vvid) == 4 and all(vvid.count(v) == 2 for v in vvid)  # whole videos: both clips kept
