@@ -52,10 +52,11 @@ def shard_hashes(out: str, so=None) -> dict[str, str]:
     [("kinetics600", "arrow"), ("ego4d", "webdataset"), ("howto100m", "arrow"), ("imagenet", "webdataset"),
      ("folder", "arrow")],
 )
-def test_layouts_end_to_end_then_rerun_is_a_noop(ray_local, tmp_path, make_layout, kind, fmt):
+def test_layouts_end_to_end_then_rerun_is_a_noop(ray_local, tmp_path, make_layout, tok_spec, kind, fmt):
     lay = make_layout(kind, str(tmp_path / "data"))
     out = str(tmp_path / "tok")
-    cfg = TokenizeConfig(dataset=kind, input=lay["root"], output=out, format=fmt, items_per_shard=2, **SMALL)
+    cfg = TokenizeConfig(dataset=kind, input=lay["root"], output=out, format=fmt, items_per_shard=2, tokenizer=tok_spec,
+                         **SMALL)
     summary = run_tokenize(cfg)
 
     got = read_all(out)
@@ -94,9 +95,9 @@ def test_layouts_end_to_end_then_rerun_is_a_noop(ray_local, tmp_path, make_layou
     assert again["manifest_hash"] == summary["manifest_hash"]
 
 
-def test_job_level_errors_fail_before_any_work(tmp_path, make_layout):
+def test_job_level_errors_fail_before_any_work(tmp_path, make_layout, tok_spec):
     lay = make_layout("imagenet", str(tmp_path / "data"))
-    ok = dict(dataset="imagenet", input=lay["root"], **SMALL)
+    ok = dict(dataset="imagenet", input=lay["root"], tokenizer=tok_spec, **SMALL)
     with pytest.raises(JobError, match="does not exist"):
         prepare(TokenizeConfig(**{**ok, "input": str(tmp_path / "missing")}, output=str(tmp_path / "o1")))
     blocker = tmp_path / "file"
