@@ -1,7 +1,8 @@
 """Benchmark of `toto-pipeline tokenize` on local Ray.
 
 1. Rate: end-to-end tokens/s of the job against the bound min(decode-only, tokenizer-only), all
-   measured in this run on the same generated inputs with the same settings:
+   measured in this run on the same generated inputs with the same settings (each stage alone is
+   run before and after the job and its faster run is kept):
      decode-only    the decode stage alone: `decode_concurrency` DecodeWorkers (the job's decode
                     actors) decoding every input, in parallel threads;
      tokenizer-only the tokenizer alone on those decoded frames, batch `--batch-size`, with the
@@ -40,7 +41,8 @@ def make_videos(root: str, n: int, frames: int, size: tuple[int, int]) -> None:
     for i in range(n):
         noise = rng.integers(0, 40, (h, w, 3), dtype=np.uint8)
         write_video(os.path.join(root, f"v{i:04d}.mp4"),
-                    lambda k, t, i=i: np.clip(quadrant_frame(h, w, t + i, 3.0).astype(np.int16) + np.roll(noise, k, 1), 0, 255).astype(np.uint8),
+                    lambda k, t, i=i, noise=noise: np.clip(quadrant_frame(h, w, t + i, 3.0).astype(np.int16)
+                                                           + np.roll(noise, k, 1), 0, 255).astype(np.uint8),
                     fps=30, num_frames=frames)
 
 
@@ -176,29 +178,37 @@ def main() -> None:
     dcfg: DecodeConfig = cfg.decode_config()
     tpf = (args.resolution // tok.downsample) ** 2
 
-    dt_dec, n_dec, chunks = decode_only(items, dcfg, sizes["decode"]["actors"])
     threads = max(1, int(round(sizes["tokenize"]["num_cpus"])))
-    dt_tok, n_tok = tokenizer_only(tok, chunks, args.batch_size, threads)
-    del chunks
-    dec_rate, tok_rate = n_dec * tpf / dt_dec, n_tok * tpf / dt_tok
 
+    def stage_rates() -> tuple[float, float, float, float]:
+        dt_dec, n_dec, chunks = decode_only(items, dcfg, sizes["decode"]["actors"])
+        dt_tok, n_tok = tokenizer_only(tok, chunks, args.batch_size, threads)
+        return n_dec * tpf / dt_dec, n_tok * tpf / dt_tok, n_dec / dt_dec, n_tok / dt_tok
+
+    # Each stage alone before and after the job, keeping its faster run: on a shared machine the
+    # load drifts, and the faster figure makes the bound (and so the ratio) conservative.
+    before = stage_rates()
     t0 = time.perf_counter()
     summary = run_tokenize(cfg)
     wall = time.perf_counter() - t0
+    after = stage_rates()
+    dec_rate, tok_rate = max(before[0], after[0]), max(before[1], after[1])
+    dec_fps, tok_fps = max(before[2], after[2]), max(before[3], after[3])
     e2e_all = summary["tokens_per_s"]
     e2e = summary["steady_tokens_per_s"]
     bound = min(dec_rate, tok_rate)
     res = {
         "machine_cpus": os.cpu_count(), "tokenizer": tok.id, "resolution": args.resolution, "inputs": args.inputs,
         "frames": int(summary["counts"]["frames"]), "tokens": int(summary["counts"]["tokens"]), "stages": sizes,
-        "decode_only_tokens_per_s": dec_rate, "decode_only_frames_per_s": n_dec / dt_dec,
-        "tokenizer_only_tokens_per_s": tok_rate, "tokenizer_only_frames_per_s": n_tok / dt_tok,
+        "decode_only_tokens_per_s": dec_rate, "decode_only_frames_per_s": dec_fps,
+        "tokenizer_only_tokens_per_s": tok_rate, "tokenizer_only_frames_per_s": tok_fps,
+        "stage_rates_before_after": {"before": before, "after": after},
         "end_to_end_steady_tokens_per_s": e2e, "end_to_end_incl_actor_start_tokens_per_s": e2e_all,
         "bound_tokens_per_s": bound, "ratio_to_bound": e2e / bound, "ratio_incl_actor_start": e2e_all / bound,
         "job_wall_s_incl_ray_start": wall,
     }
-    print(f"decode-only     {dec_rate:12,.0f} tokens/s ({n_dec / dt_dec:,.0f} frames/s, {sizes['decode']['actors']} workers)")
-    print(f"tokenizer-only  {tok_rate:12,.0f} tokens/s ({n_tok / dt_tok:,.0f} frames/s, {threads} threads, batch {args.batch_size})")
+    print(f"decode-only     {dec_rate:12,.0f} tokens/s ({dec_fps:,.0f} frames/s, {sizes['decode']['actors']} workers; before/after job {before[2]:,.0f}/{after[2]:,.0f})")
+    print(f"tokenizer-only  {tok_rate:12,.0f} tokens/s ({tok_fps:,.0f} frames/s, {threads} threads, batch {args.batch_size}; before/after {before[3]:,.0f}/{after[3]:,.0f})")
     print(f"end-to-end      {e2e:12,.0f} tokens/s steady (first to last commit) → {e2e / bound:.2f} of min(decode, tokenizer) = {bound:,.0f}")
     print(f"                {e2e_all:12,.0f} tokens/s including actor start-up → {e2e_all / bound:.2f}")
     print(f"job wall incl. Ray start-up and listing: {wall:.1f} s for {summary['counts']['frames']:,} frames")

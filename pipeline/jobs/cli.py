@@ -40,6 +40,8 @@ def _storage_options(endpoint_url: str | None) -> dict | None:
 @click.option("--decode-concurrency", default=None, type=int,
               help="Decode actors (one input shard each at a time). Default: the CPUs the tokenizers leave / --decode-cpus.")
 @click.option("--decode-cpus", default=1.0, show_default=True, type=float, help="CPUs reserved per decode actor.")
+@click.option("--decode-threads", default=0, show_default=True, type=int,
+              help="FFmpeg threads per decode; 0 = FFmpeg chooses. On clusters: 1, with one decode actor per core.")
 @click.option("--tokenizer-cpus", default=1.0, show_default=True, type=float,
               help="CPUs per CPU tokenizer actor (and its torch threads).")
 @click.option("--cpu-actors", default=1, show_default=True, type=int, help="Tokenizer actors when there is no GPU.")
@@ -52,7 +54,7 @@ def _storage_options(endpoint_url: str | None) -> dict | None:
 @click.option("--no-progress", is_flag=True, help="No live progress display.")
 def tokenize_cmd(dataset, input_, output, tokenizer, resolution, fps, max_fps, chunk_frames, fmt, compression,
                  items_per_shard, limit, splits, ray_address, num_cpus, num_gpus, decode_concurrency, decode_cpus,
-                 tokenizer_cpus, cpu_actors, batch_size, rows_per_batch, decode_timeout, endpoint_url, no_progress) -> None:
+                 decode_threads, tokenizer_cpus, cpu_actors, batch_size, rows_per_batch, decode_timeout, endpoint_url, no_progress) -> None:
     """Decode and tokenize a dataset into token shards, exactly once per input shard.
 
     \b
@@ -77,7 +79,7 @@ def tokenize_cmd(dataset, input_, output, tokenizer, resolution, fps, max_fps, c
             dataset=dataset, input=input_, output=output, tokenizer=tokenizer, resolution=resolution, fps=fps,
             max_fps=max_fps, chunk_frames=chunk_frames, format=fmt, compression=compression,
             items_per_shard=items_per_shard, limit=limit, splits=tuple(splits) or None, ray_address=ray_address,
-            num_cpus=num_cpus, num_gpus=num_gpus, decode_concurrency=decode_concurrency, decode_cpus=decode_cpus,
+            num_cpus=num_cpus, num_gpus=num_gpus, decode_concurrency=decode_concurrency, decode_cpus=decode_cpus, decode_threads=decode_threads,
             tokenizer_cpus=tokenizer_cpus, cpu_actors=cpu_actors, batch_size=batch_size,
             rows_per_batch=rows_per_batch, decode_timeout_s=decode_timeout, progress=not no_progress,
             storage_options=_storage_options(endpoint_url),

@@ -34,6 +34,8 @@ class TokenizeConfig:
     decode_concurrency: decode actors (each decodes one input shard at a time in a watchdog
                       subprocess); None = derived from the CPUs left after the tokenizer actors.
     decode_cpus:      CPUs reserved per decode actor (fractional is allowed).
+    decode_threads:   FFmpeg threads per decode (0 = FFmpeg chooses). On clusters use 1 with one decode
+                      actor per core: per-core throughput is highest single-threaded (BENCHMARKS.md).
     tokenizer_cpus:   CPUs reserved per CPU tokenizer actor (also its torch thread count, rounded up).
     cpu_actors:       number of tokenizer actors when there is no GPU.
     batch_size:       frames per tokenizer forward pass.
@@ -59,6 +61,7 @@ class TokenizeConfig:
     num_gpus: int | None = None
     decode_concurrency: int | None = None
     decode_cpus: float = 1.0
+    decode_threads: int = 0
     tokenizer_cpus: float = 1.0
     cpu_actors: int = 1
     batch_size: int = 64
@@ -119,6 +122,7 @@ class TokenizeConfig:
             max_fps=self.max_fps,
             chunk_frames=self.chunk_frames,
             timeout_s=self.decode_timeout_s,
+            threads=self.decode_threads,
         )
 
     def settings(self) -> dict[str, Any]:

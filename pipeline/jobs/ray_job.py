@@ -17,6 +17,7 @@ executor's backpressure bounds the frames in flight, so memory does not grow wit
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -192,6 +193,11 @@ def run_tokenize(cfg: TokenizeConfig, *, out=sys.stderr) -> dict[str, Any]:
 def _execute(ray, cfg: TokenizeConfig, plan: JobPlan, sizes: dict, progress: Progress) -> None:
     from ray.data import ActorPoolStrategy, DataContext
 
+    # Ray Data logs every execution plan at INFO on the console; the job's own progress line and
+    # table say what matters. Its log files (in the Ray session directory) keep everything.
+    for h in logging.getLogger("ray.data").handlers:
+        if type(h) is logging.StreamHandler:
+            h.setLevel(logging.WARNING)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.verbose_stats_logs = False

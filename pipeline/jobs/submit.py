@@ -56,16 +56,26 @@ def entrypoint_for(args: list[str]) -> str:
 
 def submit(address: str, args: list[str], *, install: str = "deps", working_dir: str | None = None,
            wait: bool = True, poll_s: float = 2.0, env_vars: dict[str, str] | None = None,
-           echo=print) -> tuple[str, str]:
+           agent_wait_s: float = 120.0, echo=print) -> tuple[str, str]:
     """Submit; with wait, stream the job's logs and return (job id, final status)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(
-        entrypoint=entrypoint_for(args),
-        runtime_env=build_runtime_env(install, working_dir or project_root(), env_vars),
-        metadata={"tool": "toto-pipeline submit"},
-    )
+    # A head that just started answers before its job agent is up ("No available agent to submit
+    # job"): retry that for a while instead of failing a fresh cluster's first submission.
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            job_id = client.submit_job(
+                entrypoint=entrypoint_for(args),
+                runtime_env=build_runtime_env(install, working_dir or project_root(), env_vars),
+                metadata={"tool": "toto-pipeline submit"},
+            )
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
     echo(f"submitted {job_id} to {address}; follow with: ray job logs --address {address} -f {job_id}")
     if not wait:
         return job_id, str(client.get_job_status(job_id))

@@ -71,3 +71,21 @@ def build_layout(kind: str, root: str) -> dict:
 @pytest.fixture
 def make_layout():
     return build_layout
+
+
+@pytest.fixture(scope="session")
+def tok_spec(tmp_path_factory) -> str:
+    """A small dVAE tokenizer folder with random weights (64 px → 8×8 codes of 512), made with the
+    tokenizers' own save path; the spec `dvae:DIR` loads it like any converted or trained one."""
+    import torch
+
+    from pipeline.tokenizers import make_config, save_tokenizer
+    from pipeline.tokenizers.base import state_dict_of
+    from pipeline.tokenizers.dalle import DVAEArch, DVAEEncoder
+
+    torch.manual_seed(0)
+    arch = DVAEArch(vocab_size=512, n_hid=16, n_init=16, n_blk_per_group=1)
+    out = str(tmp_path_factory.mktemp("tok") / "dvae")
+    cfg = make_config("dvae", "jobs-test", arch, resolution=64, has_decoder=False, source={"made_by": "tests/pipeline/jobs"})
+    save_tokenizer(out, cfg, state_dict_of(DVAEEncoder(arch), None, "dvae"))
+    return f"dvae:{out}"

@@ -60,19 +60,21 @@ def _hashes(out: str, so=None) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_points_then_rerun_equals_uninterrupted(ray_local, tmp_path, make_layout):
+def test_sigkill_at_random_points_then_rerun_equals_uninterrupted(ray_local, tmp_path, make_layout, tok_spec):
     lay = make_layout("folder", str(tmp_path / "data"))
     for i in range(3, 6):  # more inputs: more shards to be caught mid-way
         from pipeline.media import quadrant_frame, write_video
 
-        write_video(str(tmp_path / "data" / "clips" / f"more{i}.mp4"), lambda k, t: quadrant_frame(32, 48, t + i, 3.0),
+        write_video(str(tmp_path / "data" / "clips" / f"more{i}.mp4"), lambda k, t, i=i: quadrant_frame(32, 48, t + i, 3.0),
                     fps=10, num_frames=8)
     ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
-    run_tokenize(TokenizeConfig(dataset="folder", input=lay["root"], output=ref, items_per_shard=1, **SMALL))
+    run_tokenize(TokenizeConfig(dataset="folder", input=lay["root"], output=ref, items_per_shard=1, tokenizer=tok_spec,
+                                **SMALL))
     want = _hashes(ref)
     assert len(want) == 10  # 7 good inputs + 3 bad ones, one per shard
 
-    args = ["--dataset", "folder", "--input", lay["root"], "--output", out, "--items-per-shard", "1", *SMALL_ARGS]
+    args = ["--dataset", "folder", "--input", lay["root"], "--output", out, "--items-per-shard", "1", "--tokenizer", tok_spec,
+            *SMALL_ARGS]
     rng = random.Random(5)
     # Kill 1: as soon as the first shard is committed (the driver is mid-stream).
     p = _start_job(args)
@@ -92,7 +94,8 @@ def test_sigkill_at_random_points_then_rerun_equals_uninterrupted(ray_local, tmp
     time.sleep(0.5)
     _kill_group(p)
     # Rerun to the end (in-process on the shared Ray): exactly the reference's shards.
-    summary = run_tokenize(TokenizeConfig(dataset="folder", input=lay["root"], output=out, items_per_shard=1, **SMALL))
+    summary = run_tokenize(TokenizeConfig(dataset="folder", input=lay["root"], output=out, items_per_shard=1,
+                                         tokenizer=tok_spec, **SMALL))
     assert _hashes(out) == want
     assert summary["shards"]["total"] == 10 and summary["shards"]["skipped"] >= first
     assert debris(out) == []
@@ -103,7 +106,7 @@ def test_sigkill_at_random_points_then_rerun_equals_uninterrupted(ray_local, tmp
 
 
 @pytest.mark.slow
-def test_s3_input_and_output_on_moto(s3_server, tmp_path, make_layout):
+def test_s3_input_and_output_on_moto(s3_server, tmp_path, make_layout, tok_spec):
     import s3fs
 
     so = s3_server["storage_options"]
@@ -113,7 +116,7 @@ def test_s3_input_and_output_on_moto(s3_server, tmp_path, make_layout):
     fs.put(lay["root"] + "/", f"{bucket}/k600/", recursive=True)
     src, out = f"s3://{bucket}/k600", f"s3://{bucket}/tok/k600"
     args = ["--dataset", "kinetics600", "--input", src, "--output", out, "--items-per-shard", "2",
-            "--format", "webdataset", "--endpoint-url", s3_server["endpoint_url"], *SMALL_ARGS]
+            "--format", "webdataset", "--endpoint-url", s3_server["endpoint_url"], "--tokenizer", tok_spec, *SMALL_ARGS]
     p = _start_job(args)
     log, _ = p.communicate(timeout=300)
     text = log.decode(errors="replace")
@@ -138,10 +141,8 @@ def _port() -> int:
 
 
 @pytest.mark.slow
-def test_submit_to_a_real_ray_head_through_the_jobs_api(tmp_path, make_layout, monkeypatch):
+def test_submit_to_a_real_ray_head_through_the_jobs_api(tmp_path, make_layout, tok_spec, monkeypatch):
     import uuid
-
-    from pipeline.jobs.submit import submit
 
     # Ray's token authentication, as a real cluster runs it: head and client share one token.
     token = uuid.uuid4().hex + uuid.uuid4().hex
@@ -176,14 +177,17 @@ def test_submit_to_a_real_ray_head_through_the_jobs_api(tmp_path, make_layout, m
                 if time.time() > deadline or head.poll() is not None:
                     raise RuntimeError("the Ray head did not come up") from None
                 time.sleep(1)
-        lines: list[str] = []
-        job_id, status = submit(
-            address,
-            ["tokenize", "--dataset", "imagenet", "--input", lay["root"], "--output", out, "--items-per-shard", "2",
-             "--resolution", "64", "--batch-size", "8", "--decode-cpus", "0.5", "--no-progress"],
-            install="none", working_dir=REPO, echo=lines.append, poll_s=1.0,
+        # `toto-pipeline submit` in its own process: it reads the token from its environment
+        # (this test process may hold another one cached from the shared local Ray).
+        sub = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "submit", "--address", address, "--install", "none",
+             "--working-dir", REPO, "--", "tokenize", "--dataset", "imagenet", "--input", lay["root"], "--output", out,
+             "--items-per-shard", "2", "--resolution", "64", "--batch-size", "8", "--decode-cpus", "0.5",
+             "--tokenizer", tok_spec, "--no-progress"],
+            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400,
         )
-        assert status == "SUCCEEDED", "\n".join(lines)
+        assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
+        assert sub.stdout.strip().endswith("SUCCEEDED") and "submitted raysubmit_" in sub.stderr
     finally:
         try:
             os.killpg(head.pid, signal.SIGTERM)

@@ -13,6 +13,7 @@ from pipeline import storage
 from pipeline.decode import decode_item
 from pipeline.jobs import JobError, TokenizeConfig, prepare, run_tokenize
 from pipeline.shards import committed_shards, debris, open_shard, read_manifest, verify_shard
+from pipeline.shards.cli import dataset_status
 from pipeline.sources import load_worklist
 from pipeline.tokenizers import load_tokenizer
 
@@ -51,10 +52,11 @@ def shard_hashes(out: str, so=None) -> dict[str, str]:
     [("kinetics600", "arrow"), ("ego4d", "webdataset"), ("howto100m", "arrow"), ("imagenet", "webdataset"),
      ("folder", "arrow")],
 )
-def test_layouts_end_to_end_then_rerun_is_a_noop(ray_local, tmp_path, make_layout, kind, fmt):
+def test_layouts_end_to_end_then_rerun_is_a_noop(ray_local, tmp_path, make_layout, tok_spec, kind, fmt):
     lay = make_layout(kind, str(tmp_path / "data"))
     out = str(tmp_path / "tok")
-    cfg = TokenizeConfig(dataset=kind, input=lay["root"], output=out, format=fmt, items_per_shard=2, **SMALL)
+    cfg = TokenizeConfig(dataset=kind, input=lay["root"], output=out, format=fmt, items_per_shard=2, tokenizer=tok_spec,
+                         **SMALL)
     summary = run_tokenize(cfg)
 
     got = read_all(out)
@@ -75,9 +77,13 @@ def test_layouts_end_to_end_then_rerun_is_a_noop(ray_local, tmp_path, make_layou
     assert summary["counts"]["inputs_failed"] == len(lay["bad"]) and summary["shards"]["committed"] == len(sides)
     if kind == "folder":
         # zero-byte, audio-only and truncated inputs, each with its reason; the good ones all landed.
-        assert set(summary["errors_by_reason"]) == {"zero bytes", "no video stream", "truncated"}
+        reasons = sorted(summary["errors_by_reason"])
+        assert [r.split(" (")[0] for r in reasons] == ["no video stream", "truncated", "zero bytes"]
+        assert all(n == 1 for n in summary["errors_by_reason"].values())
         assert sum(1 for k in got if k.startswith("folder/clips__good")) >= 3
     assert debris(out) == []
+    st = dataset_status(out)  # `toto-pipeline status OUT` reads job.json for the planned count
+    assert (st["shards_planned"], st["shards_committed"], st["rows"]) == (len(sides), len(sides), len(want))
 
     # Rerun: nothing decoded, nothing rewritten (same bytes, same sidecar files untouched).
     mtimes = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out) if n.startswith("shard-")}
@@ -89,9 +95,9 @@ def test_layouts_end_to_end_then_rerun_is_a_noop(ray_local, tmp_path, make_layou
     assert again["manifest_hash"] == summary["manifest_hash"]
 
 
-def test_job_level_errors_fail_before_any_work(tmp_path, make_layout):
+def test_job_level_errors_fail_before_any_work(tmp_path, make_layout, tok_spec):
     lay = make_layout("imagenet", str(tmp_path / "data"))
-    ok = dict(dataset="imagenet", input=lay["root"], **SMALL)
+    ok = dict(dataset="imagenet", input=lay["root"], tokenizer=tok_spec, **SMALL)
     with pytest.raises(JobError, match="does not exist"):
         prepare(TokenizeConfig(**{**ok, "input": str(tmp_path / "missing")}, output=str(tmp_path / "o1")))
     blocker = tmp_path / "file"
