@@ -182,8 +182,14 @@ def _generate_fn(cfg: DemoConfig, tokenizer):
     return generate
 
 
-def run_demo(cfg: DemoConfig) -> str:
-    """Run every stage; return the path of report.md."""
+STAGES = ("data", "tokenize", "mix", "pretrain", "study")
+
+
+def run_demo(cfg: DemoConfig, until: str = "study") -> str:
+    """Run the stages up to and including ``until``; return that stage's output path
+    (report.md for the whole study)."""
+    if until not in STAGES:
+        raise ValueError(f"until={until!r} is not a stage; choose one of {', '.join(STAGES)}")
     from trainer.evals.study import StudyConfig, TaskData, run_study
 
     t_start = time.time()
@@ -213,6 +219,8 @@ def run_demo(cfg: DemoConfig) -> str:
         return res
 
     summary = timed("data", stage_data, cfg)
+    if until == "data":
+        return _p(cfg, "data")
     # Fail before the long stages if a piece the study needs is missing from this build.
     tokenizer = _load_tokenizer(cfg)
     generate = _generate_fn(cfg, tokenizer)
@@ -221,8 +229,14 @@ def run_demo(cfg: DemoConfig) -> str:
         return np.asarray(tokenizer.encode(frames))
 
     tokens = timed("tokenize", stage_tokenize, cfg)
+    if until == "tokenize":
+        return os.path.dirname(tokens["imagenet"])
     mix = timed("mix", stage_mix, cfg, tokens)
+    if until == "mix":
+        return mix
     run = timed("pretrain", stage_pretrain, cfg, mix)
+    if until == "pretrain":
+        return run
     scfg = StudyConfig(probe_epochs=cfg.probe_epochs, max_probe_samples=cfg.max_probe_samples,
                        loss_clips=cfg.loss_clips, track_max_frames=cfg.track_max_frames, seed=cfg.seed,
                        video_stride=cfg.stride)
@@ -251,7 +265,10 @@ def run_demo(cfg: DemoConfig) -> str:
 @click.option("--out", default="demo-out", show_default=True, help="Output folder (data, tokens, run, report.md).")
 @click.option("--quick", is_flag=True, help="A few-minute variant for CI: ~5% of the data, a handful of steps.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the data, mix, training and probes.")
-def demo(out: str, quick: bool, seed: int) -> None:
+@click.option("--until", type=click.Choice(STAGES), default="study", show_default=True,
+              help="Stop after this stage (e.g. `--until mix` builds the demo token data and OUT/mix.json only; "
+                   "`make pretrain` uses it).")
+def demo(out: str, quick: bool, seed: int, until: str) -> None:
     """Run the whole study on the embedded demo data: data -> tokenize -> mix -> pretrain ->
     probes, loss by position, label propagation, generation -> OUT/report.md.
 
@@ -264,7 +281,7 @@ def demo(out: str, quick: bool, seed: int) -> None:
     """
     cfg = DemoConfig.quick_config(out, seed) if quick else DemoConfig(out=out, seed=seed)
     try:
-        path = run_demo(cfg)
+        path = run_demo(cfg, until=until)
     except (ValueError, RuntimeError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(path)
