@@ -94,9 +94,10 @@ class TrainConfig:
         return DVAEArch(vocab_size=self.codebook, n_hid=self.width, n_blk_per_group=self.blocks, n_init=self.n_init)
 
     def model_fields(self) -> dict:
-        """Fields that must match for a checkpoint to be resumed."""
+        """Fields that must match for a checkpoint to be resumed. `steps` may change on resume
+        (to extend or shorten a run); the schedules then follow the new length from that step on."""
         d = asdict(self)
-        for k in ("out", "threads", "ckpt_every", "name", "weights_name"):
+        for k in ("out", "threads", "ckpt_every", "name", "weights_name", "steps"):
             d.pop(k)
         return d
 
@@ -285,7 +286,9 @@ def train_tokenizer(cfg: TrainConfig, *, progress: bool = True, command: str | N
     ckpt = os.path.join(cfg.out, CKPT_FILE)
     if os.path.isfile(ckpt):
         st = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if st["config"] != json.dumps(cfg.model_fields(), sort_keys=True):
+        saved = json.loads(st["config"])
+        saved.pop("steps", None)
+        if saved != cfg.model_fields():
             raise ValueError(f"{ckpt} was made with other settings ({st['config']}); use another --out or the "
                              "same options to resume")
         enc.load_state_dict(st["encoder"])
@@ -293,6 +296,8 @@ def train_tokenizer(cfg: TrainConfig, *, progress: bool = True, command: str | N
         opt.load_state_dict(st["optimizer"])
         gen.set_state(st["generator"])
         start = int(st["step"])
+        if start > cfg.steps:
+            raise ValueError(f"{ckpt} is at step {start}, past --steps {cfg.steps}; raise --steps or use another --out")
     n = len(train)
     rng_seed = cfg.seed
     bar = tqdm(total=cfg.steps, initial=start, desc="train-tokenizer", unit="step", file=sys.stderr,
@@ -336,6 +341,8 @@ def train_tokenizer(cfg: TrainConfig, *, progress: bool = True, command: str | N
     reconstruction_png(enc, dec, val, png)
     source = {
         "trained_with": "toto-pipeline train-tokenizer",
+        "steps": cfg.steps,
+        "resumed_from_step": start,
         "command": command or "",
         "settings": cfg.model_fields(),
         "data": data_info,
