@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.tokenizers import DVAEArch, DVAEDecoder, DVAEEncoder, load_tokenizer, make_config, save_tokenizer
+from pipeline.tokenizers import (
+    DVAEArch,
+    DVAEDecoder,
+    DVAEEncoder,
+    load_tokenizer,
+    make_config,
+    save_tokenizer,
+)
 from pipeline.tokenizers.base import state_dict_of
 
 
