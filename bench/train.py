@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--preset", default=None, help="model preset (default: d=256, 4 layers, 4 heads)")
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=8195)
+    ap.add_argument("--vocab", type=int, default=8196)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds")

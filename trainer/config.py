@@ -4,7 +4,7 @@ A run is `TrainConfig`; its `model` is a `ModelConfig` whose vocab_size and max_
 taken from the data (the mix's loader) when training starts. Presets:
 
 - `tiny`: unit tests and CI (a ~0.2M-parameter model, a handful of steps).
-- `demo`: the CPU demo (64 px frames -> 8x8 = 64 tokens, 16-frame clips ~1k tokens, ~3M params).
+- `demo`: the CPU demo (64 px frames -> 8x8 = 64 tokens, 16-frame clips ~1k tokens, ~1.9M params).
 - `base`, `large`, `1b`: the paper's models at ~1M tokens per step, peak lr 3e-4.
 - `base-256`: the coarse-to-fine second stage (32x32 grid, RoPE base 50 000), initialised from a
   128 px checkpoint with `init_from=...`.
@@ -134,8 +134,8 @@ PRESETS: dict[str, TrainConfig] = {
         ckpt_every=10, val_every=10, val_batches=1,
     ),
     "demo": _preset(
-        "demo", "demo", batch_tokens=8192, micro_batch=4, max_steps=150, lr=2e-3, warmup_steps=15,
-        ckpt_every=50, val_every=50, val_batches=4, min_lr_ratio=0.1,
+        "demo", "demo", batch_tokens=8192, micro_batch=4, max_steps=120, lr=2e-3, warmup_steps=12,
+        ckpt_every=40, val_every=40, val_batches=4, min_lr_ratio=0.1,
     ),
     "base": _preset(
         "base", "base", batch_tokens=1 << 20, micro_batch=8, max_steps=100_000, lr=3e-4, warmup_steps=2000,

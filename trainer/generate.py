@@ -204,17 +204,27 @@ def write_side_by_side(out: str | os.PathLike, real: np.ndarray, model_frames: n
     return out
 
 
-def _tokenizer_spec(meta: dict, override: str | None) -> str:
-    if override:
-        return override
-    tok = meta.get("tokenizer") or {}
-    tid = tok.get("id", "") if isinstance(tok, dict) else str(tok)
-    if tid.startswith("demo"):
-        return "demo"
-    raise ValueError(
-        f"the checkpoint was trained with tokenizer {tid!r}; pass --tokenizer SPEC (e.g. dalle:DIR, vqgan:DIR, "
-        "dvae:DIR or demo) to load it"
-    )
+def _load_tokenizer(meta: dict, spec: str | None, device: str):
+    """The tokenizer named by `spec`, else the bundled demo one when it is the one the data was made with."""
+    import warnings
+
+    from pipeline.tokenizers import load_tokenizer
+
+    tok_meta = meta.get("tokenizer") or {}
+    tid = tok_meta.get("id", "") if isinstance(tok_meta, dict) else str(tok_meta)
+    if spec:
+        tok = load_tokenizer(spec, device)
+        if tid and tok.id != tid:
+            warnings.warn(f"tokenizer {tok.id} differs from the one the training data was made with ({tid})",
+                          stacklevel=2)
+        return tok
+    tok = load_tokenizer("demo", device)
+    if tok.id != tid:
+        raise ValueError(
+            f"the checkpoint was trained on tokens of {tid!r}; pass --tokenizer SPEC (dalle:DIR, vqgan:DIR, "
+            "dvae:DIR or demo) to load that tokenizer"
+        )
+    return tok
 
 
 def generate(
@@ -240,11 +250,7 @@ def generate(
         raise ValueError(f"--frames {frames}: generate at least one frame")
     model, meta = load_model(ckpt, device=device)
     if tokenizer is None:
-        from pipeline.tokenizers import load_tokenizer
-
-        tokenizer = load_tokenizer(_tokenizer_spec(meta, tokenizer_spec))
-        if hasattr(tokenizer, "to"):
-            tokenizer = tokenizer.to(device) or tokenizer
+        tokenizer = _load_tokenizer(meta, tokenizer_spec, device)
     grid = meta.get("grid")
     if not grid:
         raise ValueError("the checkpoint records no token grid (meta 'grid'); it was not trained from a mix manifest")
@@ -285,7 +291,8 @@ def generate(
               help="Prompt frames to condition on (default: as many as fit the context).")
 @click.option("--out", required=True, help="Output .gif or .mp4: real frames left, model frames right.")
 @click.option("--tokenizer", "tokenizer_spec", default=None,
-              help="Tokenizer spec for load_tokenizer (default: 'demo' when the checkpoint used it).")
+              help="Tokenizer spec for load_tokenizer (default: the bundled 'demo' one when the checkpoint's data "
+                   "was made with it).")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=int, default=100, show_default=True, help="Sample among the k most likely codes.")
 @click.option("--stride", type=int, default=None, help="Temporal stride of the prompt (default: the mix's).")

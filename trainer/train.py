@@ -191,10 +191,11 @@ class _Metrics:
 
     def __init__(self, out: Path, resume_step: int, tensorboard: bool) -> None:
         self.path = out / "metrics.jsonl"
-        if self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+        for path in (self.path, out / "val.jsonl"):
+            if path.exists():  # steps past the checkpoint are run (and logged) again
+                kept = [ln for ln in path.read_text().splitlines()
+                        if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+                path.write_text("".join(ln + "\n" for ln in kept))
         self.f = open(self.path, "a")
         self.tb = None
         if tensorboard:
@@ -275,14 +276,15 @@ def _state_dicts(raw: Transformer, opt: torch.optim.Optimizer, d: _Dist, fsdp: b
 
 
 def _load_state_dicts(raw: Transformer, opt: torch.optim.Optimizer | None, model_sd: dict, opt_sd: dict | None,
-                      d: _Dist) -> None:
+                      d: _Dist, fsdp: bool) -> None:
+    """Load full state dicts. Under FSDP2 only rank 0's copy is read; it is broadcast and sharded."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
         set_optimizer_state_dict,
     )
 
-    opts = StateDictOptions(full_state_dict=True)
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=fsdp)
     set_model_state_dict(raw, model_sd, options=opts)
     if opt is not None and opt_sd is not None:
         set_optimizer_state_dict(raw, opt, opt_sd, options=opts)
@@ -352,8 +354,11 @@ def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
     resume_dir = ck.latest_checkpoint(out)
     start_step, tokens_seen = 0, 0
     init_sd = None
+    fsdp = d.enabled and cfg.parallel == "fsdp"
     if resume_dir is not None:
         model_sd, opt_sd, meta = ck.load_state(resume_dir)
+        if fsdp and d.rank != 0:
+            model_sd, opt_sd = {}, {}  # rank 0 broadcasts: one copy of the full state in host memory
         saved = ModelConfig.from_dict(meta["model_config"])
         if saved != mcfg:
             raise ValueError(
@@ -370,6 +375,7 @@ def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
         # Coarse to fine: weights only (RoPE tables are rebuilt from this run's config).
         init_model, init_meta = ck.load_model(cfg.init_from)
         init_sd = init_model.state_dict()
+        del init_model
         shapes = {k: tuple(v.shape) for k, v in raw.state_dict().items()}
         wrong = [k for k, v in init_sd.items() if shapes.get(k) != tuple(v.shape)]
         if wrong:
@@ -378,7 +384,6 @@ def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
                 "needs the same dim/layers/heads/vocabulary as this run"
             )
 
-    fsdp = d.enabled and cfg.parallel == "fsdp"
     raw.to(device)
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -392,7 +397,7 @@ def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
         foreach=device.type == "cuda" or None,
     )
     if resume_dir is not None:
-        _load_state_dicts(raw, opt, model_sd, opt_sd, d)
+        _load_state_dicts(raw, opt, model_sd, opt_sd, d, fsdp)
         if meta.get("loader_state") is not None:
             loader.load_state_dict(meta["loader_state"])
         rng = ck.load_rng(resume_dir, d.rank)
@@ -400,7 +405,7 @@ def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
             ck.restore_rng(rng)
         del model_sd, opt_sd
     elif init_sd is not None:
-        _load_state_dicts(raw, None, init_sd, None, d)
+        _load_state_dicts(raw, None, init_sd, None, d, False)
 
     model: torch.nn.Module = raw
     if cfg.compile:

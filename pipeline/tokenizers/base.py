@@ -230,6 +230,7 @@ def save_tokenizer(out_dir: str, config: dict, state_dict: dict[str, torch.Tenso
     tmp = wpath + ".tmp"
     save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, tmp,
               metadata={"kind": config["kind"], "name": config["name"]})
+    os.chmod(tmp, 0o644)  # safetensors creates it owner-only; weights are shipped and shared
     os.replace(tmp, wpath)
     config = dict(config, weights_sha256=sha256_path(wpath))
     schemas.validate(config, "tokenizer_config")

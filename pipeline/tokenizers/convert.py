@@ -15,6 +15,7 @@ import click
 import torch
 import yaml
 
+from pipeline.tokenizers.base import CONFIG_FILE as _CONFIG_FILE
 from pipeline.tokenizers.base import (
     build_modules,
     load_tokenizer_files,
@@ -22,7 +23,6 @@ from pipeline.tokenizers.base import (
     save_tokenizer,
     sha256_path,
 )
-from pipeline.tokenizers.base import CONFIG_FILE as _CONFIG_FILE
 from pipeline.tokenizers.dalle import DVAEArch
 from pipeline.tokenizers.unpickle import (
     CKPT_OPAQUE_PREFIXES,

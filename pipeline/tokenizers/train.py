@@ -55,6 +55,8 @@ class TrainConfig:
     anneal_frac: float = 0.8
     kl_weight: float = 6.6
     kl_ramp_frac: float = 0.2
+    recon_loss: str = "logit-laplace"
+    usage_weight: float = 0.0
     frame_stride: int = 4
     max_frames: int = 20000
     val_fraction: float = 0.05
@@ -85,6 +87,10 @@ class TrainConfig:
             bad("anneal_frac", "anneal_frac in (0, 1] and kl_ramp_frac in [0, 1]")
         if not 0 < self.val_fraction < 1:
             bad("val_fraction", "use a fraction in (0, 1), e.g. 0.05")
+        if self.recon_loss not in ("logit-laplace", "mse"):
+            bad("recon_loss", "use 'logit-laplace' (DALL·E) or 'mse'")
+        if self.usage_weight < 0:
+            bad("usage_weight", "use >= 0")
         if self.lr <= 0 or self.kl_weight < 0:
             bad("lr", "lr must be > 0 and kl_weight >= 0")
         if not self.weights_name.replace("-", "").replace("_", "").isalnum():
@@ -94,9 +100,10 @@ class TrainConfig:
         return DVAEArch(vocab_size=self.codebook, n_hid=self.width, n_blk_per_group=self.blocks, n_init=self.n_init)
 
     def model_fields(self) -> dict:
-        """Fields that must match for a checkpoint to be resumed."""
+        """Fields that must match for a checkpoint to be resumed. `steps` may change on resume
+        (to extend or shorten a run); the schedules then follow the new length from that step on."""
         d = asdict(self)
-        for k in ("out", "threads", "ckpt_every", "name", "weights_name"):
+        for k in ("out", "threads", "ckpt_every", "name", "weights_name", "steps"):
             d.pop(k)
         return d
 
@@ -187,23 +194,36 @@ def _to_input(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def train_loss(enc: DVAEEncoder, dec: DVAEDecoder, x: torch.Tensor, tau: float, beta: float,
-               generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """Negative ELB per pixel channel: logit-Laplace NLL + β · KL(q ‖ uniform) · (tokens / pixel channels)."""
+               generator: torch.Generator, recon_loss: str = "logit-laplace",
+               usage_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Negative ELB per pixel channel: reconstruction NLL + β · KL(q ‖ uniform) · (tokens / pixel channels).
+
+    recon_loss "logit-laplace" is DALL·E's; "mse" (on the decoded mean) trains faster in short runs.
+    usage_weight > 0 adds (log V − H(mean posterior over the batch)): it penalises a batch that
+    puts its mass on few codes, which short runs otherwise do (codebook collapse)."""
     logits = enc(x)  # (B, V, h, w)
     # Gumbel-softmax with an explicit generator so training is reproducible and resumable.
     u = torch.rand(logits.shape, generator=generator).clamp_(1e-10, 1 - 1e-10)
     g = -torch.log(-torch.log(u))
     z = F.softmax((logits + g) / tau, dim=1)  # (B, V, h, w) relaxed one-hot
     stats = dec(z)  # (B, 6, H, W)
-    nll = logit_laplace_nll(stats, x)
+    mean = decoder_mean(stats)  # (B, 3, H, W) in [0, 1]
+    target = (x - 0.1) / 0.8
+    nll = logit_laplace_nll(stats, x) if recon_loss == "logit-laplace" else F.mse_loss(mean, target)
     logq = F.log_softmax(logits, dim=1)
     v = logits.shape[1]
-    kl = (logq.exp() * (logq + math.log(v))).sum(1).mean()  # nats per token
+    q = logq.exp()
+    kl = (q * (logq + math.log(v))).sum(1).mean()  # nats per token
     tokens_per_channel = logits.shape[2] * logits.shape[3] / (x.shape[1] * x.shape[2] * x.shape[3])
     loss = nll + beta * kl * tokens_per_channel
+    avg = q.mean(dim=(0, 2, 3))  # (V,) batch-average posterior
+    usage_deficit = math.log(v) + (avg * torch.log(avg.clamp_min(1e-12))).sum()
+    if usage_weight:
+        loss = loss + usage_weight * usage_deficit
     with torch.no_grad():
-        mse = F.mse_loss(decoder_mean(stats), (x - 0.1) / 0.8)
-    return loss, {"nll": float(nll.detach()), "kl": float(kl.detach()), "psnr": float(-10 * torch.log10(mse.clamp_min(1e-10)))}
+        mse = F.mse_loss(mean, target)
+    return loss, {"nll": float(nll.detach()), "kl": float(kl.detach()), "usage_deficit": float(usage_deficit.detach()),
+                  "psnr": float(-10 * torch.log10(mse.clamp_min(1e-10)))}
 
 
 @torch.inference_mode()
@@ -285,7 +305,9 @@ def train_tokenizer(cfg: TrainConfig, *, progress: bool = True, command: str | N
     ckpt = os.path.join(cfg.out, CKPT_FILE)
     if os.path.isfile(ckpt):
         st = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if st["config"] != json.dumps(cfg.model_fields(), sort_keys=True):
+        saved = json.loads(st["config"])
+        saved.pop("steps", None)
+        if saved != cfg.model_fields():
             raise ValueError(f"{ckpt} was made with other settings ({st['config']}); use another --out or the "
                              "same options to resume")
         enc.load_state_dict(st["encoder"])
@@ -293,6 +315,8 @@ def train_tokenizer(cfg: TrainConfig, *, progress: bool = True, command: str | N
         opt.load_state_dict(st["optimizer"])
         gen.set_state(st["generator"])
         start = int(st["step"])
+        if start > cfg.steps:
+            raise ValueError(f"{ckpt} is at step {start}, past --steps {cfg.steps}; raise --steps or use another --out")
     n = len(train)
     rng_seed = cfg.seed
     bar = tqdm(total=cfg.steps, initial=start, desc="train-tokenizer", unit="step", file=sys.stderr,
@@ -311,14 +335,14 @@ def train_tokenizer(cfg: TrainConfig, *, progress: bool = True, command: str | N
         for gr in opt.param_groups:
             gr["lr"] = learning_rate(step, cfg)
         tau, beta = temperature(step, cfg), kl_weight(step, cfg)
-        loss, stats = train_loss(enc, dec, x, tau, beta, gen)
+        loss, stats = train_loss(enc, dec, x, tau, beta, gen, cfg.recon_loss, cfg.usage_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         bar.update(1)
         if step % 10 == 0:
-            bar.set_postfix(nll=f"{stats['nll']:.3f}", kl=f"{stats['kl']:.2f}", psnr=f"{stats['psnr']:.1f}",
+            bar.set_postfix(nll=f"{stats['nll']:.3f}", kl=f"{stats['kl']:.2f}", use=f"{stats['usage_deficit']:.2f}", psnr=f"{stats['psnr']:.1f}",
                             tau=f"{tau:.3f}")
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
             _save_state(ckpt, step + 1, enc, dec, opt, gen, cfg)
@@ -336,6 +360,8 @@ def train_tokenizer(cfg: TrainConfig, *, progress: bool = True, command: str | N
     reconstruction_png(enc, dec, val, png)
     source = {
         "trained_with": "toto-pipeline train-tokenizer",
+        "steps": cfg.steps,
+        "resumed_from_step": start,
         "command": command or "",
         "settings": cfg.model_fields(),
         "data": data_info,
@@ -366,6 +392,10 @@ def train_tokenizer(cfg: TrainConfig, *, progress: bool = True, command: str | N
 @click.option("--lr", default=1e-3, show_default=True, help="Peak AdamW learning rate (warmup, then cosine to 5%).")
 @click.option("--warmup", default=100, show_default=True, help="Linear learning-rate warmup steps.")
 @click.option("--kl-weight", default=6.6, show_default=True, help="Final β on the KL to the uniform prior (paper: 6.6).")
+@click.option("--recon-loss", type=click.Choice(["logit-laplace", "mse"]), default="logit-laplace",
+              show_default=True, help="logit-laplace (DALL·E) or mse on the decoded mean (faster in short runs).")
+@click.option("--usage-weight", default=0.0, show_default=True,
+              help="Weight of the batch codebook-usage entropy penalty (0: off, as in DALL·E).")
 @click.option("--tau-end", default=1.0 / 16, show_default=True, help="Final Gumbel-softmax temperature.")
 @click.option("--frame-stride", default=4, show_default=True, help="Keep every k-th decoded video frame.")
 @click.option("--max-frames", default=20000, show_default=True, help="Most training frames held in memory.")

@@ -13,6 +13,7 @@ Both container formats are read: the zip format (torch ≥ 1.6) and the legacy s
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import io
 import pickle
@@ -128,6 +129,12 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._opaque = opaque_prefixes
 
     def find_class(self, module: str, name: str) -> Any:
+        # Protocol-2 pickles (torch.save's default) spell some globals with Python 2 names
+        # (subprocess → commands, builtins → __builtin__); judge them by their Python 3 names.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         full = f"{module}.{name}"
         if module == "torch._utils" and name == "_rebuild_tensor_v2":
             return _rebuild_tensor_v2
@@ -139,7 +146,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             return _device
         if full == "collections.OrderedDict":
             return _ordered_dict
-        if full in ("builtins.set", "__builtin__.set"):
+        if full == "builtins.set":
             return set
         if full == "copyreg._reconstructor":
             return _reconstructor

@@ -64,6 +64,9 @@ class StudyConfig:
     # Tracking input size relative to the training frames: the paper pre-trains at 128 px and
     # propagates DAVIS labels at 256 px (a 32x32 grid), i.e. twice the training resolution.
     track_scale: int = 2
+    # Torch intra-op threads for the whole study (None: torch's default). 1 by default: on a shared
+    # 2-core machine 2 threads made feature extraction 17x slower (measured); idle, 1 costs < 2x.
+    threads: int | None = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -154,6 +157,38 @@ def _pixel_features(down: int) -> Callable[[np.ndarray], torch.Tensor]:
     return fn
 
 
+def _pretraining_section(report: Report, meta: dict, out_dir: str) -> None:
+    """Validation loss against training compute for this one run, with the paper's law for scale."""
+    from pipeline.storage import write_json
+    from trainer.evals.scaling import scaling_study
+
+    run_dir = os.path.dirname(str(meta.get("step_dir", "")).rstrip("/"))
+    report.section("Pre-training: validation loss against compute")
+    try:
+        doc = scaling_study([run_dir])
+    except ValueError as e:
+        report.parts.append(f"No fit: {e}\n")
+        return
+    from trainer.evals.scaling import plot_scaling
+
+    write_json(os.path.join(out_dir, "scaling.json"), doc, "scaling_fit")
+    png = plot_scaling(doc, os.path.join(out_dir, "scaling.png"))
+    f = doc["fit"]
+    last = doc["points"][-1]
+    report.parts.append(
+        "One run's validation losses against its training compute (MACs). This is a training curve, not the "
+        "compute-optimal frontier over model sizes that the paper fits (`toto-train scaling RUN ...` fits that "
+        "across several runs); it is shown with the paper's law only to place our scale.\n"
+    )
+    report.comparison([
+        ("validation loss at the end", f"{last['loss']:.3f} at {last['macs']:.2e} MACs",
+         f"{paper.SCALING_LAW[0] * last['macs'] ** paper.SCALING_LAW[1]:.3f} (law at that compute)",
+         "other tokenizer and data: not comparable in level"),
+        ("exponent b of L = a·C^b", f"{f['b']:.4f} (one run's curve)", f"{paper.SCALING_LAW[1]} (frontier)", ""),
+    ])
+    report.figure(png, "validation loss against training compute, with the paper's 7.32·C^-0.0378")
+
+
 def run_study(
     ckpt: str,
     *,
@@ -175,9 +210,19 @@ def run_study(
     label propagation on ``davis_root``; ``generate(model, meta, out_dir) -> png path`` adds a
     generation figure. Every section is always present: a stage that cannot run says why.
     """
+    cfg = cfg or StudyConfig()
+    from trainer.evals.probes import torch_threads
+
+    with torch_threads(cfg.threads):
+        return _run_study(ckpt, image_task=image_task, video_task=video_task, out_dir=out_dir, davis_root=davis_root,
+                          tokenize=tokenize, resolution=resolution, generate=generate, cfg=cfg, intro=intro,
+                          extra_sections=extra_sections, log=log)
+
+
+def _run_study(ckpt, *, image_task, video_task, out_dir, davis_root, tokenize, resolution, generate, cfg, intro,
+               extra_sections, log) -> str:
     from trainer.checkpoint import load_model
 
-    cfg = cfg or StudyConfig()
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model, meta = load_model(ckpt)
@@ -319,6 +364,8 @@ def run_study(
         for r in track["objects"]
     ])
     results["track"] = dict(s, baseline_JF_mean=b["JF_mean"])
+
+    _pretraining_section(report, meta, out_dir)
 
     report.section("Generation")
     if generate is None:

@@ -100,7 +100,8 @@ def test_study_writes_every_section_with_numbers(tmp_path):
                      davis_root=str(tmp_path / "davis"), tokenize=_tokenize, resolution=32, generate=_generate, cfg=cfg)
     text = open(path).read()
     for heading in ("## Findings at a glance", "## Setup", "## Probes: image: toy classes", "## Probes: video: toy motion",
-                    "## Loss by position within a clip", "## Label propagation (DAVIS protocol)", "## Generation",
+                    "## Loss by position within a clip", "## Label propagation (DAVIS protocol)",
+                    "## Pre-training: validation loss against compute", "## Generation",
                     "## Timings"):
         assert heading in text, heading
     # Five verdicts (two probe findings per task + the first-frame finding), each stated either way.

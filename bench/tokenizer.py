@@ -1,0 +1,158 @@
+"""Tokenizer throughput: our dVAE encoder vs the `dall-e` reference Encoder, demo tokenizer, FLOPs.
+
+Same random weights, same uint8 batch, same thread count, interleaved repetitions in one run; both
+paths include the pixel mapping and the argmax over the code logits. Prints a Markdown table and a
+JSON line. On a GPU, also our encoder in bf16 autocast as a fraction of the device's bf16 peak.
+
+    python bench/tokenizer.py                      # CPU: 128 px, batch 2, 2 threads
+    python bench/tokenizer.py --resolution 64 --reps 3 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline.tokenizers import DVAEArch, DVAEEncoder, load_tokenizer  # noqa: E402
+from pipeline.tokenizers.convert import convert_dalle  # noqa: E402
+
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
+
+
+def encoder_flops(resolution: int, arch: DVAEArch | None = None) -> float:
+    """FLOPs (2 × MACs) of one frame through the encoder, counted by torch's FlopCounterMode on meta tensors."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        enc = DVAEEncoder(arch or DVAEArch())
+        x = torch.empty(1, 3, resolution, resolution)
+    with FlopCounterMode(display=False) as fc:
+        enc(x)
+    return float(fc.get_total_flops())
+
+
+def _time(fn, reps: int) -> list[float]:
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def compare_reference(ref, tok, args) -> dict:
+    import dall_e
+
+    frames = np.random.default_rng(0).integers(0, 256, (args.batch, args.resolution, args.resolution, 3), np.uint8)
+
+    def run_ref() -> np.ndarray:
+        with torch.no_grad():
+            x = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous().float() / 255.0
+            return ref(dall_e.map_pixels(x)).argmax(1).numpy().astype(np.uint16)
+
+    def run_ours() -> np.ndarray:
+        return tok.encode(frames, batch_size=args.batch)
+
+    same = float((run_ref() == run_ours()).mean())  # also the warm-up call of each
+    assert same >= 0.999, f"ours and the reference disagree on {1 - same:.2%} of the benchmark codes"
+    t_ref, t_ours = [], []
+    for _ in range(args.reps):  # interleaved so load changes hit both alike
+        t_ref += _time(run_ref, 1)
+        t_ours += _time(run_ours, 1)
+    ref_fps = args.batch / statistics.median(t_ref)
+    ours_fps = args.batch / statistics.median(t_ours)
+    return {"resolution": args.resolution, "batch": args.batch, "ref_frames_per_s": ref_fps,
+            "ours_frames_per_s": ours_fps, "speedup": ours_fps / ref_fps,
+            "ours_gflops_per_s": ours_fps * encoder_flops(args.resolution) / 1e9}
+
+
+def bench_demo(args) -> dict:
+    demo = load_tokenizer("demo")
+    frames = np.random.default_rng(1).integers(0, 256, (args.demo_batch, 64, 64, 3), np.uint8)
+    codes = demo.encode(frames)
+    demo.decode(codes)
+    enc_fps = args.demo_batch / statistics.median(_time(lambda: demo.encode(frames), args.reps))
+    dec_fps = args.demo_batch / statistics.median(_time(lambda: demo.decode(codes), args.reps))
+    return {"demo_encode_frames_per_s": enc_fps, "demo_decode_frames_per_s": dec_fps,
+            "demo_encoder_gflop_per_frame_64px": encoder_flops(64, DVAEArch(**demo.config["arch"])) / 1e9}
+
+
+def bench_gpu(tok, flops128: float, args) -> dict:
+    name = torch.cuda.get_device_name()
+    peak = args.peak_tflops or next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+    gtok = tok.to("cuda")
+    gx = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (args.gpu_batch, 128, 128, 3), np.uint8)).cuda()
+
+    def run() -> None:
+        gtok.encode(gx, batch_size=args.gpu_batch)
+        torch.cuda.synchronize()
+
+    run()
+    t = statistics.median(_time(run, max(5, args.reps)))
+    achieved = args.gpu_batch * flops128 / t / 1e12
+    return {"name": name, "batch": args.gpu_batch, "frames_per_s_128px": args.gpu_batch / t, "tflops": achieved,
+            "bf16_peak_tflops": peak, "fraction_of_peak": achieved / peak if peak else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--resolution", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--demo-batch", type=int, default=64)
+    ap.add_argument("--gpu-batch", type=int, default=256)
+    ap.add_argument("--skip-reference", action="store_true", help="skip the CPU comparison with dall_e")
+    ap.add_argument("--skip-demo", action="store_true", help="skip the demo tokenizer")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak of the GPU (default: by name)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    import dall_e
+
+    torch.manual_seed(0)
+    ref = dall_e.Encoder().eval()  # OpenAI's architecture: n_hid 256, 2 blocks/group, 8192 codes
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(ref, os.path.join(d, "encoder.pkl"))
+        convert_dalle(os.path.join(d, "encoder.pkl"), os.path.join(d, "tok"), resolution=args.resolution)
+        tok = load_tokenizer(f"dalle:{os.path.join(d, 'tok')}")
+    flops = {r: encoder_flops(r) for r in (128, 256)}
+    res: dict = {"threads": args.threads, "reps": args.reps,
+                 "encoder_gflop_per_frame": {str(r): f / 1e9 for r, f in flops.items()}}
+    if not args.skip_reference:
+        res.update(compare_reference(ref, tok, args))
+    if not args.skip_demo:
+        res.update(bench_demo(args))
+    if torch.cuda.is_available():
+        res["gpu"] = bench_gpu(tok, flops[128], args)
+
+    print("| what | value |\n|---|---|")
+    if "speedup" in res:
+        print(f"| reference dall_e Encoder, {args.resolution} px, batch {args.batch}, {args.threads} threads | "
+              f"{res['ref_frames_per_s']:.3f} frames/s |")
+        print(f"| our dVAE encoder (same weights/batch/threads) | {res['ours_frames_per_s']:.3f} frames/s "
+              f"(**{res['speedup']:.2f}×**, {res['ours_gflops_per_s']:.0f} GFLOP/s) |")
+    if "demo_encode_frames_per_s" in res:
+        print(f"| demo tokenizer, 64 px, batch {args.demo_batch}: encode / decode | "
+              f"{res['demo_encode_frames_per_s']:.0f} / {res['demo_decode_frames_per_s']:.0f} frames/s |")
+        print(f"| demo encoder FLOPs per 64 px frame | {res['demo_encoder_gflop_per_frame_64px']:.3f} GFLOP |")
+    print(f"| dVAE encoder FLOPs per frame | 128 px: {flops[128] / 1e9:.1f} GFLOP; 256 px: {flops[256] / 1e9:.1f} GFLOP |")
+    if "gpu" in res:
+        gp = res["gpu"]
+        frac = f"{gp['fraction_of_peak']:.0%} of bf16 peak" if gp["fraction_of_peak"] else "peak unknown (--peak-tflops)"
+        print(f"| {gp['name']} bf16, batch {gp['batch']}, 128 px | {gp['frames_per_s_128px']:.0f} frames/s, "
+              f"{gp['tflops']:.0f} TFLOP/s = {frac} |")
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
