@@ -158,7 +158,14 @@ def test_submit_to_a_real_ray_head_through_the_jobs_api(tmp_path, make_layout, t
     head = subprocess.Popen(
         [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block", "--node-ip-address",
          "127.0.0.1", "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-         "--num-cpus", "2", "--include-dashboard", "true", "--temp-dir", temp, "--disable-usage-stats"],
+         "--num-cpus", "2", "--include-dashboard", "true", "--temp-dir", temp, "--disable-usage-stats",
+         # Every port explicit and free: the shared local Ray of this session (and other users of the
+         # machine) already hold Ray's default agent ports, and a head whose job agent cannot bind
+         # answers every submission with "No available agent".
+         "--dashboard-agent-listen-port", str(_port()), "--dashboard-agent-grpc-port", str(_port()),
+         "--runtime-env-agent-port", str(_port()), "--metrics-export-port", str(_port()),
+         "--ray-client-server-port", str(_port()), "--node-manager-port", str(_port()),
+         "--object-manager-port", str(_port())],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
