@@ -126,3 +126,28 @@ def test_side_by_side_pads_missing_real_frames(tmp_path):
     assert im.n_frames == 4 and im.size == (18, 8)
     with pytest.raises(ValueError, match=r"\.gif or \.mp4"):
         write_side_by_side(tmp_path / "x.avi", real, model_frames)
+
+
+def test_generate_with_the_bundled_demo_tokenizer(tmp_path):
+    from pipeline.tokenizers import load_tokenizer
+
+    tok = load_tokenizer("demo")
+    video = tmp_path / "clip.mp4"
+    _write_video(video)
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=tok.vocab_size + 4, max_seq_len=3 * 64 + 1,
+                      mlp_hidden=64)
+    m = Transformer(cfg)
+    w = ck.CheckpointWriter(tmp_path / "run", 1)
+    w.write_model(m.state_dict())
+    c = tok.vocab_size
+    w.commit({"model_config": cfg.to_dict(), "train_config": {}, "scheduler": {"kind": "warmup_cosine", "step": 1},
+              "loader_state": None, "world_size": 1, "grid": [8, 8], "codebook_size": c,
+              "specials": {"bos_video": c, "bos_image": c + 1, "eos": c + 2, "pad": c + 3},
+              "tokenizer": {"id": tok.id, "sha256": tok.id.rsplit(":", 1)[-1]}})
+    # No --tokenizer: the checkpoint's data was made with the bundled demo tokenizer, which is found by id.
+    s = generate(str(tmp_path / "run"), str(video), str(tmp_path / "g.gif"), frames=2)
+    assert (s["prompt_frames"], s["generated_frames"], s["tokenizer"]) == (1, 2, tok.id)
+    from PIL import Image
+
+    assert Image.open(tmp_path / "g.gif").n_frames == 3
