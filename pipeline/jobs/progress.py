@@ -7,6 +7,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+from pipeline.shards.store import reason_kind
+
 
 class Progress:
     """Shards committed of planned, videos/images done, frames, tokens/s and errors, live."""
@@ -46,7 +48,7 @@ class Progress:
         else:
             self.items += int(rec["num_items"]) - len(rec["errors"])
             for e in rec["errors"]:
-                self.errors[e["reason"].split(":", 1)[0].strip()] += 1
+                self.errors[reason_kind(e["reason"])] += 1
 
     @property
     def work_s(self) -> float:

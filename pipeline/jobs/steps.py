@@ -182,12 +182,8 @@ class ShardAssembler:
         end = self.ends.pop(sid)
         rows = [r for _, r in sorted(self.rows.pop(sid, {}).items())]
         t_commit = time.perf_counter()
-        w = ShardWriter(self.out_url, sid, **self.kw)
-        if not rows:
-            # A shard whose inputs all failed has no row to take the grid from; ShardWriter would
-            # record [1, 1] and the manifest would then refuse the mixed grids. ShardWriter takes
-            # no grid argument (asked of its owner), so set the one this job's tokenizer produces.
-            w._grid = tuple(self.grid)
+        # The grid is the tokenizer's, not taken from the rows: a shard whose inputs all failed has none.
+        w = ShardWriter(self.out_url, sid, grid=tuple(self.grid), **self.kw)
         try:
             for r in rows:
                 t = r["tokens"]  # (T, gh, gw) uint16

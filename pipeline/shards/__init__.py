@@ -12,6 +12,7 @@ from pipeline.shards.store import (
     errors_by_reason,
     open_shard,
     read_manifest,
+    reason_kind,
     shard_name,
     token_histogram,
     unigram_stats,
@@ -21,7 +22,7 @@ from pipeline.shards.store import (
 
 __all__ = [
     "COLUMNS", "META_COLUMNS", "MANIFEST", "ShardReader", "ShardWriter", "build_manifest", "check_key",
-    "clean_debris", "committed_shards", "debris", "errors_by_reason", "make_key", "normalize_row",
+    "clean_debris", "committed_shards", "debris", "errors_by_reason", "make_key", "normalize_row", "reason_kind",
     "open_shard", "read_manifest", "shard_name", "token_histogram", "unigram_stats", "verify_shard",
     "write_manifest",
 ]

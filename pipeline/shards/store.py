@@ -64,7 +64,10 @@ class ShardWriter:
         compression: str | None = None,
         storage_options: dict | None = None,
         settings: dict[str, Any] | None = None,
+        grid: tuple[int, int] | None = None,
     ):
+        """``grid`` (h, w), when given, is checked against every row and recorded even for a shard
+        with no rows (all inputs failed); otherwise it is taken from the first row."""
         if format not in FORMATS:
             raise ValueError(f"format={format!r}: choose one of {sorted(FORMATS)}")
         if not 2 <= codebook_size <= 65536:
@@ -98,7 +101,9 @@ class ShardWriter:
         self._file = ArrowFileWriter(self._tmp, compression) if format == "arrow" else TarFileWriter(self._tmp)
         self._pending: list[dict[str, Any]] = []
         self._rows = self._frames = self._tokens = 0
-        self._grid: tuple[int, int] | None = None
+        if grid is not None and (len(grid) != 2 or min(grid) < 1):
+            raise ValueError(f"grid={grid!r}: give (grid_h, grid_w), both ≥ 1")
+        self._grid: tuple[int, int] | None = tuple(int(g) for g in grid) if grid is not None else None
         self._fps: set[float] = set()
         self._datasets: set[str] = set()
         self._splits: set[str] = set()
@@ -422,10 +427,19 @@ def unigram_stats(counts: np.ndarray) -> dict[str, float]:
     }
 
 
+_REASON_HEAD = re.compile(r"^[^:(]*")
+
+
+def reason_kind(reason: str) -> str:
+    """The kind of an error reason: its words before any ':' or '(' detail
+    ('decoder error: ...' -> 'decoder error', 'no video stream (streams: audio)' -> 'no video stream')."""
+    return _REASON_HEAD.match(reason).group(0).strip() or reason.strip()
+
+
 def errors_by_reason(sidecars: list[dict[str, Any]]) -> dict[str, int]:
-    """Error counts keyed by the reason's first word group (before ':')."""
+    """Error counts keyed by :func:`reason_kind`."""
     c: collections.Counter[str] = collections.Counter()
     for s in sidecars:
         for e in s["errors"]:
-            c[e["reason"].split(":", 1)[0].strip()] += 1
+            c[reason_kind(e["reason"])] += 1
     return dict(sorted(c.items()))

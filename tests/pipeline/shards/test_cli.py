@@ -59,3 +59,18 @@ def test_inspect_reports_coverage_and_entropy(tmp_path, rows):
     assert info["coverage"] == 0.25 and abs(info["entropy_bits"] - 2.0) < 0.05 and info["max_entropy_bits"] == 4.0
     res = CliRunner().invoke(main, ["inspect", str(tmp_path / "shard-000000.arrow"), "--json"])
     assert json.loads(res.output)["rows"] == 6
+
+
+def test_reason_kind_keeps_the_words_before_any_detail():
+    from pipeline.shards import reason_kind
+
+    assert reason_kind("decoder error: Invalid data found") == "decoder error"
+    assert reason_kind("no video stream (streams: audio)") == "no video stream"
+    assert reason_kind("truncated") == "truncated"
+
+
+def test_empty_shard_records_the_given_grid(tmp_path):
+    w = ShardWriter(str(tmp_path), 0, codebook_size=16, tokenizer=TOK, resolution=32, grid=(4, 4))
+    side = w.commit(input_shard={"id": 0, "worklist_sha256": "x", "num_items": 1},
+                    errors=[{"uri": "a.mp4", "reason": "zero bytes"}])
+    assert side["grid"] == [4, 4] and side["counts"]["rows"] == 0
