@@ -54,7 +54,15 @@ bench: $(VENV)/.installed-dev
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/toto-pipeline demo --out $(DEMO_OUT)
+	$(VENV)/bin/toto-train demo --out $(DEMO_OUT) $(DEMO_ARGS)
+
+# Pre-training. Default: the tiny preset on the demo token data, on CPU (the demo's data, tokenize and
+# mix stages run first when DATA is the demo mix and does not exist yet). A real run:
+#   make pretrain CONFIG=base DATA=mix.json PRETRAIN_OUT=runs/base PRETRAIN_ARGS='lr=3e-4'
+pretrain: $(VENV)/.installed
+	@if [ "$(DATA)" = "$(DEMO_OUT)/mix.json" ] && [ ! -f "$(DATA)" ]; then \
+		$(VENV)/bin/toto-train demo --out $(DEMO_OUT) --until mix; fi
+	$(VENV)/bin/toto-train pretrain --config $(CONFIG) --data $(DATA) --out $(PRETRAIN_OUT) $(PRETRAIN_ARGS)
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

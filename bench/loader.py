@@ -20,6 +20,7 @@ Also printed: the rate the 1b model needs per H100 at 45% MFU (~60k tokens/s).
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shutil
 import tempfile
@@ -30,6 +31,7 @@ import numpy as np
 from pipeline.mix import MixConfig, MixReader, build_mix
 from pipeline.mix.tables import locate_frames
 from pipeline.shards import ShardWriter, write_manifest
+from trainer.data import MixLoader  # imports torch before any timing, so every measurement runs alike
 
 TOK = {"id": "bench", "sha256": "0" * 64, "vocab_size": 8192, "downsample": 8}
 GRID = (16, 16)
@@ -90,7 +92,7 @@ def index_scale(n_samples: int, n_rows: int) -> None:
                      video_id=pa.array([f"v{i // 8:08d}" for i in range(n_rows)]), label=rows.label)
     t5 = time.perf_counter()
     vt = split_table(vrows, "train")
-    u, _ = video_units(vt, frames=16, stride=4, hop=64)
+    u, _, _ = video_units(vt, frames=16, stride=4, hop=64)
     t6 = time.perf_counter()
     print(f"index build: blend of {n_samples / 1e6:.0f} M samples {t1 - t0:.2f} s; one pass of a {n_rows / 1e6:.0f} M-unit "
           f"source order {t2 - t1:.2f} s; image split table of {n_rows / 1e6:.0f} M rows {t4 - t3:.2f} s; video split "
@@ -190,13 +192,9 @@ def main() -> None:
                     k, off = k + 1, 0
 
         def through_loader(workers: int) -> float:
-            import itertools
-
-            from trainer.data import MixLoader
-
             loader = MixLoader(f"{d}/mix.json", global_batch=args.batch, num_workers=workers, verify_sha256=False)
             rates = []
-            for _ in range(args.repeat):
+            for _rep in range(args.repeat):
                 loader.load_state_dict({**loader.state_dict(), "consumed_samples": 0})
                 it = iter(loader)
                 next(it)  # start the workers

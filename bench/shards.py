@@ -75,7 +75,7 @@ def main() -> None:
         for fmt, comp in (("arrow", None), ("arrow", "zstd"), ("webdataset", None)):
             sub = os.path.join(d, f"{fmt}-{comp}")
 
-            def write():
+            def write(sub=sub, fmt=fmt, comp=comp):
                 shutil.rmtree(sub, ignore_errors=True)
                 w = ShardWriter(sub, 0, codebook_size=8192, tokenizer=TOK, resolution=128, format=fmt, compression=comp)
                 for r in rows:
@@ -86,7 +86,7 @@ def main() -> None:
             tw = best(write, args.repeat)
             path = os.path.join(sub, "shard-000000." + ("arrow" if fmt == "arrow" else "tar"))
 
-            def read():  # whole shard, sequentially, as a loader streaming shards does
+            def read(path=path):  # whole shard, sequentially, as a loader streaming shards does
                 with open_shard(path) as r:
                     pos = 0
                     for _, values in r.iter_token_batches():
@@ -94,7 +94,7 @@ def main() -> None:
                         pos += values.size
                 assert pos == n
 
-            def read_rows():  # random access path: one row at a time
+            def read_rows(path=path):  # random access path: one row at a time
                 with open_shard(path) as r:
                     pos = 0
                     for i in range(len(r)):

@@ -19,22 +19,18 @@ def main() -> None:
     """
 
 
-from pipeline.shards.cli import COMMANDS as _shard_commands  # noqa: E402
-
-for _cmd in _shard_commands:
-    main.add_command(_cmd)
-
+# Each step's commands live beside its code; this group only collects them.
+from pipeline.demo_data.cli import demo_data  # noqa: E402
+from pipeline.jobs.cli import COMMANDS as _job_commands  # noqa: E402
 from pipeline.mix.cli import mix_command  # noqa: E402
-
-main.add_command(mix_command)
-
+from pipeline.shards.cli import COMMANDS as _shard_commands  # noqa: E402
+from pipeline.sources.cli import worklist  # noqa: E402
 from pipeline.tokenizers.convert import convert_tokenizer_cmd  # noqa: E402
-
-main.add_command(convert_tokenizer_cmd)
-
 from pipeline.tokenizers.train import train_tokenizer_cmd  # noqa: E402
 
-main.add_command(train_tokenizer_cmd)
+for _cmd in (demo_data, worklist, *_job_commands, convert_tokenizer_cmd, train_tokenizer_cmd, mix_command,
+             *_shard_commands):
+    main.add_command(_cmd)
 
 if __name__ == "__main__":
     main()

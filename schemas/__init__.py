@@ -25,7 +25,7 @@ class SchemaError(ValueError):
     """A JSON document does not match its schema, or has a kind/version this Toto cannot read."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _catalogue() -> dict[str, dict[int, Path]]:
     out: dict[str, dict[int, Path]] = {}
     for p in SCHEMA_DIR.glob("*.json"):
@@ -52,7 +52,7 @@ def current_version(kind: str) -> int:
     return versions(kind)[-1]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _validator(kind: str, version: int) -> jsonschema.protocols.Validator:
     schema = json.loads(_catalogue()[kind][version].read_text())
     cls = jsonschema.validators.validator_for(schema)

@@ -12,15 +12,20 @@ def main() -> None:
 
 
 from trainer.export import export_hf_command  # noqa: E402
+from trainer.generate import generate_command  # noqa: E402
 from trainer.pretrain_cli import pretrain_command  # noqa: E402
 
 main.add_command(pretrain_command)
 main.add_command(export_hf_command)
+main.add_command(generate_command)
 from trainer.evals.cli import probe, scaling, track  # noqa: E402
 
 main.add_command(probe)
 main.add_command(track)
 main.add_command(scaling)
+from trainer.demo import demo  # noqa: E402
+
+main.add_command(demo)
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,7 @@ A run is `TrainConfig`; its `model` is a `ModelConfig` whose vocab_size and max_
 taken from the data (the mix's loader) when training starts. Presets:
 
 - `tiny`: unit tests and CI (a ~0.2M-parameter model, a handful of steps).
-- `demo`: the CPU demo (64 px frames -> 8x8 = 64 tokens, 16-frame clips ~1k tokens, ~3M params).
+- `demo`: the CPU demo (64 px frames -> 8x8 = 64 tokens, 16-frame clips ~1k tokens, ~1.9M params).
 - `base`, `large`, `1b`: the paper's models at ~1M tokens per step, peak lr 3e-4.
 - `base-256`: the coarse-to-fine second stage (32x32 grid, RoPE base 50 000), initialised from a
   128 px checkpoint with `init_from=...`.
@@ -70,6 +70,9 @@ class TrainConfig:
     progress: bool = True
     peak_flops: float | None = None  # per device; None: look up the GPU in a table (none on CPU)
     init_from: str | None = None  # checkpoint whose model weights start the run (new optimizer)
+    # Leave early with a checkpoint (for time-limited allocations); re-running continues the schedule.
+    exit_after_steps: int | None = None  # steps run by this invocation
+    exit_after_minutes: float | None = None  # wall-clock minutes of this invocation
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -113,6 +116,10 @@ class TrainConfig:
             raise bad("device", f"choose one of {_DEVICES}")
         if self.peak_flops is not None and not (self.peak_flops > 0):
             raise bad("peak_flops", "use the device's peak FLOP/s, e.g. 989e12 for an H100 in bf16, or None")
+        if self.exit_after_steps is not None and (not isinstance(self.exit_after_steps, int) or self.exit_after_steps < 1):
+            raise bad("exit_after_steps", "use a positive number of steps, or None to run to max_steps")
+        if self.exit_after_minutes is not None and not (self.exit_after_minutes > 0):
+            raise bad("exit_after_minutes", "use a positive number of minutes, or None")
         if not self.val_split:
             raise bad("val_split", "name the mix's held-out split, e.g. val")
 
@@ -127,8 +134,8 @@ PRESETS: dict[str, TrainConfig] = {
         ckpt_every=10, val_every=10, val_batches=1,
     ),
     "demo": _preset(
-        "demo", "demo", batch_tokens=8192, micro_batch=4, max_steps=150, lr=2e-3, warmup_steps=15,
-        ckpt_every=50, val_every=50, val_batches=4, min_lr_ratio=0.1,
+        "demo", "demo", batch_tokens=8192, micro_batch=4, max_steps=120, lr=2e-3, warmup_steps=12,
+        ckpt_every=40, val_every=40, val_batches=4, min_lr_ratio=0.1,
     ),
     "base": _preset(
         "base", "base", batch_tokens=1 << 20, micro_batch=8, max_steps=100_000, lr=3e-4, warmup_steps=2000,

@@ -46,9 +46,10 @@ def hf_config(cfg: ModelConfig, specials: dict | None = None) -> dict:
         "mlp_bias": False,
         "attention_dropout": 0.0,
         "use_cache": True,
-        "bos_token_id": specials.get("bov", specials.get("start_of_video")),
-        "eos_token_id": specials.get("eov", specials.get("end")),
-        "pad_token_id": None,
+        # Special ids live above the codebook (trainer.data: bos_video, bos_image, eos, pad).
+        "bos_token_id": specials.get("bos_video"),
+        "eos_token_id": specials.get("eos"),
+        "pad_token_id": specials.get("pad"),
         "torch_dtype": "float32",
         "dtype": "float32",
     }
@@ -69,12 +70,15 @@ def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     }
     for i in range(cfg.n_layers):
         p, q = f"layers.{i}.", f"model.layers.{i}."
-        out[q + "self_attn.q_proj.weight"] = sd[p + "attention.wq.weight"] * q_fold
-        out[q + "self_attn.k_proj.weight"] = sd[p + "attention.wk.weight"]
-        out[q + "self_attn.v_proj.weight"] = sd[p + "attention.wv.weight"]
+        nq, nkv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+        wq, wk, wv = sd[p + "attention.wqkv.weight"].split([nq, nkv, nkv], dim=0)
+        gate, up = sd[p + "feed_forward.w13.weight"].split(cfg.ffn_dim, dim=0)
+        out[q + "self_attn.q_proj.weight"] = wq * q_fold
+        out[q + "self_attn.k_proj.weight"] = wk
+        out[q + "self_attn.v_proj.weight"] = wv
         out[q + "self_attn.o_proj.weight"] = sd[p + "attention.wo.weight"]
-        out[q + "mlp.gate_proj.weight"] = sd[p + "feed_forward.w1.weight"]
-        out[q + "mlp.up_proj.weight"] = sd[p + "feed_forward.w3.weight"]
+        out[q + "mlp.gate_proj.weight"] = gate
+        out[q + "mlp.up_proj.weight"] = up
         out[q + "mlp.down_proj.weight"] = sd[p + "feed_forward.w2.weight"]
         out[q + "input_layernorm.weight"] = sd[p + "attention_norm.weight"]
         out[q + "post_attention_layernorm.weight"] = sd[p + "ffn_norm.weight"]

@@ -159,9 +159,12 @@ def _memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
-def _all_reduce_sum(t: torch.Tensor, d: _Dist) -> torch.Tensor:
+def _all_reduce_sum(t: torch.Tensor, d: _Dist, device: torch.device) -> torch.Tensor:
+    """Sum a CPU tensor over ranks in place (through the device: NCCL only reduces CUDA tensors)."""
     if d.enabled:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        on_dev = t.to(device)
+        dist.all_reduce(on_dev, op=dist.ReduceOp.SUM)
+        t.copy_(on_dev.cpu())
     return t
 
 
@@ -188,10 +191,11 @@ class _Metrics:
 
     def __init__(self, out: Path, resume_step: int, tensorboard: bool) -> None:
         self.path = out / "metrics.jsonl"
-        if self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+        for path in (self.path, out / "val.jsonl"):
+            if path.exists():  # steps past the checkpoint are run (and logged) again
+                kept = [ln for ln in path.read_text().splitlines()
+                        if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+                path.write_text("".join(ln + "\n" for ln in kept))
         self.f = open(self.path, "a")
         self.tb = None
         if tensorboard:
@@ -272,14 +276,15 @@ def _state_dicts(raw: Transformer, opt: torch.optim.Optimizer, d: _Dist, fsdp: b
 
 
 def _load_state_dicts(raw: Transformer, opt: torch.optim.Optimizer | None, model_sd: dict, opt_sd: dict | None,
-                      d: _Dist) -> None:
+                      d: _Dist, fsdp: bool) -> None:
+    """Load full state dicts. Under FSDP2 only rank 0's copy is read; it is broadcast and sharded."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
         set_optimizer_state_dict,
     )
 
-    opts = StateDictOptions(full_state_dict=True)
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=fsdp)
     set_model_state_dict(raw, model_sd, options=opts)
     if opt is not None and opt_sd is not None:
         set_optimizer_state_dict(raw, opt, opt_sd, options=opts)
@@ -349,8 +354,11 @@ def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
     resume_dir = ck.latest_checkpoint(out)
     start_step, tokens_seen = 0, 0
     init_sd = None
+    fsdp = d.enabled and cfg.parallel == "fsdp"
     if resume_dir is not None:
         model_sd, opt_sd, meta = ck.load_state(resume_dir)
+        if fsdp and d.rank != 0:
+            model_sd, opt_sd = {}, {}  # rank 0 broadcasts: one copy of the full state in host memory
         saved = ModelConfig.from_dict(meta["model_config"])
         if saved != mcfg:
             raise ValueError(
@@ -367,6 +375,7 @@ def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
         # Coarse to fine: weights only (RoPE tables are rebuilt from this run's config).
         init_model, init_meta = ck.load_model(cfg.init_from)
         init_sd = init_model.state_dict()
+        del init_model
         shapes = {k: tuple(v.shape) for k, v in raw.state_dict().items()}
         wrong = [k for k, v in init_sd.items() if shapes.get(k) != tuple(v.shape)]
         if wrong:
@@ -375,7 +384,6 @@ def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
                 "needs the same dim/layers/heads/vocabulary as this run"
             )
 
-    fsdp = d.enabled and cfg.parallel == "fsdp"
     raw.to(device)
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -389,7 +397,7 @@ def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
         foreach=device.type == "cuda" or None,
     )
     if resume_dir is not None:
-        _load_state_dicts(raw, opt, model_sd, opt_sd, d)
+        _load_state_dicts(raw, opt, model_sd, opt_sd, d, fsdp)
         if meta.get("loader_state") is not None:
             loader.load_state_dict(meta["loader_state"])
         rng = ck.load_rng(resume_dir, d.rank)
@@ -397,7 +405,7 @@ def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
             ck.restore_rng(rng)
         del model_sd, opt_sd
     elif init_sd is not None:
-        _load_state_dicts(raw, None, init_sd, None, d)
+        _load_state_dicts(raw, None, init_sd, None, d, False)
 
     model: torch.nn.Module = raw
     if cfg.compile:
@@ -445,6 +453,7 @@ def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
                 "tokenizer": tokenizer,
                 "grid": mix_doc.get("grid"),
                 "frames": mix_doc.get("frames"),
+                "stride": mix_doc.get("stride"),
                 "codebook_size": mix_doc.get("codebook_size"),
                 "data": str(data),
                 "init_from": cfg.init_from,
@@ -454,14 +463,22 @@ def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
         _barrier(d, device)
 
     val_cache: list[dict] | None = None
+    val_loader = None
+    if cfg.val_every:
+        try:  # fail now, not after hours of training, when the mix has no held-out split
+            val_loader = factory(data, global_batch=per_rank_unit, rank=d.rank, world=d.world,
+                                 split=cfg.val_split, num_workers=0)
+        except ValueError as e:
+            raise ValueError(
+                f"validation needs split {cfg.val_split!r} of {data}: {e}. Set val_every=0 to train without "
+                "validation, or val_split=NAME for another held-out split"
+            ) from e
 
     def validate(step: int) -> dict:
         nonlocal val_cache
         if val_cache is None:
             # Fixed held-out batches: the first val_batches micro-batches of each rank.
-            vl = factory(data, global_batch=per_rank_unit, rank=d.rank, world=d.world, split=cfg.val_split,
-                         num_workers=0)
-            it = iter(vl)
+            it = iter(val_loader)
             val_cache = [next(it) for _ in range(cfg.val_batches)]
         model.eval()
         pos_sum = torch.zeros(seq_len, dtype=torch.float64)
@@ -488,7 +505,7 @@ def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
                     fr_sum.index_add_(0, tf[m], tok[m])
                     fr_cnt.index_add_(0, tf[m], torch.ones_like(tok[m]))
         for t in (pos_sum, pos_cnt, fr_sum, fr_cnt):
-            _all_reduce_sum(t, d)
+            _all_reduce_sum(t, d, device)
         model.train()
         loss = float(pos_sum.sum() / pos_cnt.sum().clamp(min=1))
         rec = {"step": step, "val_loss": loss}
@@ -513,7 +530,8 @@ def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
                     dynamic_ncols=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t_last = time.perf_counter()
+    t_last = t_start = time.perf_counter()
+    last_step = cfg.max_steps
     for step in range(start_step + 1, cfg.max_steps + 1):
         batch = next(batches)
         inputs, targets = batch["inputs"], batch["targets"]  # (B_rank, T)
@@ -521,10 +539,10 @@ def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
             raise RuntimeError(
                 f"loader gave inputs of shape {tuple(inputs.shape)}, expected {(global_batch // d.world, seq_len)}"
             )
-        n_valid = _all_reduce_sum(torch.tensor((targets != IGNORE_INDEX).sum().item(), dtype=torch.float64), d)
+        n_valid = _all_reduce_sum(torch.tensor((targets != IGNORE_INDEX).sum().item(), dtype=torch.float64), d, device)
         # Gradient of sum(loss)/n_valid over the global batch; DDP/FSDP average over ranks, hence * world.
         scale = d.world / float(n_valid)
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_acc = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no sync per micro-batch
         for j in range(accum):
             sl = slice(j * cfg.micro_batch, (j + 1) * cfg.micro_batch)
             x = inputs[sl].to(device, non_blocking=True)
@@ -542,8 +560,8 @@ def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
                                        reduction="sum")
                 (loss * scale).backward()
-            loss_sum += loss.detach().double().cpu()
-        loss_sum = _all_reduce_sum(loss_sum, d)
+            loss_acc += loss.detach().double()
+        loss_sum = _all_reduce_sum(loss_acc.cpu(), d, device)
         step_loss = float(loss_sum / n_valid)
         if not math.isfinite(step_loss):
             opt.zero_grad(set_to_none=True)
@@ -594,13 +612,24 @@ def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
             pbar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
         if cfg.val_every and step % cfg.val_every == 0:
             validate(step)
-        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.max_steps:
+        ran = step - start_step
+        leave = cfg.exit_after_steps is not None and ran >= cfg.exit_after_steps
+        if cfg.exit_after_minutes is not None:
+            # Every rank must agree, so rank 0's clock decides.
+            flag = torch.tensor(float(time.perf_counter() - t_start >= 60 * cfg.exit_after_minutes), device=device)
+            if d.enabled:
+                dist.broadcast(flag, 0)
+            leave = leave or bool(flag.item())
+        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.max_steps or leave:
             save(step)
+        if leave and step < cfg.max_steps:
+            last_step = step
+            break
     if pbar is not None:
         pbar.close()
     if metrics is not None:
         metrics.close()
-    return {"step": cfg.max_steps, "loss": last_loss, "out": str(out), "global_batch": global_batch,
+    return {"step": last_step, "loss": last_loss, "out": str(out), "global_batch": global_batch,
             "seq_len": seq_len, "accum_steps": accum, "params": n_params, "resumed_from": start_step}
 
 

@@ -19,6 +19,10 @@ Records per item are all-or-nothing: an item gives its chunk records, or exactly
 "missing file" or "decoder error: ...". Images give one chunk of one frame with fps 0.0.
 `decode_item` decodes in-process (returns a list); `iter_decode_item` streams and raises
 DecodeError. Pass `cfg.chunk_seconds` to the work-list builders so long-video items line up.
+
+Threads: `threads=0` lets FFmpeg use every core for one video; when many decode tasks share a
+node (Ray), use `threads=1` and one task per core. Per-core throughput, the choice of the AREA
+interpolation and what it implies for decode cores per GPU are in BENCHMARKS.md ("Decode").
 """
 
 from pipeline.decode.config import INTERPOLATIONS, DecodeConfig, DecodeError

@@ -55,7 +55,9 @@ def resize_crop(im: Image.Image, resolution: int) -> np.ndarray:
 def load_image(src, cfg: DecodeConfig) -> np.ndarray:
     """Open, guard, orient, convert and resize one image → uint8 (R, R, 3)."""
     ImageFile.LOAD_TRUNCATED_IMAGES = False
-    # Our guard below uses cfg.max_image_pixels; lift Pillow's own so the two do not disagree.
+    # Our guard below uses cfg.max_image_pixels; lift Pillow's own (a process-wide setting,
+    # restored afterwards) so the two do not disagree.
+    saved_limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None
     try:
         with warnings.catch_warnings():
@@ -88,6 +90,8 @@ def load_image(src, cfg: DecodeConfig) -> np.ndarray:
         raise DecodeError(f"decoder error: {msg}") from None
     except (SyntaxError, ValueError, struct.error) as e:
         raise DecodeError(f"decoder error: {type(e).__name__}: {e}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved_limit
 
 
 def decode_image(item: dict, cfg: DecodeConfig, storage_options: dict | None = None) -> Iterator[dict]:

@@ -2,7 +2,9 @@
 
 FFmpeg and image codecs are native code: a malformed file can hang or crash the process that
 decodes it. `DecodeWorker` keeps one long-lived subprocess that decodes items one at a time and
-streams chunk records back over a pipe; the parent enforces `cfg.timeout_s` per item. On a
+streams chunk records back over a pipe; the parent enforces `cfg.timeout_s` per item (counted
+from when the item is sent to a worker that has finished starting, so a slow start on a loaded
+machine never times an input out). On a
 timeout or a crash the subprocess is killed, the item becomes an error record, and the next item
 starts a fresh subprocess. Results are all-or-nothing per item: chunks are held until the item
 finishes, so a failure never leaves a partial video behind (the output stays deterministic).
@@ -23,6 +25,8 @@ from typing import Any
 from pipeline.decode.config import DecodeConfig, DecodeError
 
 FAULT_ENV = "TOTO_DECODE_FAULT"
+# Starting a worker (spawn + imports) is not part of any item's time limit; this bounds it apart.
+STARTUP_TIMEOUT_S = 120.0
 
 
 def error_record(item: dict, reason: str) -> dict:
@@ -79,6 +83,11 @@ def _worker_main(conn: Any, cfg_dict: dict, storage_options: dict | None) -> Non
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _quiet_ffmpeg()
     cfg = DecodeConfig.from_dict(cfg_dict)
+    # Import the decoders before saying "ready", so an item's time limit never pays for start-up.
+    import pipeline.decode.image  # noqa: F401
+    import pipeline.decode.video  # noqa: F401
+
+    conn.send(("ready", None))
     while True:
         try:
             item = conn.recv()
@@ -114,7 +123,8 @@ class DecodeWorker:
         self._conn: Any = None
         self.restarts = 0
 
-    def _start(self) -> None:
+    def _start(self) -> bool:
+        """Start the subprocess and wait (up to STARTUP_TIMEOUT_S) until it has imported everything."""
         parent, child = self._ctx.Pipe(duplex=True)
         self._proc = self._ctx.Process(
             target=_worker_main, args=(child, self.cfg.to_dict(), self.storage_options), daemon=True,
@@ -123,6 +133,13 @@ class DecodeWorker:
         self._proc.start()
         child.close()
         self._conn = parent
+        try:
+            if parent.poll(STARTUP_TIMEOUT_S) and parent.recv()[0] == "ready":
+                return True
+        except (EOFError, OSError):
+            pass
+        self._kill()
+        return False
 
     def _kill(self) -> None:
         if self._proc is not None:
@@ -139,7 +156,8 @@ class DecodeWorker:
         if self._proc is None or not self._proc.is_alive():
             if self._proc is not None:
                 self._kill()
-            self._start()
+            if not self._start():
+                return [error_record(item, f"decoder crashed: worker did not start within {STARTUP_TIMEOUT_S:g} s")]
         deadline = time.monotonic() + self.cfg.timeout_s
         try:
             self._conn.send(item)

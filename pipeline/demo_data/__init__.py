@@ -23,7 +23,8 @@ Output, each laid out exactly like the real data set so the real adapters read i
                     Digit-shaped textured objects moving and bouncing over a panning photo.
 
 Deterministic for a seed: every file is made from its own seed derived from (seed, kind, index),
-and videos are encoded single-threaded, so the bytes do not depend on the number of workers.
+and videos are encoded single-threaded without x264's SIMD code (which gave run-to-run
+differences), so the bytes depend neither on the number of workers nor on the run.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def photos() -> tuple[np.ndarray, ...]:
         im = Image.fromarray(a)
         s = 256 / min(im.size)
         res.append(np.asarray(im.resize((max(256, round(im.width * s)), max(256, round(im.height * s))),
-                                        Image.Resampling.LANCZOS)))
+                                        Image.Resampling.BICUBIC, reducing_gap=2.0)))
     return tuple(res)
 
 
@@ -204,9 +205,15 @@ def motion_frames(rng: np.random.Generator, motion: str, size: int, n: int) -> l
     ph = photos()[rng.integers(len(photos()))]
     im = Image.fromarray(ph)
     W, H = im.size
-    cx, cy = W / 2 + rng.uniform(-0.15, 0.15) * W, H / 2 + rng.uniform(-0.15, 0.15) * H
     view = rng.uniform(0.35, 0.6) * min(W, H)  # side of the source window at t = 0
     speed = rng.uniform(0.35, 0.6)  # fraction of the window per clip for pans
+    # Keep every window (turned by up to 90°: half-diagonal 0.71·side, or panned) inside the
+    # photo, so no frame shows the black fill outside it (a give-away unrelated to the motion).
+    reach = 0.7072 + speed
+    view = min(view, min(W, H) / (2 * reach) - 1)
+    m = view * reach
+    cx = rng.uniform(m, W - m)
+    cy = rng.uniform(m, H - m)
     zoom_total = rng.uniform(1.6, 2.2)
     angle_total = rng.uniform(50, 90)  # degrees over the clip
     frames = []
@@ -246,15 +253,17 @@ def encode_clip(path: str, frames: list[np.ndarray], fps: int) -> None:
     from pipeline.media import write_video
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    # One encoder thread: x264's output then depends only on the input (byte-identical reruns).
-    write_video(path, frames, fps=fps, crf=20, options={"threads": "1", "preset": "veryfast"})
+    # Byte-identical reruns need one encoder thread *and* x264's C code paths: measured here,
+    # its SIMD paths gave different bitstreams for the same frames from one process to the next
+    # (about 3x slower, ~0.1 s per clip, which the demo can afford).
+    write_video(path, frames, fps=fps, crf=20, options={"threads": "1", "preset": "veryfast", "x264-params": "asm=0"})
 
 
 def _video_job(args: tuple) -> tuple[str, str, str, int, int, str]:
     seed, index, size, fps, seconds, root, split = args
     rng = _rng(seed, 2, index)
     motion = MOTIONS[index % len(MOTIONS)]  # balanced classes
-    yid = f"demo{rng.integers(0, 10**7):07d}"  # 11 characters like a YouTube id
+    yid = f"demo{index:07d}"  # 11 characters like a YouTube id, unique by construction
     t0 = int(rng.integers(0, 300))
     t1 = t0 + int(np.ceil(seconds))
     folder = "train" if split == "train" else "val"
@@ -341,16 +350,19 @@ def _davis_job(args: tuple) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _map(fn, jobs: list, workers: int, progress: str | None) -> list:
+def _init_worker() -> None:
+    photos(), digits()
+
+
+def _map(fn, jobs: list, pool, progress: str | None) -> list:
     from tqdm import tqdm
 
     bar = tqdm(total=len(jobs), desc=progress, disable=progress is None, leave=False, unit="file")
     out = []
-    if workers > 1 and len(jobs) > 8:
-        with get_context("spawn").Pool(workers) as pool:
-            for r in pool.imap(fn, jobs, chunksize=max(1, len(jobs) // (workers * 16))):
-                out.append(r)
-                bar.update()
+    if pool is not None and len(jobs) > 8:
+        for r in pool.imap(fn, jobs, chunksize=max(1, min(32, len(jobs) // 64))):
+            out.append(r)
+            bar.update()
     else:
         for j in jobs:
             out.append(fn(j))
@@ -361,18 +373,26 @@ def _map(fn, jobs: list, workers: int, progress: str | None) -> list:
 
 def make_demo_data(cfg: DemoDataConfig, *, progress: bool = False) -> dict:
     """Write the demo set under cfg.out; returns counts per part. Existing files are overwritten."""
-    out = os.path.abspath(cfg.out)
     photos(), digits()  # fail early (and once) if the bundled data is missing
+    total = cfg.count(cfg.images) + cfg.count(cfg.val_images) + cfg.count(cfg.videos) + cfg.count(cfg.val_videos)
+    if cfg.workers > 1 and total > 200:
+        with get_context("spawn").Pool(cfg.workers, initializer=_init_worker) as pool:
+            return _make(cfg, pool, progress)
+    return _make(cfg, None, progress)
+
+
+def _make(cfg: DemoDataConfig, pool, progress: bool) -> dict:
+    out = os.path.abspath(cfg.out)
 
     # ImageNet-style.
     inet = os.path.join(out, "imagenet")
     n_train, n_val = cfg.count(cfg.images), cfg.count(cfg.val_images)
     jobs = [(cfg.seed, 0, i, cfg.image_size, os.path.join(inet, "train", "{wnid}", "{wnid}_{i}.JPEG"))
             for i in range(n_train)]
-    _map(_image_job, jobs, cfg.workers, "imagenet train" if progress else None)
+    _map(_image_job, jobs, pool, "imagenet train" if progress else None)
     vjobs = [(cfg.seed, 1, i, cfg.image_size, os.path.join(inet, "val", "ILSVRC2012_val_{i:08d}.JPEG"))
              for i in range(1, n_val + 1)]
-    val = _map(_image_job, vjobs, cfg.workers, "imagenet val" if progress else None)
+    val = _map(_image_job, vjobs, pool, "imagenet val" if progress else None)
     if n_val:
         with open(os.path.join(inet, "LOC_val_solution.csv"), "w", newline="") as f:
             wr = csv.writer(f)
@@ -381,7 +401,7 @@ def make_demo_data(cfg: DemoDataConfig, *, progress: bool = False) -> dict:
                 wr.writerow([f"ILSVRC2012_val_{i:08d}", f"{wnid} 0 0 {cfg.image_size - 1} {cfg.image_size - 1}"])
     os.makedirs(inet, exist_ok=True)
     with open(os.path.join(inet, "LOC_synset_mapping.txt"), "w") as f:
-        for wnid, name in zip(DIGIT_WNIDS, DIGIT_NAMES):
+        for wnid, name in zip(DIGIT_WNIDS, DIGIT_NAMES, strict=True):
             f.write(f"{wnid} digit {name}\n")
 
     # Kinetics-style.
@@ -389,7 +409,7 @@ def make_demo_data(cfg: DemoDataConfig, *, progress: bool = False) -> dict:
     n_vt, n_vv = cfg.count(cfg.videos), cfg.count(cfg.val_videos)
     vjobs = [(cfg.seed, i, cfg.video_size, cfg.fps, cfg.clip_seconds, kin, "train") for i in range(n_vt)]
     vjobs += [(cfg.seed, n_vt + i, cfg.video_size, cfg.fps, cfg.clip_seconds, kin, "validate") for i in range(n_vv)]
-    clips = _map(_video_job, vjobs, cfg.workers, "kinetics clips" if progress else None)
+    clips = _map(_video_job, vjobs, pool, "kinetics clips" if progress else None)
     os.makedirs(os.path.join(kin, "annotations"), exist_ok=True)
     for split in ("train", "validate"):
         buf = io.StringIO()
@@ -406,7 +426,7 @@ def make_demo_data(cfg: DemoDataConfig, *, progress: bool = False) -> dict:
     n_seq = cfg.count(cfg.davis)
     names = [f"demo-seq-{i:03d}" for i in range(n_seq)]
     djobs = [(cfg.seed, i, cfg.davis_frames, cfg.davis_size, davis, names[i]) for i in range(n_seq)]
-    _map(_davis_job, djobs, cfg.workers, "davis" if progress else None)
+    _map(_davis_job, djobs, pool, "davis" if progress else None)
     os.makedirs(os.path.join(davis, "ImageSets", "2017"), exist_ok=True)
     n_dtrain = n_seq // 2
     with open(os.path.join(davis, "ImageSets", "2017", "train.txt"), "w") as f:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
 import os
 from typing import Any
 
@@ -27,13 +28,11 @@ import numpy as np
 
 import schemas
 from pipeline import storage
-from pipeline.mix.blend import Blend, SourceOrder
+from pipeline.mix.blend import Blend, SourceOrder, _mix64
 from pipeline.mix.build import TABLE_ARRAYS, order_key
 from pipeline.mix.sequence import assemble_into, layout
 from pipeline.mix.tables import locate_frames
 from pipeline.shards import open_shard, read_manifest
-
-STATE_VERSION = 1
 
 
 def read_mix_manifest(mix_url: str, storage_options: dict | None = None) -> dict[str, Any]:
@@ -57,6 +56,7 @@ class _ShardFile:
         self.url, self.sha256, self.fmt, self.hw = url, sha256, fmt, hw
         self.so, self.verify, self.block_cache_mb = storage_options, verify, block_cache_mb
         self._win: np.ndarray | None = None
+        self._mmap: mmap.mmap | None = None
         self._file = None
         self._reader = None
         self._checked = False
@@ -76,8 +76,10 @@ class _ShardFile:
         self._check()
         if storage.is_local(self.url):
             if self._win is None:
-                mm = np.memmap(storage.local_path(self.url), dtype=np.uint8, mode="r")
-                u16 = mm[: mm.size - mm.size % 2].view(np.uint16)
+                with open(storage.local_path(self.url), "rb") as fh:
+                    self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                # A plain ndarray over the map (np.memmap's subclass hooks cost µs per fancy index).
+                u16 = np.frombuffer(self._mmap, dtype=np.uint16, count=len(self._mmap) // 2)
                 # Overlapping windows: row e of this view is u16[e : e + HW] (no copy).
                 self._win = np.lib.stride_tricks.as_strided(
                     u16, shape=(u16.size - self.hw + 1, self.hw), strides=(2, 2), writeable=False
@@ -165,7 +167,7 @@ class MixReader:
     """Read sequences of a mix by global sample id (one split)."""
 
     def __init__(self, mix_url: str, *, split: str = "train", storage_options: dict | None = None,
-                 verify_sha256: bool = True, block_cache_mb: int = 64, check_inputs: bool = True):
+                 verify_sha256: bool = True, block_cache_mb: int = 64):
         self.mix_url = mix_url
         self.storage_options = storage_options
         self.verify_sha256 = verify_sha256
@@ -186,19 +188,15 @@ class MixReader:
         by_name = {s["name"]: s for s in m["sources"]}
         self._src = [by_name[n] for n in self.sources]
         self._dsm: dict[str, dict] = {}
-        if check_inputs:
-            for s in self._src:
-                got = read_manifest(s["url"], storage_options)
-                if got["content_hash"] != s["manifest_hash"]:
-                    raise ValueError(
-                        f"source {s['name']} ({s['url']}) changed since the mix was built: its manifest hash is now "
-                        f"{got['content_hash']}, the mix pinned {s['manifest_hash']}; rebuild the mix "
-                        "(toto-pipeline mix ...) to train on the new data"
-                    )
-                self._dsm[s["name"]] = got
-        else:
-            for s in self._src:
-                self._dsm[s["name"]] = read_manifest(s["url"], storage_options)
+        for s in self._src:
+            got = read_manifest(s["url"], storage_options)
+            if got["content_hash"] != s["manifest_hash"]:
+                raise ValueError(
+                    f"source {s['name']} ({s['url']}) changed since the mix was built: its manifest hash is now "
+                    f"{got['content_hash']}, the mix pinned {s['manifest_hash']}; rebuild the mix "
+                    "(toto-pipeline mix ...) to train on the new data"
+                )
+            self._dsm[s["name"]] = got
         self._index_url = storage.join(_parent(mix_url), m["index"]["dir"])
         self._load_index()
         self._orders = [SourceOrder(len(self._tab[i]["units"]), order_key(m["seed"], s["name"], split))
@@ -231,6 +229,17 @@ class MixReader:
         if done.get("files") != self.manifest["index"]["files"]:
             raise ValueError(f"{self._index_url} does not belong to {self.mix_url} (file hashes differ); rebuild the mix")
         sp = self.split
+        if self.verify_sha256 and not getattr(self, "_index_checked", False):
+            # Once per reader (not again in workers): a flipped byte here would silently reorder data.
+            files = self.manifest["index"]["files"]
+            for name in sorted(n for n in files if n.startswith(f"{sp}.")):
+                got = storage.sha256_file(storage.join(self._index_url, name), self.storage_options)
+                if got != files[name]:
+                    raise ValueError(
+                        f"index file {storage.join(self._index_url, name)} is corrupt (sha256 {got}, manifest says "
+                        f"{files[name]}); delete {self._index_url} and rerun the same toto-pipeline mix command"
+                    )
+            self._index_checked = True
         self._blend_src = self._npy(f"{sp}.blend_source.npy")
         self._blend_local = self._npy(f"{sp}.blend_local.npy")
         self._tab = []
@@ -269,13 +278,29 @@ class MixReader:
             pos = np.flatnonzero(src == si)
             j = local[pos]
             if self._src[si]["kind"] == "video":
-                first = np.asarray(self._tab[si]["units"][self._orders[si].units(j)])  # (m,) absolute frames
+                uid = self._orders[si].units(j)  # (m,) unit ids
+                first = np.asarray(self._tab[si]["units"][uid])  # (m,) absolute first frames
+                if m["jitter"]:
+                    first = first + self._jitter(si, j // self._orders[si].n, uid)
                 frames = first[:, None] + m["stride"] * np.arange(m["frames"], dtype=np.int64)[None, :]
             else:
                 k = m["images_per_seq"]
                 stream = j[:, None] * k + np.arange(k, dtype=np.int64)[None, :]  # (m, K)
                 frames = np.asarray(self._tab[si]["units"][self._orders[si].units(stream)])
             out.append((int(si), pos, frames))
+        return out
+
+    def _jitter(self, si: int, epoch: np.ndarray, uid: np.ndarray) -> np.ndarray:
+        """Seeded per-pass start offsets in [0, slack[uid]] (int64 [m]): each pass sees new clip phases."""
+        slack = np.asarray(self._tab[si]["slack"][uid]).astype(np.uint64)
+        out = np.empty(len(uid), dtype=np.int64)
+        for e in np.unique(epoch):
+            sel = epoch == e
+            key = np.random.SeedSequence([*order_key(self.manifest["seed"], self._src[si]["name"], self.split),
+                                          int(e), 0x4A495454]).generate_state(1, dtype=np.uint64)[0]
+            with np.errstate(over="ignore"):
+                h = _mix64(uid[sel].astype(np.uint64) ^ key)
+            out[sel] = (h % (slack[sel] + np.uint64(1))).astype(np.int64)
         return out
 
     def gather(self, si: int, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -301,8 +326,9 @@ class MixReader:
         label: list[str | None] = [None] * b
         groups = self.sample_frames(ids)
         lays = [self._layout(si) for si, _, _ in groups]
-        same = all(lay["body"] == lays[0]["body"] and (lay["inputs"][1:] == lays[0]["inputs"][1:]).all()
-                   and (lay["targets"] == lays[0]["targets"]).all() for lay in lays)
+        same = all(g[2].shape[1] == groups[0][2].shape[1] and lay["body"] == lays[0]["body"]
+                   and (lay["inputs"][1:] == lays[0]["inputs"][1:]).all() and (lay["targets"] == lays[0]["targets"]).all()
+                   for g, lay in zip(groups, lays, strict=True))
         if same and len(groups) > 1:
             # One layout for the whole batch (same frames per sample for every kind, e.g. the paper's
             # 16 frames / 16 images): gather into one uint16 buffer, then write contiguous rows.

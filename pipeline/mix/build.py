@@ -38,12 +38,13 @@ from pipeline.mix.tables import (
     detect_kind,
     image_units,
     read_row_table,
+    segment_bounds,
     split_table,
     video_units,
 )
 from pipeline.shards import read_manifest
 
-TABLE_ARRAYS = ("shard", "row", "elem", "num_frames", "cum", "segment", "video", "label", "units")
+TABLE_ARRAYS = ("shard", "row", "elem", "num_frames", "cum", "segment", "video", "label", "units", "slack")
 
 
 @dataclass
@@ -57,6 +58,7 @@ class MixConfig:
     frames: int = 16
     stride: int = 4
     hop: int | None = None  # None: frames × stride (clips tile each video once per pass)
+    jitter: bool = True  # shift each clip start by a seeded per-pass offset in [0, hop) inside its segment
     images_per_seq: int = 16
     num_samples: int | None = None  # train split; None: until every source has had one full pass
     kinds: dict[str, str] = field(default_factory=dict)  # override "image"/"video" detection
@@ -146,11 +148,13 @@ def build_mix(cfg: MixConfig, out_url: str, storage_options: dict | None = None,
 
     rows: dict[str, RowTable] = {}
     for n in names:
-        if progress:
-            print(f"reading rows of {n} ({len(manifests[n]['shards'])} shards)", file=sys.stderr)
-        rows[n] = read_row_table(urls[n], manifests[n], storage_options)
+        rows[n] = read_row_table(urls[n], manifests[n], storage_options, progress=f"rows of {n}" if progress else None)
     kinds = {n: cfg.kinds.get(n) or detect_kind(rows[n]) for n in names}
     splits = sorted({s for n in names for s in rows[n].splits()})
+    for sp in splits:
+        if not sp or not all(c.isalnum() or c in "_-" for c in sp):
+            raise ValueError(f"split name {sp!r} in the inputs: index files are named after splits, so use letters, "
+                             "digits, '_' and '-' only (re-tokenize with a clean split name)")
 
     # Per split: tables and units of each source that has rows in it.
     tables: dict[tuple[str, str], Any] = {}
@@ -162,17 +166,30 @@ def build_mix(cfg: MixConfig, out_url: str, storage_options: dict | None = None,
                 continue
             t = split_table(rows[n], sp)
             if kinds[n] == "video":
-                units, short = video_units(t, frames=cfg.frames, stride=cfg.stride, hop=hop)
+                units, slack, short = video_units(t, frames=cfg.frames, stride=cfg.stride, hop=hop)
                 per_pass = len(units)
             else:
                 units, short = image_units(t), 0
+                slack = np.zeros(0, dtype=np.int32)  # images have no temporal jitter
                 per_pass = len(units) // cfg.images_per_seq
+            if per_pass == 0 and sp == "train":
+                if kinds[n] == "video":
+                    _, seg_len = segment_bounds(t)
+                    raise ValueError(
+                        f"source {n} has no clip of {cfg.frames} frames at stride {cfg.stride} "
+                        f"({(cfg.frames - 1) * cfg.stride + 1} frames) in its train split: its longest run of "
+                        f"consecutive frames is {int(seg_len.max())}; lower --stride or --frames"
+                    )
+                raise ValueError(
+                    f"source {n} has {len(units)} train images, fewer than --images-per-seq {cfg.images_per_seq}; "
+                    "lower --images-per-seq"
+                )
             if per_pass == 0:
                 info[n] = {"rows": len(t.row), "units": int(len(units)), "samples_per_pass": 0,
                            "segments_too_short": short, "used": False}
                 continue
             present.append(n)
-            tables[(sp, n)] = (t, units)
+            tables[(sp, n)] = (t, units, slack)
             info[n] = {"rows": int(len(t.row)), "videos": int(t.video[-1]) + 1, "segments": int(t.segment[-1]) + 1,
                        "frames": int(t.cum[-1]), "units": int(len(units)), "samples_per_pass": int(per_pass),
                        "segments_too_short": short, "used": True}
@@ -201,6 +218,7 @@ def build_mix(cfg: MixConfig, out_url: str, storage_options: dict | None = None,
         frames=cfg.frames,
         stride=cfg.stride,
         hop=hop,
+        jitter=bool(cfg.jitter),
         images_per_seq=cfg.images_per_seq,
         num_samples=split_info["train"]["num_samples"],
         sources=[
@@ -270,8 +288,8 @@ def _write_index(idx_url: str, key: str, split_info: dict, tables: dict, cfg: Mi
         put(f"{sp}.blend_source.npy", _npy_bytes(src))
         put(f"{sp}.blend_local.npy", _npy_bytes(local))
         for n in info["sources"]:
-            t, units = tables[(sp, n)]
-            arrays = {**t.arrays(), "units": units}
+            t, units, slack = tables[(sp, n)]
+            arrays = {**t.arrays(), "units": units, "slack": slack}
             for a in TABLE_ARRAYS:
                 put(f"{sp}.{n}.{a}.npy", _npy_bytes(arrays[a]))
             put(f"{sp}.{n}.labels.json", json.dumps(t.labels).encode())

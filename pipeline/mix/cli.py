@@ -30,7 +30,8 @@ def inspect_text(doc: dict, budget_tokens: float) -> str:
     """Realised shares, sample counts and passes over each source for a token budget."""
     lines = [f"mix {doc['content_hash'][:16]}  seed {doc['seed']}  seq_len {doc['seq_len']}  "
              f"vocab {doc['vocab_size']} (codebook {doc['codebook_size']} + specials {doc['specials']})",
-             f"video samples: {doc['frames']} frames at stride {doc['stride']}, clip starts every {doc['hop']} frames; "
+             f"video samples: {doc['frames']} frames at stride {doc['stride']}, clip starts every {doc['hop']} frames"
+             f"{' + per-pass jitter' if doc['jitter'] else ''}; "
              f"image samples: {doc['images_per_seq']} images",
              f"budget {budget_tokens:.3g} tokens = {int(budget_tokens // doc['seq_len'])} sequences of {doc['seq_len']}"]
     kinds = {s["name"]: s for s in doc["sources"]}
@@ -74,13 +75,15 @@ def inspect_text(doc: dict, budget_tokens: float) -> str:
 @click.option("--frames", default=16, show_default=True, help="Frames per video sample.")
 @click.option("--stride", default=4, show_default=True, help="Temporal stride between the frames of a sample.")
 @click.option("--hop", type=int, default=None, help="Frames between clip starts inside a video. Default: frames × stride.")
+@click.option("--jitter/--no-jitter", default=True, show_default=True,
+              help="Shift each clip's start by a seeded offset in [0, hop) that changes every pass (stays inside the video).")
 @click.option("--images-per-seq", default=16, show_default=True, help="Images per image sample.")
 @click.option("--num-samples", type=int, default=None, help="Train samples to index. Default: until every source has had one pass (the loader continues past it).")
 @click.option("--kinds", default=None, help="Override image/video detection, NAME=image|video,...")
 @click.option("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URLs (credentials come from the environment).")
 @click.option("--inspect", "inspect_path", default=None, help="Print shares, sample counts and passes of an existing MIX.json and exit.")
 @click.option("--budget-tokens", default=1e12, show_default=True, type=float, help="Token budget for the passes column of --inspect.")
-def mix_command(ratios, inputs, out, seed, seq_len, frames, stride, hop, images_per_seq, num_samples, kinds,
+def mix_command(ratios, inputs, out, seed, seq_len, frames, stride, hop, jitter, images_per_seq, num_samples, kinds,
                 endpoint_url, inspect_path, budget_tokens) -> None:
     """Blend token datasets into a mix manifest with a deterministic, cached sample index.
 
@@ -99,7 +102,7 @@ def mix_command(ratios, inputs, out, seed, seq_len, frames, stride, hop, images_
         raise click.UsageError("give --ratios, --inputs and --out (or --inspect MIX.json)")
     try:
         cfg = MixConfig(ratios=_pairs(ratios, "--ratios"), inputs=_pairs(inputs, "--inputs"), seed=seed, seq_len=seq_len,
-                        frames=frames, stride=stride, hop=hop, images_per_seq=images_per_seq, num_samples=num_samples,
+                        frames=frames, stride=stride, hop=hop, jitter=jitter, images_per_seq=images_per_seq, num_samples=num_samples,
                         kinds=_pairs(kinds, "--kinds"))
         doc = build_mix(cfg, out, so)
     except ValueError as e:

@@ -14,6 +14,7 @@ a *unit* is the absolute number of a clip's first frame (video) or an image's fr
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,11 +66,20 @@ def _arrow_buffer(url: str, storage_options: dict | None) -> pa.Buffer:
     return pa.py_buffer(fs.cat_file(path))
 
 
-def read_row_table(dataset_url: str, manifest: dict[str, Any], storage_options: dict | None = None) -> RowTable:
-    """Read the metadata of every row of a token dataset (one pass over its shards)."""
+def read_row_table(dataset_url: str, manifest: dict[str, Any], storage_options: dict | None = None,
+                   progress: str | None = None) -> RowTable:
+    """Read the metadata of every row of a token dataset (one pass over its shards).
+
+    ``progress``: a label for a progress bar on stderr (None: no bar).
+    """
     num: dict[str, list[np.ndarray]] = {k: [] for k in ("shard", "row", "elem", "num_frames", "chunk")}
     strs: dict[str, list[pa.Array]] = {k: [] for k in _STR_COLS}
-    for si, sh in enumerate(manifest["shards"]):
+    shards = manifest["shards"]
+    if progress is not None:
+        from tqdm import tqdm
+
+        shards = tqdm(shards, desc=progress, unit="shard", file=sys.stderr, leave=False)
+    for si, sh in enumerate(shards):
         data_url = storage.join(dataset_url, sh["data_file"])
         got = 0
         if manifest["format"] == "arrow":
@@ -207,11 +217,13 @@ def segment_bounds(t: SplitTable) -> tuple[np.ndarray, np.ndarray]:
     return start, t.cum[last_row] - start
 
 
-def video_units(t: SplitTable, *, frames: int, stride: int, hop: int) -> tuple[np.ndarray, int]:
+def video_units(t: SplitTable, *, frames: int, stride: int, hop: int) -> tuple[np.ndarray, np.ndarray, int]:
     """First frames of the clips of a video split: every ``hop`` frames inside each segment.
 
     A clip spans ``(frames-1)*stride + 1`` frames; segments shorter than that give no clip.
-    Returns (units int64 [U], number of segments too short for one clip).
+    Returns (units int64 [U], slack int32 [U], number of segments too short for one clip), where
+    ``slack`` is how far a clip may start later and still end inside its segment (at most hop-1):
+    the loader's per-pass jitter stays within it, so a jittered clip never leaves its segment.
     """
     span = (frames - 1) * stride + 1
     start, length = segment_bounds(t)
@@ -219,7 +231,10 @@ def video_units(t: SplitTable, *, frames: int, stride: int, hop: int) -> tuple[n
     total = int(per.sum())
     first = np.repeat(start, per)
     offs = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(per) - per, per)
-    return first + offs * hop, int((per == 0).sum())
+    units = first + offs * hop
+    last_start = np.repeat(start + length - span, per)  # latest valid start in the unit's segment
+    slack = np.minimum(hop - 1, last_start - units).astype(np.int32)
+    return units, slack, int((per == 0).sum())
 
 
 def image_units(t: SplitTable) -> np.ndarray:

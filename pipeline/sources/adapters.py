@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import stat
 import tarfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -76,6 +77,9 @@ def probe_duration(uri: str, storage_options: dict | None = None) -> float | Non
 
     try:
         if is_local(uri):
+            # Only regular files: opening a FIFO or device would block the listing forever.
+            if not stat.S_ISREG(os.stat(uri[len("file://") :] if uri.startswith("file://") else uri).st_mode):
+                return None
             ctx = av.open(uri, metadata_errors="ignore")
             fobj = None
         else:
@@ -104,7 +108,7 @@ def _probe_all(uris: list[str], storage_options: dict | None, threads: int = 8) 
         return {}
     with ThreadPoolExecutor(max_workers=threads) as ex:
         durs = list(ex.map(lambda u: probe_duration(u, storage_options), uris))
-    return dict(zip(uris, durs, strict=False))
+    return dict(zip(uris, durs, strict=True))
 
 
 def _split_name(split: str) -> str:
@@ -315,7 +319,7 @@ def list_howto100m(
     durs = {}
     if pending:
         with ThreadPoolExecutor(max_workers=probe_threads) as ex:
-            durs = dict(zip([p["uri"] for p in pending], ex.map(lambda p: probe_duration(p["uri"], storage_options), pending), strict=False))
+            durs = dict(zip([p["uri"] for p in pending], ex.map(lambda p: probe_duration(p["uri"], storage_options), pending), strict=True))
     out = []
     for item in pending:
         out.extend(segment_video(item, durs.get(item["uri"]), max_item_seconds=max_item_seconds, chunk_seconds=chunk_seconds))
@@ -362,10 +366,14 @@ def list_imagenet(
     storage_options: dict | None = None,
     dataset: str = "imagenet",
     splits: Iterable[str] | None = None,
+    val_solution: str | None = None,
     **_: Any,
 ) -> tuple[list[dict], ListReport]:
     """ILSVRC-2012 (train/{wnid}/*.JPEG; val/ flat + LOC_val_solution.csv, or val/{wnid}/) or the
-    21k layout ({wnid}/*.JPEG folders or {wnid}.tar archives). Label = wnid."""
+    21k layout ({wnid}/*.JPEG folders or {wnid}.tar archives). Label = wnid.
+
+    val_solution: path/URL of LOC_val_solution.csv when it is not under root (Kaggle's layout
+    keeps it above ILSVRC/Data/CLS-LOC/)."""
     report = ListReport(dataset=dataset, root=root)
     _, _, files = _list_files(root, storage_options)
     want = None if splits is None else {_split_name(s) for s in splits}
@@ -385,8 +393,12 @@ def list_imagenet(
     is_2012 = bool({"train", "val"} & top)
     solution: dict[str, str] = {}
     sol_rel = next((r for _, r in files if r.rsplit("/", 1)[-1] == "LOC_val_solution.csv"), None)
-    if sol_rel is not None:
-        for row in csv.DictReader(io.StringIO(_read_text(join(root, sol_rel), storage_options))):
+    sol_url = join(root, sol_rel) if sol_rel is not None else None
+    if val_solution is not None:
+        sol_url = val_solution
+        sol_rel = sol_rel or os.path.basename(val_solution.rstrip("/"))
+    if sol_url is not None:
+        for row in csv.DictReader(io.StringIO(_read_text(sol_url, storage_options))):
             pred = (row.get("PredictionString") or "").split()
             if row.get("ImageId") and pred:
                 solution[row["ImageId"].strip()] = pred[0]

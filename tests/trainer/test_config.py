@@ -17,7 +17,7 @@ def test_presets_and_overrides():
     assert (cfg.lr, cfg.model.dim, cfg.model.n_heads, cfg.compile) == (1e-3, 128, 4, True)
     assert cfg.model.ffn_dim == 512  # the demo preset's explicit SwiGLU width is kept
     assert (cfg.peak_flops, cfg.init_from, cfg.global_batch) == (1e12, "runs/a", 8)
-    assert PRESETS["demo"].model.dim == 192  # presets are not mutated
+    assert PRESETS["demo"].model.dim == 160  # presets are not mutated
     base = load_config("base", ["model.dim=1024", "model.n_heads=16"])
     assert base.model.ffn_dim == 4096  # derived widths follow an overridden dim
     assert load_config("base-256").model.rope_theta == 50000.0
@@ -51,7 +51,7 @@ def test_unknown_preset_suggests_and_file_configs(tmp_path):
     f = tmp_path / "run.json"
     f.write_text(json.dumps({"preset": "demo", "lr": 5e-4, "model": {"n_layers": 3}}))
     cfg = load_config(str(f), ["max_steps=7", "warmup_steps=1"])
-    assert (cfg.name, cfg.lr, cfg.model.n_layers, cfg.model.dim, cfg.max_steps) == ("demo", 5e-4, 3, 192, 7)
+    assert (cfg.name, cfg.lr, cfg.model.n_layers, cfg.model.dim, cfg.max_steps) == ("demo", 5e-4, 3, 160, 7)
     y = tmp_path / "run.yaml"
     y.write_text("preset: tiny\nmicro_batch: 3\n")
     assert load_config(str(y)).micro_batch == 3
@@ -69,4 +69,4 @@ def test_cli_reports_bad_overrides_and_prints_config():
                                   "--init-from", "runs/a", "max_steps=90"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.output)
-    assert doc["max_steps"] == 90 and doc["init_from"] == "runs/a" and doc["model"]["dim"] == 192
+    assert doc["max_steps"] == 90 and doc["init_from"] == "runs/a" and doc["model"]["dim"] == 160

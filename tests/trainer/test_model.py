@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.model import PRESETS, KVCache, ModelConfig, Transformer, count_params, flops_per_token, param_groups
+from trainer.model import (
+    PRESETS,
+    KVCache,
+    ModelConfig,
+    Transformer,
+    count_params,
+    flops_per_token,
+    param_groups,
+)
 
 
 def small(**kw) -> ModelConfig:
@@ -66,7 +74,7 @@ def test_presets_match_the_paper():
     assert PRESETS["base"].ffn_dim == 4 * 768
     assert (PRESETS["large"].dim, PRESETS["large"].n_heads, PRESETS["large"].n_layers) == (1024, 16, 16)
     assert (PRESETS["1b"].dim, PRESETS["1b"].n_layers, PRESETS["1b"].mlp_hidden) == (2048, 22, 5504)
-    # ~120M / ~280M / ~1.1B as in the paper (embeddings included, 8195-token vocabulary).
+    # ~120M / ~280M / ~1.1B as in the paper (embeddings included, 8196-token vocabulary).
     assert 115e6 < count_params(PRESETS["base"]) < 130e6
     assert 270e6 < count_params(PRESETS["large"]) < 295e6
     assert 1.05e9 < count_params(PRESETS["1b"]) < 1.2e9

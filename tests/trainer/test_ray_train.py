@@ -21,9 +21,9 @@ def _losses(run: Path) -> list[float]:
 
 @pytest.mark.slow
 def test_ray_torch_trainer_matches_one_process(tmp_path, ray_local):
+    import trainer_fakes
     from ray import cloudpickle
 
-    import trainer_fakes
     from trainer.train import run_with_ray
 
     # Workers cannot import the tests directory: ship the fake loader's module by value.

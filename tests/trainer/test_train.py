@@ -166,20 +166,22 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_process_gloo_equals_one_process(tmp_path, parallel):
+def test_two_process_gloo_equals_one_process_and_resumes(tmp_path, parallel):
     overrides = QUIET + ["max_steps=4", "global_batch=4", "micro_batch=1", "ckpt_every=2", "lr=3e-3",
                          f"parallel={parallel}", "val_every=2"]
     single = tmp_path / "single"
     subprocess.run(_run_script(single, overrides, 0.0), check=True, env=_env(), timeout=120)
     multi = tmp_path / "multi"
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = _env()
-        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port))
-        procs.append(subprocess.Popen(_run_script(multi, overrides, 0.0), env=env))
-    assert [p.wait(timeout=180) for p in procs] == [0, 0]
+    # Two invocations: leave after 3 steps (checkpoint saved sharded-to-full), then resume to the end.
+    for extra in (["exit_after_steps=3"], []):
+        port = _free_port()
+        procs = []
+        for rank in range(2):
+            env = _env()
+            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port))
+            procs.append(subprocess.Popen(_run_script(multi, overrides + extra, 0.0), env=env))
+        assert [p.wait(timeout=180) for p in procs] == [0, 0]
     a, b = losses(single), losses(multi)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for s in a:
@@ -194,3 +196,11 @@ def test_two_process_gloo_equals_one_process(tmp_path, parallel):
     assert meta["world_size"] == 2
     for k, v in ma.state_dict().items():
         torch.testing.assert_close(mb.state_dict()[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path):
+    common = QUIET + ["max_steps=3", "global_batch=2", "micro_batch=2", "ckpt_every=0"]
+    train(load_config("tiny", common), "fake", tmp_path / "a", loader_factory=factory())
+    train(load_config("tiny", common + ["activation_checkpointing=true"]), "fake", tmp_path / "b",
+          loader_factory=factory())
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from trainer.evals.probes import POOLINGS, ProbeConfig
+from trainer.evals.probes import POOLINGS, ProbeConfig, torch_threads
 
 __all__ = ["probe", "track", "scaling"]
 
@@ -42,8 +42,10 @@ def _fail(e: Exception) -> None:
 @click.option("--out", "out_dir", default="probe-out", show_default=True, help="Output directory.")
 @click.option("--task", default="probe", show_default=True, help="Name used in file names and plots.")
 @click.option("--device", default="cpu", show_default=True, help="Device for feature extraction (cpu, cuda).")
+@click.option("--threads", default=None, type=int,
+              help="Torch intra-op threads on CPU (default: torch's). 1 is much faster on a busy machine.")
 def probe(ckpt, train_url, val_url, train_split, val_split, layers, pooling, clips, frames, stride, max_samples,
-          pool_tokens, epochs, lr, batch_size, weight_decay, heads, out_dir, task, device) -> None:
+          pool_tokens, epochs, lr, batch_size, weight_decay, heads, out_dir, task, device, threads) -> None:
     """Train probes on a frozen checkpoint's features and report top-1 / top-5.
 
     CKPT is a checkpoint directory (step-NNNNNNNN) or a run directory (its newest checkpoint).
@@ -68,7 +70,8 @@ def probe(ckpt, train_url, val_url, train_split, val_split, layers, pooling, cli
             frames=frames, stride=stride, clips=clips, max_samples=max_samples, pool_tokens=pool_tokens, task=task,
         )
         cfg = ProbeConfig(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, num_heads=heads)
-        doc, json_path, png_path = probe_job(model, meta, job, cfg, out_dir)
+        with torch_threads(threads):
+            doc, json_path, png_path = probe_job(model, meta, job, cfg, out_dir)
     except ValueError as e:
         _fail(e)
     for r in doc["results"]:
@@ -84,6 +87,9 @@ def probe(ckpt, train_url, val_url, train_split, val_split, layers, pooling, cli
 @click.option("--layer", default=None, type=int, help="Block whose features are used. Default: the middle block.")
 @click.option("--resolution", default=None, type=int,
               help="Frame size fed to the tokenizer. Default: the checkpoint's training resolution.")
+@click.option("--tokenizer", "tokenizer_spec", default=None,
+              help="load_tokenizer spec of the checkpoint's tokenizer (dalle:DIR, vqgan:DIR, dvae:DIR, demo). "
+                   "Default: demo for demo-tokenizer checkpoints; its id must match the checkpoint's.")
 @click.option("--max-frames", default=None, type=int, help="Use only the first N frames of each sequence.")
 @click.option("--topk", default=10, show_default=True, type=int, help="Affinities kept per patch.")
 @click.option("--temperature", default=0.05, show_default=True, type=float, help="Softmax temperature.")
@@ -92,8 +98,10 @@ def probe(ckpt, train_url, val_url, train_split, val_split, layers, pooling, cli
               help="Previous frames in the context (besides the first frame).")
 @click.option("--out", "out_dir", default="track-out", show_default=True, help="Output directory (track.json).")
 @click.option("--device", default="cpu", show_default=True, help="Device (cpu, cuda).")
-def track(ckpt, davis_root, split, layer, resolution, max_frames, topk, temperature, radius, n_context, out_dir,
-          device) -> None:
+@click.option("--threads", default=None, type=int,
+              help="Torch intra-op threads on CPU (default: torch's). 1 is much faster on a busy machine.")
+def track(ckpt, davis_root, split, layer, resolution, tokenizer_spec, max_frames, topk, temperature, radius, n_context, out_dir,
+          device, threads) -> None:
     """Semi-supervised video object segmentation by label propagation (DAVIS protocol): J, F, J&F.
 
     The first frame's masks are propagated with the model's per-patch features (Jabri et al.
@@ -103,20 +111,20 @@ def track(ckpt, davis_root, split, layer, resolution, max_frames, topk, temperat
     Example:
 
     \b
-        toto-train track runs/demo --davis data/DAVIS --layer 3 --out track-out
+        toto-train track runs/demo --davis demo-out/data/davis --layer 3 --out track-out
     """
     from trainer.checkpoint import load_model
     from trainer.evals.propagation import PropagationConfig
-    from trainer.evals.run import frame_tokenizer_from_meta, track_job
+    from trainer.evals.run import frame_tokenizer_from_meta, resolution_from_meta, track_job
 
     try:
         model, meta = load_model(ckpt, device=device)
         cfg = PropagationConfig(topk=topk, temperature=temperature, radius=radius, n_context=n_context)
-        res = resolution or int((meta.get("tokenizer") or {}).get("resolution") or meta.get("resolution") or 0)
-        if not res:
-            raise ValueError("the checkpoint does not record its frame resolution; pass --resolution")
-        doc, path = track_job(model, meta, davis_root, out_dir, tokenize=frame_tokenizer_from_meta(meta),
-                              resolution=res, layer=layer, split=split, max_frames=max_frames, cfg=cfg)
+        res = resolution or resolution_from_meta(meta)
+        with torch_threads(threads):
+            doc, path = track_job(model, meta, davis_root, out_dir,
+                                  tokenize=frame_tokenizer_from_meta(meta, tokenizer_spec), resolution=res, layer=layer,
+                                  split=split, max_frames=max_frames, cfg=cfg)
     except (ValueError, RuntimeError) as e:
         _fail(e)
     for r in doc["objects"]:

@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
-__all__ = ["Finding", "Report", "fmt"]
+__all__ = ["Finding", "Report", "fmt", "significant", "accuracy_diff_se"]
+
+NOISE_Z = 2.0  # a difference counts when it exceeds two standard errors (about 95% two-sided)
+
+
+def accuracy_diff_se(p1: float, p2: float, n: int) -> float:
+    """Standard error (in points) of the difference of two accuracies (percent) over n scored samples,
+    treating the two as independent binomials (conservative for paired probes on one val set)."""
+    a, b = p1 / 100.0, p2 / 100.0
+    return 100.0 * math.sqrt((a * (1 - a) + b * (1 - b)) / max(1, n))
+
+
+def significant(diff: float, se: float) -> bool | None:
+    """True/False when |diff| exceeds NOISE_Z standard errors (sign decides), None when within noise."""
+    if abs(diff) <= NOISE_Z * se:
+        return None
+    return diff > 0
 
 
 def fmt(x: float | None, digits: int = 1, unit: str = "") -> str:
@@ -17,15 +34,19 @@ def fmt(x: float | None, digits: int = 1, unit: str = "") -> str:
 
 @dataclass
 class Finding:
-    """One of the paper's qualitative findings and whether our run reproduces it."""
+    """One of the paper's qualitative findings and whether our run reproduces it.
+
+    ``holds`` is None when our difference is within noise (see `significant`)."""
 
     name: str
     paper: str
     ours: str
-    holds: bool
+    holds: bool | None
 
     @property
     def verdict(self) -> str:
+        if self.holds is None:
+            return "inconclusive (within noise)"
         return "holds" if self.holds else "does not hold"
 
 
@@ -57,8 +78,8 @@ class Report:
         rel = os.path.relpath(path, self.out_dir)
         self.parts.append(f"![{caption}]({rel})\n\n*{caption}*\n")
 
-    def finding(self, name: str, paper: str, ours: str, holds: bool) -> Finding:
-        f = Finding(name, paper, ours, bool(holds))
+    def finding(self, name: str, paper: str, ours: str, holds: bool | None) -> Finding:
+        f = Finding(name, paper, ours, None if holds is None else bool(holds))
         self.findings.append(f)
         return f
 
@@ -68,6 +89,8 @@ class Report:
             out.append(self.intro.strip() + "\n")
         if self.findings:
             out.append("## Findings at a glance\n")
+            out.append(f"A finding is marked inconclusive when our difference is within {NOISE_Z:g} standard errors "
+                       "(binomial for accuracies over the scored samples; paired over clips for losses).\n")
             lines = ["| paper's finding | paper | ours | verdict |", "|---|---|---|---|"]
             lines += [f"| {f.name} | {f.paper} | {f.ours} | **{f.verdict}** |" for f in self.findings]
             out.append("\n".join(lines) + "\n")

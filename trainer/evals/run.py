@@ -86,10 +86,12 @@ def load_labelled(
     max_samples: int | None,
     max_seq_len: int,
     storage_options: dict | None = None,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
     """Labelled sequences of a token dataset: images as single-frame sequences, videos as clips.
 
-    Returns tokens (N, T), frame_index (N, T), labels, video ids. Unlabelled rows are dropped.
+    Returns tokens (N, T), frame_index (N, T), labels, video ids. Unlabelled rows are dropped;
+    ``max_samples`` keeps a seeded random subset of videos (images) of about that many samples.
     """
     from trainer.data import iter_clips
 
@@ -104,8 +106,14 @@ def load_labelled(
                 f"{max_seq_len}; pass fewer --frames"
             )
         items.append(c)
-        if max_samples is not None and len(items) >= max_samples:
-            break
+    if max_samples is not None and len(items) > max_samples:
+        # Datasets are stored class by class: a prefix would hold a few classes only. Take a seeded
+        # random subset of whole videos (all clips of a chosen video, so per-video averaging holds).
+        videos = sorted({c["video_id"] for c in items})
+        order = np.random.default_rng(seed).permutation(len(videos))
+        per_video = max(1, len(items) // len(videos))
+        keep = {videos[i] for i in order[: max(1, max_samples // per_video)]}
+        items = [c for c in items if c["video_id"] in keep]
     if not items:
         raise ValueError(
             f"{url} (split {split or 'all'}) has no labelled samples to probe (videos shorter than one clip of "
@@ -152,8 +160,34 @@ def probe_job(
     return doc, json_path, png_path
 
 
-def frame_tokenizer_from_meta(meta: dict) -> Callable[[np.ndarray], np.ndarray]:
+def resolution_from_meta(meta: dict) -> int:
+    """Training frame size of a checkpoint: recorded, or token grid × tokenizer downsampling."""
+    if meta.get("resolution"):
+        return int(meta["resolution"])
+    grid, down = meta.get("grid"), (meta.get("tokenizer") or {}).get("downsample")
+    if grid and down:
+        return int(grid[0]) * int(down)
+    raise ValueError("the checkpoint records neither its frame resolution nor grid and downsampling; pass --resolution")
+
+
+def tokenizer_spec_for(meta: dict, spec: str | None) -> str:
+    """The `load_tokenizer` spec for a checkpoint: the one given, or "demo" for demo-tokenizer runs."""
+    if spec:
+        return spec
+    info = meta.get("tokenizer") or {}
+    if info.get("spec"):
+        return str(info["spec"])
+    if str(info.get("id", "")).startswith("demo"):
+        return "demo"
+    raise ValueError(
+        f"the checkpoint was trained on tokenizer {info.get('id')!r}; pass --tokenizer SPEC "
+        "(dalle:DIR, vqgan:DIR, dvae:DIR or demo) pointing at the same weights"
+    )
+
+
+def frame_tokenizer_from_meta(meta: dict, spec: str | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """frames (F, R, R, 3) uint8 -> tokens (F, h, w) with the tokenizer the checkpoint was trained on."""
+    spec = tokenizer_spec_for(meta, spec)
     try:
         from pipeline.tokenizers import load_tokenizer  # the tokenizers engineer's registry
     except ImportError as e:
@@ -161,7 +195,13 @@ def frame_tokenizer_from_meta(meta: dict) -> Callable[[np.ndarray], np.ndarray]:
             "tracking needs the checkpoint's frame tokenizer, but pipeline.tokenizers.load_tokenizer is not "
             f"available in this build ({e}); install a Toto with the tokenizers module"
         ) from e
-    tok = load_tokenizer(meta["tokenizer"])
+    tok = load_tokenizer(spec)
+    want = (meta.get("tokenizer") or {}).get("id")
+    if want and getattr(tok, "id", want) != want:
+        raise ValueError(
+            f"tokenizer {spec!r} has id {tok.id!r} but the checkpoint was trained on {want!r}: features of other "
+            "tokens would be meaningless; pass the tokenizer the model was trained with"
+        )
 
     def encode(frames: np.ndarray) -> np.ndarray:
         return np.asarray(tok.encode(frames))

@@ -1,10 +1,12 @@
 """Scaling law: fit L(C) = a · C^b on the compute-optimal frontier of several runs.
 
-Each run directory holds ``metrics.jsonl`` (one JSON object per line, as the trainer writes
-it); the points used are the lines carrying a validation loss (``val_loss``) and the training
-compute so far, read from ``macs`` (multiply-accumulates) or, failing that, ``flops`` (converted
-with MACs = FLOPs / 2, since one multiply-accumulate is two floating-point operations). The
-frontier is the lower envelope of all points: a point stays when no point with less or equal
+Points are (training compute so far, validation loss). A run directory as `toto-train pretrain`
+writes it holds ``val.jsonl`` ({"step", "val_loss"} per evaluation), ``metrics.jsonl`` (training
+lines with "tokens_seen") and ``config.json`` ("flops_per_token", "global_batch", "seq_len").
+Compute at a step is tokens seen × FLOPs per token / 2 in multiply-accumulates (MACs, the
+paper's unit; one MAC is two FLOPs). A line may instead carry "macs" or "flops" directly; runs
+without val.jsonl are read from metrics.jsonl lines that carry "val_loss".
+The frontier is the lower envelope of all points: a point stays when no point with less or equal
 compute has a lower loss. The fit is least squares on log L = log a + b log C.
 """
 
@@ -22,33 +24,67 @@ PAPER_LAW = (7.32, -0.0378)  # Toto: L = 7.32 · C^-0.0378, C in MACs
 LANGUAGE_LAW = (2.57, -0.048)  # language models, as quoted by the paper
 
 
-def read_run_points(run_dir: str) -> list[dict]:
-    """(compute in MACs, validation loss) points of one run, from RUN/metrics.jsonl."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        raise ValueError(f"{run_dir}: metrics.jsonl is missing; pass run directories written by `toto-train pretrain`")
-    points = []
+def _read_jsonl(path: str) -> list[tuple[int, dict]]:
+    out = []
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
             if not line:
                 continue
             try:
-                rec = json.loads(line)
+                out.append((lineno, json.loads(line)))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not JSON ({e})") from e
-            loss = rec.get("val_loss")
-            if loss is None:
-                continue
-            if rec.get("macs") is not None:
-                macs = float(rec["macs"])
-            elif rec.get("flops") is not None:
-                macs = float(rec["flops"]) / 2.0
-            else:
-                raise ValueError(f"{path}:{lineno}: a val_loss line without 'macs' or 'flops' (the compute so far)")
-            if macs > 0 and loss > 0:
-                points.append({"run": os.path.basename(os.path.normpath(run_dir)), "step": rec.get("step"),
-                               "macs": macs, "loss": float(loss)})
+    return out
+
+
+def read_run_points(run_dir: str) -> list[dict]:
+    """(compute in MACs, validation loss) points of one run directory."""
+    val_path = os.path.join(run_dir, "val.jsonl")
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    path = val_path if os.path.exists(val_path) else metrics_path
+    if not os.path.exists(path):
+        raise ValueError(f"{run_dir}: neither val.jsonl nor metrics.jsonl exists; pass run directories written by "
+                         "`toto-train pretrain`")
+    config = {}
+    if os.path.exists(os.path.join(run_dir, "config.json")):
+        with open(os.path.join(run_dir, "config.json")) as f:
+            config = json.load(f)
+    tokens_at: dict[int, float] = {}
+    if os.path.exists(metrics_path):
+        for _, rec in _read_jsonl(metrics_path):
+            if rec.get("tokens_seen") is not None and rec.get("step") is not None:
+                tokens_at[int(rec["step"])] = float(rec["tokens_seen"])
+
+    def tokens_seen(step: int | None) -> float | None:
+        if step is None:
+            return None
+        if step in tokens_at:
+            return tokens_at[step]
+        if config.get("global_batch") and config.get("seq_len"):
+            return float(step) * config["global_batch"] * config["seq_len"]
+        return None
+
+    points = []
+    for lineno, rec in _read_jsonl(path):
+        loss = rec.get("val_loss")
+        if loss is None:
+            continue
+        step = rec.get("step")
+        if rec.get("macs") is not None:
+            macs = float(rec["macs"])
+        elif rec.get("flops") is not None:
+            macs = float(rec["flops"]) / 2.0
+        elif config.get("flops_per_token") and tokens_seen(step) is not None:
+            macs = tokens_seen(step) * float(config["flops_per_token"]) / 2.0
+        else:
+            raise ValueError(
+                f"{path}:{lineno}: cannot tell the compute of this val_loss line: it has no 'macs' or 'flops', and "
+                f"{run_dir}/config.json gives no flops_per_token with tokens seen at step {step}"
+            )
+        if macs > 0 and loss > 0:
+            points.append({"run": os.path.basename(os.path.normpath(run_dir)), "step": step, "macs": macs,
+                           "loss": float(loss)})
     if not points:
         raise ValueError(f"{path}: no lines with a validation loss (val_loss); run pretrain with validation enabled")
     return points

@@ -61,6 +61,19 @@ def test_manifest_pins_inputs_and_validates(datasets):
     assert os.path.exists(os.path.join(idx_dir, "index.json"))
 
 
+def test_hand_edited_or_incomplete_manifest_is_refused(datasets):
+    out = str(datasets["root"] / "mix.json")
+    doc = build_mix(_cfg(datasets), out, progress=False)
+    edited = dict(doc, seed=99)
+    json.dump(edited, open(out, "w"))
+    with pytest.raises(ValueError, match="content_hash does not match"):
+        read_mix_manifest(out)
+    del edited["index"]
+    json.dump(edited, open(out, "w"))
+    with pytest.raises(schemas.SchemaError, match="index"):
+        read_mix_manifest(out)
+
+
 def test_index_is_cached_by_hash(datasets, capsys):
     out = str(datasets["root"] / "mix.json")
     a = build_mix(_cfg(datasets), out, progress=True)
@@ -87,6 +100,13 @@ def test_refuses_mismatched_tokenizations(datasets, tmp_path):
         build_mix(cfg, str(tmp_path / "m.json"), progress=False)
 
 
+def test_source_without_a_single_clip_is_refused(datasets):
+    with pytest.raises(ValueError, match=r"source k600 has no clip of 16 frames at stride 10 \(151 frames\).*longest run of consecutive frames is 150"):
+        build_mix(_cfg(datasets, frames=16, stride=10), str(datasets["root"] / "m.json"), progress=False)
+    with pytest.raises(ValueError, match="source imagenet has 40 train images, fewer than --images-per-seq 41"):
+        build_mix(_cfg(datasets, images_per_seq=41), str(datasets["root"] / "m.json"), progress=False)
+
+
 def test_config_validation_names_the_field(datasets):
     with pytest.raises(ValueError, match="frames=0"):
         _cfg(datasets, frames=0)
@@ -105,17 +125,21 @@ def test_segments_split_at_missing_chunks(tmp_path):
     assert t.segment.tolist() == [0, 1, 2, 2]
     assert t.video.tolist() == [0, 0, 1, 1] and t.videos == ["k600/v00000", "k600/v00001"]
     assert t.label.tolist() == [-1, -1, -1, -1] and t.labels == []
-    units, short = video_units(t, frames=4, stride=4, hop=4)  # span 13
-    # segment 0 = frames 0..31 (1 row), segment 1 = 32..63 (chunk 2), segment 2 = video 1, 40 frames
+    units, slack, short = video_units(t, frames=4, stride=4, hop=8)  # span 13
+    # segment 0 = frames 0..31 (1 row), segment 1 = 32..63 (chunk 2), segment 2 = video 1 (64..103)
     assert short == 0
-    for u in units:
-        seg_of = t.segment[np.searchsorted(t.cum, [u, u + 12], side="right") - 1]
+    assert units.tolist() == [0, 8, 16, 32, 40, 48, 64, 72, 80, 88]
+    # latest start in a segment = its end - 13; slack = min(hop - 1, latest - unit)
+    assert slack.tolist() == [7, 7, 3, 7, 7, 3, 7, 7, 7, 3]
+    for u, sl in zip(units, slack, strict=True):
+        # the latest jittered start still ends inside the same segment
+        seg_of = t.segment[np.searchsorted(t.cum, [u, u + sl + 12], side="right") - 1]
         assert seg_of[0] == seg_of[1]
 
 
 def test_sequences_have_specials_length_and_frame_order(datasets):
     out = str(datasets["root"] / "mix.json")
-    doc = build_mix(_cfg(datasets), out, progress=False)
+    doc = build_mix(_cfg(datasets, jitter=False), out, progress=False)
     r = MixReader(out)
     ids = np.arange(120)  # several passes over both sources
     b = r.batch(ids)
@@ -140,6 +164,27 @@ def test_sequences_have_specials_length_and_frame_order(datasets):
     # shares of the prefix match the blend within one sample
     n_vid = sum(s == "k600" for s in b["source"])
     assert abs(n_vid - 0.7 * 120) < 1
+
+
+def test_jitter_moves_clip_starts_each_pass_but_never_out_of_the_video(datasets):
+    out = str(datasets["root"] / "mix.json")
+    build_mix(_cfg(datasets, ratios={"k600": "1", "imagenet": "1"}), out, progress=False)
+    r = MixReader(out)
+    src, _ = r.locate(np.arange(400))
+    vid_ids = np.arange(400)[src == 0][:100]  # 4 passes over the 25 clips
+    b = r.batch(vid_ids)
+    lengths = {0: 150, 1: 90, 3: 75}
+    starts = []
+    for i in range(100):
+        fr = _decode_sample({k: b[k][i] for k in ("inputs", "targets", "frame_index")}, 4)
+        (v,) = {x for x, _ in fr}
+        nums = [f for _, f in fr]
+        assert np.diff(nums).tolist() == [3, 3, 3] and nums[-1] < lengths[v]
+        starts.append((v, nums[0]))
+    for k in range(4):
+        windows = {(v, f // 12) for v, f in starts[k * 25 : (k + 1) * 25]}
+        assert len(windows) == 25  # each pass: one clip starting in each hop window [12k, 12k+11]
+    assert len(set(starts)) > 40  # ... at a phase that changes from pass to pass
 
 
 def test_every_clip_is_used_once_per_pass(datasets):
@@ -179,6 +224,30 @@ def test_corrupt_shard_is_caught_on_first_use(datasets):
         r.batch(np.arange(40))
     r = MixReader(out, verify_sha256=False)
     r.batch(np.arange(3))
+
+
+def test_corrupt_index_file_is_caught(datasets):
+    out = str(datasets["root"] / "mix.json")
+    doc = build_mix(_cfg(datasets), out, progress=False)
+    path = os.path.join(str(datasets["root"]), doc["index"]["dir"], "train.blend_local.npy")
+    data = bytearray(open(path, "rb").read())
+    data[-3] ^= 0x01
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(ValueError, match="train.blend_local.npy is corrupt"):
+        MixReader(out)
+
+
+def test_reader_survives_pickling_for_spawned_workers(datasets):
+    import pickle
+
+    out = str(datasets["root"] / "mix.json")
+    build_mix(_cfg(datasets), out, progress=False)
+    r = MixReader(out)
+    a = r.batch(np.arange(20))
+    r2 = pickle.loads(pickle.dumps(r))
+    b = r2.batch(np.arange(20))
+    assert (a["inputs"] == b["inputs"]).all() and a["label"] == b["label"]
+    assert len(pickle.dumps(r)) < 200_000  # memory maps and permutation tables are not shipped
 
 
 def test_webdataset_shards_read_through_the_shard_reader(tmp_path):

@@ -7,7 +7,14 @@ from click.testing import CliRunner
 
 from pipeline import storage
 from pipeline.cli import main
-from pipeline.shards import ShardWriter, committed_shards, open_shard, read_manifest, verify_shard, write_manifest
+from pipeline.shards import (
+    ShardWriter,
+    committed_shards,
+    open_shard,
+    read_manifest,
+    verify_shard,
+    write_manifest,
+)
 
 TOK = {"id": "test-tokenizer", "sha256": "ab" * 32, "vocab_size": 8192, "downsample": 8}
 

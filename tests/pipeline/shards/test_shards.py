@@ -23,7 +23,6 @@ from pipeline.shards import (
 )
 from pipeline.shards.wds_format import TarShardReader
 
-
 TOK = {"id": "test-tokenizer", "sha256": "ab" * 32, "vocab_size": 8192, "downsample": 8}
 INPUT = {"id": 7, "worklist_sha256": "cd" * 32, "num_items": 11}
 
@@ -157,7 +156,7 @@ def test_webdataset_shard_reads_with_plain_webdataset(tmp_path, rows):
     side = write(tmp_path, rows, "webdataset")
     got = list(wds.WebDataset(str(tmp_path / side["data_file"]), shardshuffle=False).decode())
     assert [s["__key__"] for s in got] == [r["key"] for r in rows]
-    for s, r in zip(got, rows):
+    for s, r in zip(got, rows, strict=True):
         np.testing.assert_array_equal(s["tokens.npy"], r["tokens"])
         assert s["json"]["label"] == r["label"]
 

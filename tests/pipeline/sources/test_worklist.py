@@ -90,3 +90,26 @@ def test_golden_input_shard_assignment(tmp_path):
     assert again == shards
     with pytest.raises(ValueError, match="items_per_shard"):
         input_shards(wl, 0)
+
+
+def test_worklist_cli_reports_and_reuses(tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    root = tmp_path / "k"
+    os.makedirs(root / "annotations")
+    os.makedirs(root / "train")
+    (root / "annotations" / "train.csv").write_text(
+        "label,youtube_id,time_start,time_end,split\nrun,aaa,1,11,train\nrun,bbb,2,12,train\n")
+    (root / "train" / "aaa_000001_000011.mp4").write_bytes(b"x")
+    args = ["worklist", "--dataset", "kinetics400", "--input", str(root), "--out", str(tmp_path / "wl"),
+            "--items-per-shard", "1"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "froze work list" in res.output and "1 items" in res.output and "input shards of 1: 1" in res.output
+    assert "missing file: 1" in res.output and "bbb_000002_000012" in res.output
+    res = CliRunner().invoke(main, args)
+    assert "reused frozen work list" in res.output
+    bad = CliRunner().invoke(main, ["worklist", "--dataset", "ego4d", "--input", str(root), "--out", str(tmp_path / "e")])
+    assert bad.exit_code == 1 and "ego4d.json not found" in bad.output and "Traceback" not in bad.output

@@ -43,9 +43,8 @@ def _write_labelled(out: str, *, video: bool, per_class: int, seed: int) -> None
 
 def _checkpoint(run_dir: str) -> str:
     from pipeline.mix.sequence import make_specials
-    from trainer.model import ModelConfig, Transformer
-
     from trainer import checkpoint as ck
+    from trainer.model import ModelConfig, Transformer
 
     torch.manual_seed(0)
     cfg = ModelConfig(dim=32, n_layers=3, n_heads=2, vocab_size=CODEBOOK + 4, max_seq_len=80, mlp_hidden=64)
@@ -121,3 +120,83 @@ def test_scaling_command(tmp_path):
     doc = validate(json.loads((tmp_path / "out" / "scaling.json").read_text()), "scaling_fit")
     assert doc["fit"]["a"] == pytest.approx(7.32, rel=1e-6) and doc["fit"]["b"] == pytest.approx(-0.0378, rel=1e-6)
     assert "paper: 7.32 · C^-0.0378" in res.output
+
+
+def test_track_defaults_from_checkpoint_meta():
+    from trainer.evals.run import resolution_from_meta, tokenizer_spec_for
+
+    meta = {"grid": [8, 8], "tokenizer": {"id": "demo-dvae-abc", "downsample": 8}}
+    assert resolution_from_meta(meta) == 64
+    assert resolution_from_meta({"resolution": 128}) == 128
+    assert tokenizer_spec_for(meta, None) == "demo"
+    assert tokenizer_spec_for(meta, "dalle:w") == "dalle:w"
+    with pytest.raises(ValueError, match="--tokenizer"):
+        tokenizer_spec_for({"tokenizer": {"id": "dalle-123"}}, None)
+    with pytest.raises(ValueError, match="--resolution"):
+        resolution_from_meta({"tokenizer": {"id": "x"}})
+
+
+def test_max_samples_takes_a_seeded_subset_across_classes(setup):
+    from pipeline.mix.sequence import make_specials
+    from trainer.evals.run import load_labelled
+
+    kw = dict(specials=make_specials(CODEBOOK), frames=1, stride=1, clips=1, split="train", max_seq_len=80)
+    tok, fi, labels, vids = load_labelled(str(setup["root"] / "images"), max_samples=6, **kw)
+    assert tok.shape == (6, 17) and len(set(labels)) >= 2  # the rows are stored class by class
+    again = load_labelled(str(setup["root"] / "images"), max_samples=6, **kw)
+    assert again[3] == vids  # deterministic for a seed
+    vkw = dict(kw, frames=4, stride=2, clips=2)
+    _, _, vlab, vvid = load_labelled(str(setup["root"] / "videos"), max_samples=4, **vkw)
+    assert len(vvid) == 4 and all(vvid.count(v) == 2 for v in vvid)  # whole videos: both clips kept
+
+
+def test_track_command_with_a_dvae_tokenizer(tmp_path):
+    """`toto-train track` on DAVIS-layout sequences with a (random) dVAE: J/F/J&F written and printed."""
+    from PIL import Image
+
+    from pipeline.mix.sequence import make_specials
+    from pipeline.tokenizers import load_tokenizer
+    from pipeline.tokenizers.base import build_modules, make_config, save_tokenizer, state_dict_of
+    from pipeline.tokenizers.dalle import DVAEArch
+    from trainer import checkpoint as ck
+    from trainer.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    tcfg = make_config("dvae", "t", DVAEArch(vocab_size=CODEBOOK, n_hid=16, n_blk_per_group=1, n_init=8),
+                       resolution=32, has_decoder=False, source={"test": True})
+    enc, _ = build_modules(tcfg)
+    save_tokenizer(str(tmp_path / "tok"), tcfg, state_dict_of(enc, None, "dvae"))
+    tok_id = load_tokenizer(f"dvae:{tmp_path / 'tok'}").id
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=2, vocab_size=CODEBOOK + 4, max_seq_len=80, mlp_hidden=64)
+    w = ck.CheckpointWriter(str(tmp_path / "run"), 1)
+    w.write_model(Transformer(cfg).state_dict())
+    w.commit({"model_config": cfg.to_dict(), "train_config": {}, "scheduler": {"kind": "warmup_cosine", "step": 1},
+              "loader_state": {"version": 1, "mix_hash": "x", "consumed_samples": 1}, "world_size": 1,
+              "specials": make_specials(CODEBOOK), "tokenizer": {"id": tok_id, "downsample": 8}, "grid": [4, 4]})
+    root = tmp_path / "davis"
+    for d in ("JPEGImages/480p/s", "Annotations/480p/s"):
+        (root / d).mkdir(parents=True)
+    for t in range(5):
+        img = np.full((48, 64, 3), 60, dtype=np.uint8)
+        m = np.zeros((48, 64), dtype=np.uint8)
+        img[8:40, 10 + 2 * t : 40 + 2 * t] = (230, 30, 30)
+        m[8:40, 10 + 2 * t : 40 + 2 * t] = 1
+        Image.fromarray(img).save(root / "JPEGImages/480p/s" / f"{t:05d}.jpg")
+        p = Image.fromarray(m, mode="P")
+        p.putpalette([0, 0, 0, 200, 0, 0] + [0] * 762)
+        p.save(root / "Annotations/480p/s" / f"{t:05d}.png")
+    spec = f"dvae:{tmp_path / 'tok'}"
+    res = CliRunner().invoke(main, ["track", str(tmp_path / "run"), "--davis", str(root), "--tokenizer", spec,
+                                    "--out", str(tmp_path / "out"), "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    doc = validate(json.loads((tmp_path / "out" / "track.json").read_text()), "track_result")
+    assert doc["resolution"] == 32 and doc["layer"] == 1  # grid 4 x downsample 8; the middle of 2 blocks
+    assert [o["object"] for o in doc["objects"]] == [1] and 0.0 <= doc["summary"]["JF_mean"] <= 1.0
+    assert "overall (1 objects): J " in res.output
+    # A tokenizer other than the checkpoint's is refused: its tokens would mean nothing to the model.
+    torch.manual_seed(1)
+    enc2, _ = build_modules(tcfg)
+    save_tokenizer(str(tmp_path / "tok2"), tcfg, state_dict_of(enc2, None, "dvae"))
+    bad = CliRunner().invoke(main, ["track", str(tmp_path / "run"), "--davis", str(root), "--tokenizer",
+                                    f"dvae:{tmp_path / 'tok2'}", "--out", str(tmp_path / "out2")])
+    assert bad.exit_code != 0 and "trained on" in bad.output

@@ -86,3 +86,23 @@ def test_config_and_labels_validation():
         labels_to_ids(["cow"], classes)
     with pytest.raises(ValueError, match=r"\(N, T, D\)"):
         FeatureSet(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long), ["a"])
+
+
+def test_attention_head_fast_form_equals_plain_attention():
+    torch.manual_seed(0)
+    head = AttentionPoolingHead(dim=24, num_classes=5, num_heads=3)
+    with torch.no_grad():
+        head.k.bias.normal_()  # a key bias must not change the result (softmax cancels it)
+        head.v.bias.normal_()
+        head.query.normal_()
+    head.eval()
+    head.norm.running_mean.normal_()
+    head.norm.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(7, 11, 24)
+    torch.testing.assert_close(head(x), head.forward_reference(x), atol=1e-5, rtol=1e-5)
+    head.train()
+    x.requires_grad_(True)
+    g1 = torch.autograd.grad(head(x).square().sum(), [x, head.k.weight, head.v.weight, head.query])
+    g2 = torch.autograd.grad(head.forward_reference(x).square().sum(), [x, head.k.weight, head.v.weight, head.query])
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -57,7 +57,7 @@ def test_flops_converted_to_macs_and_errors(tmp_path):
     _write_run(str(tmp_path / "bad"), [{"step": 1, "val_loss": 6.0}])
     with pytest.raises(ValueError, match="macs"):
         read_run_points(str(tmp_path / "bad"))
-    with pytest.raises(ValueError, match="metrics.jsonl is missing"):
+    with pytest.raises(ValueError, match="neither val.jsonl nor metrics.jsonl"):
         read_run_points(str(tmp_path / "nothing"))
     with pytest.raises(ValueError, match="frontier has 1 point"):
         scaling_study([str(tmp_path / "r")])
@@ -66,3 +66,19 @@ def test_flops_converted_to_macs_and_errors(tmp_path):
 def test_frontier_drops_dominated_points():
     pts = [{"macs": 1.0, "loss": 5.0}, {"macs": 2.0, "loss": 6.0}, {"macs": 3.0, "loss": 4.0}, {"macs": 3.0, "loss": 4.5}]
     assert [p["macs"] for p in frontier(pts)] == [1.0, 3.0]
+
+
+def test_pretrain_run_layout_compute_from_tokens_and_flops_per_token(tmp_path):
+    """val.jsonl + metrics.jsonl (tokens_seen) + config.json (flops_per_token), as `toto-train pretrain` writes."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"flops_per_token": 6e6, "global_batch": 4, "seq_len": 100}))
+    with open(run / "metrics.jsonl", "w") as f:
+        for step in (10, 20):
+            f.write(json.dumps({"step": step, "loss": 5.0, "tokens_seen": step * 400}) + "\n")
+    with open(run / "val.jsonl", "w") as f:
+        f.write(json.dumps({"step": 20, "val_loss": 4.5}) + "\n")
+        f.write(json.dumps({"step": 30, "val_loss": 4.0}) + "\n")  # no metrics line: step x batch x seq_len
+    pts = read_run_points(str(run))
+    assert [p["macs"] for p in pts] == [20 * 400 * 3e6, 30 * 400 * 3e6]
+    assert [p["loss"] for p in pts] == [4.5, 4.0]

@@ -236,3 +236,13 @@ def test_folder_on_s3(s3_server, tmp_path):
     recs = [r for it in items for r in decode_item(it, DecodeConfig(resolution=16), storage_options=so)]
     assert recs[0]["type"] == "error" and recs[0]["reason"] == "zero bytes"
     assert recs[1]["type"] == "chunk" and np.abs(recs[1]["frames"][0, 8, 8].astype(int) - (250, 250, 0)).max() <= 6
+
+
+def test_imagenet_val_solution_outside_root(tmp_path):
+    root = tmp_path / "ILSVRC" / "Data" / "CLS-LOC"
+    _jpeg(str(root / "val" / "ILSVRC2012_val_00000003.JPEG"), (9, 9, 9))
+    touch(str(tmp_path / "LOC_val_solution.csv"), b"ImageId,PredictionString\nILSVRC2012_val_00000003,n04286575 1 2 3 4\n")
+    items, report = list_items("imagenet", str(root))
+    assert items == [] and report.problems == {"unlabelled_image": 1}
+    items, report = list_items("imagenet", str(root), val_solution=str(tmp_path / "LOC_val_solution.csv"))
+    assert [(i["split"], i["label"]) for i in items] == [("val", "n04286575")] and report.problems == {}

@@ -190,3 +190,22 @@ def test_config_validation_names_field(kw, field):
     with pytest.raises(ValueError, match=rf"DecodeConfig\.{field}="):
         DecodeConfig(**kw)
     assert DecodeConfig().chunk_seconds == pytest.approx(64 / 30)
+
+
+def test_segments_of_a_25fps_video_continue_one_frame_grid(tmp_path):
+    """Native 25 fps with 30 fps chunk windows: 13.3 frames per window, so segment boundaries
+    fall between frames; segments must still give exactly the frames of the whole video."""
+    from pipeline.media import quadrant_frame, write_video
+
+    path = write_video(str(tmp_path / "v25.mp4"), lambda i, t: quadrant_frame(48, 64, t, 4.0), fps=25, num_frames=100)
+    cfg = DecodeConfig(resolution=R, chunk_frames=16)  # window 16/30 s
+    item = make_item(uri=path, dataset="d", split="train", label=None, video_id="v25", kind="video")
+    whole = decode_item(item, cfg)
+    segs = segment_video(item, 4.0, max_item_seconds=1.1, chunk_seconds=cfg.chunk_seconds)
+    assert [s["chunk"] for s in segs] == [0, 2, 4, 6]
+    parts = [r for s in segs for r in decode_item(s, cfg)]
+    assert [(r["key"], r["num_frames"], r["t_start"]) for r in parts] == [
+        (r["key"], r["num_frames"], r["t_start"]) for r in whole]
+    assert sum(r["num_frames"] for r in parts) == 100
+    assert [r["chunk"] for r in parts] == list(range(len(parts)))
+    np.testing.assert_array_equal(frames_of(parts), frames_of(whole))

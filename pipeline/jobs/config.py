@@ -1,0 +1,148 @@
+"""Settings of one tokenization job, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pipeline.sources import ADAPTERS
+
+FORMATS = ("arrow", "webdataset")
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    """What `toto-pipeline tokenize` does; every field has a CLI option of the same name.
+
+    dataset:          adapter name (pipeline.sources.ADAPTERS).
+    input:            dataset root (local path or s3://).
+    output:           output location (local path or s3://): shards, sidecars, job.json, worklist/,
+                      manifest.json and run_summary.json. All job state lives here and only here.
+    tokenizer:        spec for pipeline.tokenizers.load_tokenizer ("demo", "dalle:DIR", ...).
+    resolution:       frame side in px fed to the tokenizer.
+    fps:              output frame rate; None = the video's native rate capped at max_fps.
+    max_fps:          cap on the output rate (also fixes the chunk window chunk_frames / max_fps).
+    chunk_frames:     most frames in one token row.
+    format:           "arrow" (Arrow IPC) or "webdataset" (tar).
+    items_per_shard:  work items per input shard = per output shard.
+    limit:            process only the first N work items (sorted by key); None = all.
+    splits:           restrict the listing to these splits (None = all the adapter finds).
+    ray_address:      None = embedded local Ray; "auto" or "HOST:PORT" / "ray://..." = join a cluster.
+    num_cpus:         CPUs of the embedded Ray (None = all cores of this machine).
+    num_gpus:         tokenizer actors on GPUs (one GPU each); None = as many GPUs as the cluster has,
+                      0 = CPU tokenizer actors.
+    decode_concurrency: decode actors (each decodes one input shard at a time in a watchdog
+                      subprocess); None = derived from the CPUs left after the tokenizer actors.
+    decode_cpus:      CPUs reserved per decode actor (fractional is allowed).
+    decode_threads:   FFmpeg threads per decode (0 = FFmpeg chooses). On clusters use 1 with one decode
+                      actor per core: per-core throughput is highest single-threaded (BENCHMARKS.md).
+    tokenizer_cpus:   CPUs reserved per CPU tokenizer actor (also its torch thread count, rounded up).
+    cpu_actors:       number of tokenizer actors when there is no GPU.
+    batch_size:       frames per tokenizer forward pass.
+    rows_per_batch:   token rows (chunks) per tokenizer-stage batch handed over by Ray Data.
+    decode_timeout_s: per-input decode time limit; a hang costs one input, not the job.
+    progress:         live progress display on stderr.
+    """
+
+    dataset: str
+    input: str
+    output: str
+    tokenizer: str = "demo"
+    resolution: int = 128
+    fps: float | None = None
+    max_fps: float = 30.0
+    chunk_frames: int = 64
+    format: str = "arrow"
+    items_per_shard: int = 64
+    limit: int | None = None
+    splits: tuple[str, ...] | None = None
+    ray_address: str | None = None
+    num_cpus: int | None = None
+    num_gpus: int | None = None
+    decode_concurrency: int | None = None
+    decode_cpus: float = 1.0
+    decode_threads: int = 0
+    tokenizer_cpus: float = 1.0
+    cpu_actors: int = 1
+    batch_size: int = 64
+    rows_per_batch: int = 16
+    decode_timeout_s: float = 300.0
+    compression: str | None = None
+    progress: bool = True
+    storage_options: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        def bad(name: str, value: object, fix: str) -> None:
+            raise ValueError(f"TokenizeConfig.{name}={value!r} is invalid: {fix}")
+
+        if self.dataset not in ADAPTERS:
+            bad("dataset", self.dataset, f"choose one of {sorted(ADAPTERS)}")
+        for name in ("input", "output", "tokenizer"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not v.strip():
+                bad(name, v, "give a non-empty string")
+        if self.format not in FORMATS:
+            bad("format", self.format, f"choose one of {FORMATS}")
+        if not isinstance(self.resolution, int) or not 8 <= self.resolution <= 4096:
+            bad("resolution", self.resolution, "use an int in [8, 4096], e.g. 128")
+        if not isinstance(self.chunk_frames, int) or self.chunk_frames < 1:
+            bad("chunk_frames", self.chunk_frames, "use an int >= 1, e.g. 64")
+        if not isinstance(self.items_per_shard, int) or self.items_per_shard < 1:
+            bad("items_per_shard", self.items_per_shard, "use an int >= 1, e.g. 64")
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
+            bad("limit", self.limit, "use None (everything) or an int >= 1")
+        if self.num_cpus is not None and self.num_cpus < 1:
+            bad("num_cpus", self.num_cpus, "use None (all cores) or an int >= 1")
+        if self.num_gpus is not None and self.num_gpus < 0:
+            bad("num_gpus", self.num_gpus, "use None (all GPUs), 0 (CPU tokenizers) or a positive int")
+        if self.decode_concurrency is not None and self.decode_concurrency < 1:
+            bad("decode_concurrency", self.decode_concurrency, "use None (auto) or an int >= 1")
+        for name in ("decode_cpus", "tokenizer_cpus"):
+            if not 0 < getattr(self, name) <= 256:
+                bad(name, getattr(self, name), "use a positive number of CPUs, e.g. 1 or 0.5")
+        for name in ("cpu_actors", "batch_size", "rows_per_batch"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                bad(name, v, "use an int >= 1")
+        if not self.decode_timeout_s > 0:
+            bad("decode_timeout_s", self.decode_timeout_s, "use a positive number of seconds")
+        if self.compression not in (None, "zstd"):
+            bad("compression", self.compression, "use None or 'zstd' (arrow only)")
+        if self.compression and self.format != "arrow":
+            bad("compression", self.compression, "compression applies to --format arrow only")
+        # DecodeConfig validates fps / max_fps / resolution combinations with its own messages.
+        self.decode_config()
+
+    def decode_config(self):  # -> DecodeConfig (import kept local: config is imported by the CLI)
+        from pipeline.decode import DecodeConfig
+
+        return DecodeConfig(
+            resolution=self.resolution,
+            fps=self.fps,
+            max_fps=self.max_fps,
+            chunk_frames=self.chunk_frames,
+            timeout_s=self.decode_timeout_s,
+            threads=self.decode_threads,
+        )
+
+    def settings(self) -> dict[str, Any]:
+        """What decides the output bytes: a rerun into the same output must have the same settings."""
+        return {
+            "dataset": self.dataset,
+            "resolution": self.resolution,
+            "fps": self.fps,
+            "max_fps": self.max_fps,
+            "chunk_frames": self.chunk_frames,
+            "format": self.format,
+            "compression": self.compression,
+            "items_per_shard": self.items_per_shard,
+            "limit": self.limit,
+            "splits": list(self.splits) if self.splits else None,
+            "tokenizer_spec": self.tokenizer,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("storage_options")
+        d["splits"] = list(self.splits) if self.splits else None
+        return d

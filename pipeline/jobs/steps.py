@@ -1,0 +1,227 @@
+"""The tokenization job's steps as plain functions and classes (no Ray here; pipeline.jobs.ray_job
+wires them onto Ray Data).
+
+Records flowing between the steps are dicts:
+
+    chunk record  {"type": "chunk", "shard_id", "key", "dataset", "split", "video_id", "label",
+                   "chunk", "t_start", "fps", "num_frames", "frames": uint8 (T, R, R, 3)}
+                  after tokenization "frames" is replaced by "tokens": uint16 (T, gh, gw)
+    end record    {"type": "end", "shard_id", "expected_rows", "num_items", "errors": [{uri, reason}],
+                   "decode_s"}: the last record of an input shard; it says how many chunk records
+                   the shard produced, so the writer knows when the shard is complete even though the
+                   stages in between may reorder records.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from pipeline.decode import DecodeConfig, DecodeWorker
+from pipeline.shards import ShardWriter
+
+ROW_META = ("key", "dataset", "split", "video_id", "label", "chunk", "t_start", "fps", "num_frames")
+
+
+def tokenizer_info(tok: Any) -> dict[str, Any]:
+    """`{id, sha256, vocab_size, downsample}` of a VisualTokenizer, as ShardWriter records it.
+
+    The tokenizer's `id` string includes its weights' sha256; `sha256` is taken from the attribute
+    when the tokenizer has one, otherwise from the id's last ':'/'-'/'@'-separated hex part.
+    """
+    tid = str(tok.id)
+    sha = getattr(tok, "sha256", None)
+    if not sha:
+        parts = [p for p in tid.replace("@", ":").replace("-", ":").split(":") if p]
+        hexes = [p for p in parts if len(p) >= 12 and all(c in "0123456789abcdef" for c in p.lower())]
+        if not hexes:
+            raise ValueError(f"tokenizer id {tid!r} carries no weights sha256; cannot record which weights made the shards")
+        sha = hexes[-1]
+    return {"id": tid, "sha256": str(sha), "vocab_size": int(tok.vocab_size), "downsample": int(tok.downsample)}
+
+
+def decode_input_shard(
+    shard_id: int,
+    items: Iterable[dict],
+    worker: DecodeWorker,
+    *,
+    max_block_bytes: int = 32 << 20,
+) -> Iterator[list[dict]]:
+    """Decode one input shard's items; yield lists of chunk records, then `[end record]`.
+
+    A list is yielded whenever it holds `max_block_bytes` of frames (and at each item's end), so
+    the memory one shard needs is bounded by one item's frames plus one block, whatever its length.
+    Items that fail become `{uri, reason}` errors in the end record.
+    """
+    t0 = time.perf_counter()
+    errors: list[dict] = []
+    n_rows = n_items = 0
+    block: list[dict] = []
+    block_bytes = 0
+    for item in items:
+        n_items += 1
+        for rec in worker.decode(item):
+            if rec.get("type") == "error":
+                errors.append({"uri": rec["uri"], "reason": rec["reason"]})
+                continue
+            out = {k: rec[k] for k in ROW_META}
+            out["type"] = "chunk"
+            out["shard_id"] = shard_id
+            out["frames"] = rec["frames"]
+            block.append(out)
+            block_bytes += rec["frames"].nbytes
+            n_rows += 1
+            if block_bytes >= max_block_bytes:
+                yield block
+                block, block_bytes = [], 0
+    if block:
+        yield block
+    yield [{
+        "type": "end",
+        "shard_id": shard_id,
+        "expected_rows": n_rows,
+        "num_items": n_items,
+        "errors": errors,
+        "decode_s": time.perf_counter() - t0,
+    }]
+
+
+def tokenize_records(tok: Any, records: list[dict], batch_size: int) -> list[dict]:
+    """Replace each chunk record's frames by the tokenizer's codes; end records pass through.
+
+    Frames of consecutive records are concatenated and encoded `batch_size` frames per forward
+    pass, so images (1 frame per record) and video chunks (up to chunk_frames) batch alike.
+    """
+    chunks = [r for r in records if r["type"] == "chunk"]
+    if chunks:
+        frames = np.concatenate([r["frames"] for r in chunks], axis=0)  # (N, R, R, 3) uint8
+        codes = []
+        for i in range(0, len(frames), batch_size):
+            c = np.asarray(tok.encode(frames[i : i + batch_size]))  # (n, gh, gw)
+            if c.ndim != 3 or c.shape[0] != min(batch_size, len(frames) - i):
+                raise RuntimeError(f"tokenizer returned shape {c.shape} for {min(batch_size, len(frames) - i)} frames; expected (N, h, w)")
+            codes.append(c)
+        tokens = np.concatenate(codes, axis=0)  # (N, gh, gw)
+        if tokens.dtype != np.uint16:
+            if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) > 65535):
+                raise RuntimeError("tokenizer produced codes outside uint16; a code that does not fit is an error")
+            tokens = tokens.astype(np.uint16)
+        at = 0
+        for r in chunks:
+            n = r["frames"].shape[0]
+            r["tokens"] = tokens[at : at + n]
+            at += n
+            del r["frames"]
+    return records
+
+
+class ShardAssembler:
+    """Collects tokenized records of any number of input shards in any order; commits a shard's
+    output (`shard-{input shard:06d}`) as soon as its end record and all its rows are in.
+
+    Rows are sorted by key before writing, so the bytes do not depend on scheduling.
+    `on_commit(sidecar)` is called after each commit.
+    """
+
+    def __init__(
+        self,
+        out_url: str,
+        shards: dict[int, dict[str, Any]],
+        *,
+        codebook_size: int,
+        tokenizer: dict[str, Any],
+        resolution: int,
+        format: str,
+        compression: str | None,
+        settings: dict[str, Any],
+        grid: tuple[int, int],
+        storage_options: dict | None = None,
+    ) -> None:
+        self.out_url = out_url
+        self.grid = grid
+        self.shards = shards  # shard id -> input shard descriptor {id, worklist_sha256, num_items}
+        self.kw = dict(codebook_size=codebook_size, tokenizer=tokenizer, resolution=resolution, format=format,
+                       compression=compression, storage_options=storage_options, settings=settings)
+        # shard id -> key -> record. Keyed so that a decode task Ray retries after losing a worker
+        # mid-shard (its blocks already delivered come again) cannot put a row in twice.
+        self.rows: dict[int, dict[str, dict]] = {}
+        self.ends: dict[int, dict] = {}
+        self.first_seen: dict[int, float] = {}
+        self.committed: list[dict] = []
+        self.done_ids: set[int] = set()
+
+    def in_flight(self) -> int:
+        return len(set(self.rows) | set(self.ends))
+
+    def add(self, rec: dict) -> dict | None:
+        """Take one tokenized record; returns the sidecar if this record completed a shard."""
+        sid = int(rec["shard_id"])
+        if sid not in self.shards:
+            raise RuntimeError(f"record for input shard {sid}, which this job did not plan")
+        if sid in self.done_ids:
+            return None  # a retried task's repeat of a shard already committed
+        self.first_seen.setdefault(sid, time.perf_counter())
+        if rec["type"] == "end":
+            if sid in self.ends and self.ends[sid]["expected_rows"] != rec["expected_rows"]:
+                raise RuntimeError(f"input shard {sid} ended twice with different row counts")
+            self.ends[sid] = rec
+        else:
+            self.rows.setdefault(sid, {})[rec["key"]] = rec
+        end = self.ends.get(sid)
+        if end is not None and len(self.rows.get(sid, ())) == end["expected_rows"]:
+            return self._commit(sid)
+        if end is not None and len(self.rows.get(sid, ())) > end["expected_rows"]:
+            raise RuntimeError(f"input shard {sid}: more rows than its decoder produced")
+        return None
+
+    def _commit(self, sid: int) -> dict:
+        end = self.ends.pop(sid)
+        rows = [r for _, r in sorted(self.rows.pop(sid, {}).items())]
+        t_commit = time.perf_counter()
+        w = ShardWriter(self.out_url, sid, **self.kw)
+        if not rows:
+            # A shard whose inputs all failed has no row to take the grid from; ShardWriter would
+            # record [1, 1] and the manifest would then refuse the mixed grids. ShardWriter takes
+            # no grid argument (asked of its owner), so set the one this job's tokenizer produces.
+            w._grid = tuple(self.grid)
+        try:
+            for r in rows:
+                t = r["tokens"]  # (T, gh, gw) uint16
+                w.add({**{k: r[k] for k in ROW_META}, "grid_h": t.shape[1], "grid_w": t.shape[2], "tokens": t})
+            side = w.commit(
+                input_shard=self.shards[sid],
+                errors=sorted(end["errors"], key=lambda e: (e["uri"], e["reason"])),
+                timings={"decode_s": float(end["decode_s"]), "shard_wall_s": t_commit - self.first_seen.pop(sid)},
+                counts={"inputs": int(end["num_items"]), "inputs_ok": int(end["num_items"]) - len(end["errors"]),
+                        "inputs_failed": len(end["errors"])},
+            )
+        except BaseException:
+            w.abort()
+            raise
+        self.committed.append(side)
+        self.done_ids.add(sid)
+        return side
+
+
+def count_tokens(records: list[dict]) -> tuple[int, int, int]:
+    """(rows, frames, tokens) of the chunk records in a list (for progress display)."""
+    rows = frames = tokens = 0
+    for r in records:
+        if r["type"] == "chunk":
+            rows += 1
+            frames += int(r["num_frames"])
+            tokens += int(r["tokens"].size) if "tokens" in r else 0
+    return rows, frames, tokens
+
+
+def torch_threads(cpus: float) -> int:
+    """Threads for a CPU tokenizer actor that reserved `cpus` CPUs (at least one)."""
+    return max(1, math.ceil(cpus))
+
+
+def new_decode_worker(cfg: DecodeConfig, storage_options: dict | None) -> DecodeWorker:
+    return DecodeWorker(cfg, storage_options)

@@ -1,0 +1,116 @@
+"""`toto-pipeline tokenize` end to end on the shared local Ray: every adapter layout, both formats,
+rerun as a no-op, bad inputs recorded while good ones land, verify on every output, and the
+job-level errors that must fail before any work."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from pipeline import storage
+from pipeline.decode import decode_item
+from pipeline.jobs import JobError, TokenizeConfig, prepare, run_tokenize
+from pipeline.shards import committed_shards, debris, open_shard, read_manifest, verify_shard
+from pipeline.shards.cli import dataset_status
+from pipeline.sources import load_worklist
+from pipeline.tokenizers import load_tokenizer
+
+SMALL = dict(resolution=64, max_fps=10.0, chunk_frames=4, num_cpus=2, decode_cpus=0.5, tokenizer_cpus=1.0,
+             batch_size=8, rows_per_batch=4, progress=False)
+
+
+def expected_rows(out: str, cfg: TokenizeConfig) -> dict[str, np.ndarray]:
+    """key → tokens (T, gh, gw) computed with plain decode + encode on the frozen work list."""
+    tok = load_tokenizer(cfg.tokenizer)
+    dcfg = cfg.decode_config()
+    out_rows = {}
+    for item in load_worklist(storage.join(out, "worklist")).items:
+        for rec in decode_item(item, dcfg):
+            if rec["type"] != "error":
+                out_rows[rec["key"]] = tok.encode(rec["frames"])
+    return out_rows
+
+
+def read_all(out: str, so=None) -> dict[str, np.ndarray]:
+    rows = {}
+    for side in committed_shards(out, so):
+        with open_shard(storage.join(out, side["data_file"]), so, verify=True) as r:
+            for row in r:
+                assert row["key"] not in rows, f"{row['key']} twice"
+                rows[row["key"]] = row["tokens"]
+    return rows
+
+
+def shard_hashes(out: str, so=None) -> dict[str, str]:
+    return {s["data_file"]: storage.sha256_file(storage.join(out, s["data_file"]), so) for s in committed_shards(out, so)}
+
+
+@pytest.mark.parametrize(
+    "kind,fmt",
+    [("kinetics600", "arrow"), ("ego4d", "webdataset"), ("howto100m", "arrow"), ("imagenet", "webdataset"),
+     ("folder", "arrow")],
+)
+def test_layouts_end_to_end_then_rerun_is_a_noop(ray_local, tmp_path, make_layout, tok_spec, kind, fmt):
+    lay = make_layout(kind, str(tmp_path / "data"))
+    out = str(tmp_path / "tok")
+    cfg = TokenizeConfig(dataset=kind, input=lay["root"], output=out, format=fmt, items_per_shard=2, tokenizer=tok_spec,
+                         **SMALL)
+    summary = run_tokenize(cfg)
+
+    got = read_all(out)
+    want = expected_rows(out, cfg)
+    assert sorted(got) == sorted(want) and len(got) > 0
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+        assert got[k].dtype == np.uint16 and got[k].shape[1:] == (8, 8)
+    sides = committed_shards(out)
+    n_items = len(load_worklist(storage.join(out, "worklist")).items)
+    assert [s["shard_id"] for s in sides] == list(range((n_items + 1) // 2))
+    assert all(s["format"] == fmt and s["input_shard"]["num_items"] in (1, 2) for s in sides)
+    assert all(verify_shard(out, s) == [] for s in sides)
+    man = read_manifest(out)
+    assert man["totals"]["rows"] == len(want) and summary["manifest_hash"] == man["content_hash"]
+    failed = sorted(e["uri"] for s in sides for e in s["errors"])
+    assert failed == sorted(lay["bad"])
+    assert summary["counts"]["inputs_failed"] == len(lay["bad"]) and summary["shards"]["committed"] == len(sides)
+    if kind == "folder":
+        # zero-byte, audio-only and truncated inputs, each with its reason; the good ones all landed.
+        reasons = sorted(summary["errors_by_reason"])
+        assert [r.split(" (")[0] for r in reasons] == ["no video stream", "truncated", "zero bytes"]
+        assert all(n == 1 for n in summary["errors_by_reason"].values())
+        assert sum(1 for k in got if k.startswith("folder/clips__good")) >= 3
+    assert debris(out) == []
+    st = dataset_status(out)  # `toto-pipeline status OUT` reads job.json for the planned count
+    assert (st["shards_planned"], st["shards_committed"], st["rows"]) == (len(sides), len(sides), len(want))
+
+    # Rerun: nothing decoded, nothing rewritten (same bytes, same sidecar files untouched).
+    mtimes = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out) if n.startswith("shard-")}
+    hashes = shard_hashes(out)
+    again = run_tokenize(cfg)
+    assert again["shards"] == {"total": len(sides), "committed": 0, "skipped": len(sides)}
+    assert shard_hashes(out) == hashes
+    assert {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out) if n.startswith("shard-")} == mtimes
+    assert again["manifest_hash"] == summary["manifest_hash"]
+
+
+def test_job_level_errors_fail_before_any_work(tmp_path, make_layout, tok_spec):
+    lay = make_layout("imagenet", str(tmp_path / "data"))
+    ok = dict(dataset="imagenet", input=lay["root"], tokenizer=tok_spec, **SMALL)
+    with pytest.raises(JobError, match="does not exist"):
+        prepare(TokenizeConfig(**{**ok, "input": str(tmp_path / "missing")}, output=str(tmp_path / "o1")))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(JobError, match="not writable"):
+        prepare(TokenizeConfig(**ok, output=str(blocker / "sub")))
+    with pytest.raises(JobError, match="cannot be loaded"):
+        prepare(TokenizeConfig(**{**ok, "tokenizer": "dalle:/nowhere"}, output=str(tmp_path / "o2")))
+    for o in ("o1", "o2"):
+        assert not (tmp_path / o / "job.json").exists() and not (tmp_path / o / "worklist").exists()
+    with pytest.raises(ValueError, match="TokenizeConfig.items_per_shard=0"):
+        TokenizeConfig(**ok, output=str(tmp_path / "o3"), items_per_shard=0)
+    # An output that holds another job's settings is refused, not mixed.
+    prepare(TokenizeConfig(**ok, output=str(tmp_path / "o4")))
+    with pytest.raises(JobError, match="other settings.*resolution"):
+        prepare(TokenizeConfig(**{**ok, "resolution": 32}, output=str(tmp_path / "o4")))

@@ -1,0 +1,130 @@
+"""The evaluation half of the demo study on a small random checkpoint and synthetic data: every
+report section is written and carries numbers (the numbers themselves are not tuned or asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.shards import ShardWriter, write_manifest
+from schemas import validate
+from trainer.evals.study import StudyConfig, TaskData, middle_beats_last, run_study
+
+CODEBOOK = 32
+TOK = {"id": "test-colour", "sha256": "0" * 64, "vocab_size": CODEBOOK, "downsample": 8}
+
+
+def _dataset(out, *, video, per_class, seed):
+    rng = np.random.default_rng(seed)
+    w = ShardWriter(out, 0, codebook_size=CODEBOOK, tokenizer=TOK, resolution=32)
+    n = 0
+    for split in ("train", "val"):
+        for c in range(3):
+            for i in range(per_class):
+                nf = 10 if video else 1
+                if video:  # the class is a motion: a bright token moving by c-1 cells per frame
+                    tok = rng.integers(0, 8, size=(nf, 4, 4))
+                    for f in range(nf):
+                        tok[f, 1, (i + (c - 1) * f) % 4] = 30
+                else:
+                    tok = 8 * c + rng.integers(0, 8, size=(nf, 4, 4))
+                vid = f"{split}{c}{i:03d}"
+                w.add({"key": f"t/{vid}/00000", "dataset": "t", "split": split, "video_id": vid, "chunk": 0,
+                       "t_start": 0.0, "fps": 30.0, "num_frames": nf, "grid_h": 4, "grid_w": 4,
+                       "label": f"c{c}", "tokens": tok.astype(np.uint16)})
+                n += 1
+    w.commit(input_shard={"id": 0, "worklist_sha256": "0" * 64, "num_items": n}, errors=[])
+    write_manifest(out)
+
+
+def _davis(root):
+    for name, step in (("left", -2), ("right", 3)):
+        os.makedirs(os.path.join(root, "JPEGImages", "480p", name))
+        os.makedirs(os.path.join(root, "Annotations", "480p", name))
+        for t in range(6):
+            img = np.full((48, 64, 3), 80, dtype=np.uint8)
+            m = np.zeros((48, 64), dtype=np.uint8)
+            x = 20 + step * t  # a large object: it must cover whole patches of the 4x4 token grid
+            img[8:40, x : x + 28] = (220, 40, 40)
+            m[8:40, x : x + 28] = 1
+            Image.fromarray(img).save(os.path.join(root, "JPEGImages", "480p", name, f"{t:05d}.jpg"))
+            p = Image.fromarray(m, mode="P")
+            p.putpalette([0, 0, 0, 200, 0, 0] + [0] * 762)
+            p.save(os.path.join(root, "Annotations", "480p", name, f"{t:05d}.png"))
+
+
+def _tokenize(frames: np.ndarray) -> np.ndarray:
+    """A colour quantiser standing in for the demo tokenizer: (F, H, W, 3) -> (F, H/8, W/8) codes < 32."""
+    n, h, w, _ = frames.shape
+    f = frames.reshape(n, h // 8, 8, w // 8, 8, 3).mean(axis=(2, 4))  # (F, h, w, 3)
+    q = (f // 128).astype(np.int64)  # 2 levels per channel
+    return (q[..., 0] * 4 + q[..., 1] * 2 + q[..., 2]).astype(np.uint16)
+
+
+def _generate(model, meta, out_dir):
+    path = os.path.join(out_dir, "generation.png")
+    Image.fromarray(np.zeros((8, 16, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _checkpoint(run_dir):
+    from pipeline.mix.sequence import make_specials
+    from trainer import checkpoint as ck
+    from trainer.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=32, n_layers=3, n_heads=2, vocab_size=CODEBOOK + 4, max_seq_len=168, mlp_hidden=64)
+    w = ck.CheckpointWriter(run_dir, 5)
+    w.write_model(Transformer(cfg).state_dict())
+    w.commit({"model_config": cfg.to_dict(), "train_config": {"name": "test"},
+              "scheduler": {"kind": "warmup_cosine", "step": 5},
+              "loader_state": {"version": 1, "mix_hash": "x", "consumed_samples": 5}, "world_size": 1,
+              "specials": make_specials(CODEBOOK), "tokenizer": TOK})
+    return run_dir
+
+
+def test_study_writes_every_section_with_numbers(tmp_path):
+    _dataset(str(tmp_path / "img"), video=False, per_class=8, seed=0)
+    _dataset(str(tmp_path / "vid"), video=True, per_class=6, seed=1)
+    _davis(str(tmp_path / "davis"))
+    out = str(tmp_path / "out")
+    cfg = StudyConfig(probe_epochs=4, probe_batch_size=16, probe_heads=2, video_frames=4, video_stride=2,
+                      video_clips=2, video_pool_tokens=2, loss_clips=6, loss_stride=1, probe_lr=1e-2)
+    path = run_study(_checkpoint(str(tmp_path / "run")), image_task=TaskData("image: toy classes", str(tmp_path / "img")),
+                     video_task=TaskData("video: toy motion", str(tmp_path / "vid")), out_dir=out,
+                     davis_root=str(tmp_path / "davis"), tokenize=_tokenize, resolution=32, generate=_generate, cfg=cfg)
+    text = open(path).read()
+    for heading in ("## Findings at a glance", "## Setup", "## Probes: image: toy classes", "## Probes: video: toy motion",
+                    "## Loss by position within a clip", "## Label propagation (DAVIS protocol)",
+                    "## Pre-training: validation loss against compute", "## Generation",
+                    "## Timings"):
+        assert heading in text, heading
+    # Five verdicts (two probe findings per task + the first-frame finding), each stated either way.
+    assert len(re.findall(r"\*\*(holds|does not hold|inconclusive \(within noise\))\*\*", text)) == 5
+    assert re.search(r"\| J&F mean \| \d+\.\d \| 42\.0", text)
+    assert re.search(r"\| attention − average \| [+-]\d+\.\d \| \+7\.9", text)
+    for png in ("probe-image.png", "probe-video.png", "position-loss.png", "generation.png"):
+        assert f"]({png})" in text and os.path.getsize(os.path.join(out, png)) > 0
+    res = validate(json.loads(open(os.path.join(out, "results.json")).read()), "demo_results")
+    assert len(res["position_loss"]["per_frame"]) == 10  # 168 // 16 = 10 frames fit the context
+    assert res["track"]["objects"] == 2
+    assert 0.0 <= res["track"]["baseline_JF_mean"] <= 1.0
+    assert re.search(r"\| baseline J&F: patch colours, same grid \| \d+\.\d \|", text)
+    assert re.search(r"\| first − later \(± s\.e\., paired over clips\) \| [+-]\d\.\d{3} ± \d\.\d{3} \|", text)
+
+
+def test_middle_beats_last_compares_with_last_block():
+    doc = {"n_layers": 3, "results": [
+        {"layer": 1, "pooling": "attention", "top1": 50.0},
+        {"layer": 2, "pooling": "attention", "top1": 70.0},
+        {"layer": 3, "pooling": "attention", "top1": 60.0},
+    ]}
+    holds, best, last = middle_beats_last(doc)
+    assert holds and best["layer"] == 2 and last == 60.0
+    doc["results"][2]["top1"] = 70.0
+    assert not middle_beats_last(doc)[0]  # a tie is not "better"
