@@ -189,7 +189,7 @@ def frame_tokenizer_from_meta(meta: dict, spec: str | None = None) -> Callable[[
     """frames (F, R, R, 3) uint8 -> tokens (F, h, w) with the tokenizer the checkpoint was trained on."""
     spec = tokenizer_spec_for(meta, spec)
     try:
-        from pipeline.tokenizers import load_tokenizer  # the tokenizers engineer's registry
+        from pipeline.tokenizers import load_tokenizer
     except ImportError as e:
         raise RuntimeError(
             "tracking needs the checkpoint's frame tokenizer, but pipeline.tokenizers.load_tokenizer is not "
