@@ -20,7 +20,6 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -87,15 +86,12 @@ def tmp_name(final_name: str) -> str:
     return f".{final_name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def commit_local_file(tmp_path: str, url: str, storage_options: dict | None = None, synced: bool = False) -> None:
+def commit_local_file(tmp_path: str, url: str, storage_options: dict | None = None) -> None:
     """Move a finished local file to ``url`` atomically (rename locally, one upload remotely).
 
-    The temporary file is fsynced first (unless the caller already did: ``synced``); it is
-    consumed (renamed or deleted) in every case.
+    The caller has written and fsynced the temporary file (the shard writers fsync on close); it
+    is consumed (renamed or deleted) in every case.
     """
-    if not synced:
-        with open(tmp_path, "rb") as f:
-            os.fsync(f.fileno())
     if is_local(url):
         dest = local_path(url)
         os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
@@ -187,17 +183,6 @@ def sha256_file(url: str, storage_options: dict | None = None) -> str:
     return h.hexdigest()
 
 
-def sha256_local(path: str) -> tuple[str, int]:
-    """sha256 and size of a local file."""
-    h = hashlib.sha256()
-    n = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-            n += len(chunk)
-    return h.hexdigest(), n
-
-
 def listdir(url: str, storage_options: dict | None = None) -> list[str]:
     """Base names of the entries directly under ``url`` (empty if it does not exist)."""
     fs, path = url_to_fs(url, storage_options)
@@ -229,11 +214,3 @@ def check_writable(url: str, storage_options: dict | None = None) -> None:
         remove(probe, storage_options)
     except Exception as e:  # noqa: BLE001 - any failure means "not writable"; say why
         raise RuntimeError(f"output location {redact(url)} is not writable: {type(e).__name__}: {redact(str(e))}") from None
-
-
-def storage_options_for(url: str, storage_options: dict | None = None) -> dict[str, Any]:
-    """Options without credentials, safe to record (only the endpoint is kept)."""
-    if not storage_options:
-        return {}
-    ep = (storage_options.get("client_kwargs") or {}).get("endpoint_url")
-    return {"endpoint_url": ep} if ep else {}

@@ -159,7 +159,7 @@ class ShardWriter:
             self._flush()
             self._file.close()  # fsyncs
             sha, size = self._file.digest()
-            storage.commit_local_file(self._tmp, self.data_url, self.storage_options, synced=True)
+            storage.commit_local_file(self._tmp, self.data_url, self.storage_options)
         except BaseException:
             self.abort()
             raise
