@@ -110,6 +110,9 @@ class ShardWriter:
         self._done = False
 
     def add(self, row: dict[str, Any]) -> None:
+        """Queue one row. ``row["tokens"]`` is kept by reference (not copied) until :meth:`commit`
+        returns: rows sliced back to back from one array are written from it without a copy, so
+        do not modify that array in place before the commit."""
         if self._done:
             raise RuntimeError(f"{self.name} is already committed or aborted")
         r = normalize_row(row, self.codebook_size)

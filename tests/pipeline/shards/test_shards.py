@@ -216,3 +216,54 @@ def test_sha256_in_sidecar_matches_file(tmp_path, rows):
     assert side["sha256"] == hashlib.sha256((tmp_path / side["data_file"]).read_bytes()).hexdigest()
     assert side["bytes"] == (tmp_path / side["data_file"]).stat().st_size
     assert storage.sha256_file(str(tmp_path / side["data_file"])) == side["sha256"]
+
+
+def test_rows_sliced_from_one_array_give_the_same_file_as_separate_arrays(tmp_path, rows):
+    # The writer passes back-to-back slices of one buffer to Arrow without copying; the bytes on
+    # disk must not depend on where the rows' tokens live.
+    flat = np.concatenate([r["tokens"].reshape(-1) for r in rows]).astype(np.uint16)
+    sliced, at = [], 0
+    for r in rows:
+        n = r["tokens"].size
+        sliced.append({**r, "tokens": flat[at : at + n].reshape(r["tokens"].shape)})
+        at += n
+    copies = [{**r, "tokens": r["tokens"].astype(np.uint16).copy()} for r in rows]
+    a, b = write(tmp_path / "a", sliced), write(tmp_path / "b", copies)
+    assert a["sha256"] == b["sha256"] and a["sha256"] == storage.sha256_file(str(tmp_path / "a" / a["data_file"]))
+    with open_shard(str(tmp_path / "a" / a["data_file"])) as r:
+        for i, want in enumerate(rows):
+            np.testing.assert_array_equal(r.tokens(i), want["tokens"])
+
+
+def test_contiguous_span_is_a_view_only_when_the_parts_tile_one_buffer():
+    from pipeline.shards.arrow_format import _contiguous_span
+
+    base = np.arange(100, dtype=np.uint16)
+    span = _contiguous_span([base[0:30], base[30:31], base[31:80]], 80)
+    assert np.shares_memory(span, base) and not span.flags.writeable
+    np.testing.assert_array_equal(span, base[:80])
+    gap = _contiguous_span([base[0:30], base[31:40]], 39)  # one value skipped: must copy
+    assert not np.shares_memory(gap, base)
+    np.testing.assert_array_equal(gap, np.r_[base[0:30], base[31:40]])
+    other = np.arange(100, 200, dtype=np.uint16)
+    mixed = _contiguous_span([base[0:10], other[0:10]], 20)
+    np.testing.assert_array_equal(mixed, np.r_[base[:10], other[:10]])
+    assert _contiguous_span([], 0).size == 0
+
+
+def test_hashing_file_digest_and_size_match_the_bytes_written(tmp_path):
+    from pipeline.shards.arrow_format import HashingFile
+
+    rng = np.random.default_rng(3)
+    # small writes (gathered), writes that straddle the gather threshold, and large ones
+    # (passed through, with early writeback every few MiB)
+    sizes = [1, 7, 300, 65535, 65536, 3, 9 << 20, 12, 100_000, 5 << 20, 2]
+    chunks = [rng.integers(0, 256, size=s, dtype=np.uint8).tobytes() for s in sizes]
+    f = HashingFile(str(tmp_path / "x"))
+    for c in chunks:
+        assert f.write(c) == len(c)
+    assert f.tell() == sum(sizes)
+    f.close()
+    data = (tmp_path / "x").read_bytes()
+    assert data == b"".join(chunks)
+    assert f.sha256.hexdigest() == hashlib.sha256(data).hexdigest() and f.size == len(data)
