@@ -14,9 +14,9 @@ import argparse
 import os
 import shutil
 import tempfile
-import time
 
 import numpy as np
+from timing import interleaved_best  # bench/timing.py (this script's folder is on sys.path)
 
 from pipeline.shards import ShardWriter, open_shard, unigram_stats
 
@@ -30,22 +30,6 @@ def zipf_tokens(n: int, codebook: int, seed: int) -> np.ndarray:
     p = 1.0 / ranks**1.1
     p /= p.sum()
     return rng.choice(codebook, size=n, p=p).astype(np.uint16)
-
-
-def interleaved_best(variants: dict, repeat: int) -> dict[str, float]:
-    """Best time of each variant over ``repeat`` rounds, the variants taking turns in every round,
-    so that a slow spell of the machine (page-cache writeback, other jobs) hits all of them alike.
-
-    ``variants``: name -> (fn, setup or None); setup runs before its timed call, untimed."""
-    times = {name: float("inf") for name in variants}
-    for _ in range(repeat):
-        for name, (fn, setup) in variants.items():
-            if setup is not None:
-                setup()
-            t0 = time.perf_counter()
-            fn()
-            times[name] = min(times[name], time.perf_counter() - t0)
-    return times
 
 
 def main() -> None:

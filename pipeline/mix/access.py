@@ -30,7 +30,7 @@ import schemas
 from pipeline import storage
 from pipeline.mix.blend import Blend, SourceOrder, _mix64
 from pipeline.mix.build import TABLE_ARRAYS, order_key
-from pipeline.mix.sequence import assemble_into, layout
+from pipeline.mix.sequence import assemble_into, inputs_targets, layout, write_specials
 from pipeline.mix.tables import locate_frames
 from pipeline.shards import open_shard, read_manifest
 
@@ -146,21 +146,42 @@ class TokenStore:
                 self.storage_options, self.verify_sha256, self.block_cache_mb)
         return f
 
-    def gather(self, table: dict[str, np.ndarray], frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Tokens of absolute frames (int64 [..., F]) → (uint16 [..., F, HW], row position [..., F])."""
-        flat = np.asarray(frames, dtype=np.int64).reshape(-1)
-        q, k = locate_frames(np.asarray(table["cum"]), flat)
-        shard = np.asarray(table["shard"][q])
-        elem = np.asarray(table["elem"][q])
-        out = np.empty((flat.size, self.hw), dtype=np.uint16)
-        for sh in np.unique(shard):
-            sel = np.flatnonzero(shard == sh)
-            f = self._file(int(sh))
-            if (elem[sel] >= 0).all():
-                out[sel] = f.frames_direct(elem[sel] + k[sel] * self.hw)
+    def gather(self, table: dict[str, np.ndarray], frames: np.ndarray, out: np.ndarray | None = None,
+               rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens of absolute frames (int64 [m, F]) → (tokens [m, F, HW], row position [m, F]).
+
+        Without ``out`` the tokens are a new uint16 array. With ``out`` (any integer dtype,
+        [B, F, HW], e.g. an int64 view into the batch's sequence buffer) frame ``f`` of sample ``i``
+        is written to ``out[rows[i], f]`` directly, widened on the way: no intermediate copy.
+        """
+        frames = np.asarray(frames, dtype=np.int64)
+        m, nf = frames.shape
+        if out is None:
+            out = np.empty((m, nf, self.hw), dtype=np.uint16)
+            rows = np.arange(m)
+        flat = frames.reshape(-1)
+        q, k = locate_frames(table["cum"], flat)
+        elem = table["elem"][q]
+        starts = elem + k * self.hw
+        ri = np.repeat(np.asarray(rows), nf)  # destination row of each flat frame
+        fi = np.arange(m * nf) % nf  # and its frame slot
+        for seg, sh in _by_shard(table["shard"][q]):
+            f = self._file(sh)
+            if elem[seg].min() >= 0:  # offsets known: uncompressed Arrow
+                out[ri[seg], fi[seg]] = f.frames_direct(starts[seg])
             else:
-                out[sel] = f.frames_by_row(np.asarray(table["row"][q[sel]]), k[sel])
-        return out.reshape(*np.shape(frames), self.hw), q.reshape(np.shape(frames))
+                out[ri[seg], fi[seg]] = f.frames_by_row(table["row"][q[seg]], k[seg])
+        return out if out.shape[0] == m else out[rows], q.reshape(m, nf)
+
+
+def _by_shard(shard: np.ndarray):
+    """(positions, shard id) per distinct shard in ``shard`` (a stable sort, then runs: a batch
+    touches each shard of a source once, so per-shard costs are paid once per batch)."""
+    order = np.argsort(shard, kind="stable")
+    s = shard[order]
+    bounds = [0, *(np.flatnonzero(s[1:] != s[:-1]) + 1).tolist(), len(order)]
+    for a, z in zip(bounds[:-1], bounds[1:], strict=True):
+        yield order[a:z], int(s[a])
 
 
 class MixReader:
@@ -209,7 +230,8 @@ class MixReader:
     def _npy(self, name: str) -> np.ndarray:
         url = storage.join(self._index_url, name)
         if storage.is_local(url):
-            return np.load(storage.local_path(url), mmap_mode="r", allow_pickle=False)
+            # A plain ndarray over the map: np.memmap's subclass hooks cost µs on every index.
+            return np.asarray(np.load(storage.local_path(url), mmap_mode="r", allow_pickle=False))
         fs, path = storage.url_to_fs(url, self.storage_options)
         return np.load(io.BytesIO(fs.cat_file(path)), allow_pickle=False)
 
@@ -294,14 +316,23 @@ class MixReader:
         """Seeded per-pass start offsets in [0, slack[uid]] (int64 [m]): each pass sees new clip phases."""
         slack = np.asarray(self._tab[si]["slack"][uid]).astype(np.uint64)
         out = np.empty(len(uid), dtype=np.int64)
-        for e in np.unique(epoch):
+        for e in np.unique(epoch).tolist():
             sel = epoch == e
-            key = np.random.SeedSequence([*order_key(self.manifest["seed"], self._src[si]["name"], self.split),
-                                          int(e), 0x4A495454]).generate_state(1, dtype=np.uint64)[0]
             with np.errstate(over="ignore"):
-                h = _mix64(uid[sel].astype(np.uint64) ^ key)
+                h = _mix64(uid[sel].astype(np.uint64) ^ self._jitter_key(si, e))
             out[sel] = (h % (slack[sel] + np.uint64(1))).astype(np.int64)
         return out
+
+    def _jitter_key(self, si: int, epoch: int) -> np.uint64:
+        cache = self.__dict__.setdefault("_jitter_keys", {})
+        key = cache.get((si, epoch))
+        if key is None:
+            if len(cache) > 64:
+                cache.clear()
+            key = cache[(si, epoch)] = np.random.SeedSequence(
+                [*order_key(self.manifest["seed"], self._src[si]["name"], self.split), epoch, 0x4A495454]
+            ).generate_state(1, dtype=np.uint64)[0]
+        return key
 
     def gather(self, si: int, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Tokens of absolute frames (int64 [m, F]) of source ``si`` → (uint16 [m, F, HW], row pos [m, F])."""
@@ -318,48 +349,46 @@ class MixReader:
         return lay
 
     def batch(self, ids: np.ndarray) -> dict[str, Any]:
-        """The sequences of global sample ids ``ids`` (int64 [B]) as numpy arrays and lists."""
+        """The sequences of global sample ids ``ids`` (int64 [B]) as numpy arrays and lists.
+
+        ``inputs``/``targets`` are int64 [B, T] views of one [B, T+1] buffer (targets = inputs
+        shifted by one); ``frame_index`` is int64 [B, T], a read-only broadcast of one row when
+        every sample of the batch has the same layout (the usual case: it depends only on it).
+        """
         ids = np.asarray(ids, dtype=np.int64)
         b, t = len(ids), self.seq_len
-        out = {k: np.empty((b, t), dtype=np.int64) for k in ("inputs", "targets", "frame_index")}
+        seq = np.empty((b, t + 1), dtype=np.int64)
         source: list[str] = [""] * b
         label: list[str | None] = [None] * b
-        groups = self.sample_frames(ids)
-        lays = [self._layout(si) for si, _, _ in groups]
-        same = all(g[2].shape[1] == groups[0][2].shape[1] and lay["body"] == lays[0]["body"]
-                   and (lay["inputs"][1:] == lays[0]["inputs"][1:]).all() and (lay["targets"] == lays[0]["targets"]).all()
-                   for g, lay in zip(groups, lays, strict=True))
-        if same and len(groups) > 1:
-            # One layout for the whole batch (same frames per sample for every kind, e.g. the paper's
-            # 16 frames / 16 images): gather into one uint16 buffer, then write contiguous rows.
-            f = groups[0][2].shape[1]
-            toks_all = np.empty((b, f, self.hw), dtype=np.uint16)
-            starts = np.empty(b, dtype=np.int64)
-            qs = []
-            for (si, pos, frames), lay in zip(groups, lays, strict=True):
+        groups = []
+        for si, pos, frames in self.sample_frames(ids):
+            rows = slice(None) if len(pos) == b else pos
+            lay = self._layout(si)
+            nf = frames.shape[1]
+            if lay["body"] == nf * self.hw:
+                # Every frame fits: gather straight into the sequence buffer, int64 on the way.
+                body = seq[:, 1 : 1 + lay["body"]].reshape(b, nf, self.hw)  # a view
+                _, q = self._stores[si].gather(self._tab[si], frames, out=body, rows=pos)
+                write_specials(seq, rows, lay)
+            else:
                 toks, q = self.gather(si, frames)
-                toks_all[pos] = toks
-                starts[pos] = lay["inputs"][0]
-                qs.append(q)
-            assemble_into(out, slice(None), toks_all, lays[0], starts=starts)
-        else:
-            qs = []
-            for (si, pos, frames), lay in zip(groups, lays, strict=True):
-                toks, q = self.gather(si, frames)
-                assemble_into(out, slice(None) if len(pos) == b else pos, toks, lay)
-                qs.append(q)
-        for (si, pos, _), q in zip(groups, qs, strict=True):
+                assemble_into(seq, rows, toks, lay)
+            groups.append((rows, lay))
             tab = self._tab[si]
-            lab = np.asarray(tab["label"][q[:, 0]])
-            names = tab["labels"]
-            name = self.sources[si]
-            for p, li in zip(pos.tolist(), lab.tolist(), strict=True):
+            names, name = tab["labels"], self.sources[si]
+            for p, li in zip(pos.tolist(), np.asarray(tab["label"][q[:, 0]]).tolist(), strict=True):
                 source[p] = name
                 label[p] = names[li] if li >= 0 else None
-        out["source"] = source
-        out["label"] = label
-        out["sample_index"] = ids.copy()
-        return out
+        inputs, targets = inputs_targets(seq, [(rows, lay["keep"]) for rows, lay in groups if lay["padded"]])
+        fi0 = groups[0][1]["frame_index"]
+        if all(lay["frame_index"] is fi0 or np.array_equal(lay["frame_index"], fi0) for _, lay in groups):
+            frame_index = np.broadcast_to(fi0, (b, t))
+        else:
+            frame_index = np.empty((b, t), dtype=np.int64)
+            for rows, lay in groups:
+                frame_index[rows] = lay["frame_index"]
+        return {"inputs": inputs, "targets": targets, "frame_index": frame_index, "source": source,
+                "label": label, "sample_index": ids.copy()}
 
     def sequence(self, i: int) -> dict[str, Any]:
         """One sequence: like :meth:`batch` for ``[i]`` with the batch axis removed."""

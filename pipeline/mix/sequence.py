@@ -42,7 +42,11 @@ def vocab_size_for(codebook_size: int) -> int:
 
 
 def layout(f: int, hw: int, *, start: int, seq_len: int, specials: dict[str, int]) -> dict[str, Any]:
-    """The fixed part of a sequence of ``f`` frames: token/frame templates of S' (length T+1)."""
+    """The fixed part of a sequence of ``f`` frames: the template of S' (int64 [T+1]), frame indices.
+
+    ``padded``: S is shorter than T+1, so targets on the padding must become ``IGNORE_INDEX``
+    from target position ``keep - 1`` on.
+    """
     t = int(seq_len)
     n = f * hw + 2  # length of S
     keep = min(n, t + 1)
@@ -53,47 +57,43 @@ def layout(f: int, hw: int, *, start: int, seq_len: int, specials: dict[str, int
     fidx[1 : 1 + body] = np.repeat(np.arange(f, dtype=np.int64), hw)[:body]
     if keep == n:
         tmpl[n - 1] = specials["eos"]
-    tgt = tmpl[1:].copy()
-    if keep < t + 1:
-        tgt[keep - 1 :] = IGNORE_INDEX
-    return {"body": body, "inputs": tmpl[:t], "targets": tgt, "frame_index": fidx[:t], "target_frame_index": fidx[1:]}
+    return {"body": body, "keep": keep, "padded": keep < t + 1, "sequence": tmpl,
+            "frame_index": fidx[:t], "target_frame_index": fidx[1:]}
 
 
-def assemble_into(out: dict[str, np.ndarray], rows: np.ndarray | slice, frames: np.ndarray, lay: dict[str, Any],
-                  starts: np.ndarray | None = None) -> None:
-    """Write the sequences of ``frames`` (integer [m, F, HW]) into rows ``rows`` of ``out``'s
-    int64 [B, T] arrays ``inputs``, ``targets``, ``frame_index`` (and ``target_frame_index`` if present).
+def assemble_into(seq: np.ndarray, rows: np.ndarray | slice, frames: np.ndarray, lay: dict[str, Any]) -> None:
+    """Write S' of each sample of ``frames`` (integer [m, F, HW]) into rows ``rows`` of ``seq``
+    (int64 [B, T+1]); inputs and targets are then views of it (:func:`inputs_targets`).
 
-    Every output value is written once: frame tokens straight from the gathered uint16 values,
-    specials and padding from the layout's templates only where there are no frame tokens.
-    ``starts`` (int64 [m]) overrides the start token per row (samples of both kinds sharing one
-    layout, i.e. videos and image sequences with the same number of frames).
+    Every value is written once, frame tokens straight from the gathered (uint16) values, so the
+    int64 widening is the only pass over them.
     """
     m = frames.shape[0]
     body = lay["body"]
-    flat = frames.reshape(m, -1)  # (m, F*HW)
-    t = out["inputs"].shape[1]
-    nb = min(body, t - 1)  # frame tokens among the inputs (after the start token)
-    inp, tgt = out["inputs"], out["targets"]
-    if isinstance(rows, slice):
-        inp[rows, 0] = lay["inputs"][0] if starts is None else starts
-        inp[rows, 1 : 1 + nb] = flat[:, :nb]
-        inp[rows, 1 + nb :] = lay["inputs"][1 + nb :]
-        tgt[rows, :body] = flat[:, :body]
-        tgt[rows, body:] = lay["targets"][body:]
-    else:
-        # Fancy row indices: fill the rows in one go from a full template (copies are unavoidable).
-        seq = np.empty((m, t), dtype=np.int64)
-        seq[:, 0] = lay["inputs"][0] if starts is None else starts
-        seq[:, 1 : 1 + nb] = flat[:, :nb]
-        seq[:, 1 + nb :] = lay["inputs"][1 + nb :]
-        inp[rows] = seq
-        seq[:, :body] = flat[:, :body]
-        seq[:, body:] = lay["targets"][body:]
-        tgt[rows] = seq
-    for k in ("frame_index", "target_frame_index"):
-        if k in out:  # target_frame_index is optional (derivable; the loader leaves it out)
-            out[k][rows] = lay[k]
+    seq[rows, 1 : 1 + body] = frames.reshape(m, -1)[:, :body]
+    write_specials(seq, rows, lay)
+
+
+def write_specials(seq: np.ndarray, rows: np.ndarray | slice, lay: dict[str, Any]) -> None:
+    """The non-frame part of S' (start token; eos and padding after the body) into rows ``rows``."""
+    tmpl = lay["sequence"]
+    body = lay["body"]
+    seq[rows, 0] = tmpl[0]
+    if 1 + body < seq.shape[1]:
+        seq[rows, 1 + body :] = tmpl[1 + body :]
+
+
+def inputs_targets(seq: np.ndarray, padded: list[tuple[np.ndarray | slice, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """``inputs`` = ``seq[:, :T]`` and ``targets`` = ``seq[:, 1:]``, both int64 [B, T] views of one
+    buffer (8 bytes written per token instead of 16), except when some rows are padded
+    (``padded``: (rows, keep) per padded layout): then targets is a copy with ``IGNORE_INDEX``
+    from position ``keep - 1`` on in those rows."""
+    inputs, targets = seq[:, :-1], seq[:, 1:]
+    if padded:
+        targets = targets.copy()
+        for rows, keep in padded:
+            targets[rows, keep - 1 :] = IGNORE_INDEX
+    return inputs, targets
 
 
 def assemble(
@@ -102,12 +102,16 @@ def assemble(
     """Sequences for a batch of samples of one kind.
 
     ``frames``: integer tokens ``[B, F, HW]`` (raster order inside each frame). Returns int64 arrays
-    ``inputs``, ``targets``, ``frame_index``, ``target_frame_index``, each ``[B, seq_len]``.
+    ``inputs``, ``targets``, ``frame_index``, ``target_frame_index``, each ``[B, seq_len]``
+    (``inputs``/``targets`` may be views of one buffer, the frame indices broadcast views).
     """
     if frames.ndim != 3:
         raise ValueError(f"frames must be [B, F, HW], got shape {frames.shape}")
     b, f, hw = frames.shape
     lay = layout(f, hw, start=start, seq_len=seq_len, specials=specials)
-    out = {k: np.empty((b, int(seq_len)), dtype=np.int64) for k in ("inputs", "targets", "frame_index", "target_frame_index")}
-    assemble_into(out, slice(None), frames, lay)
-    return out
+    seq = np.empty((b, int(seq_len) + 1), dtype=np.int64)
+    assemble_into(seq, slice(None), frames, lay)
+    inputs, targets = inputs_targets(seq, [(slice(None), lay["keep"])] if lay["padded"] else [])
+    return {"inputs": inputs, "targets": targets,
+            "frame_index": np.broadcast_to(lay["frame_index"], (b, int(seq_len))),
+            "target_frame_index": np.broadcast_to(lay["target_frame_index"], (b, int(seq_len)))}

@@ -27,8 +27,27 @@ STATE_VERSION = 1
 _TENSOR_KEYS = ("inputs", "targets", "frame_index", "sample_index")
 
 
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """A tensor over the same memory with the same strides: ``inputs``/``targets`` stay views of
+    one buffer (one shared-memory transfer from a worker, not two) and a broadcast row stays a
+    stride-0 expand."""
+    if a.ndim == 2 and a.strides[0] == 0:
+        return torch.from_numpy(np.array(a[0])).expand(a.shape)
+    return torch.from_numpy(a)
+
+
 def _to_torch(batch: dict[str, Any]) -> dict[str, Any]:
-    return {k: (torch.from_numpy(np.ascontiguousarray(v)) if k in _TENSOR_KEYS else v) for k, v in batch.items()}
+    out = {k: (_tensor(v) if k in _TENSOR_KEYS else v) for k, v in batch.items()}
+    x, y = batch["inputs"], batch["targets"]
+    seq = x.base
+    if (isinstance(seq, np.ndarray) and y.base is seq and seq.shape == (x.shape[0], x.shape[1] + 1)
+            and x.ctypes.data == seq.ctypes.data and y.ctypes.data == seq.ctypes.data + seq.itemsize):
+        # inputs = seq[:, :-1], targets = seq[:, 1:]: slice one tensor so they share one storage
+        # (torch.from_numpy of each view would make two storages over the same memory, and a
+        # worker would then send the buffer twice).
+        t = torch.from_numpy(seq)
+        out["inputs"], out["targets"] = t[:, :-1], t[:, 1:]
+    return out
 
 
 class _RankBatches(Dataset):
@@ -57,9 +76,10 @@ class MixLoader:
     >>> batch = next(iter(loader)); batch["inputs"].shape      # (4, seq_len)
     >>> sd = loader.state_dict()   # save with the checkpoint; load_state_dict(sd) to resume
 
-    Batch keys: ``inputs``/``targets`` int64 [B, T]; ``source`` list[str]; ``label`` list[str|None];
-    ``frame_index`` int64 [B, T] (frame of each input, -1 on specials/padding); ``sample_index``
-    int64 [B]. The frame of target ``t`` is ``frame_index[:, t+1]`` (targets are the inputs shifted
+    Batch keys: ``inputs``/``targets`` int64 [B, T] (views of one [B, T+1] buffer: targets are
+    the inputs shifted by one); ``source`` list[str]; ``label`` list[str|None]; ``frame_index``
+    int64 [B, T] (frame of each input, -1 on specials/padding; an ``expand`` of one row when all
+    samples share a layout, so treat it as read-only); ``sample_index`` int64 [B]. The frame of target ``t`` is ``frame_index[:, t+1]`` (targets are the inputs shifted
     by one); for the last position it is ``frame_index[:, -1]`` whenever ``seq_len`` ≤ frames × tokens
     per frame (the default layout, where the sequence is cut inside the last frame).
     Targets on padding are -100 (``ignore_index``), which only occurs when ``seq_len`` exceeds a

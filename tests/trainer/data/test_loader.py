@@ -143,8 +143,8 @@ def test_s3_reads_match_local(tmp_path, s3_server):
 
 
 def test_batched_assembly_equals_one_by_one(mix_path):
-    # frames == images_per_seq here, so whole batches take the shared-layout path while a single
-    # sample takes the per-source path; both must give the same sequences.
+    # frames == images_per_seq here, so a whole batch shares one frame-index row (broadcast) while
+    # a single sample has its own; both must give the same sequences.
     loader = MixLoader(mix_path, global_batch=G)
     b = loader.reader.batch(np.arange(24))
     assert set(b["source"]) == {"k600", "imagenet"}
@@ -153,3 +153,19 @@ def test_batched_assembly_equals_one_by_one(mix_path):
         for k in ("inputs", "targets", "frame_index"):
             assert (one[k] == b[k][i]).all()
         assert one["label"] == b["label"][i] and one["source"] == b["source"][i]
+
+
+def test_inputs_and_targets_are_views_of_one_buffer_and_frame_index_is_shared(mix_path):
+    # One int64 [B, T+1] buffer per batch (8 bytes written per token, not 16) and one frame-index
+    # row for all samples of a layout; the values must be what separate arrays would hold.
+    loader = MixLoader(mix_path, global_batch=G)
+    b = loader.batch_at(0)
+    x, y, fi = b["inputs"], b["targets"], b["frame_index"]
+    assert x.dtype == y.dtype == fi.dtype == torch.int64 and x.shape == y.shape == fi.shape == (G, loader.seq_len)
+    assert x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert fi.stride(0) == 0 and torch.equal(fi[0], fi[-1])
+    for i in range(G):
+        one = loader.sequence(i)
+        assert (one["inputs"] == x[i].numpy()).all() and (one["targets"] == y[i].numpy()).all()
+        assert (one["frame_index"] == fi[i].numpy()).all()
