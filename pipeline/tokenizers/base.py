@@ -15,6 +15,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 import schemas
+from pipeline.tokenizers.argmax import ScreenedArgmax, bf16_matmul_is_fast
 from pipeline.tokenizers.dalle import (
     LOGIT_LAPLACE_EPS,
     DVAEArch,
@@ -23,6 +24,10 @@ from pipeline.tokenizers.dalle import (
     decoder_mean,
 )
 from pipeline.tokenizers.vqgan import VQGAN, VQGANArch
+
+# Screen the CPU argmax in bf16 where the CPU has bf16 dot products (see tokenizers/argmax.py);
+# TOTO_BF16_SCREEN=0 turns it off (the plain fp32 logits + argmax).
+_BF16_SCREEN = os.environ.get("TOTO_BF16_SCREEN", "1") != "0" and bf16_matmul_is_fast()
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -58,6 +63,10 @@ class VisualTokenizer:
         self.sha256 = sha256
         self.id = f"{self.kind}:{self.name}:{sha256}"
         self._encoder = encoder.eval().requires_grad_(False)
+        if hasattr(encoder, "fold_for_inference"):
+            # This module only ever encodes: fold what inference allows (DALL·E-style dVAE).
+            encoder.fold_for_inference()
+        self._screened: ScreenedArgmax | None = None  # CPU fp32 argmax of the code logits
         self._decoder = decoder.eval().requires_grad_(False) if decoder is not None else None
         self.device = torch.device("cpu")
         self.amp_dtype: torch.dtype | None = None
@@ -81,6 +90,7 @@ class VisualTokenizer:
             self._decoder.to(device)
         self._to_channels_last()
         self.device = device
+        self._screened = None
         if device.type == "cuda":
             if amp_dtype is None:
                 amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -131,7 +141,16 @@ class VisualTokenizer:
     def _codes(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "vqgan":
             return self._encoder.encode_codes(x)  # type: ignore[operator]
-        return self._encoder(x).argmax(1)  # logits (n, V, h, w) → (n, h, w)
+        enc = self._encoder
+        if self.device.type == "cpu" and hasattr(enc, "features") and _BF16_SCREEN:
+            # fp32 on CPU, but the (V × C) logit layer screened in bf16: the exact argmax anyway.
+            if self._screened is None:
+                conv = enc.logits_conv
+                self._screened = ScreenedArgmax(conv.w.view(conv.w.shape[0], -1), conv.b)
+            f = enc.features(x)  # (n, C, h, w), channels-last
+            n, c, h, w = f.shape
+            return self._screened(f.permute(0, 2, 3, 1).reshape(n * h * w, c)).view(n, h, w)
+        return enc(x).argmax(1)  # logits (n, V, h, w) → (n, h, w)
 
     def encode(self, frames: np.ndarray | torch.Tensor, batch_size: int | None = None) -> np.ndarray:
         x = self._check_frames(frames)

@@ -71,9 +71,35 @@ class Conv(nn.Module):
         self.w = nn.Parameter(torch.empty(n_out, n_in, kw, kw))
         self.b = nn.Parameter(torch.zeros(n_out))
         nn.init.normal_(self.w, std=1 / math.sqrt(n_in * kw * kw))
+        # Inference-only options, set by DVAEEncoder.fold_for_inference:
+        self.relu_after = False  # apply the ReLU that follows this conv (fused on CPU)
+        self.cpu_prepack = False  # use oneDNN with the weights reordered once, not on every call
+        self._packed: tuple[int, torch.Tensor] | None = None  # (weight data_ptr, packed weight)
+
+    def _packed_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        ptr = self.w.data_ptr()
+        if self._packed is None or self._packed[0] != ptr:
+            p = (self.kw - 1) // 2
+            try:
+                # oneDNN's own layout for these weights (the op PyTorch's compiler uses when it
+                # freezes a CPU model); eager conv2d redoes this reorder on every call.
+                packed = torch.ops.mkldnn._reorder_convolution_weight(self.w, [p, p], [1, 1], [1, 1], 1, list(x.shape))
+            except (RuntimeError, AttributeError):  # a build without oneDNN: plain conv2d
+                self.cpu_prepack = False
+                return None
+            self._packed = (ptr, packed)
+        return self._packed[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.w, self.b, padding=(self.kw - 1) // 2)
+        p = (self.kw - 1) // 2
+        if (self.cpu_prepack and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+                and x.is_contiguous(memory_format=torch.channels_last)):
+            w = self._packed_weight(x)
+            if w is not None:
+                return torch.ops.mkldnn._convolution_pointwise(
+                    x, w, self.b, [p, p], [1, 1], [1, 1], 1, "relu" if self.relu_after else "none", [], "")
+        y = F.conv2d(x, self.w, self.b, padding=p)
+        return F.relu_(y) if self.relu_after else y
 
 
 class _Block(nn.Module):
@@ -88,9 +114,32 @@ class _Block(nn.Module):
         self.res_path = nn.ModuleDict(
             {f"conv_{i + 1}": Conv(widths[i], widths[i + 1], kernels[i]) for i in range(4)}
         )
+        self.folded = False
+
+    @torch.no_grad()
+    def fold_for_inference(self) -> None:
+        """Scale the last conv by ``post_gain`` (so the block output is ``id + res``, summed in
+        place) and let the block overwrite its input. Inference only: the weights no longer match
+        the state dict the block was loaded from, and autograd could not go through the in-place
+        ops."""
+        if not self.folded:
+            last = self.res_path["conv_4"]
+            last.w.mul_(self.post_gain)
+            last.b.mul_(self.post_gain)
+            for name in ("conv_1", "conv_2", "conv_3"):  # each is followed by a ReLU
+                self.res_path[name].relu_after = True
+            self.folded = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         convs = self.res_path
+        if self.folded:
+            # At 128 px a block's activations are tens of MB: every buffer not allocated is a
+            # round of page faults saved. A conv id_path reads x first, so x may then be ReLU'd in
+            # place; an identity id_path needs x intact.
+            idn = self.id_path(x)
+            h = convs["conv_1"](F.relu(x) if idn is x else F.relu_(x))  # conv_1..3 apply their ReLU
+            h = convs["conv_3"](convs["conv_2"](h))
+            return convs["conv_4"](h).add_(idn)
         # Only the first ReLU must keep x intact (id_path reads it); later ones run in place.
         h = convs["conv_1"](F.relu(x))
         h = convs["conv_2"](F.relu_(h))
@@ -120,6 +169,28 @@ class DVAEEncoder(nn.Module):
             blocks[f"group_{g}"] = _seq(grp)
         blocks["output"] = _seq({"relu": nn.ReLU(), "conv": Conv(8 * n, arch.vocab_size, 1)})
         self.blocks = _seq(blocks)
+
+    def fold_for_inference(self) -> None:
+        """Inference-only rewrite (see ``_Block.fold_for_inference``): ReLUs fused into the convs
+        before them, the final one in place, and on CPU the conv weights reordered for oneDNN once."""
+        for m in self.modules():
+            if isinstance(m, _Block):
+                m.fold_for_inference()
+            if isinstance(m, Conv):
+                m.cpu_prepack = True
+        self.blocks.output.relu.inplace = True
+
+    @property
+    def logits_conv(self) -> Conv:
+        """The last layer: 1×1 conv from the features to the code logits."""
+        return self.blocks.output.conv
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything but the logit layer: ReLU'd features (N, 8·n_hid, H/8, W/8)."""
+        for name, mod in self.blocks.named_children():
+            if name != "output":
+                x = mod(x)
+        return F.relu(x) if torch.is_grad_enabled() else F.relu_(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x)
