@@ -9,7 +9,8 @@ so that every frame differs, with light sensor-like grain), measures frames/s of
                  + its quality: PSNR against Pillow's Lanczos resize of the same frames
   to_ndarray     decode + frame.to_ndarray(width, height, format="rgb24")  (PyAV's default bicubic)
   worker         decode_items in the watchdog subprocess (adds pickling through a pipe)
-  scaler only    CPU ms per frame of the swscale call alone, RGB vs BGR output
+  scaler only    CPU ms per frame of the conversion alone: whole-frame resize (RGB, BGR) vs the
+                 path's crop-then-scale
 Each figure is the best of --repeats runs, variants interleaved within each repeat. Two rates:
   fps_wall        frames per wall-clock second
   fps_per_cpu_s   frames per CPU-second (user+sys of every thread, and of the worker subprocess):
@@ -135,24 +136,33 @@ def worker_run(path: str, cfg: DecodeConfig) -> tuple[int, float, float]:
 
 
 def scaler_only_ms(path: str, res: int, frames: int = 40, repeats: int = 5) -> dict[str, float]:
-    """CPU ms per frame of the swscale call alone (AREA, cached context) for each packed output
-    format, on frames decoded beforehand: why the decode path asks swscale for BGR."""
+    """CPU ms per frame of the conversion alone (AREA), on frames decoded beforehand: resizing the
+    whole frame to short side ``res`` with PyAV's reformatter (cached SwsContext; the crop would
+    follow as a view) against the decode path's converter (FFmpeg crops the centre square first,
+    then scales only that to res×res, RGB out)."""
     import av
     from av.video.reformatter import VideoReformatter
+
+    from pipeline.decode.video import _Converter
 
     with av.open(path) as c:
         decoded = list(islice(c.decode(video=0), frames))
     w = round(decoded[0].width * res / decoded[0].height)
+    variants = {
+        f"scaler_resize_whole_{fmt}": (lambda f, r=VideoReformatter(), fmt=fmt: r.reformat(
+            f, width=w, height=res, format=fmt, interpolation="AREA").to_ndarray())
+        for fmt in ("rgb24", "bgr24")
+    }
+    variants["scaler_crop_then_scale_rgb24"] = _Converter(DecodeConfig(resolution=res, interpolation="AREA"), None)
     out = {}
-    for fmt in ("rgb24", "bgr24"):
-        r = VideoReformatter()
+    for name, fn in variants.items():
         best = float("inf")
         for _ in range(repeats):
             t = time.process_time()
             for f in decoded:
-                r.reformat(f, width=w, height=res, format=fmt, interpolation="AREA").to_ndarray()
+                fn(f)
             best = min(best, (time.process_time() - t) / len(decoded) * 1000)
-        out[f"scaler_AREA_{fmt}_cpu_ms"] = round(best, 3)
+        out[f"{name}_cpu_ms"] = round(best, 3)
     return out
 
 

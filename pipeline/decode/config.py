@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass
 # swscale interpolations we allow for the video resize (PyAV's Interpolation names). AREA is the
 # default, chosen by bench/decode.py: it averages every source pixel under an output pixel, so the
 # large 480p/1080p → 128 px reductions do not alias (≈36 dB PSNR against a Lanczos reference vs
-# ≈22 dB for FAST_BILINEAR), and with a cached SwsContext it costs less than BILINEAR's tent
-# filter, whose support grows with the reduction factor. See BENCHMARKS.md.
+# ≈22 dB for FAST_BILINEAR), and it costs less than BILINEAR's tent filter, whose support grows
+# with the reduction factor. See BENCHMARKS.md.
 INTERPOLATIONS = ("FAST_BILINEAR", "BILINEAR", "BICUBIC", "AREA", "POINT", "GAUSS", "LANCZOS")
 
 # Pillow's own default bomb limit (Image.MAX_IMAGE_PIXELS), ~89.5 megapixels.

@@ -23,21 +23,6 @@ def _fraction(x: Any) -> Fraction | None:
     return f if f > 0 else None
 
 
-def output_size(width: int, height: int, sar: Fraction | None, rotation: int, resolution: int) -> tuple[int, int]:
-    """Scaler output size (in the coded orientation) whose display short side is `resolution`.
-
-    The sample aspect ratio stretches the coded width to the display width, so scaling to this
-    size also squares the pixels. Rotation by 90/270 swaps which side is short after rotating,
-    but the short side of the display is the same either way.
-    """
-    disp_w = width * (sar if sar else 1)
-    disp_h = Fraction(height)
-    scale = Fraction(resolution) / min(disp_w, disp_h)
-    sw = max(resolution, round(disp_w * scale))
-    sh = max(resolution, round(disp_h * scale))
-    return int(sw), int(sh)
-
-
 def native_rate(stream: Any) -> Fraction | None:
     for r in (stream.average_rate, stream.guessed_rate, stream.base_rate):
         f = _fraction(r)
@@ -55,42 +40,66 @@ def output_rate(native: Fraction | None, cfg: DecodeConfig) -> Fraction:
     return min(native.limit_denominator(1001), cap)
 
 
+# swscale flag names of the scale filter for PyAV's interpolation names (DecodeConfig.interpolation).
+_SCALE_FLAGS = {"FAST_BILINEAR": "fast_bilinear", "BILINEAR": "bilinear", "BICUBIC": "bicubic", "AREA": "area",
+                "POINT": "neighbor", "GAUSS": "gauss", "LANCZOS": "lanczos"}
+
+
+def square_crop(width: int, height: int, sar: Fraction | None) -> tuple[int, int, int, int]:
+    """Centre crop (w, h, x, y) in coded pixels of the largest square of the *display* frame.
+
+    The display short side S = min(width·sar, height); the square is S/sar coded pixels wide and
+    S tall. Rotation does not change it: a centred square rotates onto itself.
+    """
+    sar = sar or Fraction(1)
+    side = min(width * sar, Fraction(height))
+    cw = max(1, min(width, round(side / sar)))
+    ch = max(1, min(height, round(side)))
+    return cw, ch, (width - cw) // 2, (height - ch) // 2
+
+
 class _Converter:
-    """RGB at the output size for one frame: one swscale call (resize + YUV→RGB), then rotate and crop views."""
+    """RGB r×r for one frame: FFmpeg crops the display's centre square (no copy: plane offsets),
+    then one swscale call resizes it and converts YUV→RGB; rotation is a numpy view afterwards.
+
+    Cropping first means the scaler only produces r×r pixels instead of the whole short-side
+    resized frame (228×128 at 16:9), and asking it for RGB directly leaves no channel flip to copy.
+    """
 
     def __init__(self, cfg: DecodeConfig, sar: Fraction | None) -> None:
-        from av.video.reformatter import VideoReformatter
-
         self.cfg = cfg
-        # One reformatter per stream keeps its SwsContext (filter coefficients) across frames;
-        # frame.reformat() builds a new one per call, which costs more than the scaling itself.
-        self.reformatter = VideoReformatter()
         self.sar = sar
-        self.key: tuple[int, int, int] | None = None
-        self.size = (0, 0)
+        self.key: tuple | None = None
+        self.graph: Any = None
         self.k = 0
 
+    def _build(self, frame: Any, rot: int) -> None:
+        import av
+
+        r = self.cfg.resolution
+        cw, ch, x, y = square_crop(frame.width, frame.height, self.sar)
+        g = av.filter.Graph()
+        src = g.add_buffer(width=frame.width, height=frame.height, format=frame.format.name,
+                           time_base=Fraction(1, 1000))
+        chain = [src, g.add("crop", f"{cw}:{ch}:{x}:{y}:exact=1"),
+                 g.add("scale", f"{r}:{r}:flags={_SCALE_FLAGS[self.cfg.interpolation]}"),
+                 g.add("format", "rgb24"), g.add("buffersink")]
+        for a, b in zip(chain[:-1], chain[1:], strict=True):
+            a.link_to(b)
+        g.configure()
+        self.graph = g
+        # frame.rotation is counter-clockwise degrees to apply for display; np.rot90 turns counter-clockwise.
+        self.k = round(rot / 90) % 4
+
     def __call__(self, frame: Any) -> np.ndarray:
-        rot = int(frame.rotation or 0) % 360 if self.key is None else self.key[2]
-        key = (frame.width, frame.height, rot)
+        rot = int(frame.rotation or 0) % 360 if self.key is None else self.key[3]
+        key = (frame.width, frame.height, frame.format.name, rot)
         if key != self.key:
             self.key = key
-            # frame.rotation is counter-clockwise degrees to apply for display; np.rot90 turns counter-clockwise.
-            self.k = (round(rot / 90)) % 4
-            self.size = output_size(frame.width, frame.height, self.sar, rot, self.cfg.resolution)
-        sw, sh = self.size
-        # BGR out of swscale, flipped to RGB by a view: swscale's packed-BGR writer measured ~25%
-        # cheaper than its RGB one here (bench/decode.py), and the flip is free until the single
-        # copy into the chunk buffer.
-        rgb = self.reformatter.reformat(
-            frame, width=sw, height=sh, format="bgr24", interpolation=self.cfg.interpolation
-        ).to_ndarray()[:, :, ::-1]  # (sh, sw, 3)
-        if self.k:
-            rgb = np.rot90(rgb, self.k)  # (H', W', 3) view
-        r = self.cfg.resolution
-        y0 = (rgb.shape[0] - r) // 2
-        x0 = (rgb.shape[1] - r) // 2
-        return rgb[y0 : y0 + r, x0 : x0 + r]  # (r, r, 3) view
+            self._build(frame, rot)
+        self.graph.push(frame)
+        rgb = self.graph.pull().to_ndarray()  # (r, r, 3)
+        return np.rot90(rgb, self.k) if self.k else rgb
 
 
 def decode_video(item: dict, cfg: DecodeConfig, storage_options: dict | None = None) -> Iterator[dict]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.decode import DecodeConfig, DecodeWorker, decode_item, decode_items
-from pipeline.decode.video import output_size
+from pipeline.decode.video import square_crop
 from pipeline.media import QUADRANT_COLORS, item_for, make_media_set, timecode_level
 from pipeline.sources import segment_video
 from pipeline.sources.items import make_item
@@ -73,11 +73,14 @@ def test_rotation_metadata_is_what_makes_portrait_upright(media):
     assert np.abs(raw[5, 5].astype(int) - QUADRANT_COLORS["tl"]).max() > 60
 
 
-def test_output_size_squares_pixels_and_keeps_short_side():
-    assert output_size(48, 64, Fraction(2), 0, 32) == (48, 32)  # display 96x64 → short side 64 → 32
-    assert output_size(1920, 1080, None, 0, 128) == (228, 128)
-    assert output_size(1080, 1920, None, 90, 128) == (128, 228)
-    assert output_size(97, 61, None, 0, 32) == (51, 32)
+def test_square_crop_is_the_display_centre_square_in_coded_pixels():
+    # display 96×64 (sar 2): the square is 64 display pixels = 32 coded pixels wide, 64 tall
+    assert square_crop(48, 64, Fraction(2)) == (32, 64, 8, 0)
+    assert square_crop(1920, 1080, None) == (1080, 1080, 420, 0)
+    assert square_crop(1080, 1920, None) == (1080, 1080, 0, 420)  # coded portrait
+    assert square_crop(97, 61, None) == (61, 61, 18, 0)
+    # anamorphic 720×576 at sar 16:11 (display ≈ 1047×576): 576 display = 396 coded pixels wide
+    assert square_crop(720, 576, Fraction(16, 11)) == (396, 576, 162, 0)
 
 
 def test_vfr_resampled_by_presentation_time(media):
