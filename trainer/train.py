@@ -31,13 +31,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from pipeline.mix.sequence import IGNORE_INDEX
 from trainer import checkpoint as ck
 from trainer.config import TrainConfig, config_to_dict
+from trainer.evals.position_loss import target_frames, token_losses
 from trainer.model import ModelConfig, Transformer, flops_per_token, param_groups
 
 __all__ = ["train", "lr_at", "peak_flops_for", "PEAK_FLOPS", "LoaderFactory", "NonFiniteLossError", "ray_train_loop"]
-
-IGNORE_INDEX = -100
 
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity) from the vendors' datasheets.
 PEAK_FLOPS: dict[str, float] = {
@@ -491,16 +491,12 @@ def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
                 x, y = b["inputs"].to(device), b["targets"].to(device)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     logits = raw(x)  # (b, T, V); no DDP wrapper needed without gradients
-                tok = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
-                                      reduction="none").view_as(y).double().cpu()  # (B, T)
+                tok = token_losses(logits, y).double().cpu()  # (B, T)
                 valid = (y != IGNORE_INDEX).cpu()
                 pos_sum += (tok * valid).sum(0)
                 pos_cnt += valid.sum(0)
                 if n_frames:
-                    # The target at t is input t+1: its frame is frame_index[:, t+1]; the last target's frame
-                    # is the last input's (targets past the clip's last token are specials or its end).
-                    fi = b["frame_index"].cpu()
-                    tf = torch.cat([fi[:, 1:], fi[:, -1:]], dim=1)
+                    tf = target_frames(b["frame_index"].cpu())
                     m = valid & (tf >= 0)
                     fr_sum.index_add_(0, tf[m], tok[m])
                     fr_cnt.index_add_(0, tf[m], torch.ones_like(tok[m]))

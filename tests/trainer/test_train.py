@@ -11,15 +11,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from trainer import checkpoint as ck
 from trainer.config import load_config
+from trainer.evals.position_loss import per_position_loss
 from trainer.train import NonFiniteLossError, lr_at, train
 
 sys.path.insert(0, str(Path(__file__).parent))
-from trainer_fakes import factory  # noqa: E402
+from trainer_fakes import FakeLoader, factory  # noqa: E402
 
 QUIET = ["progress=false", "tensorboard=false"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,7 +71,7 @@ def test_nonfinite_loss_stops_before_the_optimizer_step(tmp_path):
 
 def test_validation_writes_position_loss_json_and_png(tmp_path):
     cfg = load_config("tiny", QUIET + ["max_steps=2", "global_batch=2", "micro_batch=2", "val_every=2",
-                                       "val_batches=2", "ckpt_every=0"])
+                                       "val_batches=2", "ckpt_every=2"])
     train(cfg, "fake", tmp_path, loader_factory=factory(seq_len=40, tpf=8))
     doc = json.loads((tmp_path / "position_loss" / "step-00000002.json").read_text())
     assert doc["schema"] == "position_loss" and doc["seq_len"] == 40 and doc["num_sequences"] == 4
@@ -78,6 +80,12 @@ def test_validation_writes_position_loss_json_and_png(tmp_path):
     assert (tmp_path / "position_loss" / "step-00000002.png").stat().st_size > 1000
     val = json.loads((tmp_path / "val.jsonl").read_text().splitlines()[-1])
     assert val["val_loss"] == pytest.approx(doc["mean_loss"])
+    # The same numbers as the evaluation's per_position_loss on the same held-out batches and weights.
+    model, _ = ck.load_model(tmp_path)
+    it = iter(FakeLoader(global_batch=2, split="val", seq_len=40, tpf=8))
+    loss, tframe = per_position_loss(model.float(), [next(it), next(it)])
+    np.testing.assert_allclose(doc["position_loss"], loss, rtol=1e-4)
+    np.testing.assert_allclose(doc["frame_loss"], [loss[tframe == f].mean() for f in range(5)], rtol=1e-4)
     assert val["val_first_frame_loss"] == pytest.approx(doc["frame_loss"][0], abs=1e-5)
 
 
@@ -115,6 +123,7 @@ _RUN = """
 import sys
 sys.path.insert(0, {fakes!r})
 from trainer.config import load_config
+from trainer.evals.position_loss import per_position_loss
 from trainer.train import train
 from trainer_fakes import factory
 cfg = load_config("tiny", {overrides!r})

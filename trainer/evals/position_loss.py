@@ -13,7 +13,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["per_position_loss", "summarize_position_loss", "plot_position_loss"]
+from pipeline.mix.sequence import IGNORE_INDEX
+
+__all__ = ["token_losses", "target_frames", "per_position_loss", "summarize_position_loss", "plot_position_loss"]
+
+
+def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy at every position: logits (B, T, V), targets int64 (B, T) → fp32 (B, T).
+
+    Computed in fp32 whatever the logits' dtype; 0 where the target is ``IGNORE_INDEX`` (padding),
+    so callers mask with ``targets != IGNORE_INDEX`` before averaging.
+    """
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="none").view_as(targets)
+
+
+def target_frames(frame_index: torch.Tensor) -> torch.Tensor:
+    """Frame of each *target* from the frame of each input: frame_index (B, T) → (B, T).
+
+    The target at t is input t+1, so its frame is ``frame_index[:, t+1]``; the last target lies past
+    the window and is given the last input's frame (the clip's last frame, or -1 on specials).
+    """
+    return torch.cat([frame_index[:, 1:], frame_index[:, -1:]], dim=1)
 
 
 def per_position_loss(
@@ -37,20 +58,16 @@ def per_position_loss(
                 break
             inputs = torch.as_tensor(batch["inputs"]).to(device)
             targets = torch.as_tensor(batch["targets"]).to(device)
-            logits = model(inputs)  # (B, T, V)
-            loss = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")  # (B, T)
-            valid = (targets != -100).float()
+            loss = token_losses(model(inputs), targets)  # (B, T)
+            valid = (targets != IGNORE_INDEX).float()
             if total is None:
                 total = torch.zeros(inputs.shape[1], dtype=torch.float64)
                 count = torch.zeros(inputs.shape[1], dtype=torch.float64)
                 if "target_frame_index" in batch:
                     tframe = np.asarray(batch["target_frame_index"])[0].astype(np.int64)
                 else:
-                    fi = np.asarray(batch["frame_index"])[0].astype(np.int64)
-                    tframe = np.concatenate([fi[1:], [-1]])
-                    # The last input's target is the token after the window: the last frame's, when it is one.
-                    if fi[-1] >= 0:
-                        tframe[-1] = fi[-1]
+                    fi = torch.as_tensor(np.asarray(batch["frame_index"])[:1]).long()  # (1, T)
+                    tframe = target_frames(fi)[0].numpy()
             total += (loss * valid).sum(dim=0).double().cpu()
             count += valid.sum(dim=0).double().cpu()
     if total is None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from trainer.evals import paper
-from trainer.evals.position_loss import plot_position_loss, summarize_position_loss
+from trainer.evals.position_loss import plot_position_loss, summarize_position_loss, token_losses
 from trainer.evals.probes import ProbeConfig
 from trainer.evals.report import Report, accuracy_diff_se, fmt, significant
 from trainer.evals.run import ProbeJob, default_track_layer, load_labelled, probe_job, track_job
@@ -113,8 +113,7 @@ def clip_token_losses(model: torch.nn.Module, tokens: torch.Tensor, batch_size: 
         for i in range(0, tokens.shape[0], batch_size):
             tok = tokens[i : i + batch_size]
             logits = model(tok[:, :-1])  # (b, T-1, V)
-            loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), tok[:, 1:], reduction="none")
-            out.append(loss.numpy().astype(np.float32))  # (b, T-1)
+            out.append(token_losses(logits, tok[:, 1:]).numpy())  # (b, T-1) fp32
     return np.concatenate(out)
 
 

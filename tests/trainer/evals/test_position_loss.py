@@ -3,7 +3,13 @@ import pytest
 import torch
 
 from schemas import validate
-from trainer.evals.position_loss import per_position_loss, plot_position_loss, summarize_position_loss
+from trainer.evals.position_loss import (
+    per_position_loss,
+    plot_position_loss,
+    summarize_position_loss,
+    target_frames,
+    token_losses,
+)
 
 
 class _Oracle(torch.nn.Module):
@@ -46,3 +52,16 @@ def test_loss_by_frame_and_first_frame_finding(tmp_path):
 def test_needs_two_frames():
     with pytest.raises(ValueError, match="at least two frames"):
         summarize_position_loss(np.ones(4), np.zeros(4, dtype=np.int64))
+
+
+def test_token_losses_and_target_frames():
+    logits = torch.randn(2, 3, 5, dtype=torch.bfloat16)
+    targets = torch.tensor([[1, 4, -100], [0, 2, 3]])
+    got = token_losses(logits, targets)
+    assert got.dtype == torch.float32 and got.shape == (2, 3)
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    for b, t in [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)]:
+        assert got[b, t].item() == pytest.approx(-lp[b, t, targets[b, t]].item(), rel=1e-6)
+    assert got[0, 2].item() == 0.0  # padding scores nothing
+    fi = torch.tensor([[-1, 0, 0, 1, 1], [-1, 0, 1, -1, -1]])
+    assert target_frames(fi).tolist() == [[0, 0, 1, 1, 1], [0, 1, -1, -1, -1]]
