@@ -123,7 +123,6 @@ _RUN = """
 import sys
 sys.path.insert(0, {fakes!r})
 from trainer.config import load_config
-from trainer.evals.position_loss import per_position_loss
 from trainer.train import train
 from trainer_fakes import factory
 cfg = load_config("tiny", {overrides!r})
