@@ -1,7 +1,8 @@
 """Mix loader throughput against a raw memmap read of the same token bytes, same run.
 
-Delivered = global sample ids → blend lookup → per-source permutation → (row, frame) search →
-token gather from the memory-mapped Arrow shards → sequence assembly into one int64 [B, T+1]
+Delivered = global sample ids → blend lookup → per-source permutation and jitter → run search →
+token gather (whole strided clips) from the Arrow shards mapped into one address range per source
+(pipeline/mix/arena.py) → sequence assembly into one int64 [B, T+1]
 buffer that the int64 inputs/targets [B, T] are views of, plus frame_index (a broadcast row) and
 the per-sample source and label (``MixReader.batch``; ``MixLoader`` adds only the torch wrap).
 
@@ -13,6 +14,8 @@ Baselines, timed on the very same frames (their element offsets are computed bef
   least the loader contract (int64 inputs and targets) requires (8 bytes written per token).
 - "raw sequential": the same number of bytes copied contiguously from a memmap (the ceiling of any
   reader; reported for context).
+- "raw gather over the FileArena": the same frames with one fancy index per source over the
+  address range that maps all of its shards (what the loader itself gathers from; for context).
 Also printed: the rate the 1b model needs per H100 at 45% MFU (~60k tokens/s).
 
     python bench/loader.py [--videos 240] [--images 20000] [--batches 60] [--batch 64] [--repeat 5]
@@ -128,9 +131,10 @@ def main() -> None:
 
         # Element offsets of every frame of every sample, per (source, shard): the raw baseline's input.
         plan = []
+        arena_plan = []  # the same frames as elements of each source's FileArena (one index per source)
         total_frames = 0
         for ids in batches:
-            per = []
+            per, per_arena = [], []
             for si, _pos, frames in r.sample_frames(ids):
                 t = r._tab[si]
                 q, k = locate_frames(np.asarray(t["cum"]), frames.reshape(-1))
@@ -139,8 +143,12 @@ def main() -> None:
                 for sh in np.unique(shard):
                     f = r._stores[si]._file(int(sh))
                     per.append((f, starts[shard == sh]))
+                direct = r._direct_access(si)
+                if direct is not None:
+                    per_arena.append((direct.win, direct.arena.base[shard] + starts))
                 total_frames += frames.size
             plan.append(per)
+            arena_plan.append(per_arena)
         tokens_frames = total_frames * r.hw
 
         def delivered() -> None:
@@ -151,6 +159,11 @@ def main() -> None:
             for per in plan:
                 for f, starts in per:
                     f.frames_direct(starts)
+
+        def raw_arena() -> None:
+            for per in arena_plan:
+                for win, elems in per:
+                    win[elems]
 
         t_len = r.seq_len
 
@@ -197,8 +210,11 @@ def main() -> None:
             return max(rates)
 
         # Taking turns within each round: a slow spell of the (shared) machine hits all alike.
-        got = interleaved_best({"delivered": (delivered, None), "raw": (raw_gather, None),
-                                "sequential": (raw_sequential, None), "int64": (raw_gather_int64, None)}, args.repeat)
+        runs = {"delivered": (delivered, None), "raw": (raw_gather, None),
+                "sequential": (raw_sequential, None), "int64": (raw_gather_int64, None)}
+        if all(arena_plan):
+            runs["arena"] = (raw_arena, None)
+        got = interleaved_best(runs, args.repeat)
         td, tg, ts, t64 = got["delivered"], got["raw"], got["sequential"], got["int64"]
         seq_tokens = n * r.seq_len
         need, fpt = h100_need()
@@ -212,6 +228,10 @@ def main() -> None:
         print(f"  raw memmap gather, same frames  {tokens_frames / tg / 1e6:9.1f} M tokens/s   delivered/raw = {(seq_tokens / td) / (tokens_frames / tg):.2f}")
         print(f"  raw gather into int64 [B, T+1]  {tokens_frames / t64 / 1e6:9.1f} M tokens/s   delivered/raw = {(seq_tokens / td) / (tokens_frames / t64):.2f}; "
               f"this floor ÷ raw gather = {tg / t64:.2f}")
+        if "arena" in got:
+            ta = got["arena"]
+            print(f"  raw gather, one index per source over all shards (FileArena)  {tokens_frames / ta / 1e6:9.1f} M tokens/s   "
+                  f"delivered/this = {(seq_tokens / td) / (tokens_frames / ta):.2f}")
         print(f"  raw memmap sequential, same n   {tokens_frames / ts / 1e6:9.1f} M tokens/s   delivered/raw = {(seq_tokens / td) / (tokens_frames / ts):.2f}")
         print(f"  needed by the 1b model per H100 at 45% MFU: {need / 1e3:.0f} k tokens/s "
               f"({fpt / 1e9:.1f} GFLOP/token, 989 TFLOP/s bf16 peak); one loader process covers "

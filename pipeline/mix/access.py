@@ -7,8 +7,10 @@ search → token gather straight from the shard bytes → sequence assembly.
 
 Token gather. For uncompressed Arrow shards the build step recorded where each row's tokens sit
 in the data file, so a frame is ``HW`` consecutive uint16 values at a known element offset:
-- local files are memory-mapped once per process and frames are copied with one fancy index per
-  shard over an overlapping-window view (each window = one frame's worth of values);
+- local files of a source are mapped into one address range (:class:`~pipeline.mix.arena.FileArena`)
+  and a batch's clips or frames of all shards come out of one fancy index (:class:`_Direct`);
+  where that is not available, each file is memory-mapped once per process and frames are copied
+  with one fancy index per shard over an overlapping-window view (each window = one frame's worth);
 - remote files (s3://...) are read by byte ranges through fsspec with a bounded in-memory block
   cache (``cache_type="blockcache"``, at most ``block_cache_mb`` per open shard, LRU);
 - other shards (WebDataset, zstd) go through :func:`pipeline.shards.open_shard`.
@@ -18,17 +20,21 @@ with the sha256 pinned in its dataset manifest (for a remote shard this reads it
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import mmap
 import os
+import warnings
 from typing import Any
 
 import numpy as np
 
 import schemas
 from pipeline import storage
-from pipeline.mix.blend import Blend, SourceOrder, _mix64
+from pipeline.mix import arena
+from pipeline.mix.arena import FileArena
+from pipeline.mix.blend import Blend, PassCache, SourceOrder, _mix64
 from pipeline.mix.build import TABLE_ARRAYS, order_key
 from pipeline.mix.sequence import assemble_into, inputs_targets, layout, write_specials
 from pipeline.mix.tables import locate_frames
@@ -174,6 +180,84 @@ class TokenStore:
         return out if out.shape[0] == m else out[rows], q.reshape(m, nf)
 
 
+class _Direct:
+    """One source's frames as offsets into one :class:`~pipeline.mix.arena.FileArena` over all of
+    its (local, uncompressed Arrow) data files: a batch's frames, or whole clips, of every shard
+    come out of one fancy index, whatever the number of shards.
+
+    Frames are located by *runs*: maximal stretches of consecutive rows of the split table (video
+    order) whose tokens are also consecutive in one data file (the chunks of a video written one
+    after another, or the images of one record batch). Frame ``a`` of run ``n`` starts at element
+    ``run_elem[n] + (a - run_cum[n]) * HW``, and a clip whose first and last frames lie in one run
+    is a single strided window of the arena (``F`` frames ``stride * HW`` elements apart).
+    """
+
+    def __init__(self, store: TokenStore, table: dict[str, np.ndarray], *, frames: int, stride: int):
+        hw = self.hw = store.hw
+        self.store, self.frames_per_clip, self.stride = store, frames, stride
+        shards = store.manifest["shards"]
+        self.arena = FileArena([storage.local_path(storage.join(store.url, sh["data_file"])) for sh in shards])
+        shard = np.asarray(table["shard"], dtype=np.int64)
+        elem = np.asarray(table["elem"], dtype=np.int64)
+        nf = np.asarray(table["num_frames"], dtype=np.int64)
+        cum = np.asarray(table["cum"], dtype=np.int64)
+        self.arena.check_extents(shard, elem, nf * hw)
+        g = self.arena.base[shard] + elem
+        cont = np.zeros(len(g), dtype=bool)
+        cont[1:] = (shard[1:] == shard[:-1]) & (g[1:] == g[:-1] + nf[:-1] * hw)
+        first = np.flatnonzero(~cont)
+        self.run_cum = np.append(cum[first], cum[-1])  # int64 [N+1]
+        self.run_elem = g[first]  # int64 [N]: arena element of each run's first token
+        self.run_shard = shard[first]
+        self.verified = np.zeros(len(shards), dtype=bool)
+        self.all_verified = not store.verify_sha256
+        u16 = self.arena.u16
+        # Row e of ``win`` is u16[e : e + HW]; item e of ``clips`` is the F frames at e, e + stride*HW, ...
+        # (overlapping views, no copy; the arena's bounds are checked by numpy, a run's by the index).
+        self.win = np.lib.stride_tricks.as_strided(u16, shape=(max(u16.size - hw + 1, 0), hw), strides=(2, 2),
+                                                   writeable=False)
+        span = (frames - 1) * stride * hw + hw
+        self.clips_view = np.lib.stride_tricks.as_strided(
+            u16, shape=(max(u16.size - span + 1, 0), frames, hw), strides=(2, stride * hw * 2, 2), writeable=False)
+
+    def _runs(self, frames: np.ndarray) -> np.ndarray:
+        q = np.searchsorted(self.run_cum, frames, side="right") - 1
+        if not self.all_verified:
+            self._verify(q)
+        return q
+
+    def _verify(self, q: np.ndarray) -> None:
+        sh = self.run_shard[q]
+        for k in np.unique(sh[~self.verified[sh]]).tolist():
+            self.store._file(k)._check()  # raises on a corrupt shard, before any of it is read
+            self.verified[k] = True
+        self.all_verified = bool(self.verified.all())
+
+    def frames(self, frames: np.ndarray) -> np.ndarray:
+        """Absolute frames (int64, any shape) → uint16 [..., HW]."""
+        q = self._runs(frames)
+        return self.win[self.run_elem[q] + (frames - self.run_cum[q]) * self.hw]
+
+    def clips(self, first: np.ndarray) -> np.ndarray:
+        """Clips by absolute first frame (int64 [m]) → uint16 [m, F, HW] (frames ``stride`` apart)."""
+        q = self._runs(first)
+        steps = self.stride * np.arange(self.frames_per_clip, dtype=np.int64)
+        whole = first + steps[-1] < self.run_cum[q + 1]  # the last frame is in the same run
+        e = self.run_elem[q] + (first - self.run_cum[q]) * self.hw
+        if whole.all():
+            return self.clips_view[e]
+        # A clip that runs from one data file (or record batch) into the next is read frame by
+        # frame; a whole clip stands in for it in the strided gather (its own start could point
+        # past the end of a file).
+        split = np.flatnonzero(~whole)
+        if len(split) == len(first):
+            return self.frames(first[:, None] + steps[None, :])
+        e[split] = e[np.argmax(whole)]
+        out = self.clips_view[e]
+        out[split] = self.frames(first[split, None] + steps[None, :])
+        return out
+
+
 def _by_shard(shard: np.ndarray):
     """(positions, shard id) per distinct shard in ``shard`` (a stable sort, then runs: a batch
     touches each shard of a source once, so per-shard costs are paid once per batch)."""
@@ -222,7 +306,13 @@ class MixReader:
         self._load_index()
         self._orders = [SourceOrder(len(self._tab[i]["units"]), order_key(m["seed"], s["name"], split))
                         for i, s in enumerate(self._src)]
+        # Whole-pass jitter tables where the pass order is a table too (None: computed per batch).
+        self._jitter_tables = [PassCache(functools.partial(self._jitter_pass, i))
+                               if o.n <= o.table_max and self._src[i]["kind"] == "video" else None
+                               for i, o in enumerate(self._orders)]
         self._layouts: dict[int, dict[str, Any]] = {}
+        self._single = len(self.sources) == 1
+        self._direct: dict[int, _Direct | None] = {}
         self._stores = [TokenStore(s["url"], self._dsm[s["name"]], self.hw, storage_options=storage_options,
                                    verify_sha256=verify_sha256, block_cache_mb=block_cache_mb) for s in self._src]
 
@@ -271,11 +361,12 @@ class MixReader:
             self._tab.append(t)
 
     def __getstate__(self) -> dict:
-        # Index arrays are memory maps: a worker started by "spawn" maps them again instead of
-        # receiving a pickled copy.
+        # Index arrays and the shards' arenas are memory maps: a worker started by "spawn" maps
+        # them again instead of receiving a pickled copy.
         d = dict(self.__dict__)
         for k in ("_blend_src", "_blend_local", "_tab"):
             d.pop(k, None)
+        d["_direct"] = {}
         return d
 
     def __setstate__(self, d: dict) -> None:
@@ -293,35 +384,65 @@ class MixReader:
 
     def sample_frames(self, ids: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """Per source present in ``ids``: (source index, positions in ``ids``, absolute frames [m, F])."""
+        return [(si, pos, self.sample_frames_of(starts) if starts.ndim == 1 else starts)
+                for si, pos, starts in self._sample_starts(ids)]
+
+    def _sample_starts(self, ids: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """Per source present in ``ids``: (source index, positions in ``ids``, starts), where starts
+        is a video clip's absolute first frame (int64 [m]) or an image sequence's frames ([m, K])."""
         src, local = self.locate(ids)
         m = self.manifest
         out = []
-        for si in np.unique(src):
-            pos = np.flatnonzero(src == si)
+        if self._single:
+            groups = [(0, np.arange(len(src)))]
+        else:
+            # Positions of each source's samples, in order: one stable sort for all sources.
+            by_src = np.argsort(src, kind="stable")
+            ends = np.cumsum(np.bincount(src, minlength=len(self.sources))).tolist()
+            groups = [(si, by_src[a:z]) for si, (a, z) in enumerate(zip([0, *ends[:-1]], ends, strict=True)) if z > a]
+        for si, pos in groups:
             j = local[pos]
+            order = self._orders[si]
             if self._src[si]["kind"] == "video":
-                uid = self._orders[si].units(j)  # (m,) unit ids
-                first = np.asarray(self._tab[si]["units"][uid])  # (m,) absolute first frames
+                uid = order.units(j)  # (m,) unit ids
+                starts = self._tab[si]["units"][uid]  # (m,) absolute first frames
                 if m["jitter"]:
-                    first = first + self._jitter(si, j // self._orders[si].n, uid)
-                frames = first[:, None] + m["stride"] * np.arange(m["frames"], dtype=np.int64)[None, :]
+                    starts = starts + self._jitter(si, j // order.n, uid)
             else:
                 k = m["images_per_seq"]
                 stream = j[:, None] * k + np.arange(k, dtype=np.int64)[None, :]  # (m, K)
-                frames = np.asarray(self._tab[si]["units"][self._orders[si].units(stream)])
-            out.append((int(si), pos, frames))
+                starts = self._tab[si]["units"][order.units(stream)]
+            out.append((si, pos, starts))
         return out
 
     def _jitter(self, si: int, epoch: np.ndarray, uid: np.ndarray) -> np.ndarray:
-        """Seeded per-pass start offsets in [0, slack[uid]] (int64 [m]): each pass sees new clip phases."""
-        slack = np.asarray(self._tab[si]["slack"][uid]).astype(np.uint64)
+        """Seeded per-pass start offsets in [0, slack[uid]] (int64 [m]): each pass sees new clip phases.
+
+        Offset of unit u in pass e = splitmix64(u ^ key(e)) mod (slack[u] + 1). For sources of up
+        to ``table_max`` units the offsets of a whole pass are computed at once and cached with the
+        pass's order, so a batch looks them up with one index.
+        """
+        tables = self._jitter_tables[si]
+        e0 = int(epoch[0]) if len(epoch) else 0
+        if (epoch == e0).all():  # the usual case: one batch, one pass
+            return tables.get(e0)[uid].astype(np.int64) if tables is not None else self._jitter_of(si, e0, uid)
         out = np.empty(len(uid), dtype=np.int64)
         for e in np.unique(epoch).tolist():
             sel = epoch == e
-            with np.errstate(over="ignore"):
-                h = _mix64(uid[sel].astype(np.uint64) ^ self._jitter_key(si, e))
-            out[sel] = (h % (slack[sel] + np.uint64(1))).astype(np.int64)
+            out[sel] = tables.get(e)[uid[sel]] if tables is not None else self._jitter_of(si, e, uid[sel])
         return out
+
+    def _jitter_of(self, si: int, epoch: int, uid: np.ndarray) -> np.ndarray:
+        slack = self._tab[si]["slack"][uid].astype(np.uint64)
+        with np.errstate(over="ignore"):
+            h = _mix64(uid.astype(np.uint64) ^ self._jitter_key(si, epoch))
+            return (h % (slack + np.uint64(1))).astype(np.int64)
+
+    def _jitter_pass(self, si: int, epoch: int) -> np.ndarray:
+        """The offsets of every unit of source ``si`` in pass ``epoch`` (uint8 when hop ≤ 256)."""
+        slack_max = int(self._tab[si]["slack"].max())
+        dt = np.uint8 if slack_max < 256 else np.uint16 if slack_max < 65536 else np.int64
+        return self._jitter_of(si, epoch, np.arange(self._orders[si].n, dtype=np.int64)).astype(dt)
 
     def _jitter_key(self, si: int, epoch: int) -> np.uint64:
         cache = self.__dict__.setdefault("_jitter_keys", {})
@@ -348,6 +469,37 @@ class MixReader:
                 start=self.specials["bos_video" if video else "bos_image"], seq_len=self.seq_len, specials=self.specials)
         return lay
 
+    def _direct_access(self, si: int) -> _Direct | None:
+        """Source ``si``'s arena access, made on first use; None where it does not apply (remote
+        or compressed shards, or a platform without it): then frames go through the shard files."""
+        if si not in self._direct:
+            store, tab = self._stores[si], self._tab[si]
+            ok = (arena.supported() and storage.is_local(store.url) and store.manifest["format"] == "arrow"
+                  and len(tab["elem"]) > 0 and bool((tab["elem"] >= 0).all()))
+            direct = None
+            if ok:
+                try:
+                    direct = _Direct(store, tab, frames=self.manifest["frames"], stride=self.manifest["stride"])
+                except OSError as e:  # e.g. more shards than vm.max_map_count allows, or no mmap on this filesystem
+                    warnings.warn(f"{store.url}: cannot map its shards into one address range ({e}); reading "
+                                  "them one memory map per shard instead (same data, slower)", stacklevel=2)
+            self._direct[si] = direct
+        return self._direct[si]
+
+    def _labels_all(self) -> tuple[list[str | None], list[np.ndarray]]:
+        """Every source's label names in one list (``None`` last), and per source the index into
+        it of each row's label (int32 [R], -1 = ``None``), so a batch looks labels up once."""
+        got = self.__dict__.get("_all_labels")
+        if got is None:
+            names: list[str | None] = []
+            rows = []
+            for tab in self._tab:
+                li = np.asarray(tab["label"])
+                rows.append(np.where(li >= 0, li + len(names), -1).astype(np.int32))
+                names.extend(tab["labels"])
+            got = self._all_labels = ([*names, None], rows)
+        return got
+
     def batch(self, ids: np.ndarray) -> dict[str, Any]:
         """The sequences of global sample ids ``ids`` (int64 [B]) as numpy arrays and lists.
 
@@ -356,39 +508,71 @@ class MixReader:
         every sample of the batch has the same layout (the usual case: it depends only on it).
         """
         ids = np.asarray(ids, dtype=np.int64)
-        b, t = len(ids), self.seq_len
+        b, t, hw = len(ids), self.seq_len, self.hw
         seq = np.empty((b, t + 1), dtype=np.int64)
-        source: list[str] = [""] * b
-        label: list[str | None] = [None] * b
+        src = np.empty(b, dtype=np.int64)
+        label_id = np.empty(b, dtype=np.int32)  # into _labels_all()'s list; -1 = None
+        names, row_label = self._labels_all()
         groups = []
-        for si, pos, frames in self.sample_frames(ids):
+        for si, pos, starts in self._sample_starts(ids):
             rows = slice(None) if len(pos) == b else pos
             lay = self._layout(si)
-            nf = frames.shape[1]
-            if lay["body"] == nf * self.hw:
-                # Every frame fits: gather straight into the sequence buffer, int64 on the way.
-                body = seq[:, 1 : 1 + lay["body"]].reshape(b, nf, self.hw)  # a view
-                _, q = self._stores[si].gather(self._tab[si], frames, out=body, rows=pos)
-                write_specials(seq, rows, lay)
-            else:
-                toks, q = self.gather(si, frames)
-                assemble_into(seq, rows, toks, lay)
-            groups.append((rows, lay))
             tab = self._tab[si]
-            names, name = tab["labels"], self.sources[si]
-            for p, li in zip(pos.tolist(), np.asarray(tab["label"][q[:, 0]]).tolist(), strict=True):
-                source[p] = name
-                label[p] = names[li] if li >= 0 else None
+            direct = self._direct_access(si)
+            video = starts.ndim == 1
+            if direct is not None:
+                # uint16 [m, F, HW] in one gather across all shards; widened to int64 once, into seq.
+                assemble_into(seq, rows, direct.clips(starts) if video else direct.frames(starts), lay)
+                # An image row holds one frame (frame number = row); a clip's label is its first frame's row's.
+                row0 = np.searchsorted(tab["cum"], starts, side="right") - 1 if video else starts[:, 0]
+            else:
+                frames = self.sample_frames_of(starts) if video else starts
+                nf = frames.shape[1]
+                if lay["body"] == nf * hw:
+                    # Every frame fits: gather straight into the sequence buffer, int64 on the way.
+                    body = seq[:, 1 : 1 + lay["body"]].reshape(b, nf, hw)  # a view
+                    _, q = self._stores[si].gather(tab, frames, out=body, rows=pos)
+                    write_specials(seq, rows, lay)
+                else:
+                    toks, q = self.gather(si, frames)
+                    assemble_into(seq, rows, toks, lay)
+                row0 = q[:, 0]
+            groups.append((rows, lay))
+            src[rows] = si
+            label_id[rows] = row_label[si][row0]
         inputs, targets = inputs_targets(seq, [(rows, lay["keep"]) for rows, lay in groups if lay["padded"]])
         fi0 = groups[0][1]["frame_index"]
-        if all(lay["frame_index"] is fi0 or np.array_equal(lay["frame_index"], fi0) for _, lay in groups):
-            frame_index = np.broadcast_to(fi0, (b, t))
+        if self._same_frame_index() or all(np.array_equal(lay["frame_index"], fi0) for _, lay in groups):
+            frame_index = self._broadcast_rows(fi0, b)
         else:
             frame_index = np.empty((b, t), dtype=np.int64)
             for rows, lay in groups:
                 frame_index[rows] = lay["frame_index"]
-        return {"inputs": inputs, "targets": targets, "frame_index": frame_index, "source": source,
-                "label": label, "sample_index": ids.copy()}
+        return {"inputs": inputs, "targets": targets, "frame_index": frame_index,
+                "source": [self.sources[k] for k in src.tolist()], "label": [names[k] for k in label_id.tolist()],
+                "sample_index": ids.copy()}
+
+    def sample_frames_of(self, first: np.ndarray) -> np.ndarray:
+        """Video clips' absolute first frames (int64 [m]) → all their frames (int64 [m, F])."""
+        m = self.manifest
+        return first[:, None] + m["stride"] * np.arange(m["frames"], dtype=np.int64)[None, :]
+
+    def _broadcast_rows(self, row: np.ndarray, b: int) -> np.ndarray:
+        """``row`` (int64 [T]) as a read-only [b, T] broadcast, cached: every batch can share it."""
+        cache = self.__dict__.setdefault("_rows_cache", {})
+        key = (id(row), b)
+        got = cache.get(key)
+        if got is None or got[0] is not row:  # (the id of a freed row may be reused)
+            got = cache[key] = (row, np.broadcast_to(row, (b, len(row))))
+        return got[1]
+
+    def _same_frame_index(self) -> bool:
+        """Whether every source's sequences have the same frame_index row (cached)."""
+        same = self.__dict__.get("_fi_same")
+        if same is None:
+            fi = [self._layout(si)["frame_index"] for si in range(len(self.sources))]
+            same = self._fi_same = all(np.array_equal(x, fi[0]) for x in fi)
+        return same
 
     def sequence(self, i: int) -> dict[str, Any]:
         """One sequence: like :meth:`batch` for ``[i]`` with the batch axis removed."""

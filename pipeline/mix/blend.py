@@ -29,7 +29,9 @@ sources have ~10^8 units) and every worker computes the same order from (seed, s
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 
@@ -254,41 +256,67 @@ class Permutation:
         return x.astype(np.int64)
 
 
+class PassCache:
+    """Tables computed once per pass over a source (``build(epoch)``), the most recent kept while
+    they fit in ``cache_bytes`` (at least ``keep`` of them, at most :attr:`MAX_PASSES`): a source
+    smaller than its share of one batch spans many passes in every batch, and rebuilding them each
+    time would cost more than the read."""
+
+    MAX_PASSES = 4096
+
+    def __init__(self, build: Callable[[int], Any], keep: int = 2, cache_bytes: int = 64 << 20):
+        self._build, self._keep, self._cache_bytes = build, keep, cache_bytes
+        self._items: dict[int, Any] = {}
+
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        d["_items"] = {}  # rebuilt on demand in each worker
+        return d
+
+    def __contains__(self, epoch: int) -> bool:
+        return epoch in self._items
+
+    def epochs(self) -> list[int]:
+        return list(self._items)
+
+    def get(self, epoch: int) -> Any:
+        got = self._items.get(epoch)
+        if got is None:
+            got = self._build(epoch)
+            each = got.nbytes if isinstance(got, np.ndarray) else 0
+            keep = max(self._keep, min(self.MAX_PASSES, self._cache_bytes // max(each, 1)))
+            while len(self._items) >= keep:
+                self._items.pop(next(iter(self._items)))  # the oldest pass
+            self._items[epoch] = got
+        return got
+
+
 class SourceOrder:
     """Source-local stream position → unit id, repeating the source with a new order each pass.
 
     Passes of up to ``table_max`` units are materialised once per pass (one vectorised evaluation of
     the permutation, int32/int64 table) so a lookup is a single index; bigger sources are permuted
-    element-wise and never held in memory.
+    element-wise and never held in memory. Recent passes are kept in a :class:`PassCache`.
     """
 
-    def __init__(self, n_units: int, key: tuple[int, ...], cache: int = 2, table_max: int = 1 << 24):
+    def __init__(self, n_units: int, key: tuple[int, ...], cache: int = 2, table_max: int = 1 << 24,
+                 cache_bytes: int = 64 << 20):
         if n_units < 1:
             raise ValueError("a source with no usable units cannot be sampled")
         self.n = int(n_units)
         self.key = tuple(int(k) for k in key)
-        self._perms: dict[int, Permutation | np.ndarray] = {}
-        self._cache = cache
-        self._table_max = table_max
+        self.table_max = table_max
+        self._perms = PassCache(self._build, keep=cache, cache_bytes=cache_bytes)
 
-    def __getstate__(self) -> dict:
-        d = dict(self.__dict__)
-        d["_perms"] = {}  # rebuilt on demand in each worker
-        return d
+    def _build(self, epoch: int) -> Permutation | np.ndarray:
+        perm = Permutation(self.n, (*self.key, epoch))
+        if self.n <= self.table_max:
+            dt = np.int32 if self.n < (1 << 31) else np.int64
+            return perm(np.arange(self.n, dtype=np.int64)).astype(dt)
+        return perm
 
     def _perm(self, epoch: int) -> Permutation | np.ndarray:
-        p = self._perms.get(epoch)
-        if p is None:
-            if len(self._perms) >= self._cache:
-                self._perms.pop(next(iter(self._perms)))
-            perm = Permutation(self.n, (*self.key, epoch))
-            if self.n <= self._table_max:
-                dt = np.int32 if self.n < (1 << 31) else np.int64
-                p = perm(np.arange(self.n, dtype=np.int64)).astype(dt)
-            else:
-                p = perm
-            self._perms[epoch] = p
-        return p
+        return self._perms.get(epoch)
 
     def units(self, pos: np.ndarray) -> np.ndarray:
         """Unit ids (int64) for stream positions ``pos`` (int64, any shape, ≥ 0)."""

@@ -105,3 +105,18 @@ def test_source_order_repeats_small_source_each_pass_reshuffled():
     assert (passes[0] != passes[1]).any() and (passes[1] != passes[2]).any()
     # element-wise evaluation agrees with the bulk one
     assert order.units(np.array([2 * n + 5]))[0] == passes[2, 5]
+
+
+def test_source_order_keeps_the_passes_that_fit_its_cache_budget():
+    n = 50  # int32 tables: 200 bytes a pass
+    roomy = SourceOrder(n, (0, 7))
+    tight = SourceOrder(n, (0, 7), cache=2, cache_bytes=3 * 200)
+    lean = SourceOrder(n, (0, 7), cache=2, cache_bytes=1)
+    pos = np.arange(10 * n)
+    u = roomy.units(pos)
+    # A source smaller than a batch's share spans many passes per batch: all of them stay cached.
+    assert sorted(roomy._perms.epochs()) == list(range(10))
+    assert np.array_equal(tight.units(pos), u) and sorted(tight._perms.epochs()) == [7, 8, 9]
+    assert np.array_equal(lean.units(pos), u) and sorted(lean._perms.epochs()) == [8, 9]  # never fewer than `cache`
+    # Going back to an evicted pass rebuilds the same order.
+    assert np.array_equal(lean.units(np.arange(n)), u[:n]) and lean._perms.epochs() == [9, 0]

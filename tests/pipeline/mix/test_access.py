@@ -1,0 +1,127 @@
+"""The read side: one address range over all shards (FileArena), clip gathers, jitter tables."""
+
+import gc
+import os
+
+import numpy as np
+import pytest
+
+from pipeline.mix import MixConfig, MixReader, arena, build_mix
+from pipeline.mix.arena import FileArena
+from pipeline.shards import read_manifest
+
+needs_arena = pytest.mark.skipif(not arena.supported(), reason="FileArena needs 64-bit Linux or macOS")
+
+
+def _cfg(d, **kw):
+    base = dict(ratios={"k600": "0.7", "imagenet": "0.3"}, inputs={"k600": d["k600"], "imagenet": d["imagenet"]},
+                frames=4, stride=3, images_per_seq=3, seed=5)
+    base.update(kw)
+    return MixConfig(**base)
+
+
+@needs_arena
+def test_arena_lays_files_end_to_end_on_page_boundaries(tmp_path):
+    rng = np.random.default_rng(0)
+    sizes = [5000, 0, 8192, 3]  # bytes: mid-page, empty, exactly two pages, an odd byte count
+    paths, data = [], []
+    for k, n in enumerate(sizes):
+        b = rng.integers(0, 256, size=n, dtype=np.uint8).tobytes()
+        p = tmp_path / f"f{k}.bin"
+        p.write_bytes(b)
+        paths.append(str(p))
+        data.append(np.frombuffer(b[: n - n % 2], dtype=np.uint16))
+    a = FileArena(paths)
+    assert a.base.tolist() == [0, 4096, 4096, 8192]  # uint16 elements: files start on 8192-byte pages
+    assert a.elements.tolist() == [2500, 0, 4096, 1]
+    for k in range(len(paths)):
+        assert np.array_equal(a.u16[a.base[k] : a.base[k] + a.elements[k]], data[k])
+    assert not a.u16.flags.writeable
+    view = a.u16[a.base[2] : a.base[2] + 10]
+    del a
+    gc.collect()
+    assert np.array_equal(view, data[2][:10])  # a view keeps the files mapped
+
+
+@needs_arena
+def test_arena_refuses_ranges_outside_their_file(tmp_path):
+    p = tmp_path / "f.bin"
+    p.write_bytes(bytes(100))
+    a = FileArena([str(p), str(p)])
+    a.check_extents(np.array([0, 1]), np.array([0, 40]), np.array([50, 10]))
+    with pytest.raises(ValueError, match=r"1 token ranges lie outside.*file 1, elements \[45, 55\) of 50"):
+        a.check_extents(np.array([0, 1]), np.array([0, 45]), np.array([50, 10]))
+    with pytest.raises(ValueError, match="outside their data file"):
+        a.check_extents(np.array([0]), np.array([-1]), np.array([2]))
+
+
+@needs_arena
+def test_arena_path_equals_the_per_shard_path(datasets, monkeypatch):
+    """Clips inside one run come out of one strided gather, clips across a record batch or shard
+    boundary frame by frame; both must equal reading every frame through the shard files."""
+    out = str(datasets["root"] / "mix.json")
+    build_mix(_cfg(datasets), out, progress=False)
+    ids = np.arange(600)
+    fast = MixReader(out)
+    got = [fast.batch(ids[k : k + 40]) for k in range(0, len(ids), 40)]
+    d = fast._direct[0]
+    assert d is not None and fast._direct[1] is not None
+    # The fixture's 32-frame chunks sit 3 to a shard, 4 to a record batch: some clips cross.
+    starts = np.concatenate([s for k in range(0, len(ids), 40) for si, _, s in fast._sample_starts(ids[k : k + 40]) if si == 0])
+    q0 = np.searchsorted(d.run_cum, starts, side="right")
+    q1 = np.searchsorted(d.run_cum, starts + 9, side="right")
+    assert 0 < (q0 != q1).sum() < len(starts)
+
+    monkeypatch.setattr(arena, "supported", lambda: False)
+    slow = MixReader(out)
+    for k, b in zip(range(0, len(ids), 40), got, strict=True):
+        ref = slow.batch(ids[k : k + 40])
+        for key in ("inputs", "targets", "frame_index", "sample_index"):
+            assert np.array_equal(b[key], ref[key]), key
+        assert b["source"] == ref["source"] and b["label"] == ref["label"]
+    assert slow._direct == {0: None, 1: None}
+
+
+@needs_arena
+def test_truncated_shard_is_refused_instead_of_read(datasets):
+    out = str(datasets["root"] / "mix.json")
+    build_mix(_cfg(datasets), out, progress=False)
+    m = read_manifest(datasets["k600"])
+    path = os.path.join(datasets["k600"], m["shards"][0]["data_file"])
+    os.truncate(path, os.path.getsize(path) // 3)
+    r = MixReader(out, verify_sha256=False)
+    with pytest.raises(ValueError, match="outside their data file"):
+        r.batch(np.arange(40))
+
+
+def test_jitter_tables_equal_hashing_each_clip(datasets):
+    out = str(datasets["root"] / "mix.json")
+    build_mix(_cfg(datasets), out, progress=False)
+    r = MixReader(out)
+    n = r._orders[0].n
+    uid = np.tile(np.arange(n, dtype=np.int64), 3)
+    epoch = np.repeat(np.arange(3, dtype=np.int64), n)  # one call spanning three passes
+    table = r._jitter(0, epoch, uid)
+    direct = np.concatenate([r._jitter_of(0, e, np.arange(n, dtype=np.int64)) for e in range(3)])
+    assert np.array_equal(table, direct)
+    assert sorted(r._jitter_tables[0].epochs()) == [0, 1, 2]
+    slack = np.asarray(r._tab[0]["slack"])
+    assert (table >= 0).all() and (table <= np.tile(slack, 3)).all() and table.max() > 0
+    assert r._src[1]["kind"] == "image" and r._jitter_tables[1] is None  # images are not jittered
+
+
+@needs_arena
+def test_a_source_that_cannot_be_mapped_falls_back_to_per_shard_maps(datasets, monkeypatch):
+    out = str(datasets["root"] / "mix.json")
+    build_mix(_cfg(datasets), out, progress=False)
+    ref = MixReader(out).batch(np.arange(50))
+
+    def no_room(self, paths):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(FileArena, "__init__", no_room)
+    r = MixReader(out)
+    with pytest.warns(UserWarning, match="one memory map per shard instead"):
+        got = r.batch(np.arange(50))
+    assert r._direct == {0: None, 1: None}
+    assert np.array_equal(got["inputs"], ref["inputs"]) and got["label"] == ref["label"]
