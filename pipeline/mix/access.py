@@ -192,7 +192,7 @@ class _Direct:
     is a single strided window of the arena (``F`` frames ``stride * HW`` elements apart).
     """
 
-    def __init__(self, store: TokenStore, table: dict[str, np.ndarray], *, frames: int, stride: int):
+    def __init__(self, store: TokenStore, table: dict[str, np.ndarray], *, video: bool, frames: int, stride: int):
         hw = self.hw = store.hw
         self.store, self.frames_per_clip, self.stride = store, frames, stride
         shards = store.manifest["shards"]
@@ -202,6 +202,13 @@ class _Direct:
         nf = np.asarray(table["num_frames"], dtype=np.int64)
         cum = np.asarray(table["cum"], dtype=np.int64)
         self.arena.check_extents(shard, elem, nf * hw)
+        # Every frame a sample can ask for must lie in the split, or a wrong offset could reach
+        # unmapped memory (numpy's bounds check covers the whole range, not each file).
+        units = np.asarray(table["units"], dtype=np.int64)
+        last = units + np.asarray(table["slack"], dtype=np.int64) + (frames - 1) * stride if video else units
+        if len(units) and (units.min() < 0 or last.max() >= cum[-1]):
+            raise ValueError(f"{store.url}: the mix index asks for frames outside the split (0..{int(cum[-1]) - 1}); "
+                             "the index does not belong to these shards: rebuild the mix")
         g = self.arena.base[shard] + elem
         cont = np.zeros(len(g), dtype=bool)
         cont[1:] = (shard[1:] == shard[:-1]) & (g[1:] == g[:-1] + nf[:-1] * hw)
@@ -479,7 +486,8 @@ class MixReader:
             direct = None
             if ok:
                 try:
-                    direct = _Direct(store, tab, frames=self.manifest["frames"], stride=self.manifest["stride"])
+                    direct = _Direct(store, tab, video=self._src[si]["kind"] == "video", frames=self.manifest["frames"],
+                                     stride=self.manifest["stride"])
                 except OSError as e:  # e.g. more shards than vm.max_map_count allows, or no mmap on this filesystem
                     warnings.warn(f"{store.url}: cannot map its shards into one address range ({e}); reading "
                                   "them one memory map per shard instead (same data, slower)", stacklevel=2)

@@ -125,3 +125,16 @@ def test_a_source_that_cannot_be_mapped_falls_back_to_per_shard_maps(datasets, m
         got = r.batch(np.arange(50))
     assert r._direct == {0: None, 1: None}
     assert np.array_equal(got["inputs"], ref["inputs"]) and got["label"] == ref["label"]
+
+
+@needs_arena
+def test_an_index_that_asks_for_frames_past_the_split_is_refused(datasets):
+    out = str(datasets["root"] / "mix.json")
+    build_mix(_cfg(datasets), out, progress=False)
+    r = MixReader(out, verify_sha256=False)
+    tab = dict(r._tab[0])
+    tab["units"] = np.asarray(tab["units"]).copy()
+    tab["units"][3] = int(tab["cum"][-1])  # one clip starting past the last frame of the split
+    r._tab[0] = tab
+    with pytest.raises(ValueError, match="frames outside the split"):
+        r.batch(np.arange(10))
