@@ -212,3 +212,40 @@ def test_segments_of_a_25fps_video_continue_one_frame_grid(tmp_path):
     assert sum(r["num_frames"] for r in parts) == 100
     assert [r["chunk"] for r in parts] == list(range(len(parts)))
     np.testing.assert_array_equal(frames_of(parts), frames_of(whole))
+
+
+def test_each_frame_is_converted_once_right_after_its_decode_and_only_when_shown(media, monkeypatch):
+    """A frame is converted as soon as it is decoded (its pixels still in cache) when its duration
+    covers a grid time, never twice, and frames that fps resampling drops are not converted."""
+    from pipeline.decode import video
+
+    events: list[tuple[str, int]] = []
+    real_call, real_open = video._Converter.__call__, video._decode_open
+
+    def converting(self, frame):
+        events.append(("convert", frame.pts))
+        return real_call(self, frame)
+
+    class Spy:  # the container, recording each decoded frame
+        def __init__(self, c):
+            self._c = c
+
+        def __getattr__(self, name):
+            return getattr(self._c, name)
+
+        def decode(self, *a, **kw):
+            for f in self._c.decode(*a, **kw):
+                events.append(("decoded", f.pts))
+                yield f
+
+    monkeypatch.setattr(video._Converter, "__call__", converting)
+    monkeypatch.setattr(video, "_decode_open", lambda c, item, cfg: real_open(Spy(c), item, cfg))
+    for spec, cfg, shown in [(media["fps60"], CFG, 30), (media["h264"], DecodeConfig(resolution=R, fps=10), 10),
+                             (media["h264"], CFG, 30)]:
+        events.clear()
+        frames = frames_of(list(video.decode_video(item_for(spec), cfg)))
+        converted = [p for kind, p in events if kind == "convert"]
+        assert len(frames) == shown and len(converted) == len(set(converted)) == shown, (spec.name, len(converted))
+        for i, (kind, p) in enumerate(events):
+            if kind == "convert":
+                assert events[i - 1] == ("decoded", p), (spec.name, events[i - 2 : i + 1])
