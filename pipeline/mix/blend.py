@@ -273,10 +273,8 @@ class PassCache:
         d["_items"] = {}  # rebuilt on demand in each worker
         return d
 
-    def __contains__(self, epoch: int) -> bool:
-        return epoch in self._items
-
     def epochs(self) -> list[int]:
+        """The passes held, oldest first."""
         return list(self._items)
 
     def get(self, epoch: int) -> Any:
