@@ -139,7 +139,7 @@ def scaler_only_ms(path: str, res: int, frames: int = 40, repeats: int = 5) -> d
     """CPU ms per frame of the conversion alone (AREA), on frames decoded beforehand: resizing the
     whole frame to short side ``res`` with PyAV's reformatter (cached SwsContext; the crop would
     follow as a view) against the decode path's converter (FFmpeg crops the centre square first,
-    then scales only that to res×res, RGB out)."""
+    then scales only that to res×res: BGR out, channels swapped into RGB)."""
     import av
     from av.video.reformatter import VideoReformatter
 
@@ -153,7 +153,7 @@ def scaler_only_ms(path: str, res: int, frames: int = 40, repeats: int = 5) -> d
             f, width=w, height=res, format=fmt, interpolation="AREA").to_ndarray())
         for fmt in ("rgb24", "bgr24")
     }
-    variants["scaler_crop_then_scale_rgb24"] = _Converter(DecodeConfig(resolution=res, interpolation="AREA"), None)
+    variants["scaler_path_crop_then_scale"] = _Converter(DecodeConfig(resolution=res, interpolation="AREA"), None)
     out = {}
     for name, fn in variants.items():
         best = float("inf")

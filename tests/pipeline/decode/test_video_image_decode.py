@@ -249,3 +249,43 @@ def test_each_frame_is_converted_once_right_after_its_decode_and_only_when_shown
         for i, (kind, p) in enumerate(events):
             if kind == "convert":
                 assert events[i - 1] == ("decoded", p), (spec.name, events[i - 2 : i + 1])
+
+
+def test_the_converters_speed_choices_keep_the_pixels(media):
+    """The converter asks swscale for BGR with sws_dither=ed because both are faster (BENCHMARKS.md).
+    The dither option must change no pixel of 8-bit output, the swap must give exactly the BGR
+    pixels in RGB order, and those stay within a level or two of swscale's own RGB output (the two
+    writers round separately)."""
+    import av
+
+    from pipeline.decode.video import _Converter
+
+    with av.open(media["h264"].path) as c:
+        frames = [f for _, f in zip(range(6), c.decode(video=0), strict=False)]
+    cw, ch, x, y = square_crop(frames[0].width, frames[0].height, None)
+
+    def graph(scale: str, fmt: str):
+        g = av.filter.Graph()
+        f0 = frames[0]
+        chain = [g.add_buffer(width=f0.width, height=f0.height, format=f0.format.name, time_base=Fraction(1, 1000)),
+                 g.add("crop", f"{cw}:{ch}:{x}:{y}:exact=1"), g.add("scale", scale), g.add("format", fmt),
+                 g.add("buffersink")]
+        for a, b in zip(chain[:-1], chain[1:], strict=True):
+            a.link_to(b)
+        g.configure()
+        return g
+
+    def out(g, frame):
+        g.push(frame)
+        return g.pull().to_ndarray().astype(int)
+
+    plain, ed = graph(f"{R}:{R}:flags=area", "bgr24"), graph(f"{R}:{R}:flags=area:sws_dither=ed", "bgr24")
+    rgb = graph(f"{R}:{R}:flags=area", "rgb24")
+    conv = _Converter(DecodeConfig(resolution=R, interpolation="AREA"), None)
+    for f in frames:
+        bgr = out(ed, f)
+        assert np.array_equal(bgr, out(plain, f))
+        got = conv(f).astype(int)
+        assert np.array_equal(got, bgr[..., ::-1])
+        diff = np.abs(got - out(rgb, f))
+        assert diff.mean() < 2.5 and diff.max() <= 8, (diff.mean(), diff.max())
