@@ -371,7 +371,9 @@ class MixReader:
         # Index arrays and the shards' arenas are memory maps: a worker started by "spawn" maps
         # them again instead of receiving a pickled copy.
         d = dict(self.__dict__)
-        for k in ("_blend_src", "_blend_local", "_tab"):
+        # Caches derived from them are rebuilt on first use too: the per-row label table alone is
+        # 4 bytes per row of every source, and the shared frame_index row is a [B, T] view.
+        for k in ("_blend_src", "_blend_local", "_tab", "_all_labels", "_rows_cache", "_fi_same"):
             d.pop(k, None)
         d["_direct"] = {}
         return d

@@ -248,6 +248,10 @@ def test_reader_survives_pickling_for_spawned_workers(datasets):
     b = r2.batch(np.arange(20))
     assert (a["inputs"] == b["inputs"]).all() and a["label"] == b["label"]
     assert len(pickle.dumps(r)) < 200_000  # memory maps and permutation tables are not shipped
+    # ... nor the caches derived from them (per-row labels, the broadcast frame_index, the arenas)
+    state = r.__getstate__()
+    assert not {"_all_labels", "_rows_cache", "_fi_same", "_tab"} & set(state) and state["_direct"] == {}
+    assert (b["frame_index"] == a["frame_index"]).all() and b["source"] == a["source"]
 
 
 def test_webdataset_shards_read_through_the_shard_reader(tmp_path):
