@@ -249,7 +249,7 @@ def _decode_open(container: Any, item: dict, cfg: DecodeConfig) -> Iterator[dict
             if t_end is not None and ft >= t_end:
                 break
             # Convert a frame that will fill a grid slot now, while its pixels are still in cache
-            # (after the next frame's decode they are not: 5-10% of the path's CPU time). Whether
+            # (after the next frame's decode they are not: 5-15% of the path's CPU time). Whether
             # it does is judged by its duration; emit_until converts on demand if that was wrong.
             nxt = g0 + k / fps
             if nxt < ft + last_dur - EPS and (t_end is None or nxt < t_end - EPS):
