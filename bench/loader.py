@@ -124,7 +124,7 @@ def main() -> None:
                         frames=16, stride=4, images_per_seq=16, seq_len=4096)
         build_mix(cfg, f"{d}/mix.json", progress=False)
         t2 = time.perf_counter()
-        r = MixReader(f"{d}/mix.json", verify_sha256=False)
+        r = MixReader(f"{d}/mix.json", verify="off")
         n = args.batches * args.batch
         batches = [np.arange(k * args.batch, (k + 1) * args.batch, dtype=np.int64) for k in range(args.batches)]
         r.batch(batches[0])  # map the shards
@@ -158,7 +158,7 @@ def main() -> None:
         def raw_gather() -> None:
             for per in plan:
                 for f, starts in per:
-                    f.frames_direct(starts)
+                    f.frames_local(starts)
 
         def raw_arena() -> None:
             for per in arena_plan:
@@ -173,7 +173,7 @@ def main() -> None:
             # no permutation, no index lookups, no specials).
             for per in plan:
                 seq = np.empty((args.batch, t_len + 1), np.int64)
-                flat = np.concatenate([f.frames_direct(starts) for f, starts in per]).reshape(args.batch, -1)
+                flat = np.concatenate([f.frames_local(starts) for f, starts in per]).reshape(args.batch, -1)
                 seq[:, 1:] = flat[:, :t_len]
 
         maps = []
@@ -196,7 +196,7 @@ def main() -> None:
                     k, off = k + 1, 0
 
         def through_loader(workers: int) -> float:
-            loader = MixLoader(f"{d}/mix.json", global_batch=args.batch, num_workers=workers, verify_sha256=False)
+            loader = MixLoader(f"{d}/mix.json", global_batch=args.batch, num_workers=workers, verify="off")
             rates = []
             for _rep in range(args.repeat):
                 loader.load_state_dict({**loader.state_dict(), "consumed_samples": 0})

@@ -27,6 +27,7 @@ __all__ = ["TrainConfig", "PRESETS", "load_config", "apply_overrides", "config_t
 _DTYPES = ("auto", "fp32", "bf16")
 _PARALLEL = ("ddp", "fsdp")
 _DEVICES = ("auto", "cpu", "cuda")
+_VERIFY = ("auto", "sha256", "off")  # = pipeline.mix.access.VERIFY_MODES (trainer config stays import-light)
 
 
 @dataclass
@@ -58,6 +59,9 @@ class TrainConfig:
     activation_checkpointing: bool = False
     parallel: str = "ddp"  # strategy when world size > 1: ddp or fsdp (FSDP2 fully_shard)
     num_workers: int = 0  # loader worker processes
+    # Data integrity: auto = per-frame checksums on what is read from remote shards (sha256 of
+    # local ones once per process); sha256 = whole files once per process; off = none.
+    data_verify: str = "auto"
     # Checkpoints, logs, validation.
     ckpt_every: int = 10
     keep_last: int = 2
@@ -112,6 +116,8 @@ class TrainConfig:
             raise bad("dtype", f"choose one of {_DTYPES}")
         if self.parallel not in _PARALLEL:
             raise bad("parallel", f"choose one of {_PARALLEL}")
+        if self.data_verify not in _VERIFY:
+            raise bad("data_verify", f"choose one of {_VERIFY}")
         if self.device not in _DEVICES:
             raise bad("device", f"choose one of {_DEVICES}")
         if self.peak_flops is not None and not (self.peak_flops > 0):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import functools
 import json
 import math
 import os
@@ -79,11 +80,12 @@ LoaderFactory = Callable[..., LoaderLike]
 
 
 def mix_loader_factory(data: str, *, global_batch: int, rank: int, world: int, split: str,
-                       num_workers: int = 0) -> LoaderLike:
-    """The production loader: trainer.data.MixLoader over a mix manifest."""
+                       num_workers: int = 0, verify: str = "auto") -> LoaderLike:
+    """The production loader: trainer.data.MixLoader over a mix manifest (``verify``: TrainConfig.data_verify)."""
     from trainer.data import MixLoader
 
-    return MixLoader(data, global_batch=global_batch, rank=rank, world=world, num_workers=num_workers, split=split)
+    return MixLoader(data, global_batch=global_batch, rank=rank, world=world, num_workers=num_workers, split=split,
+                     verify=verify)
 
 
 def peak_flops_for(device: torch.device, override: float | None) -> float | None:
@@ -303,7 +305,7 @@ def train(
     Restarting the same call resumes from OUT's newest complete checkpoint: model, optimizer,
     schedule, RNG and loader position, so the per-step losses equal an uninterrupted run's.
     """
-    factory = loader_factory or mix_loader_factory
+    factory = loader_factory or functools.partial(mix_loader_factory, verify=cfg.data_verify)
     out = Path(out)
     devkind = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     d = _setup_dist(devkind)

@@ -11,11 +11,17 @@ in the data file, so a frame is ``HW`` consecutive uint16 values at a known elem
   and a batch's clips or frames of all shards come out of one fancy index (:class:`_Direct`);
   where that is not available, each file is memory-mapped once per process and frames are copied
   with one fancy index per shard over an overlapping-window view (each window = one frame's worth);
-- remote files (s3://...) are read by byte ranges through fsspec with a bounded in-memory block
-  cache (``cache_type="blockcache"``, at most ``block_cache_mb`` per open shard, LRU);
-- other shards (WebDataset, zstd) go through :func:`pipeline.shards.open_shard`.
-With ``verify_sha256`` each shard's data file is hashed once per process on first use and compared
-with the sha256 pinned in its dataset manifest (for a remote shard this reads it fully once).
+- remote files (s3://...) are read by byte ranges: each distinct frame of a batch once, nearby
+  frames merged into one request while the extra bytes stay within ``read_slack`` per byte asked
+  for, all shards' ranges of a batch in one concurrent ``fs.cat_ranges``; what was fetched goes
+  into one byte-budgeted LRU cache per process (``cache_mb``, shared by all files);
+- other shards (WebDataset, zstd) go through :func:`pipeline.shards.open_shard`, a row's frames
+  with one reader call.
+Integrity (``verify``): ``"auto"`` (default) checks every frame read from a remote shard against
+its checksum stored in the shard (column ``frame_sums``, fetched by range with it), and hashes a
+local shard (or a remote one without checksums, with a warning) once per process on first use
+against the sha256 pinned in its dataset manifest; ``"sha256"`` always does the latter (a remote
+shard is then downloaded once per process); ``"off"`` checks nothing.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ from pipeline.mix.build import TABLE_ARRAYS, order_key
 from pipeline.mix.sequence import assemble_into, inputs_targets, layout, write_specials
 from pipeline.mix.tables import locate_frames
 from pipeline.shards import open_shard, read_manifest
+from pipeline.shards.arrow_format import frame_sums
+from pipeline.shards.cache import process_cache
 
 
 def read_mix_manifest(mix_url: str, storage_options: dict | None = None) -> dict[str, Any]:
@@ -54,21 +62,44 @@ def _parent(url: str) -> str:
     return url[: len(url) - len(base)].rstrip("/") or "."
 
 
-class _ShardFile:
-    """Token access to one shard's data file (opened lazily, once per process)."""
+VERIFY_MODES = ("auto", "sha256", "off")
 
-    def __init__(self, url: str, sha256: str, fmt: str, hw: int, storage_options: dict | None,
-                 verify: bool, block_cache_mb: int):
+
+def check_verify(verify: str) -> str:
+    if verify not in VERIFY_MODES:
+        raise ValueError(
+            f"verify={verify!r}: choose 'auto' (per-frame checksums for remote shards that have them, else "
+            "sha256 of each data file once per process), 'sha256' (always the whole-file sha256) or 'off'"
+        )
+    return verify
+
+
+# Bytes and requests this process fetched for token frames and their checksums (for benchmarks).
+REMOTE_FETCHES = {"requests": 0, "bytes": 0}
+
+SUM_HOLE_BYTES = 4096  # checksums are 4 bytes each: one request per nearby group is worth a few KiB
+
+
+class _ShardFile:
+    """Token access to one shard's data file (opened lazily, once per process).
+
+    Local files are memory-mapped. Remote files are read by byte ranges (:meth:`TokenStore.gather`
+    fetches every shard's ranges of a batch in one concurrent ``cat_ranges``); nothing is kept
+    per file: fetched ranges live in the process-wide cache (:func:`pipeline.shards.cache.process_cache`).
+    """
+
+    def __init__(self, url: str, sha256: str, fmt: str, hw: int, storage_options: dict | None, verify: str):
         self.url, self.sha256, self.fmt, self.hw = url, sha256, fmt, hw
-        self.so, self.verify, self.block_cache_mb = storage_options, verify, block_cache_mb
+        self.so, self.verify = storage_options, verify
         self._win: np.ndarray | None = None
         self._mmap: mmap.mmap | None = None
-        self._file = None
         self._reader = None
         self._checked = False
+        self._warned = False
 
-    def _check(self) -> None:
-        if self.verify and not self._checked:
+    def check_file(self) -> None:
+        """The whole-file sha256 against the dataset manifest, once per process (reads the file)."""
+        if self.verify != "off" and not self._checked:
             got = storage.sha256_file(self.url, self.so)
             if got != self.sha256:
                 raise ValueError(
@@ -77,61 +108,96 @@ class _ShardFile:
                 )
         self._checked = True
 
-    def frames_direct(self, starts: np.ndarray) -> np.ndarray:
+    def check_remote(self, has_sums: bool) -> bool:
+        """Before a remote range read: whether to check the frames read against their checksums;
+        falls back to (and runs once) the whole-file sha256 where they cannot be used."""
+        if self.verify == "off":
+            return False
+        if self.verify == "auto" and has_sums:
+            return True
+        if self.verify == "auto" and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"{self.url} has no per-frame checksums (written by an older Toto, or compressed): checking its "
+                "sha256 instead, which downloads the whole file once in every process that reads it; re-run the "
+                "job for this shard (or re-tokenize) to read it by ranges", stacklevel=4)
+        self.check_file()
+        return False
+
+    def frames_local(self, starts: np.ndarray) -> np.ndarray:
         """Frames whose first token is at uint16 element ``starts`` (int64 [M]) → uint16 [M, HW]."""
-        self._check()
-        if storage.is_local(self.url):
-            if self._win is None:
-                with open(storage.local_path(self.url), "rb") as fh:
-                    self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-                # A plain ndarray over the map (np.memmap's subclass hooks cost µs per fancy index).
-                u16 = np.frombuffer(self._mmap, dtype=np.uint16, count=len(self._mmap) // 2)
-                # Overlapping windows: row e of this view is u16[e : e + HW] (no copy).
-                self._win = np.lib.stride_tricks.as_strided(
-                    u16, shape=(u16.size - self.hw + 1, self.hw), strides=(2, 2), writeable=False
-                )
-            return self._win[starts]
-        if self._file is None:
-            fs, path = storage.url_to_fs(self.url, self.so)
-            block = 1 << 20
-            self._file = fs.open(path, "rb", block_size=block, cache_type="blockcache",
-                                 cache_options={"maxblocks": max(1, self.block_cache_mb)})
-        out = np.empty((len(starts), self.hw), dtype=np.uint16)
-        # One range per run of nearby frames (frames of one clip lie within one row).
-        order = np.argsort(starts, kind="stable")
-        i = 0
-        while i < len(order):
-            j = i
-            lo = int(starts[order[i]])
-            while j + 1 < len(order) and int(starts[order[j + 1]]) - lo < (1 << 18):
-                j += 1
-            hi = int(starts[order[j]]) + self.hw
-            self._file.seek(lo * 2)
-            buf = np.frombuffer(self._file.read((hi - lo) * 2), dtype=np.uint16)
-            for k in order[i : j + 1]:
-                s = int(starts[k]) - lo
-                out[k] = buf[s : s + self.hw]
-            i = j + 1
-        return out
+        self.check_file()
+        if self._win is None:
+            with open(storage.local_path(self.url), "rb") as fh:
+                self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            # A plain ndarray over the map (np.memmap's subclass hooks cost µs per fancy index).
+            u16 = np.frombuffer(self._mmap, dtype=np.uint16, count=len(self._mmap) // 2)
+            # Overlapping windows: row e of this view is u16[e : e + HW] (no copy).
+            self._win = np.lib.stride_tricks.as_strided(
+                u16, shape=(u16.size - self.hw + 1, self.hw), strides=(2, 2), writeable=False
+            )
+        return self._win[starts]
 
     def frames_by_row(self, rows: np.ndarray, frames: np.ndarray) -> np.ndarray:
         """Frames ``frames`` of shard rows ``rows`` via the shard reader (any format) → uint16 [M, HW]."""
         if self._reader is None:
-            self._check()
+            if storage.is_local(self.url):
+                self.check_file()
+            else:
+                self.check_remote(False)
             self._reader = open_shard(self.url, self.so)
         out = np.empty((len(rows), self.hw), dtype=np.uint16)
-        for k, (r, f) in enumerate(zip(rows.tolist(), frames.tolist(), strict=True)):
-            out[k] = self._reader.tokens(r)[f].reshape(-1)
+        # One reader call per row, not per frame: a row's frames come out of one (cached) batch.
+        for r, sel in _groups(rows):
+            t = self._reader.tokens(r).reshape(-1, self.hw)
+            out[sel] = t[frames[sel]]
         return out
 
 
+def _groups(keys: np.ndarray):
+    """(key, positions) per distinct value of ``keys`` (a stable sort, then runs)."""
+    order = np.argsort(keys, kind="stable")
+    s = keys[order]
+    bounds = [0, *(np.flatnonzero(s[1:] != s[:-1]) + 1).tolist(), len(order)]
+    for a, z in zip(bounds[:-1], bounds[1:], strict=True):
+        yield int(s[a]), order[a:z]
+
+
+def coalesce(lo: np.ndarray, hi: np.ndarray, max_hole: np.ndarray | int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Byte ranges sorted by start (int64 [N] each) → (group of each range [N], group starts, group ends).
+
+    Neighbours are fetched as one request when the hole between them is at most ``max_hole``
+    (per range: the hole before it), so the bytes fetched beyond those asked for are bounded by
+    the holes allowed.
+    """
+    n = len(lo)
+    new = np.ones(n, dtype=bool)
+    if n > 1:
+        reach = np.maximum.accumulate(hi)[:-1]
+        new[1:] = (lo[1:] - reach) > (max_hole[1:] if isinstance(max_hole, np.ndarray) else max_hole)
+    first = np.flatnonzero(new)
+    gid = np.cumsum(new) - 1
+    return gid, lo[first], np.maximum.reduceat(hi, first) if n else hi[:0]
+
+
 class TokenStore:
-    """Frame tokens of one token dataset, addressed through a split table (see tables.SplitTable)."""
+    """Frame tokens of one token dataset, addressed through a split table (see tables.SplitTable).
+
+    ``verify``: see :data:`VERIFY_MODES` and docs/mixing.md. ``read_slack``: for remote reads,
+    how many extra bytes per byte asked for may be fetched to merge two nearby frames into one
+    request (0.5: at most 1.5 bytes fetched per byte delivered; larger values mean fewer requests).
+    """
 
     def __init__(self, url: str, manifest: dict[str, Any], hw: int, *, storage_options: dict | None = None,
-                 verify_sha256: bool = True, block_cache_mb: int = 64):
+                 verify: str = "auto", read_slack: float = 0.5, cache_mb: int = 256):
         self.url, self.manifest, self.hw = url, manifest, hw
-        self.storage_options, self.verify_sha256, self.block_cache_mb = storage_options, verify_sha256, block_cache_mb
+        self.storage_options, self.verify = storage_options, check_verify(verify)
+        if not read_slack >= 0:
+            raise ValueError(f"read_slack={read_slack!r}: give extra bytes per byte read, ≥ 0 (e.g. 0.5)")
+        if not isinstance(cache_mb, int) or cache_mb < 0:
+            raise ValueError(f"cache_mb={cache_mb!r}: give the process-wide cache budget in MiB, ≥ 0")
+        self.read_slack, self.cache_mb = float(read_slack), cache_mb
+        self.remote = not storage.is_local(url)
         self._files: dict[int, _ShardFile] = {}
         self._pid = os.getpid()
 
@@ -149,7 +215,7 @@ class TokenStore:
             sh = self.manifest["shards"][shard]
             f = self._files[shard] = _ShardFile(
                 storage.join(self.url, sh["data_file"]), sh["sha256"], self.manifest["format"], self.hw,
-                self.storage_options, self.verify_sha256, self.block_cache_mb)
+                self.storage_options, self.verify)
         return f
 
     def gather(self, table: dict[str, np.ndarray], frames: np.ndarray, out: np.ndarray | None = None,
@@ -171,13 +237,119 @@ class TokenStore:
         starts = elem + k * self.hw
         ri = np.repeat(np.asarray(rows), nf)  # destination row of each flat frame
         fi = np.arange(m * nf) % nf  # and its frame slot
-        for seg, sh in _by_shard(table["shard"][q]):
+        shard = table["shard"][q]
+        direct = elem >= 0  # offsets known: uncompressed Arrow
+        if self.remote and direct.any():
+            sel = np.flatnonzero(direct)
+            sums = np.asarray(table["sums"][q[sel]]) + k[sel] if "sums" in table else np.full(len(sel), -1, np.int64)
+            out[ri[sel], fi[sel]] = self._frames_remote(shard[sel], starts[sel], sums)
+        for sh, seg in _groups(shard):
             f = self._file(sh)
-            if elem[seg].min() >= 0:  # offsets known: uncompressed Arrow
-                out[ri[seg], fi[seg]] = f.frames_direct(starts[seg])
-            else:
+            seg_direct = direct[seg]
+            if seg_direct.all() and not self.remote:
+                out[ri[seg], fi[seg]] = f.frames_local(starts[seg])
+            elif not seg_direct.all():
+                seg = seg[~seg_direct]
                 out[ri[seg], fi[seg]] = f.frames_by_row(table["row"][q[seg]], k[seg])
         return out if out.shape[0] == m else out[rows], q.reshape(m, nf)
+
+    def _frames_remote(self, shard: np.ndarray, starts: np.ndarray, sums: np.ndarray) -> np.ndarray:
+        """Frames at uint16 elements ``starts`` of remote shards ``shard`` (int64 [M] each) → uint16 [M, HW].
+
+        Each distinct frame is fetched once: every shard's ranges of the call go out in one
+        concurrent ``cat_ranges`` (minus those in the process cache), and where the shard has
+        per-frame checksums (``sums``: uint32 element of each frame's checksum, -1 if none) they
+        are fetched alongside and compared before anything is returned or cached.
+        """
+        hw, fb = self.hw, 2 * self.hw
+        shard = shard.astype(np.int64)
+        key = shard * (1 << 40) + starts  # (shard, element) as one sortable int64 (files < 2 TiB)
+        uniq, first, inv = np.unique(key, return_index=True, return_inverse=True)
+        u_shard, u_start, u_sum = shard[first], starts[first], sums[first]
+        checked = np.zeros(len(uniq), dtype=bool)
+        for sh, sel in _groups(u_shard):
+            checked[sel] = self._file(sh).check_remote(bool((u_sum[sel] >= 0).all()))
+        frames_lo = u_start * 2
+        reqs = [(u_shard, frames_lo, frames_lo + fb, np.int64(int(self.read_slack * fb)))]
+        ci = np.flatnonzero(checked)
+        if len(ci):
+            sum_lo = u_sum[ci] * 4
+            order = np.lexsort((sum_lo, u_shard[ci]))
+            ci = ci[order]
+            reqs.append((u_shard[ci], u_sum[ci] * 4, u_sum[ci] * 4 + 4, np.int64(SUM_HOLE_BYTES)))
+        bufs, new = self._fetch(reqs)
+        frames_buf, frames_pos = bufs[0]
+        u16 = np.frombuffer(frames_buf, dtype=np.uint16)
+        win = np.lib.stride_tricks.as_strided(u16, shape=(max(u16.size - hw + 1, 0), hw), strides=(2, 2), writeable=False)
+        got = win[frames_pos // 2]  # uint16 [U, HW], one fancy index for the whole call
+        if len(ci):
+            sums_buf, sums_pos = bufs[1]
+            want = np.frombuffer(sums_buf, dtype="<u4")[sums_pos // 4]  # (ranges and pieces are 4-byte multiples)
+            bad = np.flatnonzero(frame_sums(got[ci]) != want)
+            if bad.size:
+                b = ci[bad[0]]
+                f = self._file(int(u_shard[b]))
+                raise ValueError(
+                    f"{f.url}: {bad.size} frame(s) read fail their checksum (the first at byte {int(u_start[b]) * 2}); "
+                    "the shard is corrupt or was replaced: re-run the job for this shard or rebuild the mix")
+        cache = process_cache(self.cache_mb << 20)
+        for k, v in new:
+            cache.put(k, v, len(v))
+        return got[inv]
+
+    def _fetch(self, reqs: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.int64]]):
+        """Byte ranges (shard, lo, hi sorted by (shard, lo), allowed hole) of several kinds in one
+        concurrent ``cat_ranges`` → per kind (one buffer holding them, offset of each range in it),
+        and the (key, bytes) of what was fetched (to cache once checked)."""
+        cache = process_cache(self.cache_mb << 20)
+        fs = None
+        plan, paths, lo_all, hi_all, want_keys = [], [], [], [], []
+        for shard, lo, hi, hole in reqs:
+            groups = []
+            for sh, sel in _groups(shard):
+                f = self._file(sh)
+                gid, g_lo, g_hi = coalesce(lo[sel], hi[sel], hole)
+                parts = []
+                for a, z in zip(g_lo.tolist(), g_hi.tolist(), strict=True):
+                    k = (f.url, a, z)
+                    got = cache.get(k)
+                    if got is None:
+                        if fs is None:
+                            fs, _ = storage.url_to_fs(f.url, self.storage_options)
+                        parts.append(len(paths))
+                        paths.append(fs._strip_protocol(f.url))
+                        lo_all.append(a)
+                        hi_all.append(z)
+                        want_keys.append(k)
+                    else:
+                        parts.append(got)
+                groups.append((sel, gid, g_lo, g_hi, parts))
+            plan.append(groups)
+        fetched: list = []
+        if paths:
+            fetched = fs.cat_ranges(paths, lo_all, hi_all, on_error="return")
+            for p, a, z, url in zip(fetched, lo_all, hi_all, (k[0] for k in want_keys), strict=True):
+                if isinstance(p, BaseException):
+                    raise OSError(f"{url}: reading bytes [{a}, {z}) failed: {p}") from p
+                if len(p) != z - a:
+                    raise ValueError(f"{url}: bytes [{a}, {z}) gave {len(p)} bytes (the file is shorter than the "
+                                     "mix index says): the shard was truncated or replaced; rebuild the mix")
+            REMOTE_FETCHES["requests"] += len(paths)
+            REMOTE_FETCHES["bytes"] += sum(len(p) for p in fetched)
+        out = []
+        for (_shard, lo, _hi, _hole), groups in zip(reqs, plan, strict=True):
+            pieces, pos = [], np.empty(len(lo), dtype=np.int64)
+            at = 0
+            for sel, gid, g_lo, _g_hi, parts in groups:
+                base = np.empty(len(g_lo), dtype=np.int64)
+                for j, p in enumerate(parts):
+                    b = fetched[p] if isinstance(p, int) else p
+                    pieces.append(b)
+                    base[j] = at
+                    at += len(b)
+                pos[sel] = base[gid] + (lo[sel] - g_lo[gid])
+            out.append((b"".join(pieces), pos))
+        return out, list(zip(want_keys, fetched, strict=True))
 
 
 class _Direct:
@@ -217,7 +389,7 @@ class _Direct:
         self.run_elem = g[first]  # int64 [N]: arena element of each run's first token
         self.run_shard = shard[first]
         self.verified = np.zeros(len(shards), dtype=bool)
-        self.all_verified = not store.verify_sha256
+        self.all_verified = store.verify == "off"
         u16 = self.arena.u16
         # Row e of ``win`` is u16[e : e + HW]; item e of ``clips`` is the F frames at e, e + stride*HW, ...
         # (overlapping views, no copy; the arena's bounds are checked by numpy, a run's by the index).
@@ -236,7 +408,7 @@ class _Direct:
     def _verify(self, q: np.ndarray) -> None:
         sh = self.run_shard[q]
         for k in np.unique(sh[~self.verified[sh]]).tolist():
-            self.store._file(k)._check()  # raises on a corrupt shard, before any of it is read
+            self.store._file(k).check_file()  # raises on a corrupt shard, before any of it is read
             self.verified[k] = True
         self.all_verified = bool(self.verified.all())
 
@@ -265,25 +437,14 @@ class _Direct:
         return out
 
 
-def _by_shard(shard: np.ndarray):
-    """(positions, shard id) per distinct shard in ``shard`` (a stable sort, then runs: a batch
-    touches each shard of a source once, so per-shard costs are paid once per batch)."""
-    order = np.argsort(shard, kind="stable")
-    s = shard[order]
-    bounds = [0, *(np.flatnonzero(s[1:] != s[:-1]) + 1).tolist(), len(order)]
-    for a, z in zip(bounds[:-1], bounds[1:], strict=True):
-        yield order[a:z], int(s[a])
-
-
 class MixReader:
     """Read sequences of a mix by global sample id (one split)."""
 
     def __init__(self, mix_url: str, *, split: str = "train", storage_options: dict | None = None,
-                 verify_sha256: bool = True, block_cache_mb: int = 64):
+                 verify: str = "auto", read_slack: float = 0.5, cache_mb: int = 256):
         self.mix_url = mix_url
         self.storage_options = storage_options
-        self.verify_sha256 = verify_sha256
-        self.block_cache_mb = block_cache_mb
+        self.verify = check_verify(verify)
         m = self.manifest = read_mix_manifest(mix_url, storage_options)
         if split not in m["splits"]:
             raise ValueError(f"split {split!r} is not in {mix_url}; it has {sorted(m['splits'])}")
@@ -321,7 +482,7 @@ class MixReader:
         self._single = len(self.sources) == 1
         self._direct: dict[int, _Direct | None] = {}
         self._stores = [TokenStore(s["url"], self._dsm[s["name"]], self.hw, storage_options=storage_options,
-                                   verify_sha256=verify_sha256, block_cache_mb=block_cache_mb) for s in self._src]
+                                   verify=verify, read_slack=read_slack, cache_mb=cache_mb) for s in self._src]
 
     # -- index -----------------------------------------------------------------------------
     def _npy(self, name: str) -> np.ndarray:
@@ -348,7 +509,7 @@ class MixReader:
         if done.get("files") != self.manifest["index"]["files"]:
             raise ValueError(f"{self._index_url} does not belong to {self.mix_url} (file hashes differ); rebuild the mix")
         sp = self.split
-        if self.verify_sha256 and not getattr(self, "_index_checked", False):
+        if self.verify != "off" and not getattr(self, "_index_checked", False):
             # Once per reader (not again in workers): a flipped byte here would silently reorder data.
             files = self.manifest["index"]["files"]
             for name in sorted(n for n in files if n.startswith(f"{sp}.")):
@@ -363,7 +524,11 @@ class MixReader:
         self._blend_local = self._npy(f"{sp}.blend_local.npy")
         self._tab = []
         for s in self._src:
-            t = {a: self._npy(f"{sp}.{s['name']}.{a}.npy") for a in TABLE_ARRAYS}
+            files = self.manifest["index"]["files"]
+            # (An index built before per-frame checksums has no sums array: -1 = none, like a v1 shard.)
+            t = {a: self._npy(f"{sp}.{s['name']}.{a}.npy") for a in TABLE_ARRAYS if f"{sp}.{s['name']}.{a}.npy" in files}
+            if "sums" not in t:
+                t["sums"] = np.full(len(t["row"]), -1, dtype=np.int64)
             t["labels"] = self._json(f"{sp}.{s['name']}.labels.json")
             self._tab.append(t)
 

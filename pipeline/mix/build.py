@@ -44,7 +44,7 @@ from pipeline.mix.tables import (
 )
 from pipeline.shards import read_manifest
 
-TABLE_ARRAYS = ("shard", "row", "elem", "num_frames", "cum", "segment", "video", "label", "units", "slack")
+TABLE_ARRAYS = ("shard", "row", "elem", "sums", "num_frames", "cum", "segment", "video", "label", "units", "slack")
 
 
 @dataclass
@@ -255,7 +255,8 @@ def build_mix(cfg: MixConfig, out_url: str, storage_options: dict | None = None,
         blend={"rule": "deadline-greedy (Megatron-style, prefix error < 1 sample)", "weights": w_int, "period": period},
         splits=split_info,
     )
-    key = hashlib.sha256(schemas.canonical_json(doc)).hexdigest()[:16]
+    # The array list is part of the key: an index cached by a Toto that wrote other arrays is not reused.
+    key = hashlib.sha256(schemas.canonical_json({"manifest": doc, "arrays": TABLE_ARRAYS})).hexdigest()[:16]
     idx_url = index_dir_url(out_url, key)
     files = _write_index(idx_url, key, split_info, tables, cfg, storage_options, progress)
     doc["index"] = {"dir": storage.basename(out_url.rstrip("/")).removesuffix(".json") + f".index/{key}", "key": key,

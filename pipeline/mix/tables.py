@@ -42,6 +42,9 @@ class RowTable:
     dataset: pa.Array
     video_id: pa.Array
     label: pa.Array  # string, nullable
+    # int64: uint32 element offset of the checksum of the row's first frame (column frame_sums of
+    # format-2 Arrow shards) in the data file; None or -1: no per-frame checksums to read
+    sums: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.shard)
@@ -49,7 +52,8 @@ class RowTable:
     def take(self, idx: np.ndarray) -> RowTable:
         ix = pa.array(np.asarray(idx, dtype=np.int64))
         return RowTable(self.shard[idx], self.row[idx], self.elem[idx], self.num_frames[idx], self.chunk[idx],
-                        self.split.take(ix), self.dataset.take(ix), self.video_id.take(ix), self.label.take(ix))
+                        self.split.take(ix), self.dataset.take(ix), self.video_id.take(ix), self.label.take(ix),
+                        self.sums[idx] if self.sums is not None else None)
 
     def splits(self) -> list[str]:
         return sorted(x for x in pc.unique(self.split).to_pylist())
@@ -66,13 +70,28 @@ def _arrow_buffer(url: str, storage_options: dict | None) -> pa.Buffer:
     return pa.py_buffer(fs.cat_file(path))
 
 
+def _frame_sum_offsets(batch: pa.RecordBatch, lo: int, hi: int) -> np.ndarray:
+    """uint32 element offsets in the file (mapped at [lo, hi)) of each row's first frame checksum
+    (int64 [rows]); -1 where the shard has none (format 1) or they are not stored in place (zstd)."""
+    n = batch.num_rows
+    if "frame_sums" not in batch.schema.names:
+        return np.full(n, -1, dtype=np.int64)
+    col = batch.column("frame_sums")
+    values = col.values
+    vbuf = values.buffers()[1]
+    start = vbuf.address + values.offset * 4 if vbuf is not None else -1
+    if vbuf is None or not (lo <= start and start + values.nbytes <= hi and (start - lo) % 4 == 0):
+        return np.full(n, -1, dtype=np.int64)
+    return (start - lo) // 4 + col.offsets.to_numpy().astype(np.int64)[:-1] - col.offsets[0].as_py()
+
+
 def read_row_table(dataset_url: str, manifest: dict[str, Any], storage_options: dict | None = None,
                    progress: str | None = None) -> RowTable:
     """Read the metadata of every row of a token dataset (one pass over its shards).
 
     ``progress``: a label for a progress bar on stderr (None: no bar).
     """
-    num: dict[str, list[np.ndarray]] = {k: [] for k in ("shard", "row", "elem", "num_frames", "chunk")}
+    num: dict[str, list[np.ndarray]] = {k: [] for k in ("shard", "row", "elem", "num_frames", "chunk", "sums")}
     strs: dict[str, list[pa.Array]] = {k: [] for k in _STR_COLS}
     shards = manifest["shards"]
     if progress is not None:
@@ -99,6 +118,7 @@ def read_row_table(dataset_url: str, manifest: dict[str, Any], storage_options: 
                     num["elem"].append((start - lo) // 2 + offsets)
                 else:
                     num["elem"].append(np.full(n, -1, dtype=np.int64))
+                num["sums"].append(_frame_sum_offsets(batch, lo, hi))
                 num["num_frames"].append(batch.column("num_frames").to_numpy())
                 num["chunk"].append(batch.column("chunk").to_numpy())
                 num["row"].append(np.arange(got, got + n, dtype=np.int32))
@@ -114,6 +134,7 @@ def read_row_table(dataset_url: str, manifest: dict[str, Any], storage_options: 
                     strs[c].append(pa.array(rd.column(c), type=pa.string()))
                 num["row"].append(np.arange(n, dtype=np.int32))
                 num["elem"].append(np.full(n, -1, dtype=np.int64))
+                num["sums"].append(np.full(n, -1, dtype=np.int64))
                 got = n
         if got != sh["rows"]:
             raise ValueError(
@@ -130,6 +151,7 @@ def read_row_table(dataset_url: str, manifest: dict[str, Any], storage_options: 
 
     return RowTable(
         shard=cat(num["shard"], np.int32), row=cat(num["row"], np.int32), elem=cat(num["elem"], np.int64),
+        sums=cat(num["sums"], np.int64),
         num_frames=cat(num["num_frames"], np.int32), chunk=cat(num["chunk"], np.int64),
         **{c: cats(strs[c]) for c in _STR_COLS},
     )
@@ -153,6 +175,7 @@ class SplitTable:
     row: np.ndarray  # int32 [R]
     elem: np.ndarray  # int64 [R]
     num_frames: np.ndarray  # int64 [R]
+    sums: np.ndarray  # int64 [R]: see RowTable.sums (-1: none)
     cum: np.ndarray  # int64 [R+1]: first frame number of each row; cum[-1] = frames in the split
     segment: np.ndarray  # int64 [R]: segment id of each row
     video: np.ndarray  # int64 [R]: video number (increasing in video order)
@@ -165,7 +188,8 @@ class SplitTable:
         return self.video_names.to_pylist()
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {k: getattr(self, k) for k in ("shard", "row", "elem", "num_frames", "cum", "segment", "video", "label")}
+        return {k: getattr(self, k)
+                for k in ("shard", "row", "elem", "sums", "num_frames", "cum", "segment", "video", "label")}
 
 
 def split_table(rows: RowTable, split: str) -> SplitTable:
@@ -203,7 +227,8 @@ def split_table(rows: RowTable, split: str) -> SplitTable:
         label[valid] = remap[idx[valid].astype(np.int64)]
     first = np.flatnonzero(new_video)
     names = pc.binary_join_element_wise(t.dataset.take(pa.array(first)), t.video_id.take(pa.array(first)), "/")
-    return SplitTable(shard=t.shard, row=t.row, elem=t.elem, num_frames=nf, cum=cum, segment=segment.astype(np.int64),
+    sums = t.sums.astype(np.int64) if t.sums is not None else np.full(r, -1, dtype=np.int64)
+    return SplitTable(shard=t.shard, row=t.row, elem=t.elem, num_frames=nf, sums=sums, cum=cum, segment=segment.astype(np.int64),
                       video=video.astype(np.int64), label=label, labels=labels, video_names=names)
 
 

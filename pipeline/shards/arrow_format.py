@@ -3,6 +3,11 @@
 Uncompressed by default so a local shard is memory-mapped and one row is read without reading
 the file (the token values of a row are a zero-copy view into the map). Remote shards are read by
 range requests: the footer, then only the record batch that holds the row.
+
+Format version 2 adds ``frame_sums`` (list<uint32>, one value per frame of the row): a checksum
+of each frame's tokens (:func:`frame_sums`), so a reader that fetches single frames by byte range
+(the training loader on object stores) checks exactly what it read without downloading the file.
+Version 1 files (no such column) are still read.
 """
 
 from __future__ import annotations
@@ -23,8 +28,7 @@ import pyarrow as pa
 from pipeline import storage
 from pipeline.shards.rows import META_COLUMNS
 
-ARROW_SCHEMA = pa.schema(
-    [
+_FIELDS = [
         pa.field("key", pa.string(), nullable=False),
         pa.field("dataset", pa.string(), nullable=False),
         pa.field("split", pa.string(), nullable=False),
@@ -37,9 +41,27 @@ ARROW_SCHEMA = pa.schema(
         pa.field("grid_w", pa.int32(), nullable=False),
         pa.field("label", pa.string(), nullable=True),
         pa.field("tokens", pa.list_(pa.field("item", pa.uint16(), nullable=False)), nullable=False),
-    ],
-    metadata={b"toto.format": b"token-shard", b"toto.format_version": b"1"},
+]
+ARROW_SCHEMA_V1 = pa.schema(_FIELDS, metadata={b"toto.format": b"token-shard", b"toto.format_version": b"1"})
+ARROW_SCHEMA = pa.schema(
+    [*_FIELDS, pa.field("frame_sums", pa.list_(pa.field("item", pa.uint32(), nullable=False)), nullable=False)],
+    metadata={b"toto.format": b"token-shard", b"toto.format_version": b"2"},
 )
+FRAME_SUM = "mul32"  # the name of the frame checksum, recorded in sidecars
+
+# Odd 32-bit weights, fixed forever (part of the format): frame_sum = sum_j tokens[j] * W[j] mod 2^32.
+# An odd weight has an inverse mod 2^32, so any change confined to one token (a flipped byte, say)
+# always changes the sum; other damage escapes it with probability about 2^-32.
+_SUM_WEIGHTS = (np.random.Generator(np.random.PCG64(0x70707353)).integers(0, 2**32, size=65536, dtype=np.uint64)
+                | np.uint64(1)).astype(np.uint32)
+
+
+def frame_sums(frames: np.ndarray) -> np.ndarray:
+    """Checksums of frames (uint16 [M, HW]) → uint32 [M] (vectorised: one integer matmul)."""
+    hw = frames.shape[-1]
+    if hw > len(_SUM_WEIGHTS):
+        raise ValueError(f"frames of {hw} tokens: frame checksums cover at most {len(_SUM_WEIGHTS)} tokens per frame")
+    return np.matmul(frames, _SUM_WEIGHTS[:hw])  # uint16 @ uint32 → uint32, wrapping mod 2^32
 
 
 def rows_to_batch(rows: list[dict[str, Any]]) -> pa.RecordBatch:
@@ -51,7 +73,16 @@ def rows_to_batch(rows: list[dict[str, Any]]) -> pa.RecordBatch:
     tokens = pa.ListArray.from_arrays(
         pa.array(offsets, pa.int32()), pa.array(values, pa.uint16()), type=ARROW_SCHEMA.field("tokens").type
     )
-    return pa.RecordBatch.from_arrays(arrays + [tokens], schema=ARROW_SCHEMA)
+    # One shard has one grid, so the rows' tokens are whole frames back to back: [frames, HW].
+    hw = rows[0]["grid_h"] * rows[0]["grid_w"] if rows else 1
+    nf = np.fromiter((r["num_frames"] for r in rows), dtype=np.int64, count=len(rows))
+    sum_offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum(nf, out=sum_offsets[1:])
+    sums = frame_sums(np.asarray(values).reshape(-1, hw)) if len(values) else np.zeros(0, np.uint32)
+    frame_col = pa.ListArray.from_arrays(
+        pa.array(sum_offsets, pa.int32()), pa.array(sums, pa.uint32()), type=ARROW_SCHEMA.field("frame_sums").type
+    )
+    return pa.RecordBatch.from_arrays(arrays + [tokens, frame_col], schema=ARROW_SCHEMA)
 
 
 def _root(a: np.ndarray):
@@ -225,8 +256,10 @@ class ArrowShardReader:
             self._file = fs.open(path, "rb", block_size=1 << 20, cache_type="bytes")
             self._source = pa.PythonFile(self._file, mode="r")
         self._reader = pa.ipc.open_file(self._source)
-        if not self._reader.schema.equals(ARROW_SCHEMA, check_metadata=False):
+        schema = self._reader.schema
+        if not (schema.equals(ARROW_SCHEMA, check_metadata=False) or schema.equals(ARROW_SCHEMA_V1, check_metadata=False)):
             raise ValueError(f"{url} is not a Toto token shard (unexpected Arrow schema)")
+        self.has_frame_sums = "frame_sums" in schema.names
         self._batches: dict[int, tuple[pa.RecordBatch, np.ndarray, np.ndarray]] = {}
         self._starts = [0]
         self._counts: list[int] | None = None

@@ -18,7 +18,7 @@ import numpy as np
 
 import schemas
 from pipeline import storage
-from pipeline.shards.arrow_format import ArrowFileWriter, ArrowShardReader
+from pipeline.shards.arrow_format import FRAME_SUM, ArrowFileWriter, ArrowShardReader
 from pipeline.shards.rows import normalize_row
 from pipeline.shards.wds_format import TarFileWriter, TarShardReader
 
@@ -192,6 +192,10 @@ class ShardWriter:
             settings=self.settings,
             created_by=_version(),
         )
+        if self.format == "arrow":
+            # The data file holds a checksum per frame (column frame_sums): readers that fetch
+            # single frames by range check what they read against it (no whole-file download).
+            sidecar["checksums"] = {"frames": FRAME_SUM, "column": "frame_sums"}
         storage.write_json(self.sidecar_url, sidecar, "shard_sidecar", self.storage_options)
         return sidecar
 

@@ -8,9 +8,9 @@ from trainer.data.loader import STATE_VERSION, MixLoader
 
 
 def build_sequence(mix_path: str, i: int, *, split: str = "train", storage_options: dict | None = None,
-                   verify_sha256: bool = False) -> dict:
+                   verify: str = "off") -> dict:
     """Global sample ``i`` of a mix as one sequence (numpy arrays ``inputs``/``targets``/... [T])."""
-    return MixReader(mix_path, split=split, storage_options=storage_options, verify_sha256=verify_sha256).sequence(i)
+    return MixReader(mix_path, split=split, storage_options=storage_options, verify=verify).sequence(i)
 
 
 __all__ = ["IGNORE_INDEX", "STATE_VERSION", "MixLoader", "MixReader", "build_sequence", "iter_clips", "make_specials"]

@@ -84,7 +84,7 @@ def iter_clips(
     if kind not in ("image", "video"):
         raise ValueError(f"kind={kind!r}: use 'image' or 'video'")
     hw = int(m["grid"][0]) * int(m["grid"][1])
-    store = TokenStore(dataset_url, m, hw, storage_options=storage_options, verify_sha256=verify_sha256)
+    store = TokenStore(dataset_url, m, hw, storage_options=storage_options, verify="sha256" if verify_sha256 else "off")
     splits = [split] if split is not None else rows.splits()
     done = 0
     for sp in splits:

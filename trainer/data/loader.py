@@ -96,10 +96,15 @@ class MixLoader:
         num_workers: int = 0,
         split: str = "train",
         storage_options: dict | None = None,
-        verify_sha256: bool = True,
+        verify: str = "auto",
         prefetch_factor: int = 4,
-        block_cache_mb: int = 64,
+        cache_mb: int = 256,
+        read_slack: float = 0.5,
     ):
+        """``verify``: "auto" (per-frame checksums on what is read from remote shards, sha256 of
+        local shards once per process), "sha256" (whole files, once per process) or "off"; see
+        docs/mixing.md. ``cache_mb``: the process-wide budget for remote reads; ``read_slack``:
+        extra bytes per byte read allowed to merge nearby frames into one request."""
         if not isinstance(world, int) or world < 1:
             raise ValueError(f"world={world!r}: must be an integer ≥ 1 (the number of data-parallel ranks)")
         if not isinstance(rank, int) or not 0 <= rank < world:
@@ -118,7 +123,7 @@ class MixLoader:
         self.local_batch = global_batch // world
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.reader = MixReader(mix_path, split=split, storage_options=storage_options,
-                                verify_sha256=verify_sha256, block_cache_mb=block_cache_mb)
+                                verify=verify, read_slack=read_slack, cache_mb=cache_mb)
         self.split = split
         self.seq_len: int = self.reader.seq_len
         self.vocab_size: int = self.reader.vocab_size

@@ -89,7 +89,7 @@ def test_truncated_shard_is_refused_instead_of_read(datasets):
     m = read_manifest(datasets["k600"])
     path = os.path.join(datasets["k600"], m["shards"][0]["data_file"])
     os.truncate(path, os.path.getsize(path) // 3)
-    r = MixReader(out, verify_sha256=False)
+    r = MixReader(out, verify="off")
     with pytest.raises(ValueError, match="outside their data file"):
         r.batch(np.arange(40))
 
@@ -131,7 +131,7 @@ def test_a_source_that_cannot_be_mapped_falls_back_to_per_shard_maps(datasets, m
 def test_an_index_that_asks_for_frames_past_the_split_is_refused(datasets):
     out = str(datasets["root"] / "mix.json")
     build_mix(_cfg(datasets), out, progress=False)
-    r = MixReader(out, verify_sha256=False)
+    r = MixReader(out, verify="off")
     tab = dict(r._tab[0])
     tab["units"] = np.asarray(tab["units"]).copy()
     tab["units"][3] = int(tab["cum"][-1])  # one clip starting past the last frame of the split

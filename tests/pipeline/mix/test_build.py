@@ -222,7 +222,7 @@ def test_corrupt_shard_is_caught_on_first_use(datasets):
     r = MixReader(out)
     with pytest.raises(ValueError, match="sha256"):
         r.batch(np.arange(40))
-    r = MixReader(out, verify_sha256=False)
+    r = MixReader(out, verify="off")
     r.batch(np.arange(3))
 
 

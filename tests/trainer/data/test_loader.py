@@ -22,7 +22,7 @@ def _cat(batches, key):
 
 
 def test_contract_fields(mix_path):
-    loader = MixLoader(mix_path, global_batch=G, verify_sha256=True)
+    loader = MixLoader(mix_path, global_batch=G, verify="sha256")
     assert loader.seq_len == 16 and loader.vocab_size == 516
     assert loader.specials == {"bos_video": 512, "bos_image": 513, "eos": 514, "pad": 515}
     assert loader.sources == ["k600", "imagenet"]
@@ -129,17 +129,25 @@ def test_iter_clips_for_probes(mix_path, tmp_path):
 
 
 def test_s3_reads_match_local(tmp_path, s3_server):
+    from pipeline.mix import access
+    from pipeline.shards.cache import process_cache
+
     so = s3_server["storage_options"]
     remote = make_mix(tmp_path, prefix=f"s3://{s3_server['bucket']}/mixtest", storage_options=so)
     local = make_mix(tmp_path / "local")
     a = _take(MixLoader(local, global_batch=G), 3)
-    rl = MixLoader(remote, global_batch=G, storage_options=so, verify_sha256=True, block_cache_mb=2)
+    before = dict(access.REMOTE_FETCHES)
+    rl = MixLoader(remote, global_batch=G, storage_options=so, cache_mb=2)
     b = _take(rl, 3)
     for x, y in zip(a, b, strict=True):
         assert (x["inputs"] == y["inputs"]).all() and x["label"] == y["label"]
-    # remote shards are read by ranges through a bounded LRU block cache
-    opened = [f._file for st in rl.reader._stores for f in st._files.values() if f._file is not None]
-    assert opened and all(type(f.cache).__name__ == "BlockCache" and f.cache.maxblocks == 2 for f in opened)
+    # Remote shards are read by ranges and checked per frame (default verify="auto"): no file was
+    # hashed whole, and what was fetched sits in the one process-wide cache, within its budget.
+    files = [f for st in rl.reader._stores for f in st._files.values()]
+    assert files and not any(f._checked for f in files)
+    assert access.REMOTE_FETCHES["requests"] > before["requests"]
+    cache = process_cache()
+    assert cache.budget == 2 << 20 and 0 < cache.nbytes <= cache.budget
 
 
 def test_batched_assembly_equals_one_by_one(mix_path):
