@@ -77,9 +77,6 @@ def check_verify(verify: str) -> str:
 # Bytes and requests this process fetched for token frames and their checksums (for benchmarks).
 REMOTE_FETCHES = {"requests": 0, "bytes": 0}
 
-SUM_HOLE_BYTES = 4096  # checksums are 4 bytes each: one request per nearby group is worth a few KiB
-
-
 class _ShardFile:
     """Token access to one shard's data file (opened lazily, once per process).
 
@@ -241,7 +238,8 @@ class TokenStore:
         direct = elem >= 0  # offsets known: uncompressed Arrow
         if self.remote and direct.any():
             sel = np.flatnonzero(direct)
-            sums = np.asarray(table["sums"][q[sel]]) + k[sel] if "sums" in table else np.full(len(sel), -1, np.int64)
+            s0 = np.asarray(table["sums"][q[sel]])
+            sums = np.where(s0 >= 0, s0 + k[sel], -1)  # uint32 element of each frame's checksum; -1: none
             out[ri[sel], fi[sel]] = self._frames_remote(shard[sel], starts[sel], sums)
         for sh, seg in _groups(shard):
             f = self._file(sh)
@@ -276,7 +274,8 @@ class TokenStore:
             sum_lo = u_sum[ci] * 4
             order = np.lexsort((sum_lo, u_shard[ci]))
             ci = ci[order]
-            reqs.append((u_shard[ci], u_sum[ci] * 4, u_sum[ci] * 4 + 4, np.int64(SUM_HOLE_BYTES)))
+            # The checksums of a clip's frames lie a few bytes apart: the same slack per frame merges them.
+            reqs.append((u_shard[ci], u_sum[ci] * 4, u_sum[ci] * 4 + 4, np.int64(int(self.read_slack * fb))))
         bufs, new = self._fetch(reqs)
         frames_buf, frames_pos = bufs[0]
         u16 = np.frombuffer(frames_buf, dtype=np.uint16)

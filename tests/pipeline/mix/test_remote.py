@@ -1,0 +1,148 @@
+"""The loader's remote read path on a real S3 API server (moto on 127.0.0.1): frames by coalesced
+ranges, checked per frame; old shards through the whole-file sha256 with a warning."""
+
+import uuid
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline import storage
+from pipeline.mix import MixConfig, MixReader, access, build_mix
+from pipeline.mix.access import coalesce
+from pipeline.mix.synthetic import decode_frame, write_positional_dataset
+from pipeline.mix.tables import locate_frames
+from pipeline.shards import committed_shards, write_manifest
+from pipeline.shards.arrow_format import ARROW_SCHEMA_V1
+
+VIDEOS = [{"frames": 150, "label": "walk"}, {"frames": 90, "label": "run"}, {"frames": 75, "label": "walk"}]
+
+
+def _mix(base, so, *, frames=4, stride=3, grid=(4, 4)):
+    vid = f"{base}/k600"
+    write_positional_dataset(vid, VIDEOS, dataset="k600", chunk_frames=32, rows_per_shard=2, grid=grid,
+                             storage_options=so)
+    cfg = MixConfig(ratios={"k600": "1"}, inputs={"k600": vid}, frames=frames, stride=stride, seed=1)
+    build_mix(cfg, f"{base}/mix.json", so, progress=False)
+    return f"{base}/mix.json", vid
+
+
+def _remote(s3_server):
+    return f"s3://{s3_server['bucket']}/remote-{uuid.uuid4().hex[:6]}", s3_server["storage_options"]
+
+
+def _flip(url, byte, so):
+    fs, path = storage.url_to_fs(url, so)
+    data = bytearray(fs.cat_file(path))
+    data[byte] ^= 0x10
+    fs.pipe_file(path, bytes(data))
+
+
+def _first_frame_byte(r: MixReader, ids):
+    """(data file URL, byte offset) of the first token of the first frame that batch ``ids`` reads."""
+    si, _pos, frames = r.sample_frames(ids)[0]
+    tab = r._tab[si]
+    q, k = locate_frames(np.asarray(tab["cum"]), frames.reshape(-1)[:1])
+    sh = r._dsm[r.sources[si]]["shards"][int(tab["shard"][q[0]])]
+    return storage.join(r._src[si]["url"], sh["data_file"]), int(tab["elem"][q[0]] + k[0] * r.hw) * 2
+
+
+def test_remote_frames_equal_local_and_fetch_at_most_1_5x_what_they_deliver(tmp_path, s3_server):
+    base, so = _remote(s3_server)
+    remote, _ = _mix(base, so)
+    local, _ = _mix(str(tmp_path), None)
+    ids = np.arange(12, dtype=np.int64)
+    want = MixReader(local).batch(ids)
+    frame_bytes = 16 * 2
+    for slack, fewer in ((0.5, False), (4.0, True)):
+        before = dict(access.REMOTE_FETCHES)
+        r = MixReader(remote, storage_options=so, read_slack=slack, cache_mb=0)
+        got = r.batch(ids)
+        np.testing.assert_array_equal(got["inputs"], want["inputs"])
+        assert got["label"] == want["label"]
+        fetched = access.REMOTE_FETCHES["bytes"] - before["bytes"]
+        requests = access.REMOTE_FETCHES["requests"] - before["requests"]
+        distinct = len(np.unique(np.concatenate([f.reshape(-1) for _, _, f in r.sample_frames(ids)])))
+        delivered = distinct * frame_bytes
+        if not fewer:
+            # stride 3: the hole between two frames of a clip (2 frames) exceeds half a frame, so each
+            # frame is its own request; a clip's 4-byte checksums, 8 bytes apart, come in one
+            assert delivered + 4 * distinct <= fetched <= 1.5 * (delivered + 4 * distinct)
+            per_frame_requests = requests
+        else:
+            assert requests < per_frame_requests and fetched > delivered
+        assert requests <= 2 * distinct
+        assert not any(f._checked for f in r._stores[0]._files.values())  # no whole-file hash
+
+
+def test_flipped_byte_in_a_remote_frame_is_caught_naming_the_shard(s3_server):
+    base, so = _remote(s3_server)
+    mix, _ = _mix(base, so)
+    ids = np.arange(8, dtype=np.int64)
+    clean = MixReader(mix, storage_options=so, cache_mb=0).batch(ids)["inputs"]
+    url, byte = _first_frame_byte(MixReader(mix, storage_options=so), ids)
+    _flip(url, byte + 1, so)  # the high byte of the frame's first token
+    with pytest.raises(ValueError, match=rf"{storage.basename(url)}: 1 frame\(s\) read fail their checksum"):
+        MixReader(mix, storage_options=so, cache_mb=0).batch(ids)
+    # What the check stood between: without it the damaged token is delivered silently.
+    dirty = MixReader(mix, storage_options=so, verify="off", cache_mb=0).batch(ids)["inputs"]
+    assert (dirty != clean).sum() == 1
+
+
+def _downgrade_to_v1(dataset_url: str, so) -> None:
+    """Rewrite every shard as format 1 (no frame_sums), with a sidecar as an older Toto wrote it."""
+    fs, _ = storage.url_to_fs(dataset_url, so)
+    for side in committed_shards(dataset_url, so):
+        url = storage.join(dataset_url, side["data_file"])
+        table = pa.ipc.open_file(pa.py_buffer(fs.cat_file(url))).read_all().drop_columns(["frame_sums"])
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, ARROW_SCHEMA_V1) as w:
+            w.write_table(table.replace_schema_metadata(ARROW_SCHEMA_V1.metadata))
+        data = sink.getvalue().to_pybytes()
+        fs.pipe_file(url, data)
+        side.pop("checksums")
+        import hashlib
+
+        side["sha256"], side["bytes"] = hashlib.sha256(data).hexdigest(), len(data)
+        storage.write_json(storage.join(dataset_url, f"shard-{side['shard_id']:06d}.json"), side, "shard_sidecar", so)
+    write_manifest(dataset_url, so)
+
+
+def test_old_shards_without_sums_fall_back_to_sha256_with_a_warning(s3_server):
+    base, so = _remote(s3_server)
+    vid = f"{base}/k600"
+    write_positional_dataset(vid, VIDEOS, dataset="k600", chunk_frames=32, rows_per_shard=2, grid=(4, 4),
+                             storage_options=so)
+    _downgrade_to_v1(vid, so)
+    mix = f"{base}/mix.json"
+    build_mix(MixConfig(ratios={"k600": "1"}, inputs={"k600": vid}, frames=4, stride=3, seed=1), mix, so, progress=False)
+    ids = np.arange(8, dtype=np.int64)
+    r = MixReader(mix, storage_options=so)
+    assert (np.asarray(r._tab[0]["sums"]) == -1).all()
+    with pytest.warns(UserWarning, match="no per-frame checksums"):
+        got = r.batch(ids)
+    assert all(f._checked for f in r._stores[0]._files.values())  # each file hashed whole, once
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning per shard and process, not per batch
+        r.batch(ids)
+    # the tokens say where they came from: frame f of a clip is stride 3 after frame f-1
+    body = got["inputs"][:, 1 : 1 + 3 * 16].reshape(8, 3, 16)  # (inputs hold 3 whole frames of 4 + bos)
+    f0 = np.array([[decode_frame(body[i, j], 512)[1] for j in range(3)] for i in range(8)])
+    assert (np.diff(f0, axis=1) == 3).all()
+    url, byte = _first_frame_byte(r, ids)
+    _flip(url, byte, so)
+    with pytest.raises(ValueError, match=rf"{storage.basename(url)}: sha256 .* does not match"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            MixReader(mix, storage_options=so).batch(ids)
+
+
+def test_coalesce_merges_only_holes_within_the_limit():
+    lo = np.array([0, 10, 40, 41, 100], dtype=np.int64)
+    hi = lo + 8
+    gid, g_lo, g_hi = coalesce(lo, hi, 5)  # holes: 2, 22, -7 (overlap), 51
+    assert gid.tolist() == [0, 0, 1, 1, 2]
+    assert g_lo.tolist() == [0, 40, 100] and g_hi.tolist() == [18, 49, 108]
+    gid, _, _ = coalesce(lo, hi, 0)
+    assert gid.tolist() == [0, 1, 2, 2, 3]
