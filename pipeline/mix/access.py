@@ -26,6 +26,7 @@ shard is then downloaded once per process); ``"off"`` checks nothing.
 
 from __future__ import annotations
 
+import collections
 import functools
 import io
 import json
@@ -73,6 +74,8 @@ def check_verify(verify: str) -> str:
         )
     return verify
 
+
+MAX_OPEN_READERS = 16  # per TokenStore: shard readers (WebDataset, zstd) kept open, least recently used closed
 
 # Bytes and requests this process fetched for token frames and their checksums (for benchmarks).
 REMOTE_FETCHES = {"requests": 0, "bytes": 0}
@@ -135,14 +138,25 @@ class _ShardFile:
             )
         return self._win[starts]
 
-    def frames_by_row(self, rows: np.ndarray, frames: np.ndarray) -> np.ndarray:
-        """Frames ``frames`` of shard rows ``rows`` via the shard reader (any format) → uint16 [M, HW]."""
+    def frames_by_row(self, rows: np.ndarray, frames: np.ndarray, open_readers: collections.OrderedDict) -> np.ndarray:
+        """Frames ``frames`` of shard rows ``rows`` via the shard reader (any format) → uint16 [M, HW].
+
+        ``open_readers`` (the store's) bounds how many shard readers stay open: a remote reader
+        holds a file handle and its read buffer, so touching 10× the shards must not mean 10× those.
+        """
         if self._reader is None:
             if storage.is_local(self.url):
                 self.check_file()
             else:
                 self.check_remote(False)
             self._reader = open_shard(self.url, self.so)
+            open_readers[self.url] = self
+            while len(open_readers) > MAX_OPEN_READERS:
+                _, old = open_readers.popitem(last=False)
+                old._reader.close()
+                old._reader = None
+        else:
+            open_readers.move_to_end(self.url)
         out = np.empty((len(rows), self.hw), dtype=np.uint16)
         # One reader call per row, not per frame: a row's frames come out of one (cached) batch.
         for r, sel in _groups(rows):
@@ -196,17 +210,18 @@ class TokenStore:
         self.read_slack, self.cache_mb = float(read_slack), cache_mb
         self.remote = not storage.is_local(url)
         self._files: dict[int, _ShardFile] = {}
+        self._readers: collections.OrderedDict[str, _ShardFile] = collections.OrderedDict()
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict:
         # Memory maps and open files are per process: DataLoader workers reopen them lazily.
         d = dict(self.__dict__)
-        d["_files"] = {}
+        d["_files"], d["_readers"] = {}, collections.OrderedDict()
         return d
 
     def _file(self, shard: int) -> _ShardFile:
         if self._pid != os.getpid():
-            self._files, self._pid = {}, os.getpid()
+            self._files, self._readers, self._pid = {}, collections.OrderedDict(), os.getpid()
         f = self._files.get(shard)
         if f is None:
             sh = self.manifest["shards"][shard]
@@ -248,7 +263,7 @@ class TokenStore:
                 out[ri[seg], fi[seg]] = f.frames_local(starts[seg])
             elif not seg_direct.all():
                 seg = seg[~seg_direct]
-                out[ri[seg], fi[seg]] = f.frames_by_row(table["row"][q[seg]], k[seg])
+                out[ri[seg], fi[seg]] = f.frames_by_row(table["row"][q[seg]], k[seg], self._readers)
         return out if out.shape[0] == m else out[rows], q.reshape(m, nf)
 
     def _frames_remote(self, shard: np.ndarray, starts: np.ndarray, sums: np.ndarray) -> np.ndarray:

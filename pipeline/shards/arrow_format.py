@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
+from pipeline.shards.cache import process_cache
 from pipeline.shards.rows import META_COLUMNS
 
 _FIELDS = [
@@ -274,7 +275,10 @@ class ArrowShardReader:
                 self._starts.append(self._starts[-1] + n)
 
     def _batch(self, b: int) -> tuple[pa.RecordBatch, np.ndarray, np.ndarray, np.ndarray]:
-        got = self._batches.get(b)
+        remote = self._file is not None
+        # Remote batches are decoded copies: they live in the process-wide byte-budgeted cache
+        # (shared by every reader of this process), local ones are views of the memory map.
+        got = process_cache().get((self.url, "batch", b)) if remote else self._batches.get(b)
         if got is None:
             batch = self._reader.get_batch(b)
             col = batch.column("tokens")
@@ -283,9 +287,10 @@ class ArrowShardReader:
             # (rows, 3): num_frames, grid_h, grid_w, read once per batch instead of per row
             shapes = np.stack([batch.column(c).to_numpy() for c in ("num_frames", "grid_h", "grid_w")], axis=1).tolist()
             got = (batch, offsets, values, shapes)
-            if len(self._batches) > 64 and self._file is not None:
-                self._batches.clear()  # bound memory for remote reads
-            self._batches[b] = got
+            if remote:
+                process_cache().put((self.url, "batch", b), got, batch.nbytes)
+            else:
+                self._batches[b] = got
         return got
 
     def __len__(self) -> int:

@@ -201,3 +201,19 @@ def test_remote_row_table_equals_local_without_reading_the_tokens(tmp_path, s3_s
     got = sum(fetched)
     total = sum(s["bytes"] for s in remote_m["shards"])
     assert got < 0.1 * total, (got, total)
+
+
+def test_shard_readers_beyond_the_limit_are_closed_and_reopened(tmp_path, monkeypatch):
+    vid = str(tmp_path / "k600")
+    write_positional_dataset(vid, VIDEOS, dataset="k600", chunk_frames=32, rows_per_shard=2, format="webdataset")
+    mix = str(tmp_path / "mix.json")
+    build_mix(MixConfig(ratios={"k600": "1"}, inputs={"k600": vid}, frames=4, stride=3, seed=1), mix, progress=False)
+    ids = np.arange(24, dtype=np.int64)
+    want = MixReader(mix).batch(ids)["inputs"]
+    monkeypatch.setattr(access, "MAX_OPEN_READERS", 2)
+    r = MixReader(mix)
+    for _ in range(2):
+        np.testing.assert_array_equal(r.batch(ids)["inputs"], want)
+        store = r._stores[0]
+        assert len(store._readers) == 2 and len(store._files) > 2
+        assert sum(f._reader is not None for f in store._files.values()) == 2

@@ -177,3 +177,17 @@ def test_inputs_and_targets_are_views_of_one_buffer_and_frame_index_is_shared(mi
         one = loader.sequence(i)
         assert (one["inputs"] == x[i].numpy()).all() and (one["targets"] == y[i].numpy()).all()
         assert (one["frame_index"] == fi[i].numpy()).all()
+
+
+def test_integrity_switch_reaches_the_loader_from_the_trainer_config(mix_path):
+    from trainer.config import load_config
+    from trainer.train import mix_loader_factory
+
+    assert load_config("tiny", []).data_verify == "auto"
+    cfg = load_config("tiny", ["data_verify=off"])
+    loader = mix_loader_factory(mix_path, global_batch=G, rank=0, world=1, split="train", verify=cfg.data_verify)
+    assert loader.reader.verify == "off" and all(s.verify == "off" for s in loader.reader._stores)
+    with pytest.raises(ValueError, match="data_verify='sha' is invalid: choose one of"):
+        load_config("tiny", ["data_verify=sha"])
+    with pytest.raises(ValueError, match="verify='yes'.*'auto'"):
+        MixLoader(mix_path, global_batch=G, verify="yes")
