@@ -145,11 +145,15 @@ class _ShardFile:
         holds a file handle and its read buffer, so touching 10× the shards must not mean 10× those.
         """
         if self._reader is None:
+            reader = open_shard(self.url, self.so)
+            impl = reader._impl
             if storage.is_local(self.url):
                 self.check_file()
+            elif self.verify == "auto" and getattr(impl, "has_frame_sums", False):
+                impl.check_frames = True  # each batch checked as it is decoded (zstd shards)
             else:
                 self.check_remote(False)
-            self._reader = open_shard(self.url, self.so)
+            self._reader = reader
             open_readers[self.url] = self
             while len(open_readers) > MAX_OPEN_READERS:
                 _, old = open_readers.popitem(last=False)

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 from pipeline import storage
 from pipeline.shards import open_shard
-from pipeline.shards.arrow_format import ARROW_SCHEMA, ARROW_SCHEMA_V1
+from pipeline.shards.arrow_format import ARROW_SCHEMA, ARROW_SCHEMA_V1, ipc_batch_layout
 
 
 @dataclass
@@ -66,104 +66,6 @@ _STR_COLS = ("split", "dataset", "video_id", "label")
 _META_READ = ("num_frames", "chunk", *_STR_COLS)
 
 
-def _u32(b: bytes, p: int) -> int:
-    return int.from_bytes(b[p : p + 4], "little")
-
-
-def _fb_table(b: bytes, pos: int):
-    """A flatbuffer table at ``pos``: field index → absolute position of the field (0 if absent)."""
-    vt = pos - int.from_bytes(b[pos : pos + 4], "little", signed=True)
-    vt_len = int.from_bytes(b[vt : vt + 2], "little")
-
-    def field(i: int) -> int:
-        o = 4 + 2 * i
-        off = int.from_bytes(b[vt + o : vt + o + 2], "little") if o < vt_len else 0
-        return pos + off if off else 0
-
-    return field
-
-
-def _fb_vector(b: bytes, field_pos: int) -> tuple[int, int]:
-    """(position of the first element, length) of the vector a table field points to."""
-    v = field_pos + _u32(b, field_pos)
-    return v + 4, _u32(b, v)
-
-
-def _buffer_index(schema: pa.Schema, name: str) -> int:
-    """Index, in an IPC record batch's buffer list, of the values (child data) buffer of list field ``name``
-    (buffers are listed field by field, depth first: validity, then offsets and/or data)."""
-    def count(t: pa.DataType) -> int:
-        if pa.types.is_list(t):
-            return 2 + count(t.value_type)
-        if pa.types.is_string(t) or pa.types.is_binary(t):
-            return 3
-        return 2
-
-    i = 0
-    for f in schema:
-        if f.name == name:
-            return i + 3  # list validity, list offsets, child validity, child data
-        i += count(f.type)
-    raise KeyError(name)
-
-
-def _remote_arrow_rows(fs, path: str, size: int, schema: pa.Schema) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per record batch of a remote Arrow IPC file: (uint16 element offset of each row's tokens,
-    uint32 element offset of each row's first frame checksum; -1 where absent or compressed).
-
-    Read from the footer, each batch's message header and the two list-offsets buffers only
-    (exact ranges, concurrently; layouts from Arrow's File.fbs and Message.fbs): no token bytes.
-    """
-    tail = fs.cat_file(path, start=size - 10, end=size)
-    if tail[4:] != b"ARROW1":
-        raise ValueError(f"{path} is not an Arrow IPC file (no ARROW1 trailer)")
-    flen = int.from_bytes(tail[:4], "little")
-    footer = fs.cat_file(path, start=size - 10 - flen, end=size - 10)
-    blocks_at, n = _fb_vector(footer, _fb_table(footer, _u32(footer, 0))(3))  # Footer.recordBatches
-    blocks = []
-    for k in range(n):
-        p = blocks_at + 24 * k  # struct Block {offset: long; metaDataLength: int; pad; bodyLength: long}
-        blocks.append((int.from_bytes(footer[p : p + 8], "little", signed=True),
-                       int.from_bytes(footer[p + 8 : p + 12], "little", signed=True)))
-    metas = fs.cat_ranges([path] * n, [o for o, _ in blocks], [o + m for o, m in blocks], on_error="raise") if n else []
-    want = [(_buffer_index(schema, c) if c in schema.names else None) for c in ("tokens", "frame_sums")]
-    plan = []  # per batch: rows, then per column (offsets buffer position, values position) or None
-    for k, ((offset, meta_len), meta) in enumerate(zip(blocks, metas, strict=True)):
-        fb = meta[8:] if meta[:4] == b"\xff\xff\xff\xff" else meta[4:]  # continuation marker, length
-        msg = _fb_table(fb, _u32(fb, 0))
-        if not msg(1) or fb[msg(1)] != 3 or not msg(2):  # header_type must be RecordBatch
-            raise ValueError(f"{path}: record batch {k} has an unexpected IPC message")
-        rb = _fb_table(fb, msg(2) + _u32(fb, msg(2)))
-        rows = int.from_bytes(fb[rb(0) : rb(0) + 8], "little", signed=True) if rb(0) else 0
-        body = offset + meta_len
-        cols = []
-        for idx in want:
-            if idx is None or rb(3):  # absent column, or compressed buffers (not addressable)
-                cols.append(None)
-                continue
-            bufs_at, nb = _fb_vector(fb, rb(2))
-            if idx >= nb:
-                raise ValueError(f"{path}: record batch {k} has {nb} buffers, expected more than {idx}")
-            at = [body + int.from_bytes(fb[q : q + 8], "little", signed=True)
-                  for q in (bufs_at + 16 * (idx - 2), bufs_at + 16 * idx)]  # struct Buffer {offset; length}
-            cols.append(tuple(at))
-        plan.append((rows, cols))
-    reads = [(c[0], c[0] + 4 * (rows + 1)) for rows, cols in plan for c in cols if c is not None]
-    got = iter(fs.cat_ranges([path] * len(reads), [a for a, _ in reads], [z for _, z in reads], on_error="raise")
-               if reads else [])
-    out = []
-    for rows, cols in plan:
-        per = []
-        for c, width in zip(cols, (2, 4), strict=True):
-            if c is None or c[1] % width:
-                per.append(np.full(rows, -1, dtype=np.int64))
-                continue
-            offs = np.frombuffer(next(got), dtype="<i4").astype(np.int64)
-            per.append(c[1] // width + offs[:-1] - offs[0])
-        out.append((per[0], per[1]))
-    return out
-
-
 def _frame_sum_offsets(batch: pa.RecordBatch, lo: int, hi: int) -> np.ndarray:
     """uint32 element offsets in the file (mapped at [lo, hi)) of each row's first frame checksum
     (int64 [rows]); -1 where the shard has none (format 1) or they are not stored in place (zstd)."""
@@ -197,14 +99,14 @@ def _read_remote_arrow(url: str, storage_options: dict | None, num: dict, strs: 
         schema = pa.ipc.open_file(pa.PythonFile(f, mode="r")).schema
         if not (schema.equals(ARROW_SCHEMA, check_metadata=False) or schema.equals(ARROW_SCHEMA_V1, check_metadata=False)):
             raise ValueError(f"{url} is not a Toto token shard (unexpected Arrow schema)")
-        pos = _remote_arrow_rows(fs, path, f.size, schema)
+        pos = ipc_batch_layout(fs, path, f.size, schema)
         opts = pa.ipc.IpcReadOptions(included_fields=[schema.names.index(c) for c in _META_READ])
         f.seek(0)
         meta = pa.ipc.open_file(pa.PythonFile(f, mode="r"), options=opts)  # reads only these columns' buffers
         got = 0
         for b in range(meta.num_record_batches):
             batch = meta.get_batch(b)
-            elem, sums = pos[b]
+            _rows, elem, sums = pos[b]
             if len(elem) != batch.num_rows:
                 raise ValueError(f"{url}: record batch {b} has {batch.num_rows} rows but its header says {len(elem)}")
             num["elem"].append(elem)

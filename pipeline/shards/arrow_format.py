@@ -132,6 +132,104 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
         _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
+def _u32(b: bytes, p: int) -> int:
+    return int.from_bytes(b[p : p + 4], "little")
+
+
+def _fb_table(b: bytes, pos: int):
+    """A flatbuffer table at ``pos``: field index → absolute position of the field (0 if absent)."""
+    vt = pos - int.from_bytes(b[pos : pos + 4], "little", signed=True)
+    vt_len = int.from_bytes(b[vt : vt + 2], "little")
+
+    def field(i: int) -> int:
+        o = 4 + 2 * i
+        off = int.from_bytes(b[vt + o : vt + o + 2], "little") if o < vt_len else 0
+        return pos + off if off else 0
+
+    return field
+
+
+def _fb_vector(b: bytes, field_pos: int) -> tuple[int, int]:
+    """(position of the first element, length) of the vector a table field points to."""
+    v = field_pos + _u32(b, field_pos)
+    return v + 4, _u32(b, v)
+
+
+def _buffer_index(schema: pa.Schema, name: str) -> int:
+    """Index, in an IPC record batch's buffer list, of the values (child data) buffer of list field ``name``
+    (buffers are listed field by field, depth first: validity, then offsets and/or data)."""
+    def count(t: pa.DataType) -> int:
+        if pa.types.is_list(t):
+            return 2 + count(t.value_type)
+        if pa.types.is_string(t) or pa.types.is_binary(t):
+            return 3
+        return 2
+
+    i = 0
+    for f in schema:
+        if f.name == name:
+            return i + 3  # list validity, list offsets, child validity, child data
+        i += count(f.type)
+    raise KeyError(name)
+
+
+def ipc_batch_layout(fs, path: str, size: int, schema: pa.Schema) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """Per record batch of a remote Arrow IPC file: (rows, uint16 element offset of each row's tokens,
+    uint32 element offset of each row's first frame checksum; -1 where absent or compressed).
+
+    Read from the footer, each batch's message header and the two list-offsets buffers only
+    (exact ranges, concurrently; layouts from Arrow's File.fbs and Message.fbs): no token bytes.
+    """
+    tail = fs.cat_file(path, start=size - 10, end=size)
+    if tail[4:] != b"ARROW1":
+        raise ValueError(f"{path} is not an Arrow IPC file (no ARROW1 trailer)")
+    flen = int.from_bytes(tail[:4], "little")
+    footer = fs.cat_file(path, start=size - 10 - flen, end=size - 10)
+    blocks_at, n = _fb_vector(footer, _fb_table(footer, _u32(footer, 0))(3))  # Footer.recordBatches
+    blocks = []
+    for k in range(n):
+        p = blocks_at + 24 * k  # struct Block {offset: long; metaDataLength: int; pad; bodyLength: long}
+        blocks.append((int.from_bytes(footer[p : p + 8], "little", signed=True),
+                       int.from_bytes(footer[p + 8 : p + 12], "little", signed=True)))
+    metas = fs.cat_ranges([path] * n, [o for o, _ in blocks], [o + m for o, m in blocks], on_error="raise") if n else []
+    want = [(_buffer_index(schema, c) if c in schema.names else None) for c in ("tokens", "frame_sums")]
+    plan = []  # per batch: rows, then per column (offsets buffer position, values position) or None
+    for k, ((offset, meta_len), meta) in enumerate(zip(blocks, metas, strict=True)):
+        fb = meta[8:] if meta[:4] == b"\xff\xff\xff\xff" else meta[4:]  # continuation marker, length
+        msg = _fb_table(fb, _u32(fb, 0))
+        if not msg(1) or fb[msg(1)] != 3 or not msg(2):  # header_type must be RecordBatch
+            raise ValueError(f"{path}: record batch {k} has an unexpected IPC message")
+        rb = _fb_table(fb, msg(2) + _u32(fb, msg(2)))
+        rows = int.from_bytes(fb[rb(0) : rb(0) + 8], "little", signed=True) if rb(0) else 0
+        body = offset + meta_len
+        cols = []
+        for idx in want:
+            if idx is None or rb(3):  # absent column, or compressed buffers (not addressable)
+                cols.append(None)
+                continue
+            bufs_at, nb = _fb_vector(fb, rb(2))
+            if idx >= nb:
+                raise ValueError(f"{path}: record batch {k} has {nb} buffers, expected more than {idx}")
+            at = [body + int.from_bytes(fb[q : q + 8], "little", signed=True)
+                  for q in (bufs_at + 16 * (idx - 2), bufs_at + 16 * idx)]  # struct Buffer {offset; length}
+            cols.append(tuple(at))
+        plan.append((rows, cols))
+    reads = [(c[0], c[0] + 4 * (rows + 1)) for rows, cols in plan for c in cols if c is not None]
+    got = iter(fs.cat_ranges([path] * len(reads), [a for a, _ in reads], [z for _, z in reads], on_error="raise")
+               if reads else [])
+    out = []
+    for rows, cols in plan:
+        per = []
+        for c, width in zip(cols, (2, 4), strict=True):
+            if c is None or c[1] % width:
+                per.append(np.full(rows, -1, dtype=np.int64))
+                continue
+            offs = np.frombuffer(next(got), dtype="<i4").astype(np.int64)
+            per.append(c[1] // width + offs[:-1] - offs[0])
+        out.append((rows, per[0], per[1]))
+    return out
+
+
 class HashingFile(io.RawIOBase):
     """A write-only file that hashes what passes through, so the sha256 needs no second read.
 
@@ -252,6 +350,7 @@ class ArrowShardReader:
             self._source = pa.memory_map(storage.local_path(url), "r")
             self._file = None
         else:
+            self._so = storage_options
             fs, path = storage.url_to_fs(url, storage_options)
             # Block cache of 1 MiB: the footer and one record batch per random read.
             self._file = fs.open(path, "rb", block_size=1 << 20, cache_type="bytes")
@@ -261,17 +360,23 @@ class ArrowShardReader:
         if not (schema.equals(ARROW_SCHEMA, check_metadata=False) or schema.equals(ARROW_SCHEMA_V1, check_metadata=False)):
             raise ValueError(f"{url} is not a Toto token shard (unexpected Arrow schema)")
         self.has_frame_sums = "frame_sums" in schema.names
+        # Set by readers that want every record batch decoded here checked against its frame
+        # checksums (the loader on remote compressed shards: what is read is checked, no download).
+        self.check_frames = False
         self._batches: dict[int, tuple[pa.RecordBatch, np.ndarray, np.ndarray]] = {}
         self._starts = [0]
         self._counts: list[int] | None = None
 
     def _ensure_counts(self) -> None:
         if self._counts is None:
-            # Row counts per batch need each batch's header; for a memory map this reads no data.
-            self._counts = []
-            for b in range(self._reader.num_record_batches):
-                n = self._batch(b)[0].num_rows
-                self._counts.append(n)
+            # Row counts per batch need each batch's header; for a memory map this reads no data,
+            # remotely the headers are read by range (not the batches).
+            if self._file is None:
+                self._counts = [self._batch(b)[0].num_rows for b in range(self._reader.num_record_batches)]
+            else:
+                fs, path = storage.url_to_fs(self.url, self._so)
+                self._counts = [n for n, _, _ in ipc_batch_layout(fs, path, self._file.size, self._reader.schema)]
+            for n in self._counts:
                 self._starts.append(self._starts[-1] + n)
 
     def _batch(self, b: int) -> tuple[pa.RecordBatch, np.ndarray, np.ndarray, np.ndarray]:
@@ -286,12 +391,22 @@ class ArrowShardReader:
             values = col.values.to_numpy(zero_copy_only=False)
             # (rows, 3): num_frames, grid_h, grid_w, read once per batch instead of per row
             shapes = np.stack([batch.column(c).to_numpy() for c in ("num_frames", "grid_h", "grid_w")], axis=1).tolist()
+            if self.check_frames and self.has_frame_sums and len(values):
+                self._check_frames(b, batch, values, shapes[0][1] * shapes[0][2])
             got = (batch, offsets, values, shapes)
             if remote:
                 process_cache().put((self.url, "batch", b), got, batch.nbytes)
             else:
                 self._batches[b] = got
         return got
+
+    def _check_frames(self, b: int, batch: pa.RecordBatch, values: np.ndarray, hw: int) -> None:
+        want = batch.column("frame_sums").values.to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero(frame_sums(values.reshape(-1, hw)) != want)
+        if bad.size:
+            raise ValueError(
+                f"{self.url}: record batch {b}: {bad.size} frame(s) fail their checksum (the first is frame "
+                f"{int(bad[0])} of the batch); the shard is corrupt or was replaced: re-run the job for this shard")
 
     def __len__(self) -> int:
         self._ensure_counts()

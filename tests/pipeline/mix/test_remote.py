@@ -217,3 +217,30 @@ def test_shard_readers_beyond_the_limit_are_closed_and_reopened(tmp_path, monkey
         store = r._stores[0]
         assert len(store._readers) == 2 and len(store._files) > 2
         assert sum(f._reader is not None for f in store._files.values()) == 2
+
+
+def test_remote_zstd_shards_are_checked_batch_by_batch_without_a_download(tmp_path, s3_server):
+    from pipeline.shards import ShardWriter
+
+    base, so = _remote(s3_server)
+    rng = np.random.default_rng(0)
+    rows = [dict(key=f"k/v{i}/00000", dataset="k", split="train", video_id=f"v{i}", chunk=0, t_start=0.0, fps=30.0,
+                 num_frames=12, grid_h=4, grid_w=4, label="a", tokens=rng.integers(0, 512, size=12 * 16, dtype=np.uint16))
+            for i in range(8)]
+    for url, opts in ((f"{base}/z", so), (str(tmp_path / "z"), None)):
+        w = ShardWriter(url, 0, codebook_size=512, tokenizer=TOK, resolution=32, row_group_size=4, compression="zstd",
+                        storage_options=opts)
+        for r in rows:
+            w.add(r)
+        w.commit(input_shard={"id": 0, "worklist_sha256": "x", "num_items": 8}, errors=[])
+        write_manifest(url, opts)
+        build_mix(MixConfig(ratios={"k": "1"}, inputs={"k": url}, frames=4, stride=2, seed=0), f"{url}/mix.json", opts,
+                  progress=False)
+    ids = np.arange(8, dtype=np.int64)
+    want = MixReader(str(tmp_path / "z" / "mix.json")).batch(ids)["inputs"]
+    r = MixReader(f"{base}/z/mix.json", storage_options=so, cache_mb=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "downloads the whole file" warning
+        np.testing.assert_array_equal(r.batch(ids)["inputs"], want)
+    (f,) = r._stores[0]._files.values()
+    assert not f._checked and f._reader._impl.check_frames

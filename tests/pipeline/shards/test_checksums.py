@@ -85,3 +85,19 @@ def test_byte_lru_keeps_the_most_recent_within_its_budget():
     assert len(c) == 1 and c.get(("g", 0)) == b"cccc"
     with pytest.raises(ValueError, match="budget"):
         c.resize(-1)
+
+
+def test_reader_checks_each_decoded_batch_when_asked(tmp_path, rows, tokenizer_info):
+    side = _write(tmp_path, rows, tokenizer_info)
+    path = tmp_path / side["data_file"]
+    with open_shard(str(path)) as r:
+        start = r._impl._batch(1)[2]  # values of batch 1 (rows 3..5): find their bytes in the file
+        pos = path.read_bytes().find(start[:8].tobytes())
+    data = bytearray(path.read_bytes())
+    data[pos + 3] ^= 0x01
+    path.write_bytes(bytes(data))
+    with open_shard(str(path)) as r:
+        r._impl.check_frames = True
+        r._impl._batch(0)  # batch 0 is intact
+        with pytest.raises(ValueError, match=r"shard-000000.arrow: record batch 1: 1 frame\(s\) fail their checksum"):
+            r._impl._batch(1)
