@@ -17,16 +17,23 @@ from pipeline.shards import committed_shards, write_manifest
 from pipeline.shards.arrow_format import ARROW_SCHEMA_V1
 
 TOK = {"id": "t", "sha256": "0" * 64, "vocab_size": 8192, "downsample": 8}
-VIDEOS = [{"frames": 150, "label": "walk"}, {"frames": 90, "label": "run"}, {"frames": 75, "label": "walk"}]
+VIDEOS = [{"frames": 100, "label": "walk"}, {"frames": 60, "label": "run"}, {"frames": 45, "label": "walk"}]
 
 
 def _mix(base, so, *, frames=4, stride=3, grid=(4, 4)):
     vid = f"{base}/k600"
-    write_positional_dataset(vid, VIDEOS, dataset="k600", chunk_frames=32, rows_per_shard=2, grid=grid,
+    write_positional_dataset(vid, VIDEOS, dataset="k600", chunk_frames=32, rows_per_shard=3, grid=grid,
                              storage_options=so)
     cfg = MixConfig(ratios={"k600": "1"}, inputs={"k600": vid}, frames=frames, stride=stride, seed=1)
     build_mix(cfg, f"{base}/mix.json", so, progress=False)
     return f"{base}/mix.json", vid
+
+
+@pytest.fixture(scope="module")
+def remote_mix(s3_server):
+    """One remote mix for the tests that only read it (or restore what they change)."""
+    base, so = _remote(s3_server)
+    return _mix(base, so)[0], so
 
 
 def _remote(s3_server):
@@ -49,9 +56,8 @@ def _first_frame_byte(r: MixReader, ids):
     return storage.join(r._src[si]["url"], sh["data_file"]), int(tab["elem"][q[0]] + k[0] * r.hw) * 2
 
 
-def test_remote_frames_equal_local_and_fetch_at_most_1_5x_what_they_deliver(tmp_path, s3_server):
-    base, so = _remote(s3_server)
-    remote, _ = _mix(base, so)
+def test_remote_frames_equal_local_and_fetch_at_most_1_5x_what_they_deliver(tmp_path, remote_mix):
+    remote, so = remote_mix
     local, _ = _mix(str(tmp_path), None)
     ids = np.arange(12, dtype=np.int64)
     want = MixReader(local).batch(ids)
@@ -77,18 +83,21 @@ def test_remote_frames_equal_local_and_fetch_at_most_1_5x_what_they_deliver(tmp_
         assert not any(f._checked for f in r._stores[0]._files.values())  # no whole-file hash
 
 
-def test_flipped_byte_in_a_remote_frame_is_caught_naming_the_shard(s3_server):
-    base, so = _remote(s3_server)
-    mix, _ = _mix(base, so)
+def test_flipped_byte_in_a_remote_frame_is_caught_naming_the_shard(remote_mix):
+    mix, so = remote_mix
     ids = np.arange(8, dtype=np.int64)
-    clean = MixReader(mix, storage_options=so, cache_mb=0).batch(ids)["inputs"]
-    url, byte = _first_frame_byte(MixReader(mix, storage_options=so), ids)
+    r = MixReader(mix, storage_options=so, cache_mb=0)
+    clean = r.batch(ids)["inputs"]
+    url, byte = _first_frame_byte(r, ids)
     _flip(url, byte + 1, so)  # the high byte of the frame's first token
-    with pytest.raises(ValueError, match=rf"{storage.basename(url)}: 1 frame\(s\) read fail their checksum"):
-        MixReader(mix, storage_options=so, cache_mb=0).batch(ids)
-    # What the check stood between: without it the damaged token is delivered silently.
-    dirty = MixReader(mix, storage_options=so, verify="off", cache_mb=0).batch(ids)["inputs"]
-    assert (dirty != clean).sum() == 1
+    try:
+        with pytest.raises(ValueError, match=rf"{storage.basename(url)}: 1 frame\(s\) read fail their checksum"):
+            MixReader(mix, storage_options=so, cache_mb=0).batch(ids)
+        # What the check stood between: without it the damaged token is delivered silently.
+        dirty = MixReader(mix, storage_options=so, verify="off", cache_mb=0).batch(ids)["inputs"]
+        assert (dirty != clean).sum() == 1
+    finally:
+        _flip(url, byte + 1, so)  # (the module's other tests read this mix)
 
 
 def _downgrade_to_v1(dataset_url: str, so) -> None:
@@ -113,7 +122,7 @@ def _downgrade_to_v1(dataset_url: str, so) -> None:
 def test_old_shards_without_sums_fall_back_to_sha256_with_a_warning(s3_server):
     base, so = _remote(s3_server)
     vid = f"{base}/k600"
-    write_positional_dataset(vid, VIDEOS, dataset="k600", chunk_frames=32, rows_per_shard=2, grid=(4, 4),
+    write_positional_dataset(vid, VIDEOS, dataset="k600", chunk_frames=32, rows_per_shard=3, grid=(4, 4),
                              storage_options=so)
     _downgrade_to_v1(vid, so)
     mix = f"{base}/mix.json"
