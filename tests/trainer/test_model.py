@@ -98,7 +98,7 @@ def test_param_groups_decay_and_mup_lr_scale():
     assert id(m.output.weight) not in no_decay
     assert m.output_mult == 0.5
     n = sum(p.numel() for g in groups.values() for p in g["params"])
-    assert n == m.num_params()
+    assert n == m.num_params() + (m.cfg.padded_vocab_size - m.cfg.vocab_size) * m.cfg.dim  # + head padding
 
 
 def test_mup_at_base_width_equals_standard_parameterisation():
