@@ -309,9 +309,11 @@ class CheckpointWriter:
     def write_sharded(self, state: dict) -> None:
         """Collective: torch.distributed.checkpoint.save of `state` ({"model": ..., "optim": ...} of
         sharded state dicts); each rank writes the shards it owns, rank 0 the metadata."""
+        import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
 
-        dcp.save(state, storage_writer=_dcp_writer(_join(self.tmp, DCP_DIR), self.so))
+        single = not (dist.is_available() and dist.is_initialized())
+        dcp.save(state, storage_writer=_dcp_writer(_join(self.tmp, DCP_DIR), self.so), no_dist=single)
 
     def commit(self, meta: dict) -> StepDir:
         doc = {"schema": META_KIND, "version": META_VERSION, "step": self.step, **meta}
@@ -340,7 +342,8 @@ def _dcp_writer(d: StepDir, so: dict | None):
     from torch.distributed.checkpoint import FileSystemWriter
 
     if isinstance(d, str):
-        from torch.distributed.checkpoint import FsspecWriter
+        # Not re-exported by torch.distributed.checkpoint in 2.13; this module is where it lives.
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
         return FsspecWriter(d, **(so or {}))
     return FileSystemWriter(str(d))
@@ -350,7 +353,7 @@ def _dcp_reader(d: StepDir, so: dict | None):
     from torch.distributed.checkpoint import FileSystemReader
 
     if isinstance(d, str):
-        from torch.distributed.checkpoint import FsspecReader
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
         return FsspecReader(d, **(so or {}))
     return FileSystemReader(str(d))
