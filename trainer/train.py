@@ -441,7 +441,8 @@ class DeviceFeed:
         return cur
 
 
-def _compile(raw: Transformer, d: _Dist, fsdp: bool, device: torch.device) -> torch.nn.Module:
+def _compile(raw: Transformer, d: _Dist, fsdp: bool, device: torch.device,
+             backend: str = "inductor") -> torch.nn.Module:
     """The module the step calls, with torch.compile where it keeps gradient communication
     overlapped with backward, and DDP around it when data-parallel:
 
@@ -455,11 +456,11 @@ def _compile(raw: Transformer, d: _Dist, fsdp: bool, device: torch.device) -> to
     if fsdp:
         return raw  # blocks were compiled before sharding
     if not d.enabled:
-        raw.compile()
+        raw.compile(backend=backend)
         return raw
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return torch.compile(DDP(raw, device_ids=[device.index] if device.type == "cuda" else None))
+    return torch.compile(DDP(raw, device_ids=[device.index] if device.type == "cuda" else None), backend=backend)
 
 
 def train(

@@ -261,3 +261,48 @@ def test_fsdp_with_1b_defaults_on_two_processes_matches_one_and_saves_shards(tmp
         # as a whole each tensor agrees within a few units of bf16's relative precision (2^-7).
         torch.testing.assert_close(w, v, rtol=0, atol=4 * lr)
         assert (w - v).norm() <= 4 * 2**-7 * v.norm(), k
+
+
+def test_device_feed_is_one_batch_ahead_and_reports_the_consumed_position():
+    from trainer.train import DeviceFeed
+
+    loader = FakeLoader(global_batch=2, seq_len=16)
+    feed = DeviceFeed(loader, torch.device("cpu"))
+    b1 = feed.next()
+    assert b1.state["consumed_samples"] == 2 and b1.n_valid == 2 * 16
+    feed.prefetch()  # the loader has moved on, the batch in use still says where a checkpoint resumes
+    assert loader.state_dict()["consumed_samples"] == 4 and b1.state["consumed_samples"] == 2
+    b2 = feed.next()
+    assert b2.state["consumed_samples"] == 4
+    assert torch.equal(b1.inputs, next(iter(FakeLoader(global_batch=2, seq_len=16)))["inputs"])
+    assert not torch.equal(b1.inputs, b2.inputs)
+
+
+def test_compiled_ddp_wraps_ddp_and_matches_eager(tmp_path):
+    """torch.compile(DDP(model)) (so Dynamo's DDP optimizer splits graphs at bucket boundaries and
+    all-reduces overlap backward), run through the aot_eager backend (no C++ toolchain needed)."""
+    import torch.distributed as dist
+    from torch._dynamo.eval_frame import OptimizedModule
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from trainer.model import PRESETS, Transformer
+    from trainer.train import _compile, _Dist
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        torch.manual_seed(0)
+        eager = Transformer(PRESETS["tiny"])
+        torch.manual_seed(0)
+        raw = Transformer(PRESETS["tiny"])
+        model = _compile(raw, _Dist(0, 2, 0, False), False, torch.device("cpu"), backend="aot_eager")
+        assert isinstance(model, OptimizedModule) and isinstance(model._orig_mod, DDP)
+        assert model._orig_mod.module is raw
+        x = torch.randint(0, PRESETS["tiny"].vocab_size, (2, 24))
+        for m in (eager, model):
+            m(x).float().logsumexp(-1).mean().backward()
+        torch.testing.assert_close(model(x), eager(x), rtol=1e-5, atol=1e-5)
+        for (k, p), q in zip(eager.named_parameters(), raw.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=k)
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.reset()
