@@ -748,6 +748,7 @@ def _train(cfg, data, out: str, factory, d: _Dist, on_log, so: dict | None, outp
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t_last = t_start = time.perf_counter()
+    wait_last = feed.wait_s
     last_step = cfg.max_steps
     for step in range(start_step + 1, cfg.max_steps + 1):
         fed = feed.next()
@@ -815,9 +816,13 @@ def _train(cfg, data, out: str, factory, d: _Dist, on_log, so: dict | None, outp
             dt = (now - t_last) / max(1, steps_done)
             t_last = now
             tps = global_batch * seq_len / dt
+            wait = (feed.wait_s - wait_last) / max(1, steps_done)
+            wait_last = feed.wait_s
             rec = {
                 "step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
                 "tokens_seen": tokens_seen, "step_time_s": dt,
+                # Host seconds per step inside the loader (overlapped with queued GPU work on CUDA).
+                "data_wait_s": wait,
                 "mfu": (fpt * tps / (peak * d.world)) if peak else None,
                 "memory_gb": _memory_gb(device),
             }

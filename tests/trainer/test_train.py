@@ -301,7 +301,7 @@ def test_compiled_ddp_wraps_ddp_and_matches_eager(tmp_path):
         for m in (eager, model):
             m(x).float().logsumexp(-1).mean().backward()
         torch.testing.assert_close(model(x), eager(x), rtol=1e-5, atol=1e-5)
-        for (k, p), q in zip(eager.named_parameters(), raw.parameters()):
+        for (k, p), q in zip(eager.named_parameters(), raw.parameters(), strict=True):
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=k)
     finally:
         dist.destroy_process_group()
