@@ -1,6 +1,6 @@
 # Every target that needs Python creates .venv if it is missing, installs torch first
-# (TORCH_SPEC, e.g. TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu124'
-# for a GPU build), then the project.
+# (TORCH_SPEC, e.g. TORCH_SPEC='torch==2.13.0 --index-url https://pypi.org/simple': PyPI's Linux
+# wheel is the CUDA 13.0 build, see infra/Dockerfile), then the project.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0

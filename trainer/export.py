@@ -66,7 +66,8 @@ def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     out = {
         "model.embed_tokens.weight": sd["tok_embeddings.weight"],
         "model.norm.weight": sd["norm.weight"],
-        "lm_head.weight": sd["output.weight"] * (model.output_mult if cfg.mup_base_dim is not None else 1.0),
+        # Only the real vocabulary's rows: the lm-head padding (ModelConfig.padded_vocab_size) is ours.
+        "lm_head.weight": sd["output.weight"][: cfg.vocab_size] * (model.output_mult if cfg.mup_base_dim is not None else 1.0),
     }
     for i in range(cfg.n_layers):
         p, q = f"layers.{i}.", f"model.layers.{i}."

@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["ModelConfig", "PRESETS", "Transformer", "KVCache", "param_groups", "flops_per_token", "count_params"]
+__all__ = ["ModelConfig", "PRESETS", "VOCAB_MULTIPLE", "Transformer", "KVCache", "param_groups", "flops_per_token", "count_params"]
+
+VOCAB_MULTIPLE = 64
 
 
 @dataclass
@@ -78,6 +80,13 @@ class ModelConfig:
     def ffn_dim(self) -> int:
         """SwiGLU hidden width: mlp_hidden, or 4 * dim when unset (the paper's base and large)."""
         return self.mlp_hidden if self.mlp_hidden is not None else 4 * self.dim
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the lm-head matrix: vocab_size rounded up to a multiple of VOCAB_MULTIPLE, so the
+        head GEMM's N dimension tiles evenly on tensor cores (8196 -> 8256). The padding rows' logits
+        are sliced off in forward: never predicted, never in a loss, never exported."""
+        return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
     @property
     def kv_heads(self) -> int:
@@ -262,7 +271,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = nn.Linear(cfg.dim, cfg.padded_vocab_size, bias=False)  # (V_pad, D)
         cos, sin = rope_cache(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         # Not saved in checkpoints: rebuilt from the config (and in fp32 regardless of the model dtype).
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -286,6 +295,8 @@ class Transformer(nn.Module):
             nn.init.ones_(block.ffn_norm.weight)
         nn.init.ones_(self.norm.weight)
         nn.init.normal_(self.output.weight, std=std)
+        with torch.no_grad():
+            self.output.weight[self.cfg.vocab_size :].zero_()  # padding rows: sliced off, kept at zero
         cos, sin = rope_cache(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
@@ -296,7 +307,9 @@ class Transformer(nn.Module):
         return 1.0 / self.cfg.width_mult
 
     def num_params(self, include_embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
+        """Parameters of the model as configured (count_params): the lm-head's padding rows are not counted."""
+        n = sum(p.numel() for p in self.parameters())  # global sizes under FSDP2 (DTensor.numel)
+        n -= (self.cfg.padded_vocab_size - self.cfg.vocab_size) * self.cfg.dim
         return n if include_embedding else n - self.tok_embeddings.weight.numel()
 
     def _trunk(self, tokens: torch.Tensor, keep: set[int], cache: KVCache | None, stop_after: int | None):
@@ -340,7 +353,8 @@ class Transformer(nn.Module):
         """tokens (B, T) int64 -> logits (B, T, V) [, list of (B, T, D) after the given 1-based blocks]."""
         layers = self._check_layers(return_hidden or [])
         h, hidden = self._trunk(tokens, set(layers), cache, None)
-        logits = self.output(self.norm(h))  # (B, T, V)
+        # (B, T, V_pad) -> (B, T, V): the padding columns are dropped before anything sees them.
+        logits = self.output(self.norm(h))[..., : self.cfg.vocab_size]
         if self.cfg.mup_base_dim is not None:
             logits = logits * self.output_mult
         if return_hidden is None:

@@ -15,8 +15,9 @@ from trainer.config import PRESETS, load_config
               help=f"Preset ({', '.join(sorted(PRESETS))}) or a .json/.yaml file of TrainConfig fields "
                    "(an optional 'preset' key names the starting point).")
 @click.option("--data", required=True, help="Mix manifest (mix.json from `toto-pipeline mix`).")
-@click.option("--out", required=True, help="Run directory: checkpoints, metrics.jsonl, tb/, position_loss/. "
-                                           "Re-running the same command resumes from its newest checkpoint.")
+@click.option("--out", required=True, help="Run directory (local, or an fsspec URL such as s3://bucket/runs/x): "
+                                           "checkpoints, metrics.jsonl, tb/, position_loss/. Re-running the same "
+                                           "command resumes from its newest checkpoint.")
 @click.option("--init-from", default=None, help="Checkpoint (step dir or run dir) whose model weights start this "
                                                 "run, with a new optimizer and schedule (e.g. the 256 px stage).")
 @click.option("--peak-flops", type=float, default=None,
@@ -27,10 +28,13 @@ from trainer.config import PRESETS, load_config
 @click.option("--ray-address", default=None, help="Ray cluster address for --ray-workers (default: local or "
                                                   "RAY_ADDRESS).")
 @click.option("--ray-gpu/--no-ray-gpu", default=True, show_default=True, help="One GPU per Ray worker.")
+@click.option("--endpoint-url", envvar="TOTO_S3_ENDPOINT_URL", default=None,
+              help="S3 endpoint for an s3:// --out (MinIO, on-prem). Credentials come from the environment / AWS "
+                   "config only. Env: TOTO_S3_ENDPOINT_URL.")
 @click.option("--print-config", is_flag=True, help="Print the resolved config as JSON and exit.")
 @click.argument("overrides", nargs=-1)
-def pretrain_command(config, data, out, init_from, peak_flops, ray_workers, ray_address, ray_gpu, print_config,
-                     overrides) -> None:
+def pretrain_command(config, data, out, init_from, peak_flops, ray_workers, ray_address, ray_gpu, endpoint_url,
+                     print_config, overrides) -> None:
     """Pre-train a LLaMA over visual tokens. OVERRIDES are key=value config fields.
 
     \b
@@ -39,6 +43,7 @@ def pretrain_command(config, data, out, init_from, peak_flops, ray_workers, ray_
       toto-train pretrain --config tiny --data mix.json --out runs/t max_steps=50 model.n_layers=4
       torchrun --nproc-per-node 8 -m trainer.cli pretrain --config base --data mix.json --out runs/base
       toto-train pretrain --config base-256 --data mix256.json --out runs/b256 --init-from runs/base
+      toto-train pretrain --config base --data mix.json --out s3://bucket/runs/base
     """
     from trainer.config import config_to_dict
 
@@ -54,12 +59,19 @@ def pretrain_command(config, data, out, init_from, peak_flops, ray_workers, ray_
     if print_config:
         click.echo(json.dumps(config_to_dict(cfg), indent=2))
         return
+    so = {"client_kwargs": {"endpoint_url": endpoint_url}} if endpoint_url else None
     if ray_workers:
         from trainer.train import run_with_ray
 
-        res = run_with_ray(cfg, data, out, num_workers=ray_workers, use_gpu=ray_gpu, address=ray_address)
+        res = run_with_ray(cfg, data, out, num_workers=ray_workers, use_gpu=ray_gpu, address=ray_address,
+                           storage_options=so)
     else:
         from trainer.train import train
 
-        res = train(cfg, data, out)
+        try:
+            res = train(cfg, data, out, storage_options=so)
+        except ValueError as e:
+            if "--out" not in str(e):
+                raise
+            raise click.UsageError(str(e)) from e
     click.echo(json.dumps(res, default=str), file=sys.stderr)

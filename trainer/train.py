@@ -7,8 +7,16 @@ the loader, split into micro-batches of `cfg.micro_batch` sequences per rank (gr
 accumulation). Loss is the sum of token losses over the global batch divided by its number of
 target tokens, so it is the same whatever the world size or accumulation.
 
-Outputs in OUT: step-NNNNNNNN/ checkpoints, metrics.jsonl, tb/ (TensorBoard),
-position_loss/step-NNNNNNNN.{json,png} (per-position validation loss), val.jsonl.
+Outputs in OUT (a local directory, or an object-store URL such as s3://bucket/runs/x reached
+through fsspec): step-NNNNNNNN/ checkpoints, metrics.jsonl, tb/ (TensorBoard),
+position_loss/step-NNNNNNNN.{json,png} (per-position validation loss), val.jsonl, config.json.
+On an object store the logs are written to a local mirror and uploaded (one PUT per file, so a
+reader sees a whole file) after every checkpoint, every `LOG_SYNC_S` seconds and at the end;
+checkpoints commit with meta.json last (trainer.checkpoint).
+
+On CUDA: fused AdamW, `torch.compile` placed so DDP/FSDP still overlap gradient communication with
+backward (`_compile`), and the next batch pinned and copied to the device on a side stream while
+the current step runs (`DeviceFeed`).
 """
 
 from __future__ import annotations
@@ -21,7 +29,9 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,13 +42,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from pipeline import storage
 from pipeline.mix.sequence import IGNORE_INDEX
 from trainer import checkpoint as ck
 from trainer.config import TrainConfig, config_to_dict
 from trainer.evals.position_loss import target_frames, token_losses
 from trainer.model import ModelConfig, Transformer, flops_per_token, param_groups
 
-__all__ = ["train", "lr_at", "peak_flops_for", "PEAK_FLOPS", "LoaderFactory", "NonFiniteLossError", "ray_train_loop"]
+__all__ = ["train", "lr_at", "peak_flops_for", "PEAK_FLOPS", "LoaderFactory", "NonFiniteLossError", "ray_train_loop",
+           "DeviceFeed", "RunOutputs"]
+
+LOG_SYNC_S = 60.0  # remote runs: upload the logs at least this often (and at every checkpoint)
 
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity) from the vendors' datasheets.
 PEAK_FLOPS: dict[str, float] = {
@@ -188,8 +202,60 @@ def _read_mix_doc(data: str) -> dict:
     return read_json(str(data), "mix_manifest")
 
 
+class RunOutputs:
+    """Where a run's logs are written: OUT itself when local; for an object-store OUT, a local
+    mirror that `sync` uploads file by file (only files changed since the last sync).
+
+    A resume downloads metrics.jsonl and val.jsonl first, so the logs continue, not restart.
+    """
+
+    _RESUMED_LOGS = ("metrics.jsonl", "val.jsonl")
+
+    def __init__(self, out: str, storage_options: dict | None = None) -> None:
+        self.url = out
+        self.so = storage_options
+        self.remote = ck.is_remote(out)
+        self._synced: dict[str, tuple[int, int]] = {}
+        self._last_sync = time.monotonic()
+        if not self.remote:
+            self.local = Path(storage.local_path(out))
+            self.local.mkdir(parents=True, exist_ok=True)
+            return
+        storage.check_writable(out, storage_options)  # fail now, with the reason, not at the first checkpoint
+        self.local = Path(tempfile.mkdtemp(prefix="toto-run-logs-"))
+        for name in self._RESUMED_LOGS:
+            url = storage.join(out, name)
+            if storage.exists(url, storage_options):
+                fs, path = storage.url_to_fs(url, storage_options)
+                fs.get_file(path, str(self.local / name))
+
+    def sync(self, force: bool = True) -> None:
+        """Upload new or changed files of the mirror (no-op locally; `force=False`: only when
+        LOG_SYNC_S has passed since the last upload)."""
+        if not self.remote or (not force and time.monotonic() - self._last_sync < LOG_SYNC_S):
+            return
+        for path in sorted(p for p in self.local.rglob("*") if p.is_file()):
+            rel = path.relative_to(self.local).as_posix()
+            st = path.stat()
+            sig = (st.st_size, st.st_mtime_ns)
+            if self._synced.get(rel) == sig:
+                continue
+            fs, dest = storage.url_to_fs(storage.join(self.url, rel), self.so)
+            fs.put_file(str(path), dest)  # one PUT: readers see the old or the new file, whole
+            self._synced[rel] = sig
+        self._last_sync = time.monotonic()
+
+    def close(self) -> None:
+        if self.remote:
+            try:
+                self.sync()
+            finally:
+                shutil.rmtree(self.local, ignore_errors=True)
+
+
 class _Metrics:
-    """metrics.jsonl (+ TensorBoard) on rank 0. On resume, lines past the resumed step are dropped."""
+    """metrics.jsonl (+ TensorBoard) on rank 0, in a local directory (RunOutputs.local). On resume,
+    lines past the resumed step are dropped."""
 
     def __init__(self, out: Path, resume_step: int, tensorboard: bool) -> None:
         self.path = out / "metrics.jsonl"
@@ -266,7 +332,8 @@ def _write_position_loss(out: Path, step: int, pos_sum: np.ndarray, pos_cnt: np.
 
 
 def _state_dicts(raw: Transformer, opt: torch.optim.Optimizer, d: _Dist, fsdp: bool):
-    """Full (unsharded, CPU) model and optimizer state dicts keyed by parameter name."""
+    """Full (unsharded, CPU) model and optimizer state dicts keyed by parameter name (single
+    process and DDP; FSDP2 saves sharded with `_sharded_state`)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -277,9 +344,30 @@ def _state_dicts(raw: Transformer, opt: torch.optim.Optimizer, d: _Dist, fsdp: b
     return get_model_state_dict(raw, options=opts), get_optimizer_state_dict(raw, opt, options=opts)
 
 
+def _sharded_state(raw: Transformer, opt: torch.optim.Optimizer) -> dict:
+    """{"model", "optim"} state dicts as this rank holds them: DTensor shards under FSDP2 (nothing
+    gathered), plain tensors otherwise. The optimizer's state is created if it has not stepped yet,
+    so a resume has tensors to read into."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(raw), "optim": get_optimizer_state_dict(raw, opt)}
+
+
+def _load_sharded(raw: Transformer, opt: torch.optim.Optimizer, step_dir, d: _Dist,
+                  storage_options: dict | None) -> None:
+    """Resume from a "dcp" checkpoint: each rank reads only the shards it owns (any world size)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    state = _sharded_state(raw, opt)
+    ck.load_sharded(step_dir, state, storage_options, no_dist=not d.enabled)
+    set_model_state_dict(raw, state["model"])
+    set_optimizer_state_dict(raw, opt, state["optim"])
+
+
 def _load_state_dicts(raw: Transformer, opt: torch.optim.Optimizer | None, model_sd: dict, opt_sd: dict | None,
                       d: _Dist, fsdp: bool) -> None:
-    """Load full state dicts. Under FSDP2 only rank 0's copy is read; it is broadcast and sharded."""
+    """Load full state dicts. Under FSDP2 only rank 0's copy is read; it is broadcast and sharded
+    (a "full" checkpoint, e.g. from a DDP run, resumed under FSDP2)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
@@ -292,6 +380,91 @@ def _load_state_dicts(raw: Transformer, opt: torch.optim.Optimizer | None, model
         set_optimizer_state_dict(raw, opt, opt_sd, options=opts)
 
 
+@dataclasses.dataclass
+class _FedBatch:
+    inputs: torch.Tensor  # (B_rank, T) int64, on the device
+    targets: torch.Tensor  # (B_rank, T) int64, on the device
+    host: dict  # the loader's batch as it came (host tensors, sources, labels)
+    n_valid: int  # target tokens that count (not IGNORE_INDEX), counted on the host: no device sync
+    state: dict  # loader state after this batch: what a checkpoint taken after this step records
+    ready: Any = None  # CUDA event: the copy to the device is done
+
+
+class DeviceFeed:
+    """The loader's batches on the device, one batch ahead.
+
+    `next()` returns the batch fetched earlier; `prefetch()` (called once the step's kernels are
+    queued, so it overlaps them) takes the following batch from the loader, pins it and starts
+    its host→device copy on a side CUDA stream. On CPU the copy is a no-op and the same code runs,
+    so the bookkeeping (which loader state belongs to which step) is exercised everywhere.
+    """
+
+    def __init__(self, loader: LoaderLike, device: torch.device) -> None:
+        self.loader = loader
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self._it = iter(loader)
+        self._next: _FedBatch | None = None
+        self.wait_s = 0.0  # host time spent inside the loader (data wait, unless overlapped)
+
+    def _fetch(self) -> _FedBatch:
+        t0 = time.perf_counter()
+        batch = next(self._it)
+        self.wait_s += time.perf_counter() - t0
+        state = self.loader.state_dict()
+        x, y = batch["inputs"], batch["targets"]
+        n_valid = int((y != IGNORE_INDEX).sum())
+        if not self.cuda:
+            return _FedBatch(x.to(self.device), y.to(self.device), batch, n_valid, state)
+        # Pinned pages let the copy run asynchronously (DMA) on the side stream.
+        x, y = x.pin_memory(), y.pin_memory()
+        with torch.cuda.stream(self.stream):
+            xd = x.to(self.device, non_blocking=True)
+            yd = y.to(self.device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        return _FedBatch(xd, yd, batch, n_valid, state, ready)
+
+    def prefetch(self) -> None:
+        if self._next is None:
+            self._next = self._fetch()
+
+    def next(self) -> _FedBatch:
+        self.prefetch()
+        cur, self._next = self._next, None
+        if cur.ready is not None:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_event(cur.ready)
+            # The tensors were allocated on the side stream; tell the allocator the main stream
+            # uses them, so their memory is not reused before the step's kernels finish.
+            cur.inputs.record_stream(main)
+            cur.targets.record_stream(main)
+        return cur
+
+
+def _compile(raw: Transformer, d: _Dist, fsdp: bool, device: torch.device,
+             backend: str = "inductor") -> torch.nn.Module:
+    """The module the step calls, with torch.compile where it keeps gradient communication
+    overlapped with backward, and DDP around it when data-parallel:
+
+    - one process: the whole model compiled in place (`Module.compile`: parameter names unchanged);
+    - DDP: `torch.compile(DDP(model))`. Dynamo's DDP optimizer splits the graph at DDP's bucket
+      boundaries, so each bucket's all-reduce starts while backward continues (compiling the
+      inner module instead would give one backward graph whose gradients all appear at its end);
+    - FSDP2: each block compiled in place before `fully_shard` (the caller's order), so the
+      per-block all-gather / reduce-scatter hooks run between compiled blocks.
+    """
+    if fsdp:
+        return raw  # blocks were compiled before sharding
+    if not d.enabled:
+        raw.compile(backend=backend)
+        return raw
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return torch.compile(DDP(raw, device_ids=[device.index] if device.type == "cuda" else None), backend=backend)
+
+
 def train(
     cfg: TrainConfig,
     data: str,
@@ -299,30 +472,51 @@ def train(
     *,
     loader_factory: LoaderFactory | None = None,
     on_log: Callable[[dict], None] | None = None,
+    storage_options: dict | None = None,
 ) -> dict:
     """Run (or resume) pre-training. Returns a summary {"step", "loss", "out", ...} on every rank.
 
-    Restarting the same call resumes from OUT's newest complete checkpoint: model, optimizer,
-    schedule, RNG and loader position, so the per-step losses equal an uninterrupted run's.
+    OUT is a local directory or an fsspec URL (s3://bucket/prefix; `storage_options` reach the
+    filesystem, e.g. {"client_kwargs": {"endpoint_url": ...}}). Restarting the same call resumes
+    from OUT's newest complete checkpoint: model, optimizer, schedule, RNG and loader position, so
+    the per-step losses equal an uninterrupted run's.
     """
     factory = loader_factory or functools.partial(mix_loader_factory, verify=cfg.data_verify)
-    out = Path(out)
+    out = _out_url(out)
     devkind = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     d = _setup_dist(devkind)
+    outputs = None
     try:
-        return _train(cfg, data, out, factory, d, on_log)
+        if d.rank == 0:
+            outputs = RunOutputs(out, storage_options)
+        return _train(cfg, data, out, factory, d, on_log, storage_options, outputs)
     finally:
+        if outputs is not None:
+            outputs.close()  # remote: the logs so far are uploaded even when training failed
         if d.owns_group:
             dist.destroy_process_group()
 
 
-def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
+def _out_url(out: str | os.PathLike) -> str:
+    """OUT as a string: a local path, or a URL kept intact (never through pathlib, which would turn
+    "s3://b/x" into a local folder "s3:/b/x")."""
+    s = os.fspath(out)
+    if "://" in s:
+        import fsspec
+
+        proto = s.split("://", 1)[0]
+        if proto != "file" and proto not in fsspec.available_protocols():
+            raise ValueError(f"--out {storage.redact(s)}: unknown storage protocol {proto!r}; use a local "
+                             "directory or an fsspec URL such as s3://bucket/runs/name")
+    return s
+
+
+def _train(cfg, data, out: str, factory, d: _Dist, on_log, so: dict | None, outputs: RunOutputs | None) -> dict:
     device = _pick_device(cfg, d)
     amp_dtype = _autocast_dtype(cfg, device)
     is_main = d.rank == 0
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        ck.clean_tmp(out)
+        ck.clean_tmp(out, so)
     _barrier(d, device)
 
     # --- data: one loader iteration = this rank's share of one global batch ---------------------
@@ -353,14 +547,25 @@ def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
     raw = Transformer(mcfg)
     raw.activation_checkpointing = cfg.activation_checkpointing
 
-    resume_dir = ck.latest_checkpoint(out)
+    resume_dir = ck.latest_checkpoint(out, so)
     start_step, tokens_seen = 0, 0
     init_sd = None
     fsdp = d.enabled and cfg.parallel == "fsdp"
+    resume_fmt = None
     if resume_dir is not None:
-        model_sd, opt_sd, meta = ck.load_state(resume_dir)
-        if fsdp and d.rank != 0:
-            model_sd, opt_sd = {}, {}  # rank 0 broadcasts: one copy of the full state in host memory
+        meta = ck.read_meta(resume_dir, so)
+        resume_fmt = ck.state_format(meta)
+        model_sd, opt_sd = {}, {}
+        # "dcp": read after sharding, each rank its own shards. "full" under FSDP2: rank 0 reads
+        # and broadcasts (one copy of the full state in host memory).
+        if resume_fmt == "full" and (not fsdp or d.rank == 0):
+            model_sd, opt_sd, _ = ck.load_state(resume_dir, so)
+            rows = model_sd["output.weight"].shape[0]
+            if rows != mcfg.padded_vocab_size:
+                raise ValueError(
+                    f"cannot resume {resume_dir}: its lm-head has {rows} rows, this code pads the vocabulary "
+                    f"to {mcfg.padded_vocab_size}; start a new --out with init_from={resume_dir} (weights only)"
+                )
         saved = ModelConfig.from_dict(meta["model_config"])
         if saved != mcfg:
             raise ValueError(
@@ -392,17 +597,24 @@ def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
 
         mp = MixedPrecisionPolicy(param_dtype=amp_dtype or torch.float32, reduce_dtype=torch.float32)
         for block in raw.layers:
+            if cfg.compile:
+                block.compile()  # in place, before sharding: see _compile
             fully_shard(block, mp_policy=mp)
         fully_shard(raw, mp_policy=mp)
+    # Fused AdamW on CUDA: one kernel for the whole update instead of a handful per parameter.
+    opt_kw = {"fused": True} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(
         param_groups(raw, cfg.lr, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-        foreach=device.type == "cuda" or None,
+        **opt_kw,
     )
     if resume_dir is not None:
-        _load_state_dicts(raw, opt, model_sd, opt_sd, d, fsdp)
+        if resume_fmt == "dcp":
+            _load_sharded(raw, opt, resume_dir, d, so)
+        else:
+            _load_state_dicts(raw, opt, model_sd, opt_sd, d, fsdp)
         if meta.get("loader_state") is not None:
             loader.load_state_dict(meta["loader_state"])
-        rng = ck.load_rng(resume_dir, d.rank)
+        rng = ck.load_rng(resume_dir, d.rank, so)
         if rng is not None:
             ck.restore_rng(rng)
         del model_sd, opt_sd
@@ -411,20 +623,21 @@ def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
 
     model: torch.nn.Module = raw
     if cfg.compile:
-        model = torch.compile(model)
-    if d.enabled and not fsdp:
+        model = _compile(raw, d, fsdp, device)
+    elif d.enabled and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
 
-    n_params = raw.num_params() if not fsdp else sum(p.numel() for p in raw.parameters())
+    n_params = raw.num_params()  # global sizes under FSDP2 too; lm-head padding not counted
     # 6N counts every matmul weight: all parameters except the input embedding (a lookup).
     fpt = flops_per_token(mcfg, seq_len, n_params - mcfg.vocab_size * mcfg.dim)
     peak = peak_flops_for(device, cfg.peak_flops)
 
-    metrics = _Metrics(out, start_step, cfg.tensorboard) if is_main else None
+    logs = outputs.local if outputs is not None else None
+    metrics = _Metrics(logs, start_step, cfg.tensorboard) if is_main else None
     if is_main:
-        (out / "config.json").write_text(json.dumps({
+        (logs / "config.json").write_text(json.dumps({
             "train_config": config_to_dict(cfg), "model_config": mcfg.to_dict(), "data": str(data),
             "world_size": d.world, "global_batch": global_batch, "seq_len": seq_len, "accum_steps": accum,
             "params": n_params, "flops_per_token": fpt,
@@ -432,22 +645,28 @@ def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
 
     def save(step: int) -> None:
         if is_main:
-            ck.CheckpointWriter(out, step)  # creates the temp dir before other ranks write into it
+            ck.CheckpointWriter(out, step, storage_options=so)  # creates the temp dir before other ranks write
         _barrier(d, device)
-        writer = ck.CheckpointWriter(out, step, create=False)
-        model_sd, opt_sd = _state_dicts(raw, opt, d, fsdp)  # collective under FSDP
+        writer = ck.CheckpointWriter(out, step, create=False, storage_options=so)
+        if fsdp:
+            writer.write_sharded(_sharded_state(raw, opt))  # collective; every rank writes its own shards
+            model_sd = opt_sd = None
+        else:
+            model_sd, opt_sd = _state_dicts(raw, opt, d, fsdp)
         writer.write_rng(d.rank, ck.capture_rng())
         _barrier(d, device)
         if is_main:
-            writer.write_model(model_sd)
-            writer.write_optimizer(opt_sd)
+            if not fsdp:
+                writer.write_model(model_sd)
+                writer.write_optimizer(opt_sd)
             writer.commit({
+                "state_format": "dcp" if fsdp else "full",
                 "tokens_seen": tokens_seen,
                 "model_config": mcfg.to_dict(),
                 "train_config": config_to_dict(cfg),
                 "scheduler": {"kind": "warmup_cosine", "step": step, "lr": lr_at(step, cfg),
                               "warmup_steps": cfg.warmup_steps, "max_steps": cfg.max_steps},
-                "loader_state": loader.state_dict(),
+                "loader_state": state_now,  # the loader position after the last batch a step consumed
                 "world_size": d.world,
                 "global_batch": global_batch,
                 "seq_len": seq_len,
@@ -461,7 +680,8 @@ def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
                 "init_from": cfg.init_from,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             })
-            ck.prune(out, cfg.keep_last)
+            ck.prune(out, cfg.keep_last, so)
+            outputs.sync()
         _barrier(d, device)
 
     val_cache: list[dict] | None = None
@@ -509,7 +729,7 @@ def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
         rec = {"step": step, "val_loss": loss}
         if is_main:
             if cfg.position_loss:
-                doc = _write_position_loss(out, step, pos_sum.numpy(), pos_cnt.numpy(), fr_sum.numpy(),
+                doc = _write_position_loss(logs, step, pos_sum.numpy(), pos_cnt.numpy(), fr_sum.numpy(),
                                            fr_cnt.numpy(), len(val_cache) * cfg.micro_batch * d.world)
                 if doc["frame_loss"]:
                     rec["val_first_frame_loss"] = doc["frame_loss"][0]
@@ -518,7 +738,8 @@ def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
 
     # --- loop -----------------------------------------------------------------------------------
     model.train()
-    batches = iter(loader)
+    feed = DeviceFeed(loader, device)
+    state_now = loader.state_dict()
     last_loss = float("nan")
     pbar = None
     if is_main and cfg.progress:
@@ -529,22 +750,23 @@ def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t_last = t_start = time.perf_counter()
+    wait_last = feed.wait_s
     last_step = cfg.max_steps
     for step in range(start_step + 1, cfg.max_steps + 1):
-        batch = next(batches)
-        inputs, targets = batch["inputs"], batch["targets"]  # (B_rank, T)
+        fed = feed.next()
+        state_now = fed.state
+        inputs, targets = fed.inputs, fed.targets  # (B_rank, T), on the device
         if inputs.shape != (global_batch // d.world, seq_len):
             raise RuntimeError(
                 f"loader gave inputs of shape {tuple(inputs.shape)}, expected {(global_batch // d.world, seq_len)}"
             )
-        n_valid = _all_reduce_sum(torch.tensor((targets != IGNORE_INDEX).sum().item(), dtype=torch.float64), d, device)
+        n_valid = _all_reduce_sum(torch.tensor(float(fed.n_valid), dtype=torch.float64), d, device)
         # Gradient of sum(loss)/n_valid over the global batch; DDP/FSDP average over ranks, hence * world.
         scale = d.world / float(n_valid)
         loss_acc = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no sync per micro-batch
         for j in range(accum):
             sl = slice(j * cfg.micro_batch, (j + 1) * cfg.micro_batch)
-            x = inputs[sl].to(device, non_blocking=True)
-            y = targets[sl].to(device, non_blocking=True)
+            x, y = inputs[sl], targets[sl]
             last = j == accum - 1
             if d.enabled and not fsdp and not last:
                 sync = model.no_sync()
@@ -559,6 +781,7 @@ def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
                                        reduction="sum")
                 (loss * scale).backward()
             loss_acc += loss.detach().double()
+        feed.prefetch()  # the next batch's loading and copy overlap this step's queued kernels
         loss_sum = _all_reduce_sum(loss_acc.cpu(), d, device)
         step_loss = float(loss_sum / n_valid)
         if not math.isfinite(step_loss):
@@ -595,14 +818,19 @@ def _train(cfg, data, out: Path, factory, d: _Dist, on_log) -> dict:
             dt = (now - t_last) / max(1, steps_done)
             t_last = now
             tps = global_batch * seq_len / dt
+            wait = (feed.wait_s - wait_last) / max(1, steps_done)
+            wait_last = feed.wait_s
             rec = {
                 "step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
                 "tokens_seen": tokens_seen, "step_time_s": dt,
+                # Host seconds per step inside the loader (overlapped with queued GPU work on CUDA).
+                "data_wait_s": wait,
                 "mfu": (fpt * tps / (peak * d.world)) if peak else None,
                 "memory_gb": _memory_gb(device),
             }
             if is_main:
                 metrics.log(rec)
+                outputs.sync(force=False)
             if on_log is not None:
                 on_log(rec)
         if pbar is not None:
@@ -635,7 +863,9 @@ def ray_train_loop(config: dict[str, Any]) -> None:
     """Entry for Ray Train's TorchTrainer: `TorchTrainer(ray_train_loop, train_loop_config={...})`.
 
     config: {"train_config": dict (config_to_dict), "data": mix path, "out": run dir on storage
-    shared by all workers, optional "loader_factory": a picklable LoaderFactory}. Ray initialises the process group; train() picks it up.
+    shared by all workers (a shared filesystem or an object-store URL), optional "loader_factory":
+    a picklable LoaderFactory, optional "storage_options" for OUT}. Ray initialises the process
+    group; train() picks it up.
     """
     from ray import train as ray_train
 
@@ -651,16 +881,18 @@ def ray_train_loop(config: dict[str, Any]) -> None:
     def report(rec: dict) -> None:
         ray_train.report({k: v for k, v in rec.items() if v is not None})
 
-    train(cfg, config["data"], config["out"], on_log=report, loader_factory=config.get("loader_factory"))
+    train(cfg, config["data"], config["out"], on_log=report, loader_factory=config.get("loader_factory"),
+          storage_options=config.get("storage_options"))
 
 
 def run_with_ray(cfg: TrainConfig, data: str, out: str, *, num_workers: int, use_gpu: bool,
                  address: str | None = None, cpus_per_worker: float = 1.0,
-                 loader_factory: LoaderFactory | None = None) -> dict:
+                 loader_factory: LoaderFactory | None = None, storage_options: dict | None = None) -> dict:
     """Run `train` on a Ray cluster with Ray Train's TorchTrainer (one worker per GPU).
 
-    OUT must be storage every worker sees (a shared filesystem): checkpoints are ours, written by
-    rank 0 exactly as under torchrun, so a Ray run and a torchrun run resume each other.
+    OUT must be storage every worker sees (a shared filesystem or an s3:// URL): checkpoints are
+    ours, written exactly as under torchrun, so a Ray run and a torchrun run resume each other.
+    Ray's own run records go to OUT/ray when OUT is local, else to Ray's default local folder.
     """
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -668,17 +900,19 @@ def run_with_ray(cfg: TrainConfig, data: str, out: str, *, num_workers: int, use
 
     if not ray.is_initialized():
         ray.init(address=address)
-    out_abs = str(Path(out).resolve())
+    out = _out_url(out)
+    out_abs = out if ck.is_remote(out) else str(Path(storage.local_path(out)).resolve())
     trainer = TorchTrainer(
         ray_train_loop,
         train_loop_config={"train_config": config_to_dict(cfg), "data": str(data), "out": out_abs,
-                           "loader_factory": loader_factory},
+                           "loader_factory": loader_factory, "storage_options": storage_options},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name=f"toto-{cfg.name}", storage_path=str(Path(out_abs) / "ray")),
+        run_config=RunConfig(name=f"toto-{cfg.name}",
+                             storage_path=None if ck.is_remote(out_abs) else str(Path(out_abs) / "ray")),
     )
     result = trainer.fit()
-    latest = ck.latest_checkpoint(out_abs)
-    return {"out": out_abs, "step": ck.read_meta(latest)["step"] if latest else 0,
+    latest = ck.latest_checkpoint(out_abs, storage_options)
+    return {"out": out_abs, "step": ck.read_meta(latest, storage_options)["step"] if latest else 0,
             "ray_metrics": dict(result.metrics or {})}

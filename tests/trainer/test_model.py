@@ -98,7 +98,7 @@ def test_param_groups_decay_and_mup_lr_scale():
     assert id(m.output.weight) not in no_decay
     assert m.output_mult == 0.5
     n = sum(p.numel() for g in groups.values() for p in g["params"])
-    assert n == m.num_params()
+    assert n == m.num_params() + (m.cfg.padded_vocab_size - m.cfg.vocab_size) * m.cfg.dim  # + head padding
 
 
 def test_mup_at_base_width_equals_standard_parameterisation():
@@ -108,3 +108,17 @@ def test_mup_at_base_width_equals_standard_parameterisation():
     b.load_state_dict(a.state_dict())
     x = torch.randint(0, 50, (1, 9))
     torch.testing.assert_close(a(x), b(x), rtol=0, atol=1e-6)
+
+
+def test_lm_head_is_padded_to_a_multiple_of_64_and_padding_is_never_predicted():
+    cfg = small()  # vocab 50 -> 64 head rows
+    assert cfg.padded_vocab_size == 64 and ModelConfig(vocab_size=8196).padded_vocab_size == 8256
+    torch.manual_seed(0)
+    m = Transformer(cfg)
+    assert tuple(m.output.weight.shape) == (64, cfg.dim)
+    assert m.output.weight[50:].abs().sum() == 0  # padding rows start (and stay) at zero
+    x = torch.randint(0, 50, (2, 9))
+    logits = m(x)
+    assert logits.shape == (2, 9, 50)  # the padding columns never reach a loss or a sampler
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), x.flatten()).backward()
+    assert m.output.weight.grad[50:].abs().sum() == 0 and m.output.weight.grad[:50].abs().sum() > 0

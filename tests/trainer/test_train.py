@@ -50,8 +50,11 @@ def test_schedule_warmup_then_cosine():
 
 def test_grad_accumulation_equals_one_big_micro_batch(tmp_path):
     common = QUIET + ["max_steps=4", "global_batch=4", "ckpt_every=0", "lr=3e-3"]
-    train(load_config("tiny", common + ["micro_batch=4"]), "fake", tmp_path / "a", loader_factory=factory())
-    train(load_config("tiny", common + ["micro_batch=1"]), "fake", tmp_path / "b", loader_factory=factory())
+    # One fixed batch, so that 4 steps reliably lower the loss (fresh batches at lr 3e-3 are noise).
+    train(load_config("tiny", common + ["micro_batch=4"]), "fake", tmp_path / "a",
+          loader_factory=factory(fixed_batch=True))
+    train(load_config("tiny", common + ["micro_batch=1"]), "fake", tmp_path / "b",
+          loader_factory=factory(fixed_batch=True))
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert a.keys() == b.keys() == {1, 2, 3, 4}
     for s in a:
@@ -212,3 +215,94 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path):
     train(load_config("tiny", common + ["activation_checkpointing=true"]), "fake", tmp_path / "b",
           loader_factory=factory())
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+def _two_ranks(out: Path, overrides: list[str]) -> None:
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = _env()
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
+        procs.append(subprocess.Popen(_run_script(out, overrides, 0.0), env=env))
+    assert [p.wait(timeout=180) for p in procs] == [0, 0]
+
+
+def test_fsdp_with_1b_defaults_on_two_processes_matches_one_and_saves_shards(tmp_path):
+    # The 1b preset's execution settings together: FSDP2 + activation checkpointing + bf16 (mixed
+    # precision policy with fp32 gradient reduction), against one process with bf16 autocast.
+    # (Resuming from the shards is test_two_process_gloo_equals_one_process_and_resumes[fsdp].)
+    lr = 3e-3
+    common = QUIET + ["max_steps=4", "global_batch=4", "micro_batch=1", "ckpt_every=2", f"lr={lr}", "dtype=bf16",
+                      "activation_checkpointing=true", "val_every=0"]
+    single = tmp_path / "single"
+    train(load_config("tiny", common), "fake", single, loader_factory=factory())
+    multi = tmp_path / "multi"
+    _two_ranks(multi, common + ["parallel=fsdp"])
+    # The sharded checkpoint: one DCP file per rank, each holding about half of model + optimizer.
+    step4 = multi / "step-00000004"
+    assert ck.read_meta(step4)["state_format"] == "dcp" and not (step4 / "model.safetensors").exists()
+    files = sorted(p.name for p in (step4 / "dcp").iterdir())
+    assert files == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    n_params = sum(v.numel() for v in ck.load_model(step4)[0].state_dict().values())
+    full_bytes = 3 * 4 * n_params  # fp32 weights + Adam's two moments
+    for f in files[1:]:
+        assert 0.35 * full_bytes < (step4 / "dcp" / f).stat().st_size < 0.65 * full_bytes, f
+    a, b = losses(single), losses(multi)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for s in a:  # bf16 matmuls in both; FSDP also keeps bf16 parameter copies: bf16-level agreement
+        assert b[s] == pytest.approx(a[s], rel=2e-2), (s, a[s], b[s])
+    ma, _ = ck.load_model(single)
+    mb, _ = ck.load_model(multi)
+    for k, v in ma.state_dict().items():
+        w = mb.state_dict()[k]
+        # Adam moves a weight by up to ~lr per step whatever its gradient's size, so where bf16
+        # rounding flips a tiny gradient's sign the two can differ by up to 4 * lr after 4 steps;
+        # as a whole each tensor agrees within a few units of bf16's relative precision (2^-7).
+        torch.testing.assert_close(w, v, rtol=0, atol=4 * lr)
+        assert (w - v).norm() <= 4 * 2**-7 * v.norm(), k
+
+
+def test_device_feed_is_one_batch_ahead_and_reports_the_consumed_position():
+    from trainer.train import DeviceFeed
+
+    loader = FakeLoader(global_batch=2, seq_len=16)
+    feed = DeviceFeed(loader, torch.device("cpu"))
+    b1 = feed.next()
+    assert b1.state["consumed_samples"] == 2 and b1.n_valid == 2 * 16
+    feed.prefetch()  # the loader has moved on, the batch in use still says where a checkpoint resumes
+    assert loader.state_dict()["consumed_samples"] == 4 and b1.state["consumed_samples"] == 2
+    b2 = feed.next()
+    assert b2.state["consumed_samples"] == 4
+    assert torch.equal(b1.inputs, next(iter(FakeLoader(global_batch=2, seq_len=16)))["inputs"])
+    assert not torch.equal(b1.inputs, b2.inputs)
+
+
+def test_compiled_ddp_wraps_ddp_and_matches_eager(tmp_path):
+    """torch.compile(DDP(model)) (so Dynamo's DDP optimizer splits graphs at bucket boundaries and
+    all-reduces overlap backward), run through the aot_eager backend (no C++ toolchain needed)."""
+    import torch.distributed as dist
+    from torch._dynamo.eval_frame import OptimizedModule
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from trainer.model import PRESETS, Transformer
+    from trainer.train import _compile, _Dist
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        torch.manual_seed(0)
+        eager = Transformer(PRESETS["tiny"])
+        torch.manual_seed(0)
+        raw = Transformer(PRESETS["tiny"])
+        model = _compile(raw, _Dist(0, 2, 0, False), False, torch.device("cpu"), backend="aot_eager")
+        assert isinstance(model, OptimizedModule) and isinstance(model._orig_mod, DDP)
+        assert model._orig_mod.module is raw
+        x = torch.randint(0, PRESETS["tiny"].vocab_size, (2, 24))
+        for m in (eager, model):
+            m(x).float().logsumexp(-1).mean().backward()
+        torch.testing.assert_close(model(x), eager(x), rtol=1e-5, atol=1e-5)
+        for (k, p), q in zip(eager.named_parameters(), raw.parameters(), strict=True):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=k)
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.reset()
