@@ -60,6 +60,9 @@ class VisualTokenizer:
     """
 
     GPU_MIN_FORWARD = 256
+    # Run CUDA's feeding path (padded fixed-shape batches through two staging buffers) on CPU too;
+    # the tests set it to exercise that path without a GPU.
+    stage_on_cpu = False
 
     def __init__(self, config: dict, encoder: nn.Module, decoder: nn.Module | None, sha256: str) -> None:
         self.config = config
@@ -195,11 +198,12 @@ class VisualTokenizer:
         out = np.empty((n, h, w), dtype=np.uint16)
         if n == 0:
             return out
+        staged = self.device.type == "cuda" or self.stage_on_cpu
         bs = self.forward_frames(batch_size)
-        if self.device.type != "cuda":
+        if not staged:
             bs = min(bs, n)  # no padding on CPU: a short last batch costs only its own frames
         slices = [slice(i, min(n, i + bs)) for i in range(0, n, bs)]
-        feed = _DeviceFeed(self.device, bs, src.frame_shape)
+        feed = _DeviceFeed(self.device, bs, src.frame_shape, staged)
         codes_host = feed.codes_buffer(n, h, w)  # int32 (n, h, w), pinned on CUDA
         with torch.inference_mode(), self._autocast():
             slot = feed.put(src, slices[0])
@@ -285,25 +289,28 @@ class _Frames:
 class _DeviceFeed:
     """Frames → device batches of exactly `rows` frames, each batch k+1 copied while batch k computes.
 
-    CUDA: two pinned host buffers and two device buffers; frames are staged into pinned memory on the
-    host, copied to the device on a side stream, and the compute stream waits on that copy's event;
-    the side stream in turn waits until the compute has finished reading a device buffer before it
-    refills it. Short batches are padded with black frames (fixed shapes: same kernels every time).
-    CPU: the same calls without streams or copies (each batch is a slice of the frames).
+    Staged (always on CUDA): two host buffers (pinned on CUDA) and two device buffers; frames are
+    staged into a host buffer, copied to the device on a side stream, and the compute stream waits
+    on that copy's event; the side stream in turn waits until the compute has finished reading a
+    device buffer before it refills it. Short batches are padded with black frames (fixed shapes:
+    the same kernels every time). On CPU the staged path runs the same calls without streams or
+    events (tests use it); unstaged (the CPU default), each batch is a slice of the frames.
     """
 
-    def __init__(self, device: torch.device, rows: int, frame_shape: tuple[int, int]) -> None:
+    def __init__(self, device: torch.device, rows: int, frame_shape: tuple[int, int], staged: bool) -> None:
         self.device = device
         self.rows = rows
         self.cuda = device.type == "cuda"
-        if self.cuda:
+        self.staged = staged or self.cuda
+        if self.staged:
             shape = (rows, *frame_shape, 3)
-            self.host = [torch.empty(shape, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+            self.host = [torch.empty(shape, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)]
             self.dev = [torch.empty(shape, dtype=torch.uint8, device=device) for _ in range(2)]
+            self.k = 0
+        if self.cuda:
             self.stream = torch.cuda.Stream(device)
             self.copied = [torch.cuda.Event() for _ in range(2)]  # the copy into dev[s] is done
             self.used = [torch.cuda.Event() for _ in range(2)]  # the compute has read dev[s]
-            self.k = 0
 
     def codes_buffer(self, n: int, h: int, w: int) -> torch.Tensor:
         """Where the codes of the call land: int32 (n, h, w) on the host, pinned on CUDA."""
@@ -311,30 +318,38 @@ class _DeviceFeed:
 
     def put(self, src: _Frames, sl: slice) -> Any:
         """Start moving frames `sl` to the device; returns the handle `get` takes."""
-        if not self.cuda:
+        if not self.staged:
             return src.slice(sl)
         s, m = self.k % 2, sl.stop - sl.start
         self.k += 1
-        self.copied[s].synchronize()  # host[s] is free once its previous copy has left it
+        if src.on_cuda:
+            # Frames already on the GPU: one device-to-device copy on the compute stream, ordered
+            # after whatever the caller queued to produce them and before the compute reading dev[s].
+            src.copy_into(self.dev[s], sl)
+            if m < self.rows:
+                self.dev[s][m:].zero_()
+            self.copied[s].record(torch.cuda.current_stream(self.device))
+            return s
+        if self.cuda:
+            self.copied[s].synchronize()  # host[s] is free once its previous copy has left it
+        src.copy_into(self.host[s], sl)
+        if m < self.rows:
+            self.host[s][m:].zero_()
+        if not self.cuda:
+            self.dev[s].copy_(self.host[s])
+            return s
         with torch.cuda.stream(self.stream):
-            self.stream.wait_event(self.used[s])
-            if src.on_cuda:  # frames already on the GPU: one device-to-device copy
-                src.copy_into(self.dev[s], sl)
-                if m < self.rows:
-                    self.dev[s][m:].zero_()
-            else:
-                src.copy_into(self.host[s], sl)
-                if m < self.rows:
-                    self.host[s][m:].zero_()
-                self.dev[s].copy_(self.host[s], non_blocking=True)
+            self.stream.wait_event(self.used[s])  # the compute has finished reading dev[s]
+            self.dev[s].copy_(self.host[s], non_blocking=True)
             self.copied[s].record(self.stream)
         return s
 
     def get(self, handle: Any) -> torch.Tensor:
         """The batch as uint8 (rows, H, W, 3) on the device, ordered after its copy."""
-        if not self.cuda:
+        if not self.staged:
             return handle.to(self.device)
-        torch.cuda.current_stream(self.device).wait_event(self.copied[handle])
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self.copied[handle])
         return self.dev[handle]
 
     def release(self, handle: Any) -> None:

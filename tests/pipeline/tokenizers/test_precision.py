@@ -9,7 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.tokenizers import DVAEArch, DVAEEncoder, VQGANArch, load_tokenizer, make_config, save_tokenizer
+from pipeline.tokenizers import (
+    DVAEArch,
+    DVAEEncoder,
+    VisualTokenizer,
+    VQGANArch,
+    load_tokenizer,
+    make_config,
+    save_tokenizer,
+)
 from pipeline.tokenizers.base import state_dict_of
 from pipeline.tokenizers.dalle import Conv
 from pipeline.tokenizers.numerics import check_precision, default_precision, numerics
@@ -78,6 +86,20 @@ def test_bf16_on_cpu_is_the_autocast_branch_with_an_fp32_argmax(tiny_dvae):
     # Deterministic, and independent of how the frames are batched or passed.
     assert np.array_equal(bf16.encode(frames, batch_size=3), codes_bf16)
     assert np.array_equal(bf16.encode([frames[:2], frames[2:7], frames[7:]]), codes_bf16)
+
+
+def test_the_gpu_feeding_path_on_cpu_gives_the_same_codes(tiny_dvae, monkeypatch):
+    """CUDA's staged path (two staging buffers, fixed-shape forwards padded with black frames, a list
+    of arrays split across batch boundaries) run on CPU: the codes of the plain path, at fp32 and bf16."""
+    spec = tiny_dvae()
+    frames = _smooth_frames(7, 32)
+    parts = [frames[:1], frames[1:5], frames[5:]]
+    plain = {p: load_tokenizer(spec).to("cpu", p).encode(frames) for p in ("fp32", "bf16")}
+    monkeypatch.setattr(VisualTokenizer, "stage_on_cpu", True)
+    for precision, want in plain.items():
+        tok = load_tokenizer(spec).to("cpu", precision)
+        assert np.array_equal(tok.encode(parts, batch_size=3), want), precision  # 3 + 3 + (1 + 2 padding)
+        assert np.array_equal(tok.encode(torch.from_numpy(frames), batch_size=4), want), precision
 
 
 def test_ties_go_to_the_lowest_code_at_every_precision(tiny_dvae):
