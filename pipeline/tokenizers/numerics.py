@@ -38,6 +38,8 @@ def check_precision(precision: str, device: str | torch.device) -> str:
     if precision == "tf32" and device.type != "cuda":
         raise ValueError(f"precision 'tf32' needs a CUDA GPU (tensor cores) but the tokenizer runs on {device}; "
                          "use --precision fp32 (or bf16)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"the tokenizer was asked to run on {device}, but this torch sees no CUDA GPU; use the CPU")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"precision 'bf16' needs a GPU with bf16 support; {torch.cuda.get_device_name(device)} "
                          "has none: use --precision fp32 or tf32")

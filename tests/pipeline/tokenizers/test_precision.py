@@ -151,6 +151,9 @@ def test_precision_names_and_devices():
         check_precision("tf32", "cpu")
     with pytest.raises(ValueError, match="not one of"):
         check_precision("fp16", "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA GPU"):
+            check_precision("bf16", "cuda")
     with numerics("bf16", torch.device("cpu")):
         assert torch.is_autocast_enabled("cpu")
     with numerics("fp32", torch.device("cpu")):
