@@ -189,9 +189,6 @@ class VisualTokenizer:
             n, c, h, w = f.shape
             return self._screened(f.float().permute(0, 2, 3, 1).reshape(n * h * w, c)).view(n, h, w)
 
-    def _codes(self, x: torch.Tensor) -> torch.Tensor:
-        return self._argmax(self._features(x))
-
     def encode(self, frames: np.ndarray | torch.Tensor | list, batch_size: int | None = None) -> np.ndarray:
         src = self._check_frames(frames)
         n, h, w = src.n, src.frame_shape[0] // self.downsample, src.frame_shape[1] // self.downsample

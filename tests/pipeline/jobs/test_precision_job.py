@@ -67,6 +67,12 @@ def test_a_manifest_refuses_shards_of_two_precisions(tmp_path):
 
 
 def test_precision_batch_rows_and_decode_threads_defaults(ray_local, tmp_path):
+    from pipeline.jobs import config
+    from pipeline.tokenizers import VisualTokenizer
+    from pipeline.tokenizers.numerics import PRECISIONS
+
+    # config.py keeps torch out of the CLI's import path, so it repeats these two; they must agree.
+    assert (config.PRECISIONS, config.GPU_MIN_FORWARD) == (PRECISIONS, VisualTokenizer.GPU_MIN_FORWARD)
     base = dict(dataset="kinetics600", input=str(tmp_path), output=str(tmp_path / "o"))
     cfg = TokenizeConfig(**base)
     assert (cfg.tokenizer_precision(gpu_actors=True), cfg.tokenizer_precision(gpu_actors=False)) == ("bf16", "fp32")
