@@ -96,3 +96,16 @@ def test_precision_batch_rows_and_decode_threads_defaults(ray_local, tmp_path):
     assert cfg.decode_config().threads == 0
     assert TokenizeConfig(**base, ray_address="auto").decode_config().threads == 1
     assert TokenizeConfig(**base, ray_address="auto", decode_threads=4).decode_config().threads == 4
+
+
+def test_the_cli_offers_the_three_precisions(tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.jobs.cli import tokenize_cmd
+
+    res = CliRunner().invoke(tokenize_cmd, ["--dataset", "folder", "--input", str(tmp_path), "--output",
+                                            str(tmp_path / "o"), "--precision", "fp16"])
+    assert res.exit_code == 2 and "'fp16' is not one of 'fp32', 'tf32', 'bf16'" in res.output
+    res = CliRunner().invoke(tokenize_cmd, ["--dataset", "folder", "--input", str(tmp_path), "--output",
+                                            str(tmp_path / "o"), "--precision", "tf32", "--num-gpus", "0"])
+    assert res.exit_code == 1 and "tf32 runs on GPUs only" in res.output
