@@ -138,21 +138,22 @@ class TokenizeStage:
 
 
 def job_precision(cfg: TokenizeConfig) -> str:
-    """The precision the job's tokenizer actors compute at: --precision, else bf16 when they will
-    get GPUs (as stage_sizes assigns them) and fp32 otherwise. Asks the cluster for its GPUs when it
-    must (joining it if --ray-address is given); an embedded job counts this machine's."""
+    """The precision the job's tokenizer actors compute at: --precision, else bf16 when stage_sizes
+    gives them GPUs and fp32 otherwise. Asks the cluster for its resources when it must (joining it
+    if --ray-address is given); an embedded job that has not started Ray counts this machine's."""
     if cfg.num_gpus == 0:
         return cfg.tokenizer_precision(gpu_actors=False)
     import ray
 
     if ray.is_initialized() or cfg.ray_address:
         _init_ray(cfg)
-        gpus = int(ray.cluster_resources().get("GPU", 0))
+        cluster = ray.cluster_resources()
     else:
         import torch
 
-        gpus = torch.cuda.device_count()  # what the embedded ray.init() will find
-    return cfg.tokenizer_precision(gpu_actors=gpus > 0)
+        # What the embedded ray.init() will find.
+        cluster = {"CPU": float(cfg.num_cpus or os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+    return cfg.tokenizer_precision(gpu_actors=bool(stage_sizes(cfg, cluster)["tokenize"]["num_gpus"]))
 
 
 def _init_ray(cfg: TokenizeConfig):
