@@ -2,7 +2,8 @@
 
 Same random weights, same uint8 batch, same thread count, interleaved repetitions in one run; both
 paths include the pixel mapping and the argmax over the code logits. Prints a Markdown table and a
-JSON line. On a GPU, also our encoder in bf16 autocast as a fraction of the device's bf16 peak.
+JSON line. On a GPU, also bench/tokenizer_gpu.py's measure() at 128 px (bf16 and tf32: frames/s,
+fraction of the device's bf16 peak, agreement with fp32).
 
     python bench/tokenizer.py                      # CPU: 128 px, batch 2, 2 threads
     python bench/tokenizer.py --resolution 64 --reps 3 --threads 1
@@ -23,22 +24,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.tokenizers import DVAEArch, DVAEEncoder, load_tokenizer  # noqa: E402
+from pipeline.tokenizers import DVAEArch, load_tokenizer  # noqa: E402
 from pipeline.tokenizers.convert import convert_dalle  # noqa: E402
 
-BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
-
-
-def encoder_flops(resolution: int, arch: DVAEArch | None = None) -> float:
-    """FLOPs (2 × MACs) of one frame through the encoder, counted by torch's FlopCounterMode on meta tensors."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.device("meta"):
-        enc = DVAEEncoder(arch or DVAEArch())
-        x = torch.empty(1, 3, resolution, resolution)
-    with FlopCounterMode(display=False) as fc:
-        enc(x)
-    return float(fc.get_total_flops())
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tokenizer_gpu import encoder_flops, measure, table  # noqa: E402
 
 
 def _time(fn, reps: int) -> list[float]:
@@ -87,23 +77,6 @@ def bench_demo(args) -> dict:
             "demo_encoder_gflop_per_frame_64px": encoder_flops(64, DVAEArch(**demo.config["arch"])) / 1e9}
 
 
-def bench_gpu(tok, flops128: float, args) -> dict:
-    name = torch.cuda.get_device_name()
-    peak = args.peak_tflops or next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
-    gtok = tok.to("cuda")
-    gx = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (args.gpu_batch, 128, 128, 3), np.uint8)).cuda()
-
-    def run() -> None:
-        gtok.encode(gx, batch_size=args.gpu_batch)
-        torch.cuda.synchronize()
-
-    run()
-    t = statistics.median(_time(run, max(5, args.reps)))
-    achieved = args.gpu_batch * flops128 / t / 1e12
-    return {"name": name, "batch": args.gpu_batch, "frames_per_s_128px": args.gpu_batch / t, "tflops": achieved,
-            "bf16_peak_tflops": peak, "fraction_of_peak": achieved / peak if peak else None}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--resolution", type=int, default=128)
@@ -111,7 +84,6 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--demo-batch", type=int, default=64)
-    ap.add_argument("--gpu-batch", type=int, default=256)
     ap.add_argument("--skip-reference", action="store_true", help="skip the CPU comparison with dall_e")
     ap.add_argument("--skip-demo", action="store_true", help="skip the demo tokenizer")
     ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak of the GPU (default: by name)")
@@ -135,7 +107,7 @@ def main() -> None:
     if not args.skip_demo:
         res.update(bench_demo(args))
     if torch.cuda.is_available():
-        res["gpu"] = bench_gpu(tok, flops[128], args)
+        res["gpu"] = measure("cuda", (128,), ("bf16", "tf32"), peak=args.peak_tflops)
 
     print("| what | value |\n|---|---|")
     if "speedup" in res:
@@ -150,10 +122,8 @@ def main() -> None:
         print(f"| demo encoder FLOPs per 64 px frame | {res['demo_encoder_gflop_per_frame_64px']:.3f} GFLOP |")
     print(f"| dVAE encoder FLOPs per frame | 128 px: {flops[128] / 1e9:.1f} GFLOP; 256 px: {flops[256] / 1e9:.1f} GFLOP |")
     if "gpu" in res:
-        gp = res["gpu"]
-        frac = f"{gp['fraction_of_peak']:.0%} of bf16 peak" if gp["fraction_of_peak"] else "peak unknown (--peak-tflops)"
-        print(f"| {gp['name']} bf16, batch {gp['batch']}, 128 px | {gp['frames_per_s_128px']:.0f} frames/s, "
-              f"{gp['tflops']:.0f} TFLOP/s = {frac} |")
+        print()
+        print(table(res["gpu"]))
     print(json.dumps(res))
 
 

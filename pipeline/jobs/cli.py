@@ -40,13 +40,18 @@ def _storage_options(endpoint_url: str | None) -> dict | None:
 @click.option("--decode-concurrency", default=None, type=int,
               help="Decode actors (one input shard each at a time). Default: the CPUs the tokenizers leave / --decode-cpus.")
 @click.option("--decode-cpus", default=1.0, show_default=True, type=float, help="CPUs reserved per decode actor.")
-@click.option("--decode-threads", default=0, show_default=True, type=int,
-              help="FFmpeg threads per decode; 0 = FFmpeg chooses. On clusters: 1, with one decode actor per core.")
+@click.option("--decode-threads", default=None, type=int,
+              help="FFmpeg threads per decode; 0 = FFmpeg chooses. Default: 1 with --ray-address (one decode actor "
+                   "per core), else 0.")
 @click.option("--tokenizer-cpus", default=1.0, show_default=True, type=float,
               help="CPUs per CPU tokenizer actor (and its torch threads).")
 @click.option("--cpu-actors", default=1, show_default=True, type=int, help="Tokenizer actors when there is no GPU.")
 @click.option("--batch-size", default=64, show_default=True, type=int, help="Frames per tokenizer forward pass (raise on GPUs, e.g. 512).")
-@click.option("--rows-per-batch", default=16, show_default=True, type=int, help="Token rows per tokenizer-stage batch.")
+@click.option("--rows-per-batch", default=16, show_default=True, type=int,
+              help="Token rows per tokenizer-stage batch, at least (raised to hold one forward pass of frames).")
+@click.option("--precision", default=None, type=click.Choice(["fp32", "tf32", "bf16"]),
+              help="Tokenizer arithmetic (docs/tokenizers.md). Default: bf16 on GPUs, fp32 on CPUs. Recorded with "
+                   "the shards; a resume or a mix refuses another precision.")
 @click.option("--decode-timeout", default=300.0, show_default=True, type=float, help="Seconds per input before it counts as hung.")
 @click.option("--endpoint-url", envvar="TOTO_S3_ENDPOINT_URL", default=None,
               help="S3 endpoint for s3:// URLs (MinIO, on-prem). Credentials come from the environment / AWS config only. "
@@ -54,7 +59,8 @@ def _storage_options(endpoint_url: str | None) -> dict | None:
 @click.option("--no-progress", is_flag=True, help="No live progress display.")
 def tokenize_cmd(dataset, input_, output, tokenizer, resolution, fps, max_fps, chunk_frames, fmt, compression,
                  items_per_shard, limit, splits, ray_address, num_cpus, num_gpus, decode_concurrency, decode_cpus,
-                 decode_threads, tokenizer_cpus, cpu_actors, batch_size, rows_per_batch, decode_timeout, endpoint_url, no_progress) -> None:
+                 decode_threads, tokenizer_cpus, cpu_actors, batch_size, rows_per_batch, precision, decode_timeout, endpoint_url,
+                 no_progress) -> None:
     """Decode and tokenize a dataset into token shards, exactly once per input shard.
 
     \b
@@ -81,7 +87,7 @@ def tokenize_cmd(dataset, input_, output, tokenizer, resolution, fps, max_fps, c
             items_per_shard=items_per_shard, limit=limit, splits=tuple(splits) or None, ray_address=ray_address,
             num_cpus=num_cpus, num_gpus=num_gpus, decode_concurrency=decode_concurrency, decode_cpus=decode_cpus, decode_threads=decode_threads,
             tokenizer_cpus=tokenizer_cpus, cpu_actors=cpu_actors, batch_size=batch_size,
-            rows_per_batch=rows_per_batch, decode_timeout_s=decode_timeout, progress=not no_progress,
+            rows_per_batch=rows_per_batch, precision=precision, decode_timeout_s=decode_timeout, progress=not no_progress,
             storage_options=_storage_options(endpoint_url),
         )
         run_tokenize(cfg)

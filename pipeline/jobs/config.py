@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.sources import ADAPTERS
 
 FORMATS = ("arrow", "webdataset")
+PRECISIONS = ("fp32", "tf32", "bf16")  # = pipeline.tokenizers.numerics.PRECISIONS (not imported: no torch here)
+# Datasets whose rows may hold a single frame each (images); the tokenizer stage asks Ray for enough
+# of their rows to fill a forward pass.
+SINGLE_FRAME_DATASETS = ("imagenet", "folder")
+GPU_MIN_FORWARD = 256  # = VisualTokenizer.GPU_MIN_FORWARD: frames per forward on a GPU at least
 
 
 @dataclass(frozen=True)
@@ -34,12 +40,17 @@ class TokenizeConfig:
     decode_concurrency: decode actors (each decodes one input shard at a time in a watchdog
                       subprocess); None = derived from the CPUs left after the tokenizer actors.
     decode_cpus:      CPUs reserved per decode actor (fractional is allowed).
-    decode_threads:   FFmpeg threads per decode (0 = FFmpeg chooses). On clusters use 1 with one decode
-                      actor per core: per-core throughput is highest single-threaded (BENCHMARKS.md).
+    decode_threads:   FFmpeg threads per decode (0 = FFmpeg chooses); None = 1 on a cluster (ray_address
+                      given: one decode actor per core, where per-core throughput is highest
+                      single-threaded, BENCHMARKS.md) and 0 embedded.
     tokenizer_cpus:   CPUs reserved per CPU tokenizer actor (also its torch thread count, rounded up).
     cpu_actors:       number of tokenizer actors when there is no GPU.
-    batch_size:       frames per tokenizer forward pass.
-    rows_per_batch:   token rows (chunks) per tokenizer-stage batch handed over by Ray Data.
+    batch_size:       frames per tokenizer forward pass (at least GPU_MIN_FORWARD on a GPU).
+    rows_per_batch:   token rows (chunks) per tokenizer-stage batch handed over by Ray Data, at least;
+                      raised so that a batch holds a forward pass of frames (tokenizer_batch_rows).
+    precision:        tokenizer arithmetic, "fp32" | "tf32" | "bf16" (docs/tokenizers.md); None = bf16
+                      when the tokenizer actors get GPUs, fp32 on CPUs. Recorded in job.json and the
+                      sidecars; a resume or a mix refuses shards of another precision.
     decode_timeout_s: per-input decode time limit; a hang costs one input, not the job.
     progress:         live progress display on stderr.
     """
@@ -61,11 +72,12 @@ class TokenizeConfig:
     num_gpus: int | None = None
     decode_concurrency: int | None = None
     decode_cpus: float = 1.0
-    decode_threads: int = 0
+    decode_threads: int | None = None
     tokenizer_cpus: float = 1.0
     cpu_actors: int = 1
     batch_size: int = 64
     rows_per_batch: int = 16
+    precision: str | None = None
     decode_timeout_s: float = 300.0
     compression: str | None = None
     progress: bool = True
@@ -104,6 +116,12 @@ class TokenizeConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 bad(name, v, "use an int >= 1")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            bad("precision", self.precision, f"choose one of {PRECISIONS}, or None (bf16 on GPUs, fp32 on CPUs)")
+        if self.precision == "tf32" and self.num_gpus == 0:
+            bad("precision", self.precision, "tf32 runs on GPUs only; with num_gpus=0 use fp32 or bf16")
+        if self.decode_threads is not None and (not isinstance(self.decode_threads, int) or self.decode_threads < 0):
+            bad("decode_threads", self.decode_threads, "use None (1 on a cluster, else 0), 0 (FFmpeg chooses) or an int >= 1")
         if not self.decode_timeout_s > 0:
             bad("decode_timeout_s", self.decode_timeout_s, "use a positive number of seconds")
         if self.compression not in (None, "zstd"):
@@ -122,8 +140,25 @@ class TokenizeConfig:
             max_fps=self.max_fps,
             chunk_frames=self.chunk_frames,
             timeout_s=self.decode_timeout_s,
-            threads=self.decode_threads,
+            threads=self.decode_threads if self.decode_threads is not None else (1 if self.ray_address else 0),
         )
+
+    def tokenizer_precision(self, gpu_actors: bool) -> str:
+        """The precision the tokenizer actors compute at: the explicit one, else bf16 on GPUs and fp32 on CPUs."""
+        if self.precision == "tf32" and not gpu_actors:
+            raise ValueError("--precision tf32 runs on GPUs only, and this job's tokenizer actors have none; "
+                             "use --precision fp32 or bf16, or give the cluster GPUs")
+        if self.precision is not None:
+            return self.precision
+        return "bf16" if gpu_actors else "fp32"
+
+    def tokenizer_batch_rows(self, gpu_actors: bool) -> int:
+        """Rows per tokenizer-stage batch: rows_per_batch, raised until the rows hold one forward pass
+        of frames (batch_size, at least GPU_MIN_FORWARD on GPUs) when each row has as few frames as
+        this dataset's rows can have (1 for images, chunk_frames for videos)."""
+        frames = max(self.batch_size, GPU_MIN_FORWARD) if gpu_actors else self.batch_size
+        per_row = 1 if self.dataset in SINGLE_FRAME_DATASETS else self.chunk_frames
+        return max(self.rows_per_batch, math.ceil(frames / per_row))
 
     def settings(self) -> dict[str, Any]:
         """What decides the output bytes: a rerun into the same output must have the same settings."""

@@ -73,12 +73,14 @@ def _check_input(cfg: TokenizeConfig) -> None:
         raise JobError(f"dataset root {storage.redact(cfg.input)} does not exist or is not a folder; check --input")
 
 
-def prepare(cfg: TokenizeConfig, tok: Any | None = None) -> JobPlan:
+def prepare(cfg: TokenizeConfig, tok: Any | None = None, precision: str | None = None) -> JobPlan:
     """Fail fast on job-level errors, then freeze/load the work list and compute what is left.
 
+    `precision` is what the tokenizer actors will compute at (pipeline.jobs.ray_job.job_precision
+    decides it from the cluster); default: cfg's, else fp32 (CPU actors).
     Raises JobError (before anything is written except a write probe) for an unwritable output,
     a tokenizer spec that does not load, a missing dataset root, or an output that already holds
-    a different job (other settings, tokenizer or work list).
+    a different job (other settings, tokenizer, precision or work list).
     """
     so = cfg.storage_options
     plan_url = storage.join(cfg.output, JOB_PLAN)
@@ -94,7 +96,10 @@ def prepare(cfg: TokenizeConfig, tok: Any | None = None) -> JobPlan:
         raise JobError(f"{e}; choose a writable --output") from None
     if tok is None:
         tok = load_tokenizer_checked(cfg.tokenizer)
-    info = tokenizer_info(tok)
+    try:
+        info = tokenizer_info(tok, precision or cfg.tokenizer_precision(gpu_actors=False))
+    except ValueError as e:
+        raise JobError(str(e)) from None
     codebook = int(info["vocab_size"])
     if not 2 <= codebook <= 65536:
         raise JobError(f"tokenizer {info['id']} has {codebook} codes; token shards store uint16 codes (at most 65536)")
@@ -164,4 +169,13 @@ def _check_same_job(cfg: TokenizeConfig, info: dict, old: dict) -> None:
     if old_sha and old_sha != info["sha256"]:
         raise JobError(
             f"{cfg.output} was tokenized with {old['tokenizer']['id']}, not {info['id']}; use a new --output"
+        )
+    old_prec = (old.get("tokenizer") or {}).get("precision")
+    if old_prec != info["precision"]:
+        fix = (f"rerun with --precision {old_prec}" if old_prec else
+               "it was made by a Toto that did not record the precision: finish it with that Toto")
+        raise JobError(
+            f"{cfg.output} holds codes computed at precision {old_prec or 'unrecorded'}, but this run would compute "
+            f"{info['precision']} (codes of different precisions differ and must not share a dataset); {fix}, "
+            "or use a new --output"
         )

@@ -5,7 +5,8 @@
                        one watchdog decode subprocess and streams a shard's chunks as blocks of
                        ≤ 32 MB of frames, then the shard's end record
       → TokenizeStage  actor pool, one GPU per actor (or `tokenizer_cpus` CPUs each), `batch_size`
-                       frames per forward pass; frames are replaced by uint16 codes
+                       frames per forward pass (≥ 256 on a GPU; Ray batches sized to hold them) at
+                       the job's precision; frames are replaced by uint16 codes
       → driver         ShardAssembler commits `shard-{input shard:06d}` when a shard is complete
       → manifest.json, then run_summary.json
 
@@ -29,7 +30,7 @@ import pyarrow as pa
 
 from pipeline import storage
 from pipeline.jobs.config import TokenizeConfig
-from pipeline.jobs.plan import RUN_SUMMARY, JobPlan, prepare
+from pipeline.jobs.plan import RUN_SUMMARY, JobError, JobPlan, prepare
 from pipeline.jobs.progress import Progress
 from pipeline.jobs.steps import (
     ROW_META,
@@ -113,22 +114,46 @@ class DecodeStage:
 
 
 class TokenizeStage:
-    """Ray Data actor: load the tokenizer once (on this actor's GPU if it has one) and encode."""
+    """Ray Data actor: load the tokenizer once (on this actor's GPU if it has one) and encode at the
+    job's precision. A call encodes all its frames in forward passes of `batch_size` frames
+    (at least VisualTokenizer.GPU_MIN_FORWARD on a GPU) across record boundaries; the job sizes the
+    calls so that they hold that many frames (TokenizeConfig.tokenizer_batch_rows). Nothing is held
+    back between calls, so an input shard's last records never wait for a call that may not come."""
 
-    def __init__(self, spec: str, batch_size: int, cpus: float) -> None:
+    def __init__(self, spec: str, batch_size: int, cpus: float, precision: str) -> None:
         import torch
 
         from pipeline.tokenizers import load_tokenizer
 
         self.tok = load_tokenizer(spec)
         if torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES", "") != "":
-            self.tok = self.tok.to("cuda")
+            self.tok = self.tok.to("cuda", precision)
         else:
             torch.set_num_threads(torch_threads(cpus))
+            self.tok = self.tok.to("cpu", precision)
         self.batch_size = batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return records_to_table(tokenize_records(self.tok, table_to_records(batch), self.batch_size))
+
+
+def job_precision(cfg: TokenizeConfig) -> str:
+    """The precision the job's tokenizer actors compute at: --precision, else bf16 when stage_sizes
+    gives them GPUs and fp32 otherwise. Asks the cluster for its resources when it must (joining it
+    if --ray-address is given); an embedded job that has not started Ray counts this machine's."""
+    if cfg.num_gpus == 0:
+        return cfg.tokenizer_precision(gpu_actors=False)
+    import ray
+
+    if ray.is_initialized() or cfg.ray_address:
+        _init_ray(cfg)
+        cluster = ray.cluster_resources()
+    else:
+        import torch
+
+        # What the embedded ray.init() will find.
+        cluster = {"CPU": float(cfg.num_cpus or os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+    return cfg.tokenizer_precision(gpu_actors=bool(stage_sizes(cfg, cluster)["tokenize"]["num_gpus"]))
 
 
 def _init_ray(cfg: TokenizeConfig):
@@ -175,7 +200,11 @@ def stage_sizes(cfg: TokenizeConfig, cluster: dict[str, float]) -> dict[str, Any
 def run_tokenize(cfg: TokenizeConfig, *, out=sys.stderr) -> dict[str, Any]:
     """Run (or resume) a tokenization job; returns the run summary (also written to OUT)."""
     t0 = time.perf_counter()
-    plan = prepare(cfg)
+    try:
+        precision = job_precision(cfg)
+    except ValueError as e:
+        raise JobError(str(e)) from None
+    plan = prepare(cfg, precision=precision)
     progress = Progress(total_shards=len(plan.shards), done=plan.done, enabled=cfg.progress, file=out)
     sizes: dict[str, Any] = {}
     if plan.pending:
@@ -221,8 +250,9 @@ def _execute(ray, cfg: TokenizeConfig, plan: JobPlan, sizes: dict, progress: Pro
     tok_args: dict[str, Any] = {"num_gpus": tok["num_gpus"]} if tok["num_gpus"] else {}
     ds = ds.map_batches(
         TokenizeStage,
-        fn_constructor_kwargs={"spec": cfg.tokenizer, "batch_size": cfg.batch_size, "cpus": tok["num_cpus"]},
-        batch_size=cfg.rows_per_batch,
+        fn_constructor_kwargs={"spec": cfg.tokenizer, "batch_size": cfg.batch_size, "cpus": tok["num_cpus"],
+                               "precision": plan.tokenizer["precision"]},
+        batch_size=cfg.tokenizer_batch_rows(gpu_actors=bool(tok["num_gpus"])),
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=tok["actors"]),
         num_cpus=tok["num_cpus"],

@@ -27,11 +27,13 @@ from pipeline.shards import ShardWriter
 ROW_META = ("key", "dataset", "split", "video_id", "label", "chunk", "t_start", "fps", "num_frames")
 
 
-def tokenizer_info(tok: Any) -> dict[str, Any]:
-    """`{id, sha256, vocab_size, downsample}` of a VisualTokenizer, as ShardWriter records it.
+def tokenizer_info(tok: Any, precision: str | None = None) -> dict[str, Any]:
+    """`{id, sha256, vocab_size, downsample, precision}` of a VisualTokenizer, as ShardWriter records it.
 
     The tokenizer's `id` string includes its weights' sha256; `sha256` is taken from the attribute
     when the tokenizer has one, otherwise from the id's last ':'/'-'/'@'-separated hex part.
+    `precision` is the one the job's tokenizer actors compute at (default: the tokenizer's own,
+    fp32 for one without the attribute): codes of other precisions differ, so it is recorded.
     """
     tid = str(tok.id)
     sha = getattr(tok, "sha256", None)
@@ -41,7 +43,8 @@ def tokenizer_info(tok: Any) -> dict[str, Any]:
         if not hexes:
             raise ValueError(f"tokenizer id {tid!r} carries no weights sha256; cannot record which weights made the shards")
         sha = hexes[-1]
-    return {"id": tid, "sha256": str(sha), "vocab_size": int(tok.vocab_size), "downsample": int(tok.downsample)}
+    return {"id": tid, "sha256": str(sha), "vocab_size": int(tok.vocab_size), "downsample": int(tok.downsample),
+            "precision": str(precision or getattr(tok, "precision", "fp32"))}
 
 
 def decode_input_shard(
@@ -93,28 +96,27 @@ def decode_input_shard(
 def tokenize_records(tok: Any, records: list[dict], batch_size: int) -> list[dict]:
     """Replace each chunk record's frames by the tokenizer's codes; end records pass through.
 
-    Frames of consecutive records are concatenated and encoded `batch_size` frames per forward
-    pass, so images (1 frame per record) and video chunks (up to chunk_frames) batch alike.
+    The frames of all the chunk records are handed to one `tok.encode` call as a list (no
+    concatenated copy), which encodes them `batch_size` frames per forward pass across record
+    boundaries (at least VisualTokenizer.GPU_MIN_FORWARD on a GPU), so images (1 frame per record)
+    and video chunks (up to chunk_frames) batch alike, and a GPU overlaps each batch's copy with the
+    previous batch's compute.
     """
     chunks = [r for r in records if r["type"] == "chunk"]
     if chunks:
-        frames = np.concatenate([r["frames"] for r in chunks], axis=0)  # (N, R, R, 3) uint8
-        codes = []
-        for i in range(0, len(frames), batch_size):
-            c = np.asarray(tok.encode(frames[i : i + batch_size]))  # (n, gh, gw)
-            if c.ndim != 3 or c.shape[0] != min(batch_size, len(frames) - i):
-                raise RuntimeError(f"tokenizer returned shape {c.shape} for {min(batch_size, len(frames) - i)} frames; expected (N, h, w)")
-            codes.append(c)
-        tokens = np.concatenate(codes, axis=0)  # (N, gh, gw)
+        n = sum(int(r["frames"].shape[0]) for r in chunks)
+        tokens = np.asarray(tok.encode([r["frames"] for r in chunks], batch_size=batch_size))  # (N, gh, gw)
+        if tokens.ndim != 3 or tokens.shape[0] != n:
+            raise RuntimeError(f"tokenizer returned shape {tokens.shape} for {n} frames; expected (N, h, w)")
         if tokens.dtype != np.uint16:
             if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) > 65535):
                 raise RuntimeError("tokenizer produced codes outside uint16; a code that does not fit is an error")
             tokens = tokens.astype(np.uint16)
         at = 0
         for r in chunks:
-            n = r["frames"].shape[0]
-            r["tokens"] = tokens[at : at + n]
-            at += n
+            k = r["frames"].shape[0]
+            r["tokens"] = tokens[at : at + k]
+            at += k
             del r["frames"]
     return records
 

@@ -88,7 +88,9 @@ class ShardWriter:
         self.name = shard_name(shard_id)
         self.format = format
         self.codebook_size = codebook_size
-        self.tokenizer = {k: tokenizer[k] for k in ("id", "sha256", "vocab_size", "downsample")}
+        # precision (fp32 | tf32 | bf16): recorded when the caller knows it (the tokenize job always does).
+        self.tokenizer = {k: tokenizer[k] for k in ("id", "sha256", "vocab_size", "downsample", "precision")
+                          if k in tokenizer}
         self.resolution = int(resolution)
         self.row_group_size = row_group_size
         self.compression = compression
@@ -332,6 +334,12 @@ def build_manifest(out_url: str, storage_options: dict | None = None) -> dict[st
                 )
         if s["tokenizer"]["sha256"] != first["tokenizer"]["sha256"]:
             raise ValueError(f"{out_url}: shards {first['shard_id']} and {s['shard_id']} were made by different tokenizers")
+        if s["tokenizer"].get("precision") != first["tokenizer"].get("precision"):
+            raise ValueError(
+                f"{out_url}: shards {first['shard_id']} and {s['shard_id']} were tokenized at precisions "
+                f"{first['tokenizer'].get('precision', 'unrecorded')} and {s['tokenizer'].get('precision', 'unrecorded')}; "
+                "one output location holds one tokenization: re-tokenize one of them into its own output"
+            )
     fps = {s.get("fps") for s in sides}
     shards = [
         {

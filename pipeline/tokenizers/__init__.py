@@ -2,10 +2,10 @@
 
     from pipeline.tokenizers import load_tokenizer
     tok = load_tokenizer("demo")            # or "dalle:DIR", "vqgan:DIR", "dvae:DIR"
-    tok = tok.to("cuda")                    # optional; bf16 autocast on CUDA
-    codes = tok.encode(frames)              # uint16 (N, h, w)
+    tok = tok.to("cuda")                    # optional; precision bf16 on CUDA, fp32 on CPU (or "tf32")
+    codes = tok.encode(frames)              # uint16 (N, h, w); frames: uint8 (N, H, W, 3) or a list of them
     frames = tok.decode(codes)              # uint8 (N, H, W, 3) when tok.has_decoder
-    tok.vocab_size, tok.downsample, tok.id (kind:name:weights-sha256), tok.sha256
+    tok.vocab_size, tok.downsample, tok.id (kind:name:weights-sha256), tok.sha256, tok.precision
 
 Folders hold config.json (schema tokenizer_config) + model.safetensors; make them with
 `toto-pipeline convert-tokenizer` (OpenAI dVAE pickles, taming VQGAN checkpoints) or

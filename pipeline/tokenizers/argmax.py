@@ -16,6 +16,11 @@ Error bound for one logit (Cauchy-Schwarz; u = 2^-8 for bf16, 2^-24 for fp32 acc
     bf16 output       ≤ 2^-8·|ŷ| (≤ 2^-8·max|ŷ| of the row)     (the GEMM returns bf16)
 
 Shapes: ``r`` [P, C] float32 (P = positions), ``w`` [V, C], ``b`` [V]; result int64 [P].
+
+The same code runs on CUDA, where it gives the bf16 and tf32 precisions their fp32 argmax at bf16
+tensor-core speed (pipeline/tokenizers/numerics.py). The bound needs fp32 accumulation in the bf16
+GEMM: oneDNN does that on CPU; on CUDA `numerics()` turns cuBLAS's reduced-precision bf16
+reductions off. Call it inside `numerics.exact_fp32` so that the fp32 parts are not autocast or TF32.
 """
 
 from __future__ import annotations
@@ -80,7 +85,7 @@ class ScreenedArgmax:
         pi, vi = cand.nonzero(as_tuple=True)  # sorted by position, then code
         counts = torch.bincount(pi, minlength=p)
         self.last_candidates = pi.numel() / max(p, 1)
-        out = torch.empty(p, dtype=torch.int64)
+        out = torch.empty(p, dtype=torch.int64, device=r.device)
         many = counts > self.MAX_CANDIDATES
         if many.any():
             rows = many.nonzero(as_tuple=True)[0]
@@ -89,11 +94,11 @@ class ScreenedArgmax:
             pi, vi = pi[keep], vi[keep]
         if pi.numel():
             exact = (r[pi] * self.w[vi]).sum(1) + self.b[vi]  # fp32 logits of the survivors
-            best = torch.full((p,), float("-inf")).scatter_reduce(0, pi, exact, "amax")
+            best = torch.full((p,), float("-inf"), device=r.device).scatter_reduce(0, pi, exact, "amax")
             # First (lowest) code reaching the best value, as torch.argmax breaks ties.
             big = torch.iinfo(torch.int64).max
             win = torch.where(exact == best[pi], vi, big)
-            first = torch.full((p,), big, dtype=torch.int64).scatter_reduce(0, pi, win, "amin")
+            first = torch.full((p,), big, dtype=torch.int64, device=r.device).scatter_reduce(0, pi, win, "amin")
             few = ~many
             out[few] = first[few]
         return out

@@ -92,8 +92,10 @@ class Conv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = (self.kw - 1) // 2
+        # The oneDNN call is fp32 only and bypasses autocast: under CPU autocast (the bf16 precision)
+        # the plain conv2d runs, the same op CUDA runs.
         if (self.cpu_prepack and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-                and x.is_contiguous(memory_format=torch.channels_last)):
+                and not torch.is_autocast_enabled("cpu") and x.is_contiguous(memory_format=torch.channels_last)):
             w = self._packed_weight(x)
             if w is not None:
                 return torch.ops.mkldnn._convolution_pointwise(

@@ -221,10 +221,13 @@ class Quantizer(nn.Module):
         """z (N, D, h, w) → codes (N, h, w): argmax of the logits -‖z - e‖² (‖z‖² is constant per
         position, so argmax(2 z·e - ‖e‖²) gives the same code without forming it)."""
         n, d, h, w = z.shape
-        zf = z.permute(0, 2, 3, 1).reshape(-1, d).float()  # (NHW, D)
-        e = self.embedding.weight.float()  # (K, D)
-        logits = torch.addmm((e * e).sum(1).neg(), zf, e.t(), beta=1.0, alpha=2.0)  # (NHW, K)
-        return logits.argmax(1).view(n, h, w)
+        # Distances in fp32 whatever the encoder ran in (autocast would make this addmm bf16 and
+        # its argmax a coin toss among near ties); argmax takes the lowest index on ties.
+        with torch.autocast(z.device.type, enabled=False):
+            zf = z.permute(0, 2, 3, 1).reshape(-1, d).float()  # (NHW, D)
+            e = self.embedding.weight.float()  # (K, D)
+            logits = torch.addmm((e * e).sum(1).neg(), zf, e.t(), beta=1.0, alpha=2.0)  # (NHW, K)
+            return logits.argmax(1).view(n, h, w)
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (N, h, w) → z_q (N, D, h, w)."""

@@ -15,7 +15,8 @@ class _Tok:
 
     downsample = 8
 
-    def encode(self, frames):  # (N, R, R, 3) uint8 -> (N, R/8, R/8) uint16
+    def encode(self, frames, batch_size=None):  # (N, R, R, 3) uint8 or a list of such -> (N, R/8, R/8) uint16
+        frames = np.concatenate(frames) if isinstance(frames, list) else frames
         n, r = frames.shape[0], frames.shape[1]
         return frames.reshape(n, r // 8, 8, r // 8, 8, 3).mean(axis=(2, 4, 5)).astype(np.uint16)
 
