@@ -1,10 +1,11 @@
 """The device check: one script, one process, the GPU figures of issue 15 in one table + JSON.
 
 Sections (each measured in this run; targets printed beside):
-  1. dVAE encoder (OpenAI's architecture, random weights) at 128 and 256 px: frames/s in bf16
-     autocast, tf32 and fp32, bf16 as a fraction of the device's dense bf16 peak, and the share of
-     code positions equal to fp32's (argmax always over fp32-cast logits). Target: >= 60% of peak
-     at 128 px.
+  1. dVAE encoder (OpenAI's architecture, random weights) at 128 and 256 px through
+     VisualTokenizer.encode, as a tokenizer actor runs it (bench/tokenizer_gpu.py measure()):
+     frames/s at fp32, tf32 and bf16, the fraction of the device's dense bf16 peak, the share of
+     code positions equal to fp32's, and whether repeated / re-batched encodes are identical.
+     Target: bf16 >= 60% of peak at 128 px.
   2. The trainer's step (trainer.model + fused AdamW on CUDA + bf16 autocast + clipping, compiled
      where trainer.train._compile puts it) for `base` and `1b` at 4096 tokens per step, compile
      off and on: tokens/s and MFU = (6N + 12·L·d·T) · tokens/s / peak, the formula the trainer
@@ -27,7 +28,6 @@ demo tokenizer) so that every code path runs; its numbers say nothing about a GP
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import json
@@ -46,10 +46,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from tokenizer import encoder_flops  # noqa: E402  bench/tokenizer.py: FLOPs of one frame (FlopCounterMode)
+from tokenizer_gpu import measure  # noqa: E402  bench/tokenizer_gpu.py: section 1
 from train import matmul_peak  # noqa: E402  bench/train.py
 
-from pipeline.tokenizers import DVAEArch, DVAEEncoder  # noqa: E402
 from trainer.model import PRESETS, Transformer, flops_per_token, param_groups  # noqa: E402
 from trainer.train import _compile, _Dist, peak_flops_for  # noqa: E402
 
@@ -58,14 +57,13 @@ TARGETS = {"tokenizer_peak_fraction_128": 0.60, "mfu_1b_compiled": 0.50, "job_ov
 
 # Sizes per device: the GPU sizes are the issue's; the CPU ones only make every path run.
 PROFILES = {
-    "cuda": dict(enc_arch={}, enc_res=[128, 256], enc_batch=256, enc_reps=10, presets=["base", "1b"], seq=4096,
-                 vocab=8196, train_steps=10, job_clips=24, job_frames=150, job_size=(480, 640), job_res=128,
+    "cuda": dict(enc_n_hid=256, enc_res=[128, 256], enc_frames=1024, enc_batch=256, enc_agree=256, enc_reps=3,
+                 presets=["base", "1b"], seq=4096, vocab=8196, train_steps=10, job_clips=24, job_frames=150, job_size=(480, 640), job_res=128,
                  job_tokenizer="dalle-random", job_batch=256, loader_preset="base", loader_steps=100,
                  loader_batch=8, loader_seq=4096, loader_dtype="bf16"),
     # CPU bf16 is emulated on most CPUs (~0.4 GFLOP/s on the 2-core development machine): tiny.
-    "cpu": dict(enc_arch={"n_hid": 16, "n_init": 8, "n_blk_per_group": 1, "vocab_size": 512}, enc_res=[16, 32],
-                enc_batch=2, enc_reps=1, presets=["tiny"], seq=32, vocab=516, train_steps=1, job_clips=2,
-                job_frames=6, job_size=(72, 96), job_res=64, job_tokenizer="demo", job_batch=16,
+    "cpu": dict(enc_n_hid=16, enc_res=[32], enc_frames=16, enc_batch=8, enc_agree=16, enc_reps=1,
+                presets=["tiny"], seq=32, vocab=516, train_steps=1, job_clips=2, job_frames=6, job_size=(72, 96), job_res=64, job_tokenizer="demo", job_batch=16,
                 loader_preset="tiny", loader_steps=10, loader_batch=2, loader_seq=256, loader_dtype="fp32"),
 }
 
@@ -96,58 +94,12 @@ def bf16_peak(device: torch.device, override: float | None) -> tuple[float, str]
     return matmul_peak(device, torch.bfloat16, n=n, reps=3), f"bf16 {n}^3 matmul measured in this run"
 
 
-@contextlib.contextmanager
-def _precision(mode: str, device: torch.device):
-    """fp32 (no TF32 anywhere), tf32 (TF32 matmuls/convs, no autocast) or bf16 (autocast)."""
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = mode == "tf32"
-    try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "bf16"):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-def _frames(n: int, res: int, seed: int) -> np.ndarray:
-    """Picture-like uint8 frames (moving quadrants + noise), not pure noise: code agreement on
-    noise would be dominated by near-ties that real frames rarely have."""
-    from pipeline.media import quadrant_frame
-
-    rng = np.random.default_rng(seed)
-    out = np.empty((n, res, res, 3), np.uint8)
-    for i in range(n):
-        base = quadrant_frame(res, res, i / max(n, 1), 1.0).astype(np.int16)
-        out[i] = np.clip(base + rng.integers(-24, 24, (res, res, 3)), 0, 255)
-    return out
-
-
-def section_tokenizer(device: torch.device, prof: dict, peak: float) -> list[dict]:
-    """Section 1 (written here with pipeline.tokenizers' encoder module directly, so each
-    precision is set explicitly rather than by the tokenizer wrapper's default)."""
-    arch = DVAEArch(**prof["enc_arch"])
-    torch.manual_seed(0)
-    enc = DVAEEncoder(arch).to(device).eval()
-    if device.type == "cuda":
-        enc = enc.to(memory_format=torch.channels_last)
-    rows = []
-    for res in prof["enc_res"]:
-        frames = torch.from_numpy(_frames(prof["enc_batch"], res, res)).to(device)
-        # [0, 255] -> DALL·E's [eps, 1 - eps] input range; NHWC -> NCHW with channels-last strides.
-        x = frames.permute(0, 3, 1, 2).float().mul_((1 - 0.2) / 255.0).add_(0.1)
-        flops = encoder_flops(res, arch)
-        codes = {}
-        for mode in ("fp32", "tf32", "bf16"):
-            def run(mode=mode, x=x, codes=codes):
-                with torch.inference_mode(), _precision(mode, device):
-                    codes[mode] = enc(x).float().argmax(1)  # (B, h, w); fp32 argmax in every mode
-            run()  # warm-up (cuDNN algorithm choice)
-            t = _best_time(run, prof["enc_reps"], device)
-            rows.append({"resolution": res, "precision": mode, "batch": prof["enc_batch"],
-                         "frames_per_s": prof["enc_batch"] / t, "tflops": prof["enc_batch"] * flops / t / 1e12})
-        for r in rows[-3:]:
-            r["agreement_with_fp32"] = float((codes[r["precision"]] == codes["fp32"]).float().mean())
-            r["fraction_of_bf16_peak"] = r["tflops"] * 1e12 / peak
-    return rows
+def section_tokenizer(device: torch.device, prof: dict, peak: float) -> dict:
+    """Section 1: bench/tokenizer_gpu.py's measure(), through VisualTokenizer.encode as a tokenizer
+    actor calls it (pinned staging, overlapped copies, fixed-shape forwards, fp32 argmax)."""
+    return measure(device, tuple(prof["enc_res"]), ("bf16", "tf32"), frames=prof["enc_frames"],
+                   batch=prof["enc_batch"], agree_frames=prof["enc_agree"], reps=prof["enc_reps"],
+                   n_hid=prof["enc_n_hid"], peak=peak / 1e12)
 
 
 def _train_step(model, raw, opt, x, y, device):
@@ -386,13 +338,16 @@ def print_table(res: dict) -> None:
     print(f"device: {res['device']}  torch {res['torch']}  bf16 peak {res['peak_flops_bf16'] / 1e12:.1f} TFLOP/s "
           f"({res['peak_source']})")
     print("| section | measurement | value | target |\n|---|---|---|---|")
-    for r in res.get("tokenizer", []):
+    tok = res.get("tokenizer", {})
+    for r in tok.get("rows", []):
         tgt = ""
         if r["precision"] == "bf16" and r["resolution"] == 128:
             tgt = f">= {TARGETS['tokenizer_peak_fraction_128']:.0%} of peak: {ok(r['fraction_of_bf16_peak'], TARGETS['tokenizer_peak_fraction_128'])}"
-        print(f"| 1 dVAE encoder | {r['resolution']} px {r['precision']}, batch {r['batch']} | "
+        print(f"| 1 dVAE encoder | {r['resolution']} px {r['precision']}, batch {tok['batch']} | "
               f"{r['frames_per_s']:,.1f} frames/s, {r['fraction_of_bf16_peak']:.1%} of bf16 peak, "
-              f"codes = fp32 on {r['agreement_with_fp32']:.2%} | {tgt} |")
+              f"codes = fp32 on {r['agreement_with_fp32']:.2%}, deterministic {r['deterministic']} | {tgt} |")
+    for r in tok.get("skipped", []):
+        print(f"| 1 dVAE encoder | {r['resolution']} px {r['precision']} | skipped: {r['why']} | |")
     for r in res.get("trainer", []):
         tgt = ""
         if r["preset"] == "1b" and r["compile"]:
