@@ -172,7 +172,7 @@ def main() -> None:
                          resolution=args.resolution, limit=args.inputs, items_per_shard=args.items_per_shard,
                          num_cpus=args.cpus, decode_cpus=args.decode_cpus, batch_size=args.batch_size,
                          progress=False)
-    sizes = stage_sizes(cfg, {"CPU": args.cpus})
+    sizes = stage_sizes(cfg, {"CPU": args.cpus}, fixed=True)
     items, _ = list_items("folder", data, chunk_seconds=cfg.decode_config().chunk_seconds)
     items = items[: args.inputs]
     dcfg: DecodeConfig = cfg.decode_config()

@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import resource
 import sys
 import time
 from typing import Any
@@ -398,8 +399,9 @@ def _execute(ray, cfg: TokenizeConfig, plan: JobPlan, sizes: dict, progress: Pro
 
     def write_and_commit(ref) -> dict:
         side, node = ray.get(ref)
+        c0 = time.thread_time()
         commit_sidecar(cfg.output, side, so)
-        return {"sidecar": side, "node": node}
+        return {"sidecar": side, "node": node, "cpu_s": time.thread_time() - c0}
 
     def collect(wait: bool) -> None:
         keep = []
@@ -407,15 +409,22 @@ def _execute(ray, cfg: TokenizeConfig, plan: JobPlan, sizes: dict, progress: Pro
             if wait or f.done():
                 got = f.result()
                 placement["write"][got["node"]] = placement["write"].get(got["node"], 0) + 1
+                driver["commit_cpu_s"] += got["cpu_s"]
                 progress.committed(got["sidecar"])
             else:
                 keep.append(f)
         commits[:] = keep
 
+    # The driver's own CPU (this process, all threads), the part spent in this loop's thread
+    # (fetching the stage's small outputs + acting on them) and in sidecar commits: what
+    # bench/driver_cost.py turns into "GPUs one driver can feed".
+    driver = {"commit_cpu_s": 0.0, "batches": 0}
+    ru0, loop0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.thread_time(), time.perf_counter()
     progress.start()
     # Sidecar PUTs wait on the network: a few threads keep the loop that feeds the stages free.
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="commit") as pool:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
+            driver["batches"] += 1
             progress.counts(*(int(pc.sum(batch.column(c)).as_py() or 0) for c in ("rows", "frames", "tokens")))
             for col, key in (("node", "tokenize"), ("decode_node", "decode")):
                 for node, n in zip(*_value_counts(batch.column(col)), strict=True):
@@ -429,10 +438,13 @@ def _execute(ray, cfg: TokenizeConfig, plan: JobPlan, sizes: dict, progress: Pro
                     commits.append(pool.submit(write_and_commit, writers[w].write.remote(sid)))
             collect(wait=False)
         collect(wait=True)
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    driver.update(cpu_s=(ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime),
+                  loop_cpu_s=time.thread_time() - loop0, wall_s=time.perf_counter() - wall0, shards=len(requested))
     left = len(plan.pending) - len(requested)
     if left:
         raise RuntimeError(f"{left} input shards did not complete; rerun the same command to resume")
-    return _describe_placement(ray, placement, devices)
+    return {**_describe_placement(ray, placement, devices), "driver": driver}
 
 
 def _value_counts(col: pa.ChunkedArray) -> tuple[list, list]:
@@ -467,6 +479,8 @@ def finish(cfg: TokenizeConfig, plan: JobPlan, progress: Progress, elapsed: floa
     import schemas
     from pipeline.shards import committed_shards, errors_by_reason, write_manifest
 
+    placement = dict(placement or {})
+    driver = placement.pop("driver", {})
     so = cfg.storage_options
     sides = committed_shards(cfg.output, so)
     missing = sorted({s.id for s in plan.shards} - {s["shard_id"] for s in sides})
@@ -492,7 +506,8 @@ def finish(cfg: TokenizeConfig, plan: JobPlan, progress: Progress, elapsed: floa
         tokens_per_s=(run_tokens / progress.work_s) if progress.work_s > 0 else 0.0,
         steady_tokens_per_s=progress.steady_tokens_per_s or 0.0,
         manifest_hash=manifest["content_hash"],
-        placement=placement or {},
+        placement=placement,
+        driver=driver,
     )
     storage.write_json(storage.join(cfg.output, RUN_SUMMARY), summary, "run_summary", so)
     progress.final_table(summary)

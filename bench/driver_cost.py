@@ -1,0 +1,182 @@
+"""Benchmark: the tokenization job's driver cost per committed token, and the GPUs one driver can feed.
+
+Runs real jobs (embedded Ray, this machine's CPUs, committing to a moto S3 API server that runs in
+its own process so its work is not charged to the driver) for two row kinds:
+
+    images   ImageNet layout, one 128 px frame per row (256 tokens per row)
+    video    folder layout, 64-frame chunks per row (16 384 tokens per row)
+
+and reads the driver's own CPU seconds (getrusage RUSAGE_SELF: every thread of the driver process,
+Ray Data's streaming executor and Ray's core-worker threads included) over the streaming phase,
+as the job records it in run_summary.json ("driver"). Reported per job:
+
+    cpu_s_per_1e9      driver CPU seconds per 1e9 committed tokens
+    gpus_per_driver    (1e9 / cpu_s_per_1e9) / 1.7e6: H100s (1.7e6 tokens/s each) whose output one
+                       driver core keeps up with, at this run's block and shard sizes
+    split              main loop (fetching the tokenizer stage's per-shard counts, acting on them)
+                       per batch; sidecar commits per shard; the rest (Ray Data's executor and Ray's
+                       threads), which runs whatever the token rate, as CPU-s per wall-s
+
+The split shows what the figure depends on: a cost per batch (rows_per_batch × frames per row
+frames), one per shard (items_per_shard), and a rate per second of wall time that on this 2-core
+machine, where the whole job makes ~1e5 tokens/s, weighs ~4 000× more per token than on 256 GPUs.
+
+    PYTHONPATH=. python bench/driver_cost.py --images 2048 --videos 24
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+H100_TOKENS_PER_S = 1.7e6
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_moto() -> tuple[subprocess.Popen, str]:
+    """moto's S3 server in a child process (its CPU must not count as the driver's)."""
+    port = _port()
+    code = ("from moto.server import ThreadedMotoServer; import time; "
+            f"s = ThreadedMotoServer(ip_address='127.0.0.1', port={port}, verbose=False); s.start(); time.sleep(1e9)")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return p, endpoint
+        except OSError:
+            if time.time() > deadline:
+                p.kill()
+                raise RuntimeError("moto server did not start") from None
+            time.sleep(0.2)
+
+
+def make_images(root: str, n: int) -> None:
+    from pipeline.media import quadrant_frame, write_image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = os.path.join(root, "train", f"n{i % 10:08d}")
+        os.makedirs(d, exist_ok=True)
+        img = quadrant_frame(144, 160, float(i), 3.0)
+        img = np.clip(img.astype(np.int16) + rng.integers(0, 30, img.shape), 0, 255).astype(np.uint8)
+        write_image(os.path.join(d, f"n{i % 10:08d}_{i}.JPEG"), img)
+
+
+def make_videos(root: str, n: int, frames: int) -> None:
+    from pipeline.media import quadrant_frame, write_video
+
+    os.makedirs(root, exist_ok=True)
+    for i in range(n):
+        write_video(os.path.join(root, f"v{i:04d}.mp4"), lambda k, t, i=i: quadrant_frame(144, 176, t + i, 3.0),
+                    fps=30, num_frames=frames)
+
+
+def make_tokenizer(out: str) -> str:
+    """A dVAE with the demo's code count and few channels (random weights): 128 px → 16×16 codes.
+    The driver's cost does not depend on the tokenizer; a cheap one makes more tokens per second here."""
+    import torch
+
+    from pipeline.tokenizers import make_config, save_tokenizer
+    from pipeline.tokenizers.base import state_dict_of
+    from pipeline.tokenizers.dalle import DVAEArch, DVAEEncoder
+
+    torch.manual_seed(0)
+    arch = DVAEArch(vocab_size=512, n_hid=16, n_init=16, n_blk_per_group=1)
+    cfg = make_config("dvae", "bench-driver", arch, resolution=128, has_decoder=False, source={"made_by": "bench"})
+    save_tokenizer(out, cfg, state_dict_of(DVAEEncoder(arch), None, "dvae"))
+    return f"dvae:{out}"
+
+
+def run_job(kind: str, data: str, out: str, tok: str, so: dict, args) -> dict:
+    from pipeline.jobs import TokenizeConfig, run_tokenize
+
+    if kind == "images":
+        kw = dict(dataset="imagenet", items_per_shard=args.image_items_per_shard, rows_per_batch=args.image_rows_per_batch)
+    else:
+        kw = dict(dataset="folder", items_per_shard=args.video_items_per_shard, rows_per_batch=args.video_rows_per_batch)
+    cfg = TokenizeConfig(input=data, output=out, tokenizer=tok, resolution=128, max_fps=30.0, chunk_frames=64,
+                         batch_size=args.batch_size, num_cpus=args.cpus, decode_cpus=0.5, progress=False,
+                         storage_options=so, **kw)
+    s = run_tokenize(cfg)
+    d = s["driver"]
+    tokens = s["counts"]["tokens"]
+    per_1e9 = d["cpu_s"] / tokens * 1e9
+    rest = d["cpu_s"] - d["loop_cpu_s"] - d["commit_cpu_s"]
+    return {
+        "kind": kind, "tokens": tokens, "rows": s["counts"]["rows"], "shards": d["shards"], "batches": d["batches"],
+        "wall_s": d["wall_s"], "driver_cpu_s": d["cpu_s"], "cpu_s_per_1e9": per_1e9,
+        "gpus_per_driver": 1e9 / per_1e9 / H100_TOKENS_PER_S,
+        "loop_ms_per_batch": 1e3 * d["loop_cpu_s"] / max(1, d["batches"]),
+        "commit_ms_per_shard": 1e3 * d["commit_cpu_s"] / max(1, d["shards"]),
+        "rest_cpu_per_wall_s": rest / d["wall_s"],
+        "tokens_per_s": tokens / d["wall_s"],
+        # The driver's per-token work alone (loop + commits), without the per-second remainder.
+        "gpus_per_driver_loop_and_commits": tokens / max(1e-9, d["loop_cpu_s"] + d["commit_cpu_s"]) / H100_TOKENS_PER_S,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=2048)
+    ap.add_argument("--videos", type=int, default=24)
+    ap.add_argument("--video-frames", type=int, default=256, help="frames per video (30 fps): 4 chunks of 64")
+    ap.add_argument("--image-items-per-shard", type=int, default=1024)
+    ap.add_argument("--image-rows-per-batch", type=int, default=512)
+    ap.add_argument("--video-items-per-shard", type=int, default=8)
+    ap.add_argument("--video-rows-per-batch", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    os.environ.update(RAY_USAGE_STATS_ENABLED="0", AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                      AWS_DEFAULT_REGION="us-east-1")
+    import boto3
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix="toto-bench-driver-")
+    make_images(os.path.join(tmp, "img"), args.images)
+    make_videos(os.path.join(tmp, "vid"), args.videos, args.video_frames)
+    tok = make_tokenizer(os.path.join(tmp, "tok"))
+    moto, endpoint = start_moto()
+    try:
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
+        so = {"client_kwargs": {"endpoint_url": endpoint}}
+        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        results = [run_job("images", os.path.join(tmp, "img"), "s3://bench/img", tok, so, args),
+                   run_job("video", os.path.join(tmp, "vid"), "s3://bench/vid", tok, so, args)]
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        moto.kill()
+        moto.wait()
+    for r in results:
+        print(f"{r['kind']:6s} {r['tokens']:>11,} tokens {r['rows']:>6,} rows {r['shards']:>3} shards "
+              f"{r['batches']:>4} batches  wall {r['wall_s']:6.1f} s ({r['tokens_per_s']:,.0f} tok/s)  "
+              f"driver CPU {r['driver_cpu_s']:6.2f} s")
+        print(f"       driver CPU per 1e9 tokens {r['cpu_s_per_1e9']:10,.1f} s → {r['gpus_per_driver']:8,.1f} H100s per driver"
+              f"  | loop {r['loop_ms_per_batch']:.2f} ms/batch, commit {r['commit_ms_per_shard']:.2f} ms/shard, "
+              f"rest {r['rest_cpu_per_wall_s']:.3f} CPU-s per wall-s"
+              f"  | loop+commits alone → {r['gpus_per_driver_loop_and_commits']:,.0f} H100s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
