@@ -88,6 +88,22 @@ def _head(gcs: int, temp: str, env: dict, extra: list[str] = ()) -> subprocess.P
                    "--temp-dir", temp, "--ray-client-server-port", str(_port()), *_node_ports(), *extra], env)
 
 
+def _wait_nodes(address: str, n: int, env: dict, procs: list[subprocess.Popen], timeout_s: float = 300) -> None:
+    """Until `n` nodes are alive in the cluster at `address` (fails if a node process exits)."""
+    deadline = time.time() + timeout_s
+    code = (f"import ray; ray.init(address='{address}', log_to_driver=False); "
+            "print('ALIVE', sum(1 for x in ray.nodes() if x['Alive']))")
+    while True:
+        dead = [p.args for p in procs if p.poll() is not None]
+        assert not dead, f"a Ray node process exited: {dead}"
+        probe = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+        alive = [int(w.split()[1]) for w in probe.stdout.splitlines() if w.startswith("ALIVE")]
+        if alive and alive[-1] >= n:
+            return
+        assert time.time() < deadline, f"{alive} of {n} nodes alive after {timeout_s} s: {probe.stderr[-2000:]}"
+        time.sleep(2)
+
+
 def _run_job(args: list[str], env: dict) -> str:
     p = subprocess.run([sys.executable, "-m", "pipeline.cli", "tokenize", *args, "--no-progress"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=420)
@@ -171,17 +187,13 @@ def test_static_multi_node_cluster(ray_local, tmp_path, make_layout, tok_spec):
     env = _env(token)
     procs = [_head(gcs, temp, env)]
     try:
-        for res in (["--num-cpus", "2"], ["--num-cpus", "1", "--num-gpus", "1"]):
+        _wait_nodes(f"{ip}:{gcs}", 1, env, procs)
+        # One worker at a time, each registered before the next (two joining a head that is still
+        # starting can give up on it).
+        for n, res in enumerate((["--num-cpus", "2"], ["--num-cpus", "1", "--num-gpus", "1"]), start=2):
             procs.append(_start(["--address", f"{ip}:{gcs}", "--temp-dir", temp, *res, *_node_ports()], env))
+            _wait_nodes(f"{ip}:{gcs}", n, env, procs)
         out = str(tmp_path / "out")
-        deadline = time.time() + 120
-        while True:  # both workers registered (the job on a half-up static cluster would wait for the GPU)
-            probe = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{ip}:{gcs}', "
-                                    "log_to_driver=False); print(sum(1 for n in ray.nodes() if n['Alive']))"],
-                                   env=env, capture_output=True, text=True, timeout=120)
-            if probe.stdout.strip().endswith("3") or time.time() > deadline:
-                break
-            time.sleep(2)
         _run_job(_job_args(lay, out, tok_spec, f"{ip}:{gcs}"), env)
     finally:
         _stop(procs)
