@@ -21,7 +21,13 @@ The split shows what the figure depends on: a cost per batch (rows_per_batch × 
 frames), one per shard (items_per_shard), and a rate per second of wall time that on this 2-core
 machine, where the whole job makes ~1e5 tokens/s, weighs ~4 000× more per token than on 256 GPUs.
 
-    PYTHONPATH=. python bench/driver_cost.py --images 2048 --videos 24
+Each row kind runs at two sizes; the difference between the two (the marginal cost) removes the
+job's fixed costs (dataset planning, actor creation and start-up, all in the driver's main thread),
+and splits what is left into the driver's per-token work (its loop + sidecar commits) and the rest
+(Ray Data's executor, Ray's threads) as a rate per wall second. The projection: one driver core
+keeps up with G GPUs while  rest rate + G × 1.7e6 × (per-token work)  ≤ 1.
+
+    PYTHONPATH=. python bench/driver_cost.py --images 1024,3072 --videos 8,24
 """
 
 from __future__ import annotations
@@ -103,7 +109,7 @@ def make_tokenizer(out: str) -> str:
     return f"dvae:{out}"
 
 
-def run_job(kind: str, data: str, out: str, tok: str, so: dict, args) -> dict:
+def run_job(kind: str, data: str, out: str, tok: str, so: dict, args, limit: int) -> dict:
     from pipeline.jobs import TokenizeConfig, run_tokenize
 
     if kind == "images":
@@ -112,14 +118,14 @@ def run_job(kind: str, data: str, out: str, tok: str, so: dict, args) -> dict:
         kw = dict(dataset="folder", items_per_shard=args.video_items_per_shard, rows_per_batch=args.video_rows_per_batch)
     cfg = TokenizeConfig(input=data, output=out, tokenizer=tok, resolution=128, max_fps=30.0, chunk_frames=64,
                          batch_size=args.batch_size, num_cpus=args.cpus, decode_cpus=0.5, progress=False,
-                         storage_options=so, **kw)
+                         storage_options=so, limit=limit, **kw)
     s = run_tokenize(cfg)
     d = s["driver"]
     tokens = s["counts"]["tokens"]
     per_1e9 = d["cpu_s"] / tokens * 1e9
     rest = d["cpu_s"] - d["loop_cpu_s"] - d["commit_cpu_s"]
     return {
-        "kind": kind, "tokens": tokens, "rows": s["counts"]["rows"], "shards": d["shards"], "batches": d["batches"],
+        "kind": kind, "inputs": limit, "tokens": tokens, "loop_cpu_s": d["loop_cpu_s"], "commit_cpu_s": d["commit_cpu_s"], "rows": s["counts"]["rows"], "shards": d["shards"], "batches": d["batches"],
         "wall_s": d["wall_s"], "driver_cpu_s": d["cpu_s"], "cpu_s_per_1e9": per_1e9,
         "gpus_per_driver": 1e9 / per_1e9 / H100_TOKENS_PER_S,
         "loop_ms_per_batch": 1e3 * d["loop_cpu_s"] / max(1, d["batches"]),
@@ -131,10 +137,29 @@ def run_job(kind: str, data: str, out: str, tok: str, so: dict, args) -> dict:
     }
 
 
+def marginal(a: dict, b: dict) -> dict:
+    """Driver cost of the extra tokens of run b over run a (same kind, same settings): what the
+    fixed costs of a job (dataset planning, actor creation, start-up) do not weigh on."""
+    dt = b["tokens"] - a["tokens"]
+    d_cpu = b["driver_cpu_s"] - a["driver_cpu_s"]
+    d_work = (b["loop_cpu_s"] + b["commit_cpu_s"]) - (a["loop_cpu_s"] + a["commit_cpu_s"])
+    d_wall = b["wall_s"] - a["wall_s"]
+    rest_rate = max(0.0, (d_cpu - d_work) / d_wall) if d_wall > 0 else 0.0
+    per_tok = d_cpu / dt
+    work_per_tok = max(d_work, 1e-9) / dt
+    return {
+        "kind": a["kind"], "extra_tokens": dt, "cpu_s_per_1e9": per_tok * 1e9,
+        "gpus_per_driver": 1 / per_tok / H100_TOKENS_PER_S,
+        "work_cpu_s_per_1e9": work_per_tok * 1e9, "rest_cpu_per_wall_s": rest_rate,
+        # One driver core at G GPUs: rest_rate + G * 1.7e6 * work_per_tok <= 1.
+        "gpus_per_driver_projected": max(0.0, 1 - rest_rate) / (H100_TOKENS_PER_S * work_per_tok),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=2048)
-    ap.add_argument("--videos", type=int, default=24)
+    ap.add_argument("--images", default="1024,3072", help="two image counts (the second larger)")
+    ap.add_argument("--videos", default="8,24", help="two video counts (the second larger)")
     ap.add_argument("--video-frames", type=int, default=256, help="frames per video (30 fps): 4 chunks of 64")
     ap.add_argument("--image-items-per-shard", type=int, default=1024)
     ap.add_argument("--image-rows-per-batch", type=int, default=512)
@@ -149,17 +174,21 @@ def main() -> None:
     import boto3
     import ray
 
+    n_img = [int(x) for x in args.images.split(",")]
+    n_vid = [int(x) for x in args.videos.split(",")]
+    if len(n_img) != 2 or len(n_vid) != 2 or n_img[1] <= n_img[0] or n_vid[1] <= n_vid[0]:
+        raise SystemExit("--images and --videos take two counts, the second larger (e.g. 1024,3072)")
     tmp = tempfile.mkdtemp(prefix="toto-bench-driver-")
-    make_images(os.path.join(tmp, "img"), args.images)
-    make_videos(os.path.join(tmp, "vid"), args.videos, args.video_frames)
+    make_images(os.path.join(tmp, "img"), n_img[1])
+    make_videos(os.path.join(tmp, "vid"), n_vid[1], args.video_frames)
     tok = make_tokenizer(os.path.join(tmp, "tok"))
     moto, endpoint = start_moto()
     try:
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
         so = {"client_kwargs": {"endpoint_url": endpoint}}
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        results = [run_job("images", os.path.join(tmp, "img"), "s3://bench/img", tok, so, args),
-                   run_job("video", os.path.join(tmp, "vid"), "s3://bench/vid", tok, so, args)]
+        results = [run_job("images", os.path.join(tmp, "img"), f"s3://bench/img{n}", tok, so, args, n) for n in n_img]
+        results += [run_job("video", os.path.join(tmp, "vid"), f"s3://bench/vid{n}", tok, so, args, n) for n in n_vid]
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -173,9 +202,15 @@ def main() -> None:
               f"  | loop {r['loop_ms_per_batch']:.2f} ms/batch, commit {r['commit_ms_per_shard']:.2f} ms/shard, "
               f"rest {r['rest_cpu_per_wall_s']:.3f} CPU-s per wall-s"
               f"  | loop+commits alone → {r['gpus_per_driver_loop_and_commits']:,.0f} H100s")
+    margins = [marginal(results[0], results[1]), marginal(results[2], results[3])]
+    for m in margins:
+        print(f"{m['kind']:6s} marginal over {m['extra_tokens']:,} extra tokens: driver CPU {m['cpu_s_per_1e9']:,.1f} s per 1e9 "
+              f"→ {m['gpus_per_driver']:,.1f} H100s at this machine's token rate; loop+commits {m['work_cpu_s_per_1e9']:,.2f} s "
+              f"per 1e9, rest {m['rest_cpu_per_wall_s']:.3f} CPU-s per wall-s → projected {m['gpus_per_driver_projected']:,.0f} "
+              "H100s per driver core")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump({"runs": results, "marginal": margins}, f, indent=2)
 
 
 if __name__ == "__main__":
