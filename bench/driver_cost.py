@@ -7,25 +7,16 @@ its own process so its work is not charged to the driver) for two row kinds:
     video    folder layout, 64-frame chunks per row (16 384 tokens per row)
 
 and reads the driver's own CPU seconds (getrusage RUSAGE_SELF: every thread of the driver process,
-Ray Data's streaming executor and Ray's core-worker threads included) over the streaming phase,
-as the job records it in run_summary.json ("driver"). Reported per job:
+Ray Data's streaming executor and Ray's core-worker threads included) as the job records them in
+run_summary.json ("driver"). Per job: driver CPU-s per 1e9 committed tokens for the whole job and
+the H100s (1.7e6 tokens/s each) that figure corresponds to, at this machine's token rate.
 
-    cpu_s_per_1e9      driver CPU seconds per 1e9 committed tokens
-    gpus_per_driver    (1e9 / cpu_s_per_1e9) / 1.7e6: H100s (1.7e6 tokens/s each) whose output one
-                       driver core keeps up with, at this run's block and shard sizes
-    split              main loop (fetching the tokenizer stage's per-shard counts, acting on them)
-                       per batch; sidecar commits per shard; the rest (Ray Data's executor and Ray's
-                       threads), which runs whatever the token rate, as CPU-s per wall-s
-
-The split shows what the figure depends on: a cost per batch (rows_per_batch × frames per row
-frames), one per shard (items_per_shard), and a rate per second of wall time that on this 2-core
-machine, where the whole job makes ~1e5 tokens/s, weighs ~4 000× more per token than on 256 GPUs.
-
-Each row kind runs at two sizes; the difference between the two (the marginal cost) removes the
-job's fixed costs (dataset planning, actor creation and start-up, all in the driver's main thread),
-and splits what is left into the driver's per-token work (its loop + sidecar commits) and the rest
-(Ray Data's executor, Ray's threads) as a rate per wall second. The projection: one driver core
-keeps up with G GPUs while  rest rate + G × 1.7e6 × (per-token work)  ≤ 1.
+The job's start-up (planning the dataset, creating actors: everything before the first output
+batch) is reported apart. The steady state (first output batch → end) is split into the driver's
+own work (its loop thread: fetching the stage's per-shard counts and acting on them; plus sidecar
+commits), per token, and the rest of the process (Ray Data's executor, Ray's threads), per wall
+second. The projection: one driver core keeps up with G GPUs while
+rest rate + G × 1.7e6 × (own work per token) ≤ 1. Each kind runs at the sizes given.
 
     PYTHONPATH=. python bench/driver_cost.py --images 1024,3072 --videos 8,24
 """
@@ -123,43 +114,29 @@ def run_job(kind: str, data: str, out: str, tok: str, so: dict, args, limit: int
     d = s["driver"]
     tokens = s["counts"]["tokens"]
     per_1e9 = d["cpu_s"] / tokens * 1e9
-    rest = d["cpu_s"] - d["loop_cpu_s"] - d["commit_cpu_s"]
+    # Steady state: from the first output batch to the end (start-up excluded). The loop thread's
+    # CPU + the sidecar commits are the driver's own work; the rest of the process's CPU (Ray Data's
+    # executor, Ray's threads) is expressed per wall second.
+    work = d["steady_loop_cpu_s"] + d["commit_cpu_s"]
+    rest_rate = max(0.0, d["steady_cpu_s"] - work) / d["steady_wall_s"]
+    work_per_tok = work / tokens
     return {
-        "kind": kind, "inputs": limit, "tokens": tokens, "loop_cpu_s": d["loop_cpu_s"], "commit_cpu_s": d["commit_cpu_s"], "rows": s["counts"]["rows"], "shards": d["shards"], "batches": d["batches"],
-        "wall_s": d["wall_s"], "driver_cpu_s": d["cpu_s"], "cpu_s_per_1e9": per_1e9,
-        "gpus_per_driver": 1e9 / per_1e9 / H100_TOKENS_PER_S,
-        "loop_ms_per_batch": 1e3 * d["loop_cpu_s"] / max(1, d["batches"]),
-        "commit_ms_per_shard": 1e3 * d["commit_cpu_s"] / max(1, d["shards"]),
-        "rest_cpu_per_wall_s": rest / d["wall_s"],
-        "tokens_per_s": tokens / d["wall_s"],
-        # The driver's per-token work alone (loop + commits), without the per-second remainder.
-        "gpus_per_driver_loop_and_commits": tokens / max(1e-9, d["loop_cpu_s"] + d["commit_cpu_s"]) / H100_TOKENS_PER_S,
-    }
-
-
-def marginal(a: dict, b: dict) -> dict:
-    """Driver cost of the extra tokens of run b over run a (same kind, same settings): what the
-    fixed costs of a job (dataset planning, actor creation, start-up) do not weigh on."""
-    dt = b["tokens"] - a["tokens"]
-    d_cpu = b["driver_cpu_s"] - a["driver_cpu_s"]
-    d_work = (b["loop_cpu_s"] + b["commit_cpu_s"]) - (a["loop_cpu_s"] + a["commit_cpu_s"])
-    d_wall = b["wall_s"] - a["wall_s"]
-    rest_rate = max(0.0, (d_cpu - d_work) / d_wall) if d_wall > 0 else 0.0
-    per_tok = d_cpu / dt
-    work_per_tok = max(d_work, 1e-9) / dt
-    return {
-        "kind": a["kind"], "extra_tokens": dt, "cpu_s_per_1e9": per_tok * 1e9,
-        "gpus_per_driver": 1 / per_tok / H100_TOKENS_PER_S,
+        "kind": kind, "inputs": limit, "tokens": tokens, "rows": s["counts"]["rows"], "shards": d["shards"],
+        "batches": d["batches"], "wall_s": d["wall_s"], "driver_cpu_s": d["cpu_s"], "startup_cpu_s": d["cpu_s"] - d["steady_cpu_s"],
+        "steady_cpu_s": d["steady_cpu_s"], "steady_wall_s": d["steady_wall_s"], "work_cpu_s": work,
+        "cpu_s_per_1e9": per_1e9, "gpus_per_driver": 1e9 / per_1e9 / H100_TOKENS_PER_S,
         "work_cpu_s_per_1e9": work_per_tok * 1e9, "rest_cpu_per_wall_s": rest_rate,
-        # One driver core at G GPUs: rest_rate + G * 1.7e6 * work_per_tok <= 1.
-        "gpus_per_driver_projected": max(0.0, 1 - rest_rate) / (H100_TOKENS_PER_S * work_per_tok),
+        "commit_ms_per_shard": 1e3 * d["commit_cpu_s"] / max(1, d["shards"]),
+        "tokens_per_s": tokens / d["wall_s"],
+        # One driver core keeps up with G GPUs while rest_rate + G * 1.7e6 * work_per_tok <= 1.
+        "gpus_per_driver_projected": max(0.0, 1 - rest_rate) / (H100_TOKENS_PER_S * max(work_per_tok, 1e-15)),
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", default="1024,3072", help="two image counts (the second larger)")
-    ap.add_argument("--videos", default="8,24", help="two video counts (the second larger)")
+    ap.add_argument("--images", default="1024,3072", help="image counts, one job each")
+    ap.add_argument("--videos", default="8,24", help="video counts, one job each")
     ap.add_argument("--video-frames", type=int, default=256, help="frames per video (30 fps): 4 chunks of 64")
     ap.add_argument("--image-items-per-shard", type=int, default=1024)
     ap.add_argument("--image-rows-per-batch", type=int, default=512)
@@ -176,11 +153,11 @@ def main() -> None:
 
     n_img = [int(x) for x in args.images.split(",")]
     n_vid = [int(x) for x in args.videos.split(",")]
-    if len(n_img) != 2 or len(n_vid) != 2 or n_img[1] <= n_img[0] or n_vid[1] <= n_vid[0]:
-        raise SystemExit("--images and --videos take two counts, the second larger (e.g. 1024,3072)")
+    if not n_img or not n_vid or min(n_img + n_vid) < 1:
+        raise SystemExit("--images and --videos take comma-separated counts >= 1 (e.g. 1024,3072)")
     tmp = tempfile.mkdtemp(prefix="toto-bench-driver-")
-    make_images(os.path.join(tmp, "img"), n_img[1])
-    make_videos(os.path.join(tmp, "vid"), n_vid[1], args.video_frames)
+    make_images(os.path.join(tmp, "img"), max(n_img))
+    make_videos(os.path.join(tmp, "vid"), max(n_vid), args.video_frames)
     tok = make_tokenizer(os.path.join(tmp, "tok"))
     moto, endpoint = start_moto()
     try:
@@ -195,22 +172,16 @@ def main() -> None:
         moto.kill()
         moto.wait()
     for r in results:
-        print(f"{r['kind']:6s} {r['tokens']:>11,} tokens {r['rows']:>6,} rows {r['shards']:>3} shards "
-              f"{r['batches']:>4} batches  wall {r['wall_s']:6.1f} s ({r['tokens_per_s']:,.0f} tok/s)  "
-              f"driver CPU {r['driver_cpu_s']:6.2f} s")
-        print(f"       driver CPU per 1e9 tokens {r['cpu_s_per_1e9']:10,.1f} s → {r['gpus_per_driver']:8,.1f} H100s per driver"
-              f"  | loop {r['loop_ms_per_batch']:.2f} ms/batch, commit {r['commit_ms_per_shard']:.2f} ms/shard, "
-              f"rest {r['rest_cpu_per_wall_s']:.3f} CPU-s per wall-s"
-              f"  | loop+commits alone → {r['gpus_per_driver_loop_and_commits']:,.0f} H100s")
-    margins = [marginal(results[0], results[1]), marginal(results[2], results[3])]
-    for m in margins:
-        print(f"{m['kind']:6s} marginal over {m['extra_tokens']:,} extra tokens: driver CPU {m['cpu_s_per_1e9']:,.1f} s per 1e9 "
-              f"→ {m['gpus_per_driver']:,.1f} H100s at this machine's token rate; loop+commits {m['work_cpu_s_per_1e9']:,.2f} s "
-              f"per 1e9, rest {m['rest_cpu_per_wall_s']:.3f} CPU-s per wall-s → projected {m['gpus_per_driver_projected']:,.0f} "
-              "H100s per driver core")
+        print(f"{r['kind']:6s} {r['tokens']:>11,} tokens {r['rows']:>6,} rows {r['shards']:>3} shards {r['batches']:>4} batches"
+              f"  wall {r['wall_s']:6.1f} s ({r['tokens_per_s']:,.0f} tok/s)  driver CPU {r['driver_cpu_s']:5.2f} s"
+              f" (start-up {r['startup_cpu_s']:.2f} s)")
+        print(f"       whole job: {r['cpu_s_per_1e9']:,.0f} driver CPU-s per 1e9 tokens → {r['gpus_per_driver']:.2f} H100s"
+              f" at this machine's token rate | steady: own work {r['work_cpu_s_per_1e9']:,.2f} CPU-s per 1e9 tokens"
+              f" (commit {r['commit_ms_per_shard']:.2f} ms/shard), rest {r['rest_cpu_per_wall_s']:.3f} CPU-s per wall-s"
+              f" → projected {r['gpus_per_driver_projected']:,.0f} H100s per driver core")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"runs": results, "marginal": margins}, f, indent=2)
+            json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -419,12 +419,17 @@ def _execute(ray, cfg: TokenizeConfig, plan: JobPlan, sizes: dict, progress: Pro
     # (fetching the stage's small outputs + acting on them) and in sidecar commits: what
     # bench/driver_cost.py turns into "GPUs one driver can feed".
     driver = {"commit_cpu_s": 0.0, "batches": 0}
+    steady0: tuple = ()
     ru0, loop0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.thread_time(), time.perf_counter()
     progress.start()
     # Sidecar PUTs wait on the network: a few threads keep the loop that feeds the stages free.
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="commit") as pool:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
             driver["batches"] += 1
+            if driver["batches"] == 1:
+                # Everything before the first output is the job's start-up (planning the dataset,
+                # creating the actors); from here on the driver runs in its steady state.
+                steady0 = (resource.getrusage(resource.RUSAGE_SELF), time.thread_time(), time.perf_counter())
             progress.counts(*(int(pc.sum(batch.column(c)).as_py() or 0) for c in ("rows", "frames", "tokens")))
             for col, key in (("node", "tokenize"), ("decode_node", "decode")):
                 for node, n in zip(*_value_counts(batch.column(col)), strict=True):
@@ -438,9 +443,15 @@ def _execute(ray, cfg: TokenizeConfig, plan: JobPlan, sizes: dict, progress: Pro
                     commits.append(pool.submit(write_and_commit, writers[w].write.remote(sid)))
             collect(wait=False)
         collect(wait=True)
-    ru1 = resource.getrusage(resource.RUSAGE_SELF)
-    driver.update(cpu_s=(ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime),
-                  loop_cpu_s=time.thread_time() - loop0, wall_s=time.perf_counter() - wall0, shards=len(requested))
+    ru1, loop1, wall1 = resource.getrusage(resource.RUSAGE_SELF), time.thread_time(), time.perf_counter()
+
+    def cpu(a, b) -> float:
+        return (b.ru_utime - a.ru_utime) + (b.ru_stime - a.ru_stime)
+
+    driver.update(cpu_s=cpu(ru0, ru1), loop_cpu_s=loop1 - loop0, wall_s=wall1 - wall0, shards=len(requested))
+    if driver["batches"]:
+        driver.update(steady_cpu_s=cpu(steady0[0], ru1), steady_loop_cpu_s=loop1 - steady0[1],
+                      steady_wall_s=wall1 - steady0[2])
     left = len(plan.pending) - len(requested)
     if left:
         raise RuntimeError(f"{left} input shards did not complete; rerun the same command to resume")
