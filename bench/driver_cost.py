@@ -118,6 +118,8 @@ def run_job(kind: str, data: str, out: str, tok: str, so: dict, args, limit: int
     # CPU + the sidecar commits are the driver's own work; the rest of the process's CPU (Ray Data's
     # executor, Ray's threads) is expressed per wall second.
     work = d["steady_loop_cpu_s"] + d["commit_cpu_s"]
+    if d["batches"] < 3:
+        raise SystemExit(f"{kind}: {d['batches']} output batches; give more inputs for a steady state")
     rest_rate = max(0.0, d["steady_cpu_s"] - work) / d["steady_wall_s"]
     work_per_tok = work / tokens
     return {
@@ -138,8 +140,8 @@ def main() -> None:
     ap.add_argument("--images", default="1024,3072", help="image counts, one job each")
     ap.add_argument("--videos", default="8,24", help="video counts, one job each")
     ap.add_argument("--video-frames", type=int, default=256, help="frames per video (30 fps): 4 chunks of 64")
-    ap.add_argument("--image-items-per-shard", type=int, default=1024)
-    ap.add_argument("--image-rows-per-batch", type=int, default=512)
+    ap.add_argument("--image-items-per-shard", type=int, default=256)
+    ap.add_argument("--image-rows-per-batch", type=int, default=256)
     ap.add_argument("--video-items-per-shard", type=int, default=8)
     ap.add_argument("--video-rows-per-batch", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=256)
