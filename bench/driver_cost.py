@@ -18,7 +18,7 @@ commits), per token, and the rest of the process (Ray Data's executor, Ray's thr
 second. The projection: one driver core keeps up with G GPUs while
 rest rate + G × 1.7e6 × (own work per token) ≤ 1. Each kind runs at the sizes given.
 
-    PYTHONPATH=. python bench/driver_cost.py --images 1024,3072 --videos 8,24
+    PYTHONPATH=. python bench/driver_cost.py --images 2048 --videos 16
 """
 
 from __future__ import annotations
@@ -137,13 +137,13 @@ def run_job(kind: str, data: str, out: str, tok: str, so: dict, args, limit: int
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", default="1024,3072", help="image counts, one job each")
-    ap.add_argument("--videos", default="8,24", help="video counts, one job each")
+    ap.add_argument("--images", default="2048", help="image counts, one job each")
+    ap.add_argument("--videos", default="16", help="video counts, one job each")
     ap.add_argument("--video-frames", type=int, default=256, help="frames per video (30 fps): 4 chunks of 64")
     ap.add_argument("--image-items-per-shard", type=int, default=256)
     ap.add_argument("--image-rows-per-batch", type=int, default=256)
     ap.add_argument("--video-items-per-shard", type=int, default=8)
-    ap.add_argument("--video-rows-per-batch", type=int, default=8)
+    ap.add_argument("--video-rows-per-batch", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--json", default=None)
@@ -156,7 +156,7 @@ def main() -> None:
     n_img = [int(x) for x in args.images.split(",")]
     n_vid = [int(x) for x in args.videos.split(",")]
     if not n_img or not n_vid or min(n_img + n_vid) < 1:
-        raise SystemExit("--images and --videos take comma-separated counts >= 1 (e.g. 1024,3072)")
+        raise SystemExit("--images and --videos take comma-separated counts >= 1 (e.g. 2048 or 1024,3072)")
     tmp = tempfile.mkdtemp(prefix="toto-bench-driver-")
     make_images(os.path.join(tmp, "img"), max(n_img))
     make_videos(os.path.join(tmp, "vid"), max(n_vid), args.video_frames)
@@ -166,24 +166,29 @@ def main() -> None:
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
         so = {"client_kwargs": {"endpoint_url": endpoint}}
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        results = [run_job("images", os.path.join(tmp, "img"), f"s3://bench/img{n}", tok, so, args, n) for n in n_img]
-        results += [run_job("video", os.path.join(tmp, "vid"), f"s3://bench/vid{n}", tok, so, args, n) for n in n_vid]
+        results = []
+        for kind, counts, data in (("images", n_img, "img"), ("video", n_vid, "vid")):
+            for n in counts:
+                results.append(run_job(kind, os.path.join(tmp, data), f"s3://bench/{data}{n}", tok, so, args, n))
+                report(results[-1])
     finally:
         if ray.is_initialized():
             ray.shutdown()
         moto.kill()
         moto.wait()
-    for r in results:
-        print(f"{r['kind']:6s} {r['tokens']:>11,} tokens {r['rows']:>6,} rows {r['shards']:>3} shards {r['batches']:>4} batches"
-              f"  wall {r['wall_s']:6.1f} s ({r['tokens_per_s']:,.0f} tok/s)  driver CPU {r['driver_cpu_s']:5.2f} s"
-              f" (start-up {r['startup_cpu_s']:.2f} s)")
-        print(f"       whole job: {r['cpu_s_per_1e9']:,.0f} driver CPU-s per 1e9 tokens → {r['gpus_per_driver']:.2f} H100s"
-              f" at this machine's token rate | steady: own work {r['work_cpu_s_per_1e9']:,.2f} CPU-s per 1e9 tokens"
-              f" (commit {r['commit_ms_per_shard']:.2f} ms/shard), rest {r['rest_cpu_per_wall_s']:.3f} CPU-s per wall-s"
-              f" → projected {r['gpus_per_driver_projected']:,.0f} H100s per driver core")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+
+
+def report(r: dict) -> None:
+    print(f"{r['kind']:6s} {r['tokens']:>11,} tokens {r['rows']:>6,} rows {r['shards']:>3} shards {r['batches']:>4} batches"
+          f"  wall {r['wall_s']:6.1f} s ({r['tokens_per_s']:,.0f} tok/s)  driver CPU {r['driver_cpu_s']:5.2f} s"
+          f" (start-up {r['startup_cpu_s']:.2f} s)")
+    print(f"       whole job: {r['cpu_s_per_1e9']:,.0f} driver CPU-s per 1e9 tokens → {r['gpus_per_driver']:.2f} H100s"
+          f" at this machine's token rate | steady: own work {r['work_cpu_s_per_1e9']:,.2f} CPU-s per 1e9 tokens"
+          f" (commit {r['commit_ms_per_shard']:.2f} ms/shard), rest {r['rest_cpu_per_wall_s']:.3f} CPU-s per wall-s"
+          f" → projected {r['gpus_per_driver_projected']:,.0f} H100s per driver core", flush=True)
 
 
 if __name__ == "__main__":
