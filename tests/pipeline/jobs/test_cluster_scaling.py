@@ -5,13 +5,18 @@
   multi-node provider (the one `ray.cluster_utils.AutoscalingCluster` drives): the job's GPU
   request makes the autoscaler start the GPU node, the tokenizer runs there (on CPU, as torch finds
   no CUDA), decode runs on CPU nodes, run_summary.json says so, and the bytes equal an embedded run;
-- a static cluster of the same shape (head + CPU node + GPU-declaring node), same checks.
+- a static cluster of the same shape (head + CPU node + GPU-declaring node, all up before the job
+  starts: min_workers = max_workers), same checks.
 
-Both clusters are `ray start` processes with every port explicit, their own --temp-dir and their
-own session, ended by process group. Not `AutoscalingCluster.start()` / `Cluster` themselves: the
-first runs `ray stop --force` (every Ray process on the machine, other users' included) and needs
-an example.yaml this Ray wheel does not ship; the second writes the machine-wide
-/tmp/ray/ray_current_cluster, which redirects any other `ray.init()` on the machine to it.
+The head is a `ray start --head` process with every port explicit, its own --temp-dir and its own
+session; the provider starts the worker nodes (real raylets) from it, so ending the head's process
+group ends the cluster. Not `AutoscalingCluster.start()` / `Cluster` themselves: the first runs
+`ray stop --force` (every Ray process on the machine, other users' included) and needs an
+example.yaml this Ray wheel does not ship, so the provider is loaded as an "external" one; the
+second writes the machine-wide /tmp/ray/ray_current_cluster, which redirects any other
+`ray.init()` on the machine to it. (Worker nodes started with `ray start --address` alongside
+proved fragile here: their raylets give up when the dashboard agent starts slowly on a loaded
+machine.)
 """
 
 from __future__ import annotations
@@ -88,24 +93,45 @@ def _head(gcs: int, temp: str, env: dict, extra: list[str] = ()) -> subprocess.P
                    "--temp-dir", temp, "--ray-client-server-port", str(_port()), *_node_ports(), *extra], env)
 
 
-def _wait_nodes(address: str, n: int, env: dict, procs: list[subprocess.Popen], node: subprocess.Popen | None = None,
-                timeout_s: float = 300) -> bool:
-    """Until `n` nodes are alive in the cluster at `address` (True), or `node` exited (False);
-    fails if one of `procs` exits or time runs out."""
+def _wait_nodes(address: str, n: int, env: dict, procs: list[subprocess.Popen], timeout_s: float = 300) -> None:
+    """Until `n` nodes are alive in the cluster at `address`; fails if one of `procs` exits or
+    time runs out."""
     deadline = time.time() + timeout_s
     code = (f"import ray; ray.init(address='{address}', log_to_driver=False); "
             "print('ALIVE', sum(1 for x in ray.nodes() if x['Alive']))")
     while True:
         dead = [p.args for p in procs if p.poll() is not None]
         assert not dead, f"a Ray node process exited: {dead}"
-        if node is not None and node.poll() is not None:
-            return False
         probe = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
         alive = [int(w.split()[1]) for w in probe.stdout.splitlines() if w.startswith("ALIVE")]
         if alive and alive[-1] >= n:
-            return True
+            return
         assert time.time() < deadline, f"{alive} of {n} nodes alive after {timeout_s} s: {probe.stderr[-2000:]}"
         time.sleep(2)
+
+
+def _fake_cluster_config(tmp_path, gcs_address: str, *, min_workers: int) -> str:
+    """Autoscaler config for Ray's fake multi-node provider (worker nodes are real raylets on this
+    machine): a 0-CPU head, a CPU node type and a "GPU" node type declaring GPU: 1."""
+    config = {
+        "cluster_name": f"toto-{uuid.uuid4().hex[:6]}", "max_workers": 2, "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 10, "docker": {}, "auth": {},
+        "provider": {"type": "external", "module": FAKE_PROVIDER, "gcs_address": gcs_address,
+                     "use_node_id_as_ip": True, "disable_node_updaters": True, "disable_launch_config_check": True},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            "cpu_node": {"resources": {"CPU": 2}, "node_config": {}, "min_workers": min_workers, "max_workers": 1},
+            "gpu_node": {"resources": {"CPU": 1, "GPU": 1}, "node_config": {}, "min_workers": min_workers,
+                         "max_workers": 1},
+        },
+        "head_node_type": "ray.head.default",
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False, "rsync_exclude": [],
+        "rsync_filter": [], "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+    }
+    path = tmp_path / f"cluster-{min_workers}.json"
+    path.write_text(json.dumps(config))
+    return str(path)
 
 
 def _run_job(args: list[str], env: dict) -> str:
@@ -152,25 +178,8 @@ def test_autoscaling_cluster_from_zero_workers_starts_a_gpu_node_for_the_tokeniz
     token = uuid.uuid4().hex * 2
     ip, gcs = _node_ip(), _port()
     temp = tempfile.mkdtemp(prefix="/tmp/ra")  # short: Ray's unix sockets live under it
-    config = {
-        "cluster_name": f"toto-{uuid.uuid4().hex[:6]}", "max_workers": 2, "upscaling_speed": 1.0,
-        "idle_timeout_minutes": 10, "docker": {}, "auth": {},
-        "provider": {"type": "external", "module": FAKE_PROVIDER, "gcs_address": f"{ip}:{gcs}",
-                     "use_node_id_as_ip": True, "disable_node_updaters": True, "disable_launch_config_check": True},
-        "available_node_types": {
-            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
-            "cpu_node": {"resources": {"CPU": 2}, "node_config": {}, "min_workers": 0, "max_workers": 1},
-            "gpu_node": {"resources": {"CPU": 1, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 1},
-        },
-        "head_node_type": "ray.head.default",
-        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False, "rsync_exclude": [],
-        "rsync_filter": [], "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
-        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
-    }
-    cfg_path = tmp_path / "autoscaler.json"
-    cfg_path.write_text(json.dumps(config))
     env = _env(token, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
-    head = _head(gcs, temp, env, ["--autoscaling-config", str(cfg_path)])
+    head = _head(gcs, temp, env, ["--autoscaling-config", _fake_cluster_config(tmp_path, f"{ip}:{gcs}", min_workers=0)])
     try:
         out = str(tmp_path / "out")
         _run_job(_job_args(lay, out, tok_spec, f"{ip}:{gcs}"), env)
@@ -183,28 +192,20 @@ def test_autoscaling_cluster_from_zero_workers_starts_a_gpu_node_for_the_tokeniz
 
 @pytest.mark.slow
 def test_static_multi_node_cluster(ray_local, tmp_path, make_layout, tok_spec):
+    """The same three node kinds, all up before the job starts (min_workers = max_workers = 1):
+    the job finds the GPU node there and nothing has to scale."""
     lay = make_layout("imagenet", str(tmp_path / "data"))
     want = _reference(tmp_path, lay, tok_spec)
     token = uuid.uuid4().hex * 2
     ip, gcs = _node_ip(), _port()
     temp = tempfile.mkdtemp(prefix="/tmp/rs")
-    env = _env(token)
-    procs = [_head(gcs, temp, env)]
+    env = _env(token, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
+    head = _head(gcs, temp, env, ["--autoscaling-config", _fake_cluster_config(tmp_path, f"{ip}:{gcs}", min_workers=1)])
     try:
-        _wait_nodes(f"{ip}:{gcs}", 1, env, procs)
-        # One worker at a time, each registered before the next (two joining a head that is still
-        # starting can give up on it).
-        for n, res in enumerate((["--num-cpus", "2"], ["--num-cpus", "1", "--num-gpus", "1"]), start=2):
-            for attempt in range(3):
-                # A raylet gives up when its dashboard agent starts too slowly (a loaded machine):
-                # start that node again rather than fail the test on the machine's load.
-                procs.append(_start(["--address", f"{ip}:{gcs}", "--temp-dir", temp, *res, *_node_ports()], env))
-                if _wait_nodes(f"{ip}:{gcs}", n, env, procs[:1], node=procs[-1]) or attempt == 2:
-                    break
-            assert procs[-1].poll() is None, f"node {res} did not start in 3 attempts"
+        _wait_nodes(f"{ip}:{gcs}", 3, env, [head])
         out = str(tmp_path / "out")
         _run_job(_job_args(lay, out, tok_spec, f"{ip}:{gcs}"), env)
     finally:
-        _stop(procs)
+        _stop([head])
     assert {s["data_file"]: s["sha256"] for s in committed_shards(out)} == want
     _check_placement(out)
