@@ -172,7 +172,7 @@ def main() -> None:
                          resolution=args.resolution, limit=args.inputs, items_per_shard=args.items_per_shard,
                          num_cpus=args.cpus, decode_cpus=args.decode_cpus, batch_size=args.batch_size,
                          progress=False)
-    sizes = stage_sizes(cfg, {"CPU": args.cpus})
+    sizes = stage_sizes(cfg, {"CPU": args.cpus}, fixed=True)
     items, _ = list_items("folder", data, chunk_seconds=cfg.decode_config().chunk_seconds)
     items = items[: args.inputs]
     dcfg: DecodeConfig = cfg.decode_config()
@@ -181,7 +181,7 @@ def main() -> None:
     threads = max(1, int(round(sizes["tokenize"]["num_cpus"])))
 
     def stage_rates() -> tuple[float, float, float, float]:
-        dt_dec, n_dec, chunks = decode_only(items, dcfg, sizes["decode"]["actors"])
+        dt_dec, n_dec, chunks = decode_only(items, dcfg, sizes["decode"]["max"])
         dt_tok, n_tok = tokenizer_only(tok, chunks, args.batch_size, threads)
         return n_dec * tpf / dt_dec, n_tok * tpf / dt_tok, n_dec / dt_dec, n_tok / dt_tok
 
@@ -207,7 +207,7 @@ def main() -> None:
         "bound_tokens_per_s": bound, "ratio_to_bound": e2e / bound, "ratio_incl_actor_start": e2e_all / bound,
         "job_wall_s_incl_ray_start": wall,
     }
-    print(f"decode-only     {dec_rate:12,.0f} tokens/s ({dec_fps:,.0f} frames/s, {sizes['decode']['actors']} workers; before/after job {before[2]:,.0f}/{after[2]:,.0f})")
+    print(f"decode-only     {dec_rate:12,.0f} tokens/s ({dec_fps:,.0f} frames/s, {sizes['decode']['max']} workers; before/after job {before[2]:,.0f}/{after[2]:,.0f})")
     print(f"tokenizer-only  {tok_rate:12,.0f} tokens/s ({tok_fps:,.0f} frames/s, {threads} threads, batch {args.batch_size}; before/after {before[3]:,.0f}/{after[3]:,.0f})")
     print(f"end-to-end      {e2e:12,.0f} tokens/s steady (first to last commit) → {e2e / bound:.2f} of min(decode, tokenizer) = {bound:,.0f}")
     print(f"                {e2e_all:12,.0f} tokens/s including actor start-up → {e2e_all / bound:.2f}")

@@ -36,16 +36,22 @@ def _storage_options(endpoint_url: str | None) -> dict | None:
               help="Join a Ray cluster ('auto' inside a submitted job, or HOST:6379). Default: embedded local Ray.")
 @click.option("--num-cpus", default=None, type=int, help="CPUs of the embedded Ray. Default: all cores.")
 @click.option("--num-gpus", default=None, type=int,
-              help="Tokenizer actors on GPUs (one GPU each). Default: every GPU of the cluster; 0 = CPU actors.")
+              help="Up to N tokenizer actors on GPUs (one GPU each); on an autoscaling cluster their requests start GPU "
+                   "nodes. Default: the GPUs the cluster has at start; 0 = CPU actors.")
 @click.option("--decode-concurrency", default=None, type=int,
-              help="Decode actors (one input shard each at a time). Default: the CPUs the tokenizers leave / --decode-cpus.")
+              help="Most decode actors (one input shard each at a time). Default: unbounded on a cluster; embedded, "
+                   "the CPUs the other actors leave / --decode-cpus.")
 @click.option("--decode-cpus", default=1.0, show_default=True, type=float, help="CPUs reserved per decode actor.")
 @click.option("--decode-threads", default=None, type=int,
               help="FFmpeg threads per decode; 0 = FFmpeg chooses. Default: 1 with --ray-address (one decode actor "
                    "per core), else 0.")
 @click.option("--tokenizer-cpus", default=1.0, show_default=True, type=float,
               help="CPUs per CPU tokenizer actor (and its torch threads).")
-@click.option("--cpu-actors", default=1, show_default=True, type=int, help="Tokenizer actors when there is no GPU.")
+@click.option("--cpu-actors", default=1, show_default=True, type=int, help="Most tokenizer actors when there is no GPU.")
+@click.option("--writers", default=None, type=int,
+              help="Shard writer actors (encode, hash, upload). Default: one per 8 tokenizer actors.")
+@click.option("--writer-cpus", default=0.0, show_default=True, type=float,
+              help="CPUs reserved per writer actor (0: they may share any node, the head included).")
 @click.option("--batch-size", default=64, show_default=True, type=int, help="Frames per tokenizer forward pass (raise on GPUs, e.g. 512).")
 @click.option("--rows-per-batch", default=16, show_default=True, type=int,
               help="Token rows per tokenizer-stage batch, at least (raised to hold one forward pass of frames).")
@@ -59,8 +65,8 @@ def _storage_options(endpoint_url: str | None) -> dict | None:
 @click.option("--no-progress", is_flag=True, help="No live progress display.")
 def tokenize_cmd(dataset, input_, output, tokenizer, resolution, fps, max_fps, chunk_frames, fmt, compression,
                  items_per_shard, limit, splits, ray_address, num_cpus, num_gpus, decode_concurrency, decode_cpus,
-                 decode_threads, tokenizer_cpus, cpu_actors, batch_size, rows_per_batch, precision, decode_timeout, endpoint_url,
-                 no_progress) -> None:
+                 decode_threads, tokenizer_cpus, cpu_actors, writers, writer_cpus, batch_size, rows_per_batch, precision,
+                 decode_timeout, endpoint_url, no_progress) -> None:
     """Decode and tokenize a dataset into token shards, exactly once per input shard.
 
     \b
@@ -86,8 +92,9 @@ def tokenize_cmd(dataset, input_, output, tokenizer, resolution, fps, max_fps, c
             max_fps=max_fps, chunk_frames=chunk_frames, format=fmt, compression=compression,
             items_per_shard=items_per_shard, limit=limit, splits=tuple(splits) or None, ray_address=ray_address,
             num_cpus=num_cpus, num_gpus=num_gpus, decode_concurrency=decode_concurrency, decode_cpus=decode_cpus, decode_threads=decode_threads,
-            tokenizer_cpus=tokenizer_cpus, cpu_actors=cpu_actors, batch_size=batch_size,
-            rows_per_batch=rows_per_batch, precision=precision, decode_timeout_s=decode_timeout, progress=not no_progress,
+            tokenizer_cpus=tokenizer_cpus, cpu_actors=cpu_actors, writers=writers, writer_cpus=writer_cpus,
+            batch_size=batch_size, rows_per_batch=rows_per_batch, precision=precision, decode_timeout_s=decode_timeout,
+            progress=not no_progress,
             storage_options=_storage_options(endpoint_url),
         )
         run_tokenize(cfg)

@@ -35,16 +35,23 @@ class TokenizeConfig:
     splits:           restrict the listing to these splits (None = all the adapter finds).
     ray_address:      None = embedded local Ray; "auto" or "HOST:PORT" / "ray://..." = join a cluster.
     num_cpus:         CPUs of the embedded Ray (None = all cores of this machine).
-    num_gpus:         tokenizer actors on GPUs (one GPU each); None = as many GPUs as the cluster has,
-                      0 = CPU tokenizer actors.
-    decode_concurrency: decode actors (each decodes one input shard at a time in a watchdog
-                      subprocess); None = derived from the CPUs left after the tokenizer actors.
+    num_gpus:         up to this many tokenizer actors on GPUs (one GPU each). On a cluster the pool
+                      starts with one actor and grows with the work; its GPU requests are what make
+                      an autoscaling cluster start GPU nodes, so N may exceed the GPUs up at submit.
+                      None = the GPUs the cluster has when the job starts; 0 = CPU tokenizer actors.
+                      Embedded Ray: at most this machine's GPUs.
+    decode_concurrency: most decode actors (each decodes one input shard at a time in a watchdog
+                      subprocess). None: on a cluster no bound (the pool grows while shards wait
+                      and CPUs can be had); embedded, the CPUs left after the other actors.
     decode_cpus:      CPUs reserved per decode actor (fractional is allowed).
     decode_threads:   FFmpeg threads per decode (0 = FFmpeg chooses); None = 1 on a cluster (ray_address
                       given: one decode actor per core, where per-core throughput is highest
                       single-threaded, BENCHMARKS.md) and 0 embedded.
     tokenizer_cpus:   CPUs reserved per CPU tokenizer actor (also its torch thread count, rounded up).
-    cpu_actors:       number of tokenizer actors when there is no GPU.
+    cpu_actors:       most tokenizer actors when there is no GPU.
+    writers:          shard writer actors (hold the tokens of the shards in flight, encode, hash and
+                      upload data files); None = one per 8 tokenizer actors (at least one).
+    writer_cpus:      CPUs reserved per writer actor (0 lets them share any node, the head included).
     batch_size:       frames per tokenizer forward pass (at least GPU_MIN_FORWARD on a GPU).
     rows_per_batch:   token rows (chunks) per tokenizer-stage batch handed over by Ray Data, at least;
                       raised so that a batch holds a forward pass of frames (tokenizer_batch_rows).
@@ -75,6 +82,8 @@ class TokenizeConfig:
     decode_threads: int | None = None
     tokenizer_cpus: float = 1.0
     cpu_actors: int = 1
+    writers: int | None = None
+    writer_cpus: float = 0.0
     batch_size: int = 64
     rows_per_batch: int = 16
     precision: str | None = None
@@ -112,6 +121,10 @@ class TokenizeConfig:
         for name in ("decode_cpus", "tokenizer_cpus"):
             if not 0 < getattr(self, name) <= 256:
                 bad(name, getattr(self, name), "use a positive number of CPUs, e.g. 1 or 0.5")
+        if self.writers is not None and (not isinstance(self.writers, int) or not 1 <= self.writers <= 4096):
+            bad("writers", self.writers, "use None (one per 8 tokenizer actors) or an int in [1, 4096]")
+        if not 0 <= self.writer_cpus <= 256:
+            bad("writer_cpus", self.writer_cpus, "use a number of CPUs >= 0, e.g. 0 or 1")
         for name in ("cpu_actors", "batch_size", "rows_per_batch"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:

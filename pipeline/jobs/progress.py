@@ -36,19 +36,16 @@ class Progress:
         """The stages are about to start (before actors exist)."""
         self.t_start = time.perf_counter()
 
-    def record(self, rec: dict) -> None:
+    def counts(self, rows: int, frames: int, tokens: int) -> None:
+        """Rows/frames/tokens tokenized since the last call (a retried batch may count twice here;
+        the run summary's counts come from the sidecars)."""
         now = time.perf_counter()
         if self.t_first is None:
             self.t_first = now
         self.t_last = now
-        if rec["type"] == "chunk":
-            self.rows += 1
-            self.frames += int(rec["num_frames"])
-            self.tokens += int(rec["tokens"].size)
-        else:
-            self.items += int(rec["num_items"]) - len(rec["errors"])
-            for e in rec["errors"]:
-                self.errors[reason_kind(e["reason"])] += 1
+        self.rows += rows
+        self.frames += frames
+        self.tokens += tokens
 
     @property
     def work_s(self) -> float:
@@ -65,7 +62,11 @@ class Progress:
         return (n1 - n0) / (t1 - t0)
 
     def committed(self, sidecar: dict[str, Any]) -> None:
-        self.commits.append((time.perf_counter(), self.tokens))
+        self.t_last = time.perf_counter()
+        self.commits.append((self.t_last, self.tokens))
+        self.items += int(sidecar["counts"].get("inputs_ok", 0))
+        for e in sidecar["errors"]:
+            self.errors[reason_kind(e["reason"])] += 1
         if self._bar is not None:
             rate = self.tokens / self.work_s if self.work_s > 0 else 0.0
             self._bar.set_postfix_str(

@@ -1,18 +1,31 @@
 """The tokenization job on Ray Data (the only module of the pipeline that knows Ray).
 
     pending input shards (one row each: shard id + its items as JSON)
-      → DecodeStage    actor pool, `decode_concurrency` actors × `decode_cpus` CPUs; each actor keeps
-                       one watchdog decode subprocess and streams a shard's chunks as blocks of
-                       ≤ 32 MB of frames, then the shard's end record
-      → TokenizeStage  actor pool, one GPU per actor (or `tokenizer_cpus` CPUs each), `batch_size`
-                       frames per forward pass (≥ 256 on a GPU; Ray batches sized to hold them) at
-                       the job's precision; frames are replaced by uint16 codes
-      → driver         ShardAssembler commits `shard-{input shard:06d}` when a shard is complete
-      → manifest.json, then run_summary.json
+      → DecodeStage    autoscaling actor pool (CPU); each actor keeps one watchdog decode subprocess
+                       and streams a shard's chunks as blocks of ≤ 32 MB of frames, then the shard's
+                       end record
+      → TokenizeStage  autoscaling actor pool, one GPU per actor when GPUs are asked for (or
+                       `tokenizer_cpus` CPUs each), `batch_size` frames per forward pass (≥ 256 on a
+                       GPU; Ray batches sized to hold them) at the job's precision; frames are
+                       replaced by uint16 codes, which go
+                       straight to the shard's writer actor; the stage hands Ray Data only a few
+                       numbers per shard touched
+      → ShardWriterActor  `writers` actors; shard s belongs to writer s % writers, which holds its
+                       rows (deduplicated by key) and, when the driver asks, sorts, encodes, hashes
+                       and uploads the data file under its final name and returns the sidecar unwritten
+      → driver         the single coordinator: on "shard s complete" it asks s's writer to write it
+                       and commits the shard by writing the returned sidecar (on a thread pool, off
+                       the loop that feeds the stages)
+      → manifest.json, then run_summary.json (with where each stage ran)
+
+No token passes through the driver: it sees per-shard counts and sidecars only, so its cost per
+token does not grow with the frames (bench/driver_cost.py). A SIGKILL at any instant leaves at
+worst data files without sidecars (debris, cleaned by the next run), never a partial shard.
 
 The two stages ask for different resources, so Ray Data keeps them as separate operators (it would
-otherwise fuse a map into the following one) and sizes them independently. The streaming
-executor's backpressure bounds the frames in flight, so memory does not grow with the inputs.
+otherwise fuse a map into the following one). Pools have a minimum and a maximum: on a cluster the
+tokenizer pool is created with its GPU request whether or not a GPU node is up (the pending actor
+is what makes Ray's autoscaler start one), and Ray Data grows each pool with its queue.
 """
 
 from __future__ import annotations
@@ -21,6 +34,7 @@ import json
 import logging
 import math
 import os
+import resource
 import sys
 import time
 from typing import Any
@@ -34,11 +48,13 @@ from pipeline.jobs.plan import RUN_SUMMARY, JobError, JobPlan, prepare
 from pipeline.jobs.progress import Progress
 from pipeline.jobs.steps import (
     ROW_META,
-    ShardAssembler,
+    ShardBuffer,
+    commit_sidecar,
     decode_input_shard,
     new_decode_worker,
     tokenize_records,
     torch_threads,
+    write_shard_data,
 )
 
 RECORD_SCHEMA = pa.schema([
@@ -80,7 +96,8 @@ def records_to_table(records: list[dict]) -> pa.Table:
         else:
             for k in (*ROW_META, "h", "w", "c", "payload", "dtype"):
                 cols[k].append(None)
-            cols["end"].append(json.dumps({k: r[k] for k in ("expected_rows", "num_items", "errors", "decode_s")}))
+            cols["end"].append(json.dumps({k: r[k] for k in ("expected_rows", "num_items", "errors", "decode_s", "node")
+                                           if k in r}))
     return pa.table(cols, schema=RECORD_SCHEMA)
 
 
@@ -99,6 +116,12 @@ def table_to_records(table: pa.Table) -> list[dict]:
     return out
 
 
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
 class DecodeStage:
     """Ray Data actor: decode the input shards of a batch (one per call), streaming blocks."""
 
@@ -106,35 +129,139 @@ class DecodeStage:
         from pipeline.decode import DecodeConfig
 
         self.worker = new_decode_worker(DecodeConfig.from_dict(decode_cfg), storage_options)
+        self.node = _node_id()
 
     def __call__(self, batch: pa.Table):
         for row in batch.to_pylist():
             for block in decode_input_shard(row["shard_id"], json.loads(row["items"]), self.worker):
+                if block[-1]["type"] == "end":
+                    block[-1]["node"] = self.node  # where the shard was decoded, for the run summary
                 yield records_to_table(block)
 
 
-class TokenizeStage:
-    """Ray Data actor: load the tokenizer once (on this actor's GPU if it has one) and encode at the
-    job's precision. A call encodes all its frames in forward passes of `batch_size` frames
-    (at least VisualTokenizer.GPU_MIN_FORWARD on a GPU) across record boundaries; the job sizes the
-    calls so that they hold that many frames (TokenizeConfig.tokenizer_batch_rows). Nothing is held
-    back between calls, so an input shard's last records never wait for a call that may not come."""
+# What the tokenizer stage hands Ray Data (and so the driver): one row per input shard a batch touched.
+META_SCHEMA = pa.schema([
+    ("shard_id", pa.int64()),
+    ("writer", pa.int64()),
+    ("rows", pa.int64()),
+    ("frames", pa.int64()),
+    ("tokens", pa.int64()),
+    ("complete", pa.bool_()),
+    ("node", pa.string()),          # the tokenizer actor's node
+    ("device", pa.string()),        # "cuda" or "cpu"
+    ("decode_node", pa.string()),   # from the shard's end record, when this batch carried it
+])
 
-    def __init__(self, spec: str, batch_size: int, cpus: float, precision: str) -> None:
+
+def device_for(torch_mod) -> str:
+    """"cuda" when this process has a usable CUDA device, else "cpu".
+
+    Ray sets CUDA_VISIBLE_DEVICES for an actor that reserved a GPU, but a node may declare GPUs it
+    cannot drive (a fake or misconfigured node, a missing driver): the device is what torch can
+    use, not what Ray reserved.
+    """
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return "cpu"
+    return "cuda" if torch_mod.cuda.is_available() else "cpu"
+
+
+class TokenizeStage:
+    """Ray Data actor: load the tokenizer once (on this actor's GPU if it has one), encode at the
+    job's precision, and hand the tokens to their shards' writer actors; returns only per-shard
+    counts (META_SCHEMA).
+
+    A call encodes all its frames in forward passes of `batch_size` frames (at least
+    VisualTokenizer.GPU_MIN_FORWARD on a GPU) across record boundaries; the job sizes the calls so
+    that they hold that many frames (TokenizeConfig.tokenizer_batch_rows). Nothing is held back
+    between calls, so an input shard's last records never wait for a call that may not come."""
+
+    def __init__(self, spec: str, batch_size: int, cpus: float, precision: str,
+                 writers: list | None = None) -> None:
         import torch
 
         from pipeline.tokenizers import load_tokenizer
 
         self.tok = load_tokenizer(spec)
-        if torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES", "") != "":
+        self.device = device_for(torch)
+        if self.device == "cuda":
             self.tok = self.tok.to("cuda", precision)
         else:
             torch.set_num_threads(torch_threads(cpus))
             self.tok = self.tok.to("cpu", precision)
         self.batch_size = batch_size
+        self.writers = writers or []
+        self.node = _node_id() if self.writers else ""
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return records_to_table(tokenize_records(self.tok, table_to_records(batch), self.batch_size))
+        import ray
+
+        recs = tokenize_records(self.tok, table_to_records(batch), self.batch_size)
+        if not self.writers:
+            return records_to_table(recs)
+        n = len(self.writers)
+        groups: dict[int, list[dict]] = {}
+        stats: dict[int, list] = {}
+        for r in recs:
+            sid = int(r["shard_id"])
+            groups.setdefault(sid % n, []).append(r)
+            st = stats.setdefault(sid, [0, 0, 0, None])
+            if r["type"] == "chunk":
+                st[0] += 1
+                st[1] += int(r["num_frames"])
+                st[2] += int(r["tokens"].size)
+            else:
+                st[3] = r.get("node")
+        # Wait for the writers to hold the rows before reporting them: a "complete" the driver
+        # acts on must be backed by rows the writer has.
+        acks = ray.get([self.writers[w].add.remote(g) for w, g in groups.items()])
+        complete = {sid for ack in acks for sid in ack}
+        sids = sorted(stats)
+        return pa.table({
+            "shard_id": sids,
+            "writer": [sid % n for sid in sids],
+            "rows": [stats[s][0] for s in sids],
+            "frames": [stats[s][1] for s in sids],
+            "tokens": [stats[s][2] for s in sids],
+            "complete": [s in complete for s in sids],
+            "node": [self.node] * len(sids),
+            "device": [self.device] * len(sids),
+            "decode_node": [stats[s][3] for s in sids],
+        }, schema=META_SCHEMA)
+
+
+class ShardWriterActor:
+    """Holds the tokenized rows of the input shards routed to it and writes a shard's data file
+    when the driver asks; never writes a sidecar (the driver commits). Threaded: the stages' `add`
+    calls are served while a `write` encodes and uploads."""
+
+    def __init__(self, out_url: str, shards: dict[int, dict], grid: tuple[int, int], kw: dict) -> None:
+        import threading
+
+        self.out_url = out_url
+        self.shards = shards
+        self.grid = tuple(grid)
+        self.kw = kw
+        self.buffer = ShardBuffer(shards)
+        self.lock = threading.Lock()
+        self.node = _node_id()
+
+    def add(self, records: list[dict]) -> list[int]:
+        """Take records; returns the ids of complete shards among those they touched."""
+        with self.lock:
+            done = {self.buffer.add(r) for r in records}
+        return sorted(s for s in done if s is not None)
+
+    def write(self, sid: int) -> tuple[dict, str]:
+        """Write shard `sid`'s data file; returns (its sidecar, unwritten; this actor's node)."""
+        with self.lock:
+            rows, end, wall_s = self.buffer.take(sid)
+        side = write_shard_data(self.out_url, sid, rows, end, input_shard=self.shards[sid], grid=self.grid,
+                                wall_s=wall_s, **self.kw)
+        return side, self.node
+
+    def in_flight(self) -> int:
+        with self.lock:
+            return self.buffer.in_flight()
 
 
 def job_precision(cfg: TokenizeConfig) -> str:
@@ -153,7 +280,8 @@ def job_precision(cfg: TokenizeConfig) -> str:
 
         # What the embedded ray.init() will find.
         cluster = {"CPU": float(cfg.num_cpus or os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
-    return cfg.tokenizer_precision(gpu_actors=bool(stage_sizes(cfg, cluster)["tokenize"]["num_gpus"]))
+    sizes = stage_sizes(cfg, cluster, fixed=cfg.ray_address is None)
+    return cfg.tokenizer_precision(gpu_actors=bool(sizes["tokenize"]["num_gpus"]))
 
 
 def _init_ray(cfg: TokenizeConfig):
@@ -174,19 +302,30 @@ def _init_ray(cfg: TokenizeConfig):
     return ray, True
 
 
-def stage_sizes(cfg: TokenizeConfig, cluster: dict[str, float]) -> dict[str, Any]:
-    """Actors and resources per stage from the cluster's CPUs/GPUs and the config."""
-    gpus = int(cluster.get("GPU", 0))
-    n_gpu = gpus if cfg.num_gpus is None else min(cfg.num_gpus, gpus)
-    if cfg.num_gpus and cfg.num_gpus > gpus:
-        raise RuntimeError(f"--num-gpus {cfg.num_gpus} but the Ray cluster has {gpus} GPUs")
-    cpus = float(cluster.get("CPU", 1))
+def stage_sizes(cfg: TokenizeConfig, cluster: dict[str, float], *, fixed: bool) -> dict[str, Any]:
+    """Pool bounds and per-actor resources of each stage.
+
+    `fixed`: the Ray instance is this machine's embedded one (no autoscaler), so `cluster` is all
+    there will ever be and pools are sized to fill it. Otherwise (a cluster) nothing is derived
+    from what happens to be up now except the default GPU count: pools start at one actor and may
+    grow to their maximum (None = no bound), and Ray's autoscaler is asked for the nodes.
+    """
+    gpus_now = int(cluster.get("GPU", 0))
+    n_gpu = gpus_now if cfg.num_gpus is None else cfg.num_gpus
+    if fixed and n_gpu > gpus_now:
+        raise RuntimeError(f"--num-gpus {n_gpu} but this machine's embedded Ray has {gpus_now} GPUs; "
+                           "join an (autoscaling) cluster with --ray-address to get more")
     if n_gpu:
-        tok = {"actors": n_gpu, "num_gpus": 1, "num_cpus": min(1.0, cfg.tokenizer_cpus)}
+        tok = {"min": 1, "max": n_gpu, "num_gpus": 1, "num_cpus": min(1.0, cfg.tokenizer_cpus)}
     else:
-        tok = {"actors": cfg.cpu_actors, "num_gpus": 0, "num_cpus": cfg.tokenizer_cpus}
-    left = cpus - tok["actors"] * tok["num_cpus"]
+        tok = {"min": 1, "max": cfg.cpu_actors, "num_gpus": 0, "num_cpus": cfg.tokenizer_cpus}
+    n_writers = cfg.writers if cfg.writers is not None else max(1, math.ceil(tok["max"] / 8))
+    write = {"actors": n_writers, "num_cpus": cfg.writer_cpus}
     dec_cpus = cfg.decode_cpus
+    if not fixed:
+        dec = {"min": 1, "max": cfg.decode_concurrency, "num_cpus": dec_cpus}
+        return {"decode": dec, "tokenize": tok, "write": write}
+    left = float(cluster.get("CPU", 1)) - tok["max"] * tok["num_cpus"] - n_writers * cfg.writer_cpus
     if cfg.decode_concurrency is not None:
         n_dec = cfg.decode_concurrency
     else:
@@ -194,11 +333,16 @@ def stage_sizes(cfg: TokenizeConfig, cluster: dict[str, float]) -> dict[str, Any
     if n_dec * dec_cpus > left + 1e-9:
         # Fit the decode actors into what the tokenizer leaves (they mostly wait on their subprocess).
         dec_cpus = max(0.05, left / n_dec) if left > 0 else 0.05
-    return {"decode": {"actors": n_dec, "num_cpus": dec_cpus}, "tokenize": tok}
+    tok = {**tok, "min": tok["max"]}
+    return {"decode": {"min": n_dec, "max": n_dec, "num_cpus": dec_cpus}, "tokenize": tok, "write": write}
 
 
-def run_tokenize(cfg: TokenizeConfig, *, out=sys.stderr) -> dict[str, Any]:
-    """Run (or resume) a tokenization job; returns the run summary (also written to OUT)."""
+def run_tokenize(cfg: TokenizeConfig, *, out=None) -> dict[str, Any]:
+    """Run (or resume) a tokenization job; returns the run summary (also written to OUT).
+
+    `out`: where progress goes (default: sys.stderr as it is at call time, not at import).
+    """
+    out = sys.stderr if out is None else out
     t0 = time.perf_counter()
     try:
         precision = job_precision(cfg)
@@ -207,20 +351,33 @@ def run_tokenize(cfg: TokenizeConfig, *, out=sys.stderr) -> dict[str, Any]:
     plan = prepare(cfg, precision=precision)
     progress = Progress(total_shards=len(plan.shards), done=plan.done, enabled=cfg.progress, file=out)
     sizes: dict[str, Any] = {}
+    placement: dict[str, Any] = {}
     if plan.pending:
         ray, owns = _init_ray(cfg)
         try:
-            sizes = stage_sizes(cfg, ray.cluster_resources())
-            _execute(ray, cfg, plan, sizes, progress)
+            sizes = stage_sizes(cfg, ray.cluster_resources(), fixed=cfg.ray_address is None)
+            placement = _execute(ray, cfg, plan, sizes, progress)
         finally:
             if owns:
                 ray.shutdown()
     progress.close()
-    return finish(cfg, plan, progress, time.perf_counter() - t0, sizes)
+    return finish(cfg, plan, progress, time.perf_counter() - t0, sizes, placement)
 
 
-def _execute(ray, cfg: TokenizeConfig, plan: JobPlan, sizes: dict, progress: Progress) -> None:
-    from ray.data import ActorPoolStrategy, DataContext
+def _pool(bounds: dict) -> Any:
+    from ray.data import ActorPoolStrategy
+
+    if bounds["max"] is not None and bounds["min"] == bounds["max"]:
+        return ActorPoolStrategy(size=bounds["min"])
+    return ActorPoolStrategy(min_size=bounds["min"], max_size=bounds["max"])
+
+
+def _execute(ray, cfg: TokenizeConfig, plan: JobPlan, sizes: dict, progress: Progress) -> dict[str, Any]:
+    """Stream the pending shards through the stages; returns where each stage ran."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.compute as pc
+    from ray.data import DataContext
 
     # Ray Data logs every execution plan at INFO on the console; the job's own progress line and
     # table say what matters. Its log files (in the Ray session directory) keep everything.
@@ -236,6 +393,19 @@ def _execute(ray, cfg: TokenizeConfig, plan: JobPlan, sizes: dict, progress: Pro
     # store from filling with decoded frames ahead of the tokenizer.
     ctx.target_max_block_size = 64 << 20
 
+    descriptors = {s.id: s.descriptor() for s in plan.pending}
+    kw = dict(codebook_size=plan.codebook_size, tokenizer=plan.tokenizer, resolution=cfg.resolution,
+              format=cfg.format, compression=cfg.compression, settings=cfg.settings(),
+              storage_options=cfg.storage_options)
+    grid = (cfg.resolution // plan.tokenizer["downsample"],) * 2
+    wr = sizes["write"]
+    # Writers are the only holders of rows in flight: a restarted writer would have lost them, so
+    # it is not restarted; its shards stay uncommitted and the job says to rerun (exactly-once
+    # holds: nothing half-made is ever committed).
+    writer_cls = ray.remote(ShardWriterActor).options(num_cpus=wr["num_cpus"], max_concurrency=8, max_restarts=0)
+    writers = [writer_cls.remote(cfg.output, {k: v for k, v in descriptors.items() if k % wr["actors"] == w}, grid, kw)
+               for w in range(wr["actors"])]
+
     rows = [{"shard_id": s.id, "items": json.dumps(list(s.items))} for s in plan.pending]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     dec, tok = sizes["decode"], sizes["tokenize"]
@@ -244,48 +414,122 @@ def _execute(ray, cfg: TokenizeConfig, plan: JobPlan, sizes: dict, progress: Pro
         fn_constructor_kwargs={"decode_cfg": cfg.decode_config().to_dict(), "storage_options": cfg.storage_options},
         batch_size=1,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=dec["actors"]),
+        compute=_pool(dec),
         num_cpus=dec["num_cpus"],
     )
     tok_args: dict[str, Any] = {"num_gpus": tok["num_gpus"]} if tok["num_gpus"] else {}
     ds = ds.map_batches(
         TokenizeStage,
         fn_constructor_kwargs={"spec": cfg.tokenizer, "batch_size": cfg.batch_size, "cpus": tok["num_cpus"],
-                               "precision": plan.tokenizer["precision"]},
+                               "precision": plan.tokenizer["precision"], "writers": writers},
         batch_size=cfg.tokenizer_batch_rows(gpu_actors=bool(tok["num_gpus"])),
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=tok["actors"]),
+        compute=_pool(tok),
         num_cpus=tok["num_cpus"],
         **tok_args,
     )
-    asm = ShardAssembler(
-        cfg.output,
-        {s.id: s.descriptor() for s in plan.pending},
-        codebook_size=plan.codebook_size,
-        tokenizer=plan.tokenizer,
-        resolution=cfg.resolution,
-        format=cfg.format,
-        compression=cfg.compression,
-        settings=cfg.settings(),
-        grid=(cfg.resolution // plan.tokenizer["downsample"],) * 2,
-        storage_options=cfg.storage_options,
-    )
+
+    placement: dict[str, dict[str, int]] = {"decode": {}, "tokenize": {}, "write": {}}
+    devices: dict[str, int] = {}
+    requested: set[int] = set()
+    commits: list = []
+    so = cfg.storage_options
+
+    def write_and_commit(ref) -> dict:
+        side, node = ray.get(ref)
+        c0 = time.thread_time()
+        commit_sidecar(cfg.output, side, so)
+        return {"sidecar": side, "node": node, "cpu_s": time.thread_time() - c0}
+
+    def collect(wait: bool) -> None:
+        keep = []
+        for f in commits:
+            if wait or f.done():
+                got = f.result()
+                placement["write"][got["node"]] = placement["write"].get(got["node"], 0) + 1
+                driver["commit_cpu_s"] += got["cpu_s"]
+                progress.committed(got["sidecar"])
+            else:
+                keep.append(f)
+        commits[:] = keep
+
+    # The driver's own CPU (this process, all threads), the part spent in this loop's thread
+    # (fetching the stage's small outputs + acting on them) and in sidecar commits: what
+    # bench/driver_cost.py turns into "GPUs one driver can feed".
+    driver = {"commit_cpu_s": 0.0, "batches": 0}
+    steady0: tuple = ()
+    ru0, loop0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.thread_time(), time.perf_counter()
     progress.start()
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
-        for rec in table_to_records(batch):
-            side = asm.add(rec)
-            progress.record(rec)
-            if side is not None:
-                progress.committed(side)
-    if asm.in_flight():
-        raise RuntimeError(f"{asm.in_flight()} input shards did not complete; rerun the same command to resume")
+    # Sidecar PUTs wait on the network: a few threads keep the loop that feeds the stages free.
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="commit") as pool:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
+            driver["batches"] += 1
+            if driver["batches"] == 1:
+                # Everything before the first output is the job's start-up (planning the dataset,
+                # creating the actors); from here on the driver runs in its steady state.
+                steady0 = (resource.getrusage(resource.RUSAGE_SELF), time.thread_time(), time.perf_counter())
+            progress.counts(*(int(pc.sum(batch.column(c)).as_py() or 0) for c in ("rows", "frames", "tokens")))
+            for col, key in (("node", "tokenize"), ("decode_node", "decode")):
+                for node, n in zip(*_value_counts(batch.column(col)), strict=True):
+                    placement[key][node] = placement[key].get(node, 0) + n
+            for dev, n in zip(*_value_counts(batch.column("device")), strict=True):
+                devices[dev] = devices.get(dev, 0) + n
+            done = batch.filter(batch.column("complete"))
+            for sid, w in zip(done.column("shard_id").to_pylist(), done.column("writer").to_pylist(), strict=True):
+                if sid not in requested:
+                    requested.add(sid)
+                    commits.append(pool.submit(write_and_commit, writers[w].write.remote(sid)))
+            collect(wait=False)
+        collect(wait=True)
+    ru1, loop1, wall1 = resource.getrusage(resource.RUSAGE_SELF), time.thread_time(), time.perf_counter()
+
+    def cpu(a, b) -> float:
+        return (b.ru_utime - a.ru_utime) + (b.ru_stime - a.ru_stime)
+
+    driver.update(cpu_s=cpu(ru0, ru1), loop_cpu_s=loop1 - loop0, wall_s=wall1 - wall0, shards=len(requested))
+    if driver["batches"]:
+        driver.update(steady_cpu_s=cpu(steady0[0], ru1), steady_loop_cpu_s=loop1 - steady0[1],
+                      steady_wall_s=wall1 - steady0[2])
+    left = len(plan.pending) - len(requested)
+    if left:
+        raise RuntimeError(f"{left} input shards did not complete; rerun the same command to resume")
+    return {**_describe_placement(ray, placement, devices), "driver": driver}
 
 
-def finish(cfg: TokenizeConfig, plan: JobPlan, progress: Progress, elapsed: float, sizes: dict) -> dict[str, Any]:
+def _value_counts(col: pa.ChunkedArray) -> tuple[list, list]:
+    """(values, counts) of a string column, nulls dropped."""
+    vc = col.drop_null().value_counts()
+    return vc.field("values").to_pylist(), vc.field("counts").to_pylist()
+
+
+def _describe_placement(ray, placement: dict[str, dict[str, int]], devices: dict[str, int]) -> dict[str, Any]:
+    """Per stage: the nodes it ran on (id, declared resources, node type when the cluster says) and
+    how much of its work each did; the tokenizer's device(s) too."""
+    nodes = {n["NodeID"]: n for n in ray.nodes()}
+
+    def where(node_id: str) -> dict[str, Any]:
+        n = nodes.get(node_id, {})
+        res = {k: v for k, v in (n.get("Resources") or {}).items() if k in ("CPU", "GPU") or k.startswith("accelerator")}
+        labels = n.get("Labels") or {}
+        kind = labels.get("ray.io/node-group") or labels.get("ray.io/node-type") or n.get("NodeName", "")
+        return {"node_id": node_id, "resources": res, "node_type": str(kind), "head": "node:__internal_head__" in (n.get("Resources") or {})}
+
+    out: dict[str, Any] = {}
+    unit = {"decode": "shards", "tokenize": "shard_batches", "write": "shards"}
+    for stage, counts in placement.items():
+        out[stage] = {"nodes": [{**where(k), unit[stage]: v} for k, v in sorted(counts.items())]}
+    out["tokenize"]["devices"] = dict(sorted(devices.items()))
+    return out
+
+
+def finish(cfg: TokenizeConfig, plan: JobPlan, progress: Progress, elapsed: float, sizes: dict,
+           placement: dict | None = None) -> dict[str, Any]:
     """manifest.json (from the sidecars), then run_summary.json; prints the final table."""
     import schemas
     from pipeline.shards import committed_shards, errors_by_reason, write_manifest
 
+    placement = dict(placement or {})
+    driver = placement.pop("driver", {})
     so = cfg.storage_options
     sides = committed_shards(cfg.output, so)
     missing = sorted({s.id for s in plan.shards} - {s["shard_id"] for s in sides})
@@ -311,6 +555,8 @@ def finish(cfg: TokenizeConfig, plan: JobPlan, progress: Progress, elapsed: floa
         tokens_per_s=(run_tokens / progress.work_s) if progress.work_s > 0 else 0.0,
         steady_tokens_per_s=progress.steady_tokens_per_s or 0.0,
         manifest_hash=manifest["content_hash"],
+        placement=placement,
+        driver=driver,
     )
     storage.write_json(storage.join(cfg.output, RUN_SUMMARY), summary, "run_summary", so)
     progress.final_table(summary)

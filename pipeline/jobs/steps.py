@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import storage
 from pipeline.decode import DecodeConfig, DecodeWorker
-from pipeline.shards import ShardWriter
+from pipeline.shards import ShardWriter, shard_name
 
 ROW_META = ("key", "dataset", "split", "video_id", "label", "chunk", "t_start", "fps", "num_frames")
 
@@ -121,12 +122,115 @@ def tokenize_records(tok: Any, records: list[dict], batch_size: int) -> list[dic
     return records
 
 
-class ShardAssembler:
-    """Collects tokenized records of any number of input shards in any order; commits a shard's
-    output (`shard-{input shard:06d}`) as soon as its end record and all its rows are in.
+class ShardBuffer:
+    """Tokenized rows of any number of input shards, arriving in any order and possibly repeated;
+    says when a shard is complete (its end record and all the rows it announced are in).
 
-    Rows are sorted by key before writing, so the bytes do not depend on scheduling.
-    `on_commit(sidecar)` is called after each commit.
+    Rows are keyed by `key`, so a block that Ray delivers twice (a task retried after losing a
+    worker mid-shard) cannot put a row in twice.
+    """
+
+    def __init__(self, planned: Iterable[int] | None = None) -> None:
+        self.planned = None if planned is None else set(planned)
+        self.rows: dict[int, dict[str, dict]] = {}   # shard id -> key -> record
+        self.ends: dict[int, dict] = {}
+        self.first_seen: dict[int, float] = {}
+        self.taken: set[int] = set()                  # shards handed to `take` (written or being written)
+
+    def in_flight(self) -> int:
+        return len(set(self.rows) | set(self.ends))
+
+    def add(self, rec: dict) -> int | None:
+        """Take one record; returns its shard id when the shard is complete and not yet taken.
+
+        Every record that touches a complete shard returns its id again, so a completion whose
+        first report was lost (a retried task) is reported by the repeat."""
+        sid = int(rec["shard_id"])
+        if self.planned is not None and sid not in self.planned:
+            raise RuntimeError(f"record for input shard {sid}, which this job did not plan")
+        if sid in self.taken:
+            return None  # a retried task's repeat of a shard already written
+        self.first_seen.setdefault(sid, time.perf_counter())
+        if rec["type"] == "end":
+            if sid in self.ends and self.ends[sid]["expected_rows"] != rec["expected_rows"]:
+                raise RuntimeError(f"input shard {sid} ended twice with different row counts")
+            self.ends[sid] = rec
+        else:
+            self.rows.setdefault(sid, {})[rec["key"]] = rec
+        end = self.ends.get(sid)
+        if end is None:
+            return None
+        n = len(self.rows.get(sid, ()))
+        if n > end["expected_rows"]:
+            raise RuntimeError(f"input shard {sid}: more rows than its decoder produced")
+        return sid if n == end["expected_rows"] else None
+
+    def take(self, sid: int) -> tuple[list[dict], dict, float]:
+        """(rows sorted by key, end record, seconds since its first record) of a complete shard."""
+        end = self.ends.pop(sid)
+        rows = [r for _, r in sorted(self.rows.pop(sid, {}).items())]
+        assert len(rows) == end["expected_rows"], (sid, len(rows), end["expected_rows"])
+        self.taken.add(sid)
+        return rows, end, time.perf_counter() - self.first_seen.pop(sid)
+
+
+def write_shard_data(
+    out_url: str,
+    sid: int,
+    rows: list[dict],
+    end: dict,
+    *,
+    input_shard: dict[str, Any],
+    grid: tuple[int, int],
+    wall_s: float,
+    codebook_size: int,
+    tokenizer: dict[str, Any],
+    resolution: int,
+    format: str,
+    compression: str | None,
+    settings: dict[str, Any],
+    storage_options: dict | None = None,
+) -> dict[str, Any]:
+    """Write `shard-{sid:06d}`'s data file (atomically, under its final name) from rows sorted by
+    key; returns its sidecar, NOT written: the shard is committed when :func:`commit_sidecar` writes it.
+
+    The bytes are a pure function of the rows, so a repeated attempt rewrites the same bytes, and
+    a data file whose sidecar never came is debris that the next run cleans.
+    """
+    # The grid is the tokenizer's, not taken from the rows: a shard whose inputs all failed has none.
+    w = ShardWriter(out_url, sid, grid=tuple(grid), codebook_size=codebook_size, tokenizer=tokenizer,
+                    resolution=resolution, format=format, compression=compression,
+                    storage_options=storage_options, settings=settings)
+    try:
+        for r in rows:
+            t = r["tokens"]  # (T, gh, gw) uint16
+            w.add({**{k: r[k] for k in ROW_META}, "grid_h": t.shape[1], "grid_w": t.shape[2], "tokens": t})
+        return w.commit(
+            input_shard=input_shard,
+            errors=sorted(end["errors"], key=lambda e: (e["uri"], e["reason"])),
+            timings={"decode_s": float(end["decode_s"]), "shard_wall_s": float(wall_s)},
+            counts={"inputs": int(end["num_items"]), "inputs_ok": int(end["num_items"]) - len(end["errors"]),
+                    "inputs_failed": len(end["errors"])},
+            write_sidecar=False,
+        )
+    except BaseException:
+        w.abort()
+        raise
+
+
+def commit_sidecar(out_url: str, sidecar: dict[str, Any], storage_options: dict | None = None) -> dict[str, Any]:
+    """Commit a shard whose data file is written: write its sidecar atomically (the commit point)."""
+    url = storage.join(out_url, f"{shard_name(int(sidecar['shard_id']))}.json")
+    return storage.write_json(url, sidecar, "shard_sidecar", storage_options)
+
+
+class ShardAssembler:
+    """In-process assembly and commit (no Ray): collects tokenized records of any number of input
+    shards in any order and commits a shard (`shard-{input shard:06d}`) as soon as it is complete.
+
+    Rows are sorted by key before writing, so the bytes do not depend on scheduling. The Ray job
+    splits the same steps across processes (ShardBuffer + write_shard_data in writer actors,
+    commit_sidecar in the driver).
     """
 
     def __init__(
@@ -148,60 +252,22 @@ class ShardAssembler:
         self.shards = shards  # shard id -> input shard descriptor {id, worklist_sha256, num_items}
         self.kw = dict(codebook_size=codebook_size, tokenizer=tokenizer, resolution=resolution, format=format,
                        compression=compression, storage_options=storage_options, settings=settings)
-        # shard id -> key -> record. Keyed so that a decode task Ray retries after losing a worker
-        # mid-shard (its blocks already delivered come again) cannot put a row in twice.
-        self.rows: dict[int, dict[str, dict]] = {}
-        self.ends: dict[int, dict] = {}
-        self.first_seen: dict[int, float] = {}
+        self.buffer = ShardBuffer(shards)
         self.committed: list[dict] = []
-        self.done_ids: set[int] = set()
 
     def in_flight(self) -> int:
-        return len(set(self.rows) | set(self.ends))
+        return self.buffer.in_flight()
 
     def add(self, rec: dict) -> dict | None:
         """Take one tokenized record; returns the sidecar if this record completed a shard."""
-        sid = int(rec["shard_id"])
-        if sid not in self.shards:
-            raise RuntimeError(f"record for input shard {sid}, which this job did not plan")
-        if sid in self.done_ids:
-            return None  # a retried task's repeat of a shard already committed
-        self.first_seen.setdefault(sid, time.perf_counter())
-        if rec["type"] == "end":
-            if sid in self.ends and self.ends[sid]["expected_rows"] != rec["expected_rows"]:
-                raise RuntimeError(f"input shard {sid} ended twice with different row counts")
-            self.ends[sid] = rec
-        else:
-            self.rows.setdefault(sid, {})[rec["key"]] = rec
-        end = self.ends.get(sid)
-        if end is not None and len(self.rows.get(sid, ())) == end["expected_rows"]:
-            return self._commit(sid)
-        if end is not None and len(self.rows.get(sid, ())) > end["expected_rows"]:
-            raise RuntimeError(f"input shard {sid}: more rows than its decoder produced")
-        return None
-
-    def _commit(self, sid: int) -> dict:
-        end = self.ends.pop(sid)
-        rows = [r for _, r in sorted(self.rows.pop(sid, {}).items())]
-        t_commit = time.perf_counter()
-        # The grid is the tokenizer's, not taken from the rows: a shard whose inputs all failed has none.
-        w = ShardWriter(self.out_url, sid, grid=tuple(self.grid), **self.kw)
-        try:
-            for r in rows:
-                t = r["tokens"]  # (T, gh, gw) uint16
-                w.add({**{k: r[k] for k in ROW_META}, "grid_h": t.shape[1], "grid_w": t.shape[2], "tokens": t})
-            side = w.commit(
-                input_shard=self.shards[sid],
-                errors=sorted(end["errors"], key=lambda e: (e["uri"], e["reason"])),
-                timings={"decode_s": float(end["decode_s"]), "shard_wall_s": t_commit - self.first_seen.pop(sid)},
-                counts={"inputs": int(end["num_items"]), "inputs_ok": int(end["num_items"]) - len(end["errors"]),
-                        "inputs_failed": len(end["errors"])},
-            )
-        except BaseException:
-            w.abort()
-            raise
+        sid = self.buffer.add(rec)
+        if sid is None:
+            return None
+        rows, end, wall_s = self.buffer.take(sid)
+        side = write_shard_data(self.out_url, sid, rows, end, input_shard=self.shards[sid], grid=self.grid,
+                                wall_s=wall_s, **self.kw)
+        commit_sidecar(self.out_url, side, self.kw["storage_options"])
         self.committed.append(side)
-        self.done_ids.add(sid)
         return side
 
 

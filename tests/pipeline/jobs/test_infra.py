@@ -34,6 +34,11 @@ def test_kuberay_manifests_have_a_gpu_group_and_a_valid_entrypoint():
     assert argv[:2] == ["toto-pipeline", "tokenize"]
     ctx = tokenize_cmd.make_context("tokenize", argv[2:])  # every option in the manifest exists
     assert ctx.params["ray_address"] == "auto" and ctx.params["batch_size"] == 512
+    # The job asks for up to --num-gpus tokenizer GPUs: exactly what the job's GPU group can give.
+    jg = {g["groupName"]: g for g in rj["spec"]["rayClusterSpec"]["workerGroupSpecs"]}["gpu-tokenize"]
+    assert ctx.params["num_gpus"] == jg["maxReplicas"] * int(jg["rayStartParams"]["num-gpus"])
+    # Writer actors reserve no CPU by default, so they fit on the 0-CPU head the manifests ship.
+    assert ctx.params["writer_cpus"] == 0
 
 
 def test_launcher_yaml_has_cpu_decode_and_gpu_tokenizer_nodes():
@@ -43,6 +48,9 @@ def test_launcher_yaml_has_cpu_decode_and_gpu_tokenizer_nodes():
     assert nodes["cpu_decode"]["resources"].get("GPU", 0) == 0 and nodes["cpu_decode"]["resources"]["CPU"] > 0
     assert nodes["gpu_tokenize"]["resources"]["GPU"] == 8
     assert c["head_node_type"] == "head"
+    # Autoscaling from zero workers: the job's pending actors start the nodes.
+    assert nodes["cpu_decode"]["min_workers"] == nodes["gpu_tokenize"]["min_workers"] == 0
+    assert "--autoscaling-config" in " ".join(c["head_start_ray_commands"])
 
 
 def test_submit_runtime_env_and_entrypoint():
