@@ -70,13 +70,17 @@ def _walk_local(top: str, prefix: str, out: list[str]) -> None:
                 out.append(prefix + e.name)
 
 
-def _list_files(root: str, storage_options: dict | None) -> tuple[Any, str, list[str]]:
+def _list_files(root: str, storage_options: dict | None, listing: str | None = None) -> tuple[Any, str, list[str]]:
     """(fs, root path, all files under root as '/'-separated paths relative to it, sorted).
 
     A file's URL is `_url(root, rel)`: only the relative paths are kept, so a listing of 1e6
-    files costs one string per file.
+    files costs one string per file. `listing`: a text file (local or remote, optionally
+    .gz/.zst/.bz2) with one path relative to root per line, used instead of listing storage,
+    e.g. made from an S3 Inventory report: a LIST of 1e7 objects takes hours, the file seconds.
     """
     fs, root_path = url_to_fs(root, storage_options)
+    if listing is not None:
+        return fs, root_path, _read_listing(listing, storage_options)
     if not fs.isdir(root_path):
         raise ValueError(f"dataset root {root!r} is not a directory (or is empty); pass the folder that holds the dataset")
     if is_local(root):
@@ -88,6 +92,23 @@ def _list_files(root: str, storage_options: dict | None) -> tuple[Any, str, list
     rels = sorted(p[base:] for p in fs.find(root_path))
     fs.invalidate_cache(root_path)  # s3fs keeps every listed object's info otherwise
     return fs, root_path, rels
+
+
+def _read_listing(listing: str, storage_options: dict | None) -> list[str]:
+    import fsspec
+
+    rels = []
+    with fsspec.open(listing, "rt", compression="infer", encoding="utf-8", **(storage_options or {})) as f:
+        for n, line in enumerate(f, start=1):
+            rel = line.strip()
+            if not rel:
+                continue
+            if rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in rel.split("/")):
+                raise ValueError(f"{listing}:{n}: {rel!r} is not a plain path relative to the dataset root "
+                                 "(no leading '/', '.', '..' or empty parts); write paths as in 'train/a/b.mp4'")
+            rels.append(rel)
+    rels.sort()
+    return rels
 
 
 def _read_text(url: str, storage_options: dict | None) -> str:
@@ -223,10 +244,11 @@ def _kinetics(
     dataset: str,
     storage_options: dict | None = None,
     splits: Iterable[str] | None = None,
+    listing: str | None = None,
     **_: Any,
 ) -> tuple[pa.Table, ListReport]:
     report = ListReport(dataset=dataset, root=root)
-    _, _, files = _list_files(root, storage_options)
+    _, _, files = _list_files(root, storage_options, listing)
     csvs = [r for r in files if r.lower().endswith(".csv")]
     videos = [r for r in files if r.lower().endswith(VIDEO_EXTS)]
     del files
@@ -320,11 +342,12 @@ def list_ego4d(
     chunk_seconds: float = DEFAULT_CHUNK_SECONDS,
     probe_threads: int = 16,
     dataset: str = "ego4d",
+    listing: str | None = None,
     **_: Any,
 ) -> tuple[pa.Table, ListReport]:
     """ego4d.json (`videos[].video_uid`, `duration_sec`) + v2/full_scale/{uid}.mp4 (or v1/)."""
     report = ListReport(dataset=dataset, root=root)
-    _, _, files = _list_files(root, storage_options)
+    _, _, files = _list_files(root, storage_options, listing)
     meta_url = join(root, "ego4d.json")
     if "ego4d.json" not in files:
         raise ValueError(f"{meta_url} not found; Ego4D needs its metadata file ego4d.json at the dataset root")
@@ -376,6 +399,7 @@ def list_howto100m(
     chunk_seconds: float = DEFAULT_CHUNK_SECONDS,
     probe_threads: int = 16,
     dataset: str = "howto100m",
+    listing: str | None = None,
     **_: Any,
 ) -> tuple[pa.Table, ListReport]:
     """HowTo100M_v1.csv (`video_id,category_1,...`) + {video_id}.{mp4,webm,mkv} anywhere under root.
@@ -385,7 +409,7 @@ def list_howto100m(
     that the decoder reports.
     """
     report = ListReport(dataset=dataset, root=root)
-    _, _, files = _list_files(root, storage_options)
+    _, _, files = _list_files(root, storage_options, listing)
     csv_rel = next((r for r in files if r.rsplit("/", 1)[-1] == "HowTo100M_v1.csv"), None)
     if csv_rel is None:
         raise ValueError(f"HowTo100M_v1.csv not found under {root!r}; put the official CSV at the dataset root")
@@ -472,7 +496,8 @@ def list_imagenet(
     dataset: str = "imagenet",
     splits: Iterable[str] | None = None,
     val_solution: str | None = None,
-    tar_threads: int = 16,
+    tar_threads: int = 32,
+    listing: str | None = None,
     **_: Any,
 ) -> tuple[pa.Table, ListReport]:
     """ILSVRC-2012 (train/{wnid}/*.JPEG; val/ flat + LOC_val_solution.csv, or val/{wnid}/) or the
@@ -482,7 +507,7 @@ def list_imagenet(
     keeps it above ILSVRC/Data/CLS-LOC/). The 21k tars are indexed `tar_threads` at a time, each
     by its headers only (list_tar_members)."""
     report = ListReport(dataset=dataset, root=root)
-    _, _, files = _list_files(root, storage_options)
+    _, _, files = _list_files(root, storage_options, listing)
     want = None if splits is None else {_split_name(s) for s in splits}
     items = ItemColumns()
     ids: set[str] = set()
@@ -605,6 +630,7 @@ def list_folder(
     probe: bool = True,
     max_item_seconds: float = DEFAULT_MAX_ITEM_SECONDS,
     chunk_seconds: float = DEFAULT_CHUNK_SECONDS,
+    listing: str | None = None,
     **_: Any,
 ) -> tuple[pa.Table, ListReport]:
     """Any directory of images and videos (optionally filtered by a glob `pattern` relative to
@@ -617,7 +643,7 @@ def list_folder(
     import fnmatch
 
     report = ListReport(dataset=dataset, root=root)
-    _, _, files = _list_files(root, storage_options)
+    _, _, files = _list_files(root, storage_options, listing)
     media = [r for r in files if media_kind(r) and (pattern is None or fnmatch.fnmatch(r, pattern))]
     del files
     report.num_files = len(media)
@@ -716,7 +742,8 @@ def list_table(
     dataset: one of ADAPTERS (kinetics400/600/700, ego4d, howto100m, imagenet, folder).
     root: local folder or s3://bucket/prefix. options: adapter options (splits=[...],
     max_item_seconds, chunk_seconds, index= and pattern= for folder, probe=False to skip
-    duration probes, probe_threads / tar_threads). name: the dataset name written into
+    duration probes, probe_threads / tar_threads, listing= a file of relative paths used instead
+    of listing storage). name: the dataset name written into
     items/keys (default: `dataset`).
     """
     from pipeline.sources.worklist import sort_items
