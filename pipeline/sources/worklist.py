@@ -154,6 +154,8 @@ class InputShard:
     stop: int
     worklist_sha256: str
     source: pa.Table = field(repr=False, compare=False)
+    # Row index in the work list of `source`'s first row (0 unless `source` is already this slice).
+    source_start: int = field(default=0, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -166,7 +168,13 @@ class InputShard:
     @property
     def table(self) -> pa.Table:
         """The shard's rows as a zero-copy slice of the work-item table."""
-        return self.source.slice(self.start, self.stop - self.start)
+        return self.source.slice(self.start - self.source_start, self.stop - self.start)
+
+    def __reduce__(self):
+        # Pickling an Arrow slice would carry the whole work list's buffers: send a compact copy
+        # of this shard's rows instead (what Ray does when a shard goes to another process).
+        rows = self.table.take(pa.array(range(self.num_items), type=pa.int64()))
+        return (InputShard, (self.id, self.start, self.stop, self.worklist_sha256, rows, self.start))
 
     @property
     def items(self) -> tuple[dict, ...]:

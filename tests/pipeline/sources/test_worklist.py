@@ -173,6 +173,13 @@ def test_input_shard_offers_arrow_slice_json_and_dicts(tmp_path):
     assert s.descriptor() == {"id": 1, "worklist_sha256": wl.sha256, "num_items": 4}
     # A shard refers to the work list's buffers; it does not copy them.
     assert s.table["uri"].chunks[0].buffers()[2].address == wl.table["uri"].chunks[0].buffers()[2].address
+    # Pickled (e.g. sent to a Ray worker), it carries its own rows only, and stays the same shard.
+    import pickle
+
+    big = input_shards(_golden_items(3000), 10)[7]
+    back = pickle.loads(pickle.dumps(big))
+    assert back == big and back.items == big.items and back.items_json() == big.items_json()
+    assert len(pickle.dumps(big)) < 20_000 < len(pickle.dumps(big.source))
 
 
 def test_unsorted_table_is_sorted_and_duplicate_keys_in_a_table_are_refused(tmp_path):
