@@ -181,7 +181,7 @@ def read_json_many(urls: list[str], kind: str, storage_options: dict | None = No
     if not urls:
         return []
     fs, _ = url_to_fs(urls[0], storage_options)
-    paths = [url_to_fs(u, storage_options)[1] for u in urls]
+    paths = [fs._strip_protocol(u) for u in urls]
     if isinstance(fs, LocalFileSystem):
         from concurrent.futures import ThreadPoolExecutor
 
