@@ -18,7 +18,7 @@ tar listing bytes ÷ archive bytes, against tarfile over s3fs's default read-ahe
 list_tar_members); header-probe bytes per video, against PyAV over the default s3fs file (the old
 probe_duration).
 
-    python bench/plan_scale.py [--sizes 10000,100000,1000000] [--items-per-shard 64] [--skip-s3]
+    python bench/plan_scale.py [--sizes 10000,100000,1000000] [--items-per-shard 64] [--real-items 10000] [--skip-s3]
 
 Targets (issue 14): time per item flat or falling with N; <= 300 bytes of driver memory per item;
 1e6 items listed + planned in <= 120 s; tar bytes <= 2% of the archive; probe <= 256 KB per video.
@@ -195,7 +195,7 @@ def scale_case(name: str, n: int, root: str, out: str, so: dict | None, listing:
     return {"case": name, "n": n, "list": lst, "plan": plan}
 
 
-def growth(sizes: list[int], ipsh: int, s3: dict | None, work: str) -> list[dict]:
+def growth(sizes: list[int], ipsh: int, s3: dict | None, work: str, n_real: int) -> list[dict]:
     rows = []
     for n in sizes:
         d = os.path.join(work, f"gen-{n}")
@@ -207,7 +207,9 @@ def growth(sizes: list[int], ipsh: int, s3: dict | None, work: str) -> list[dict
         row["dicts"] = run_child("dicts", n=n, out=os.path.join(d, "out"))
         rows.append(row)
         shutil.rmtree(d)
-    n = min(sizes)
+    n = n_real
+    if not n:
+        return rows
     d = os.path.join(work, "flat")
     for rel in rel_paths(n):
         p = os.path.join(d, "root", rel)
@@ -324,6 +326,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--items-per-shard", type=int, default=64)
     ap.add_argument("--skip-s3", action="store_true")
+    ap.add_argument("--real-items", type=int, default=10000, help="size of the flat-tree and moto cases (0: skip)")
     ap.add_argument("--tar-members", type=int, default=300)
     ap.add_argument("--member-bytes", type=int, default=110_000)
     ap.add_argument("--videos", type=int, default=6)
@@ -343,7 +346,7 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="toto-plan-scale-")
     server, s3 = (None, None) if a.skip_s3 else moto_server()
     try:
-        rows = growth(sizes, a.items_per_shard, s3, work)
+        rows = growth(sizes, a.items_per_shard, s3, work, a.real_items)
         print(f"\nListing + planning ({a.items_per_shard} items per input shard, half the shards committed before "
               f"planning; memory = peak RSS growth per item)")
         print(f"{'case':<10} {'items':>9} {'list s':>8} {'plan s':>8} {'total s':>8} {'us/item':>8} "
@@ -361,7 +364,7 @@ def main() -> None:
                   f"{r['list']['bytes_per_item']:10.0f} {r['plan']['bytes_per_item']:10.0f} {dtxt} {ratio}")
         gen = [r for r in rows if r["case"] == "generated"]
         # Per-item cost net of each phase's fixed overhead: the growth between consecutive sizes.
-        for lo, hi in zip(gen, gen[1:]):
+        for lo, hi in zip(gen, gen[1:], strict=False):
             dn = hi["n"] - lo["n"]
             marg = {k: (hi[k]["bytes_per_item"] * hi["n"] - lo[k]["bytes_per_item"] * lo["n"]) / dn
                     for k in ("list", "plan", "dicts")}
