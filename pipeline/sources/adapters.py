@@ -1,8 +1,10 @@
-"""Dataset adapters: a dataset root (local path or s3://) → work items + a ListReport.
+"""Dataset adapters: a dataset root (local path or s3://) → work items (an Arrow table of
+items.ARROW_SCHEMA) + a ListReport.
 
-Every adapter lists storage once (`fs.find`), matches files against the dataset's annotation
-files, and reports what did not match (counts plus a few examples) instead of raising. Layouts
-are documented in docs/datasets.md.
+Every adapter lists storage once (os.scandir locally, `fs.find` on object stores, or a `listing=`
+file of relative paths), matches files against the dataset's annotation files, and reports what
+did not match (counts plus a few examples) instead of raising. Header probes (RangeReader) and
+tar indexes (tar_index) read explicit byte ranges, in threads. Layouts: docs/datasets.md.
 """
 
 from __future__ import annotations
