@@ -116,8 +116,9 @@ def prepare(cfg: TokenizeConfig, tok: Any | None = None, precision: str | None =
         wl, created = ensure_worklist(cfg.dataset, cfg.input, wl_url, storage_options=so, **list_opts)
     except ValueError as e:
         raise JobError(f"listing {cfg.dataset} at {storage.redact(cfg.input)} failed: {e}") from None
-    items = wl.items[: cfg.limit] if cfg.limit else wl.items
-    if not items:
+    # The work list stays one Arrow table; input shards are row ranges of it (no dict per item).
+    items = wl.table.slice(0, cfg.limit) if cfg.limit else wl.table
+    if not items.num_rows:
         raise JobError(f"{cfg.dataset} at {storage.redact(cfg.input)} lists no usable inputs; check --input and --dataset")
     shards = input_shards(items, cfg.items_per_shard, worklist_sha256=wl.sha256)
     if len(shards) > 1_000_000:
@@ -129,7 +130,7 @@ def prepare(cfg: TokenizeConfig, tok: Any | None = None, precision: str | None =
         input=storage.redact(cfg.input),
         worklist_sha256=wl.sha256,
         worklist_file=f"{WORKLIST_DIR}/worklist.parquet",
-        num_items=len(items),
+        num_items=items.num_rows,
         num_input_shards=len(shards),
         settings=cfg.settings(),
         tokenizer=info,
@@ -141,8 +142,11 @@ def prepare(cfg: TokenizeConfig, tok: Any | None = None, precision: str | None =
         storage.write_json(plan_url, plan_doc, "job_plan", so)
 
     # Only this job writes OUT, and its previous driver is gone: leftovers of a killed run go now.
-    cleaned = clean_debris(cfg.output, so)
-    done = committed_shards(cfg.output, so)
+    # One listing serves both; the sidecars are read once here (concurrently) and finish() reuses them.
+    names = storage.listdir(cfg.output, so)
+    cleaned = clean_debris(cfg.output, so, names=names)
+    gone = {storage.basename(u) for u in cleaned}
+    done = committed_shards(cfg.output, so, names=[n for n in names if n not in gone])
     by_id = {s.id: s for s in shards}
     for side in done:
         sid = side["shard_id"]
@@ -152,7 +156,7 @@ def prepare(cfg: TokenizeConfig, tok: Any | None = None, precision: str | None =
             raise JobError(f"{cfg.output} holds shard {sid} made by tokenizer {side['tokenizer']['id']}; use a new --output")
     done_ids = {s["shard_id"] for s in done}
     return JobPlan(
-        cfg=cfg, tokenizer=info, codebook_size=codebook, worklist_sha256=wl.sha256, num_items=len(items),
+        cfg=cfg, tokenizer=info, codebook_size=codebook, worklist_sha256=wl.sha256, num_items=items.num_rows,
         shards=shards, done=done, pending=[s for s in shards if s.id not in done_ids], listed_now=created,
         cleaned=cleaned, plan_doc=plan_doc,
     )

@@ -406,7 +406,7 @@ def _execute(ray, cfg: TokenizeConfig, plan: JobPlan, sizes: dict, progress: Pro
     writers = [writer_cls.remote(cfg.output, {k: v for k, v in descriptors.items() if k % wr["actors"] == w}, grid, kw)
                for w in range(wr["actors"])]
 
-    rows = [{"shard_id": s.id, "items": json.dumps(list(s.items))} for s in plan.pending]
+    rows = [{"shard_id": s.id, "items": s.items_json()} for s in plan.pending]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     dec, tok = sizes["decode"], sizes["tokenize"]
     ds = ds.map_batches(
@@ -531,11 +531,12 @@ def finish(cfg: TokenizeConfig, plan: JobPlan, progress: Progress, elapsed: floa
     placement = dict(placement or {})
     driver = placement.pop("driver", {})
     so = cfg.storage_options
-    sides = committed_shards(cfg.output, so)
+    # One listing; only the sidecars committed by this run are fetched (plan.done was read at planning).
+    sides = committed_shards(cfg.output, so, known=plan.done)
     missing = sorted({s.id for s in plan.shards} - {s["shard_id"] for s in sides})
     if missing:
         raise RuntimeError(f"shards {missing[:5]} are not committed; rerun the same command to resume")
-    manifest = write_manifest(cfg.output, so)
+    manifest = write_manifest(cfg.output, so, sidecars=sides)
     counts = {k: sum(int(s["counts"].get(k, 0)) for s in sides) for k in ("rows", "frames", "tokens")}
     counts["inputs"] = sum(int(s["counts"].get("inputs", 0)) for s in sides)
     counts["inputs_failed"] = sum(len(s["errors"]) for s in sides)

@@ -286,16 +286,30 @@ def open_shard(url: str, storage_options: dict | None = None, verify: bool = Fal
     return ShardReader(data_url, sidecar, storage_options)
 
 
-def committed_shards(out_url: str, storage_options: dict | None = None) -> list[dict[str, Any]]:
-    """Sidecars of the committed shards under ``out_url``, sorted by shard id."""
-    names = set(storage.listdir(out_url, storage_options))
+def committed_shards(
+    out_url: str,
+    storage_options: dict | None = None,
+    *,
+    known: list[dict[str, Any]] | None = None,
+    names: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Sidecars of the committed shards under ``out_url``, sorted by shard id.
+
+    One listing (or ``names``, the listing the caller already has) and one concurrent GET per
+    sidecar that is not in ``known`` (sidecars the caller read before, e.g. at planning: they are
+    reused, not fetched again). Every sidecar's data file must be in the listing.
+    """
+    names = storage.listdir(out_url, storage_options) if names is None else names
+    present = set(names)
+    have = {f"shard-{s['shard_id']:06d}.json": s for s in (known or [])}
+    side_names = sorted(n for n in present if SIDECAR_RE.match(n))
+    todo = [n for n in side_names if n not in have]
+    fetched = storage.read_json_many([storage.join(out_url, n) for n in todo], "shard_sidecar", storage_options)
+    have.update(zip(todo, fetched, strict=True))
     out = []
-    for n in sorted(names):
-        m = SIDECAR_RE.match(n)
-        if not m:
-            continue
-        side = storage.read_json(storage.join(out_url, n), "shard_sidecar", storage_options)
-        if side["data_file"] not in names:
+    for n in side_names:
+        side = have[n]
+        if side["data_file"] not in present:
             raise ValueError(
                 f"{storage.join(out_url, n)} names {side['data_file']}, which is missing: the output was damaged; "
                 "delete this sidecar and rerun the job to rebuild the shard"
@@ -304,9 +318,11 @@ def committed_shards(out_url: str, storage_options: dict | None = None) -> list[
     return out
 
 
-def debris(out_url: str, storage_options: dict | None = None) -> list[str]:
-    """Files that belong to no committed shard: temporaries and data files without a sidecar."""
-    names = storage.listdir(out_url, storage_options)
+def debris(out_url: str, storage_options: dict | None = None, *, names: list[str] | None = None) -> list[str]:
+    """Files that belong to no committed shard: temporaries and data files without a sidecar.
+
+    ``names``: the listing of ``out_url`` when the caller has it (saves a LIST)."""
+    names = storage.listdir(out_url, storage_options) if names is None else names
     sidecars = {n for n in names if SIDECAR_RE.match(n)}
     out = []
     for n in names:
@@ -316,17 +332,22 @@ def debris(out_url: str, storage_options: dict | None = None) -> list[str]:
     return out
 
 
-def clean_debris(out_url: str, storage_options: dict | None = None) -> list[str]:
+def clean_debris(out_url: str, storage_options: dict | None = None, *, names: list[str] | None = None) -> list[str]:
     """Remove :func:`debris`. Call only when no writer is running on ``out_url``."""
-    gone = debris(out_url, storage_options)
+    gone = debris(out_url, storage_options, names=names)
     for url in gone:
         storage.remove(url, storage_options)
     return gone
 
 
-def build_manifest(out_url: str, storage_options: dict | None = None) -> dict[str, Any]:
-    """The dataset manifest, rebuilt from the sidecars (never from anything else)."""
-    sides = committed_shards(out_url, storage_options)
+def build_manifest(
+    out_url: str, storage_options: dict | None = None, *, sidecars: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The dataset manifest, rebuilt from the sidecars (never from anything else).
+
+    ``sidecars``: the committed sidecars when the caller has just read them (committed_shards);
+    otherwise they are read here."""
+    sides = committed_shards(out_url, storage_options) if sidecars is None else sorted(sidecars, key=lambda s: s["shard_id"])
     if not sides:
         raise ValueError(f"{out_url} has no committed shards; nothing to describe")
     first = sides[0]
@@ -380,8 +401,11 @@ def build_manifest(out_url: str, storage_options: dict | None = None) -> dict[st
     return schemas.with_content_hash(doc)
 
 
-def write_manifest(out_url: str, storage_options: dict | None = None) -> dict[str, Any]:
-    doc = build_manifest(out_url, storage_options)
+def write_manifest(
+    out_url: str, storage_options: dict | None = None, *, sidecars: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Build the manifest (from ``sidecars`` when given, see build_manifest) and write it."""
+    doc = build_manifest(out_url, storage_options, sidecars=sidecars)
     storage.write_json(storage.join(out_url, MANIFEST), doc, "dataset_manifest", storage_options)
     return doc
 

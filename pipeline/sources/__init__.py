@@ -4,14 +4,19 @@ Public API (plain Python, no Ray):
 
     from pipeline.sources import list_items, ensure_worklist, freeze_worklist, load_worklist, input_shards
 
-    items, report = list_items("kinetics600", "s3://bucket/k600", storage_options=None,
+    table, report = list_table("kinetics600", "s3://bucket/k600", storage_options=None,
                                splits=["train"], max_item_seconds=60, chunk_seconds=64/30)
     print(report.summary())          # counts of missing/unmatched files + a few examples each
-    wl = freeze_worklist(items, "out/worklist", dataset="kinetics600", root="s3://bucket/k600", report=report)
+    wl = freeze_worklist(table, "out/worklist", dataset="kinetics600", root="s3://bucket/k600", report=report)
     wl, created = ensure_worklist("kinetics600", "s3://bucket/k600", "out/worklist")  # lists only once
-    wl = load_worklist("out/worklist")              # verifies the Parquet sha256
+    wl = load_worklist("out/worklist")              # verifies the Parquet sha256; wl.table is Arrow
     for shard in input_shards(wl, items_per_shard=256):
-        shard.id, shard.name ("shard-000000"), shard.items (tuple of item dicts), shard.descriptor()
+        shard.id, shard.name ("shard-000000"), shard.start, shard.stop (rows of wl.table),
+        shard.table (zero-copy Arrow slice), shard.items_json() (what the decode stage reads),
+        shard.items (tuple of item dicts), shard.descriptor()
+
+Work items live in Arrow tables of ARROW_SCHEMA from listing to input shard (ItemColumns in the
+adapters, never a dict per item); `list_items` and `WorkList.items` give dicts for small lists.
 
 Datasets (ADAPTERS): kinetics400, kinetics600, kinetics700, ego4d, howto100m, imagenet, folder.
 Layouts: docs/datasets.md. Work-item fields: pipeline.sources.items (module docstring).
@@ -19,11 +24,20 @@ Layouts: docs/datasets.md. Work-item fields: pipeline.sources.items (module docs
 the chunks of a long video's items number consecutively.
 """
 
-from pipeline.sources.adapters import ADAPTERS, list_items, list_tar_members, probe_duration
+from pipeline.sources.adapters import (
+    ADAPTERS,
+    list_items,
+    list_table,
+    list_tar_members,
+    probe_duration,
+    probe_video_header,
+)
 from pipeline.sources.items import (
+    ARROW_SCHEMA,
     DEFAULT_CHUNK_SECONDS,
     DEFAULT_MAX_ITEM_SECONDS,
     ITEM_FIELDS,
+    ItemColumns,
     ListReport,
     make_item,
     make_key,
@@ -43,19 +57,23 @@ __all__ = [
     "ADAPTERS",
     "DEFAULT_CHUNK_SECONDS",
     "DEFAULT_MAX_ITEM_SECONDS",
+    "ARROW_SCHEMA",
     "ITEM_FIELDS",
     "InputShard",
+    "ItemColumns",
     "ListReport",
     "WorkList",
     "ensure_worklist",
     "freeze_worklist",
     "input_shards",
     "list_items",
+    "list_table",
     "list_tar_members",
     "load_worklist",
     "make_item",
     "make_key",
     "probe_duration",
+    "probe_video_header",
     "safe_video_id",
     "segment_video",
 ]

@@ -1,35 +1,44 @@
-"""Dataset adapters: a dataset root (local path or s3://) → work items + a ListReport.
+"""Dataset adapters: a dataset root (local path or s3://) → work items (an Arrow table of
+items.ARROW_SCHEMA) + a ListReport.
 
-Every adapter lists storage once (`fs.find`), matches files against the dataset's annotation
-files, and reports what did not match (counts plus a few examples) instead of raising. Layouts
-are documented in docs/datasets.md.
+Every adapter lists storage once (os.scandir locally, `fs.find` on object stores, or a `listing=`
+file of relative paths), matches files against the dataset's annotation files, and reports what
+did not match (counts plus a few examples) instead of raising. Header probes (RangeReader) and
+tar indexes (tar_index) read explicit byte ranges, in threads. Layouts: docs/datasets.md.
 """
 
 from __future__ import annotations
 
+import collections
 import csv
 import io
+import itertools
 import json
 import os
 import re
 import stat
-import tarfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pipeline.sources._fs import full_url, is_local, join, url_to_fs
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.sources._fs import is_local, join, url_to_fs
 from pipeline.sources.items import (
     DEFAULT_CHUNK_SECONDS,
     DEFAULT_MAX_ITEM_SECONDS,
     IMAGE_EXTS,
     VIDEO_EXTS,
+    WORKLIST_POOL,
+    ItemColumns,
     ListReport,
     make_item,
     media_kind,
     safe_video_id,
     segment_video,
 )
+from pipeline.sources.tar_index import TarIndex, index_tar
 
 _WNID = re.compile(r"^n\d{8}$")
 _SPLIT_ALIASES = {
@@ -48,17 +57,100 @@ def _norm_root(root: str) -> str:
     return root
 
 
-def _list_files(root: str, storage_options: dict | None) -> tuple[Any, str, list[tuple[str, str]]]:
-    """All files under root as (url, path relative to root, '/'-separated), sorted."""
+def _url(root: str, rel: str) -> str:
+    """The URL of `rel` (a '/'-separated path under the normalised root)."""
+    return f"{root}/{rel}"
+
+
+_BATCH = 65536
+
+
+def _walk_local(top: str, prefix: str, out: list[str]) -> Iterator[list[str]]:
+    # os.scandir instead of fsspec's find, which builds an info dict per file (~1 KB each) before
+    # returning names. Symlinks are followed like fsspec's local listing does. Yields (and clears)
+    # `out` whenever it holds _BATCH paths.
+    with os.scandir(top) as it:
+        for e in it:
+            if e.is_dir():
+                yield from _walk_local(e.path, f"{prefix}{e.name}/", out)
+            elif e.is_file():
+                out.append(prefix + e.name)
+                if len(out) >= _BATCH:
+                    yield out[:]
+                    out.clear()
+
+
+def _listing_batches(root: str, storage_options: dict | None, listing: str | None) -> Iterator[list[str]]:
+    """The files under root as '/'-separated paths relative to it, unsorted, in batches."""
     fs, root_path = url_to_fs(root, storage_options)
+    if listing is not None:
+        yield from _read_listing(listing, storage_options)
+        return
     if not fs.isdir(root_path):
         raise ValueError(f"dataset root {root!r} is not a directory (or is empty); pass the folder that holds the dataset")
-    paths = sorted(fs.find(root_path))
-    out = []
-    for p in paths:
-        url = full_url(fs, root, root_path, p)
-        out.append((url, url[len(root) + 1 :]))
-    return fs, root_path, out
+    if is_local(root):
+        out: list[str] = []
+        yield from _walk_local(root_path, "", out)
+        yield out
+        return
+    base = len(root_path.rstrip("/")) + 1
+    paths = fs.find(root_path)
+    fs.invalidate_cache(root_path)  # s3fs keeps every listed object's info otherwise
+    for i in range(0, len(paths), _BATCH):
+        yield [p[base:] for p in paths[i : i + _BATCH]]
+
+
+def _list_files(root: str, storage_options: dict | None, listing: str | None = None) -> tuple[Any, str, list[str]]:
+    """(fs, root path, all files under root as '/'-separated paths relative to it, sorted).
+
+    A file's URL is `_url(root, rel)`: only the relative paths are kept. `listing`: a text file
+    (local or remote, optionally .gz/.zst/.bz2) with one path relative to root per line, used
+    instead of listing storage, e.g. made from an S3 Inventory report: a LIST of 1e7 objects takes
+    hours, the file seconds.
+    """
+    fs, root_path = url_to_fs(root, storage_options)
+    rels = [r for batch in _listing_batches(root, storage_options, listing) for r in batch]
+    rels.sort()
+    return fs, root_path, rels
+
+
+def _list_files_arrow(root: str, storage_options: dict | None, listing: str | None = None) -> pa.Array:
+    """:func:`_list_files` as one sorted Arrow string array: ~30 bytes per file instead of a
+    Python string (~80) each; Python holds one batch of names at a time."""
+    pool = WORKLIST_POOL
+    chunks = [pa.array(b, type=pa.string(), memory_pool=pool)
+              for b in _listing_batches(root, storage_options, listing) if b]
+    if not chunks:
+        return pa.array([], type=pa.string())
+    arr = pa.chunked_array(chunks).combine_chunks(memory_pool=pool)
+    del chunks
+    # UTF-8 byte order is code-point order: the same order as Python's sorted().
+    return pc.take(arr, pc.array_sort_indices(arr, memory_pool=pool), memory_pool=pool)
+
+
+def _iter_strings(arr: pa.Array) -> Iterator[str]:
+    """The values of a string array as Python strings, _BATCH at a time."""
+    for i in range(0, len(arr), _BATCH):
+        yield from arr.slice(i, _BATCH).to_pylist()
+
+
+def _read_listing(listing: str, storage_options: dict | None) -> Iterator[list[str]]:
+    import fsspec
+
+    batch: list[str] = []
+    with fsspec.open(listing, "rt", compression="infer", encoding="utf-8", **(storage_options or {})) as f:
+        for n, line in enumerate(f, start=1):
+            rel = line.strip()
+            if not rel:
+                continue
+            if rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in rel.split("/")):
+                raise ValueError(f"{listing}:{n}: {rel!r} is not a plain path relative to the dataset root "
+                                 "(no leading '/', '.', '..' or empty parts); write paths as in 'train/a/b.mp4'")
+            batch.append(rel)
+            if len(batch) >= _BATCH:
+                yield batch
+                batch = []
+    yield batch
 
 
 def _read_text(url: str, storage_options: dict | None) -> str:
@@ -67,48 +159,115 @@ def _read_text(url: str, storage_options: dict | None) -> str:
         return f.read().decode("utf-8-sig")
 
 
-def probe_duration(uri: str, storage_options: dict | None = None) -> float | None:
-    """Duration in seconds of a video's first video stream from its container header; None if unknown/unreadable.
+class RangeReader(io.RawIOBase):
+    """A read-only, seekable file over an fsspec path where every read is one explicit byte range.
 
-    Reads only the header (and index) through fsspec, so it is cheap on object stores too.
-    Unreadable files return None and are decoded (and reported) later by the decoder.
+    fsspec's buffered files read ahead (s3fs: 5 MB blocks by default), which turns a header probe
+    into a download; here `read(n)` at position p fetches exactly bytes [p, p + n) with
+    `fs.cat_file(path, start, end)` (one ranged GET on object stores), and `bytes_fetched` counts
+    what came back.
+    """
+
+    def __init__(self, fs: Any, path: str, size: int | None = None) -> None:
+        super().__init__()
+        self.fs, self.path = fs, path
+        self.size = int(fs.size(path)) if size is None else int(size)
+        self.pos = 0
+        self.bytes_fetched = 0
+        self.requests = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"seek to {base + offset} before the start of {self.path}")
+        self.pos = base + offset
+        return self.pos
+
+    def read_range(self, start: int, length: int) -> bytes:
+        """Bytes [start, start + length) clipped to the file (one request)."""
+        end = min(self.size, start + length)
+        if end <= start:
+            return b""
+        data = self.fs.cat_file(self.path, start=start, end=end)
+        self.bytes_fetched += len(data)
+        self.requests += 1
+        return data
+
+    def readinto(self, b: Any) -> int:
+        data = self.read_range(self.pos, len(b))
+        n = len(data)
+        memoryview(b).cast("B")[:n] = data
+        self.pos += n
+        return n
+
+
+# PyAV's I/O buffer: each refill is one ranged read of this many bytes.
+PROBE_BUFFER_BYTES = 32 << 10
+
+
+def probe_video_header(uri: str, storage_options: dict | None = None) -> tuple[float | None, int]:
+    """(duration in seconds of the first video stream or None, bytes read from storage).
+
+    Remote files are read through RangeReader (explicit byte ranges of PROBE_BUFFER_BYTES, no
+    read-ahead), so a probe costs the container's header and index, not the file. Unreadable
+    files give None and are decoded (and reported) later by the decoder.
     """
     import av
 
+    reader: RangeReader | None = None
     try:
         if is_local(uri):
             # Only regular files: opening a FIFO or device would block the listing forever.
             if not stat.S_ISREG(os.stat(uri[len("file://") :] if uri.startswith("file://") else uri).st_mode):
-                return None
+                return None, 0
             ctx = av.open(uri, metadata_errors="ignore")
-            fobj = None
         else:
             fs, path = url_to_fs(uri, storage_options)
-            fobj = fs.open(path, "rb")
-            ctx = av.open(fobj, metadata_errors="ignore")
+            reader = RangeReader(fs, path)
+            ctx = av.open(reader, metadata_errors="ignore", buffer_size=PROBE_BUFFER_BYTES)
         try:
             if not ctx.streams.video:
-                return None
+                return None, _fetched(reader)
             s = ctx.streams.video[0]
             if s.duration is not None and s.time_base is not None:
-                return float(s.duration * s.time_base)
+                return float(s.duration * s.time_base), _fetched(reader)
             if ctx.duration is not None:
-                return ctx.duration / 1_000_000
-            return None
+                return ctx.duration / 1_000_000, _fetched(reader)
+            return None, _fetched(reader)
         finally:
             ctx.close()
-            if fobj is not None:
-                fobj.close()
     except Exception:
-        return None
+        return None, _fetched(reader)
 
 
-def _probe_all(uris: list[str], storage_options: dict | None, threads: int = 8) -> dict[str, float | None]:
+def _fetched(reader: RangeReader | None) -> int:
+    return reader.bytes_fetched if reader is not None else 0
+
+
+def probe_duration(uri: str, storage_options: dict | None = None) -> float | None:
+    """Duration in seconds of a video's first video stream from its container header; None if unknown/unreadable."""
+    return probe_video_header(uri, storage_options)[0]
+
+
+def _probe_list(uris: list[str], storage_options: dict | None, threads: int = 16) -> list[float | None]:
+    """Durations of `uris` (in their order), probed in `threads` threads (the probes wait on I/O)."""
     if not uris:
-        return {}
-    with ThreadPoolExecutor(max_workers=threads) as ex:
-        durs = list(ex.map(lambda u: probe_duration(u, storage_options), uris))
-    return dict(zip(uris, durs, strict=True))
+        return []
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(uris)))) as ex:
+        return list(ex.map(lambda u: probe_duration(u, storage_options), uris))
+
+
+def _probe_all(uris: list[str], storage_options: dict | None, threads: int = 16) -> dict[str, float | None]:
+    return dict(zip(uris, _probe_list(uris, storage_options, threads), strict=True))
 
 
 def _split_name(split: str) -> str:
@@ -127,29 +286,32 @@ def _kinetics(
     dataset: str,
     storage_options: dict | None = None,
     splits: Iterable[str] | None = None,
+    listing: str | None = None,
     **_: Any,
-) -> tuple[list[dict], ListReport]:
+) -> tuple[pa.Table, ListReport]:
     report = ListReport(dataset=dataset, root=root)
-    _, _, files = _list_files(root, storage_options)
-    csvs = [(u, r) for u, r in files if r.lower().endswith(".csv")]
-    videos = [(u, r) for u, r in files if r.lower().endswith(VIDEO_EXTS)]
+    _, _, files = _list_files(root, storage_options, listing)
+    csvs = [r for r in files if r.lower().endswith(".csv")]
+    videos = [r for r in files if r.lower().endswith(VIDEO_EXTS)]
+    del files
     report.num_files = len(videos)
-    # basename stem → [(url, rel)]; clips may sit in {split}/ or {split}/{label}/ folders.
-    by_stem: dict[str, list[tuple[str, str]]] = {}
-    for u, r in videos:
+    # basename stem → [rel]; clips may sit in {split}/ or {split}/{label}/ folders.
+    by_stem: dict[str, list[str]] = {}
+    for r in videos:
         stem = os.path.splitext(r.rsplit("/", 1)[-1])[0]
-        by_stem.setdefault(stem, []).append((u, r))
+        by_stem.setdefault(stem, []).append(r)
     want_splits = None if splits is None else {_split_name(s) for s in splits}
-    items: list[dict] = []
+    items = ItemColumns()
     used: set[str] = set()
     seen_ids: set[str] = set()
     found_csv = False
-    for cu, cr in csvs:
-        rows = list(csv.DictReader(io.StringIO(_read_text(cu, storage_options))))
-        if not rows or not {"youtube_id", "time_start", "time_end"} <= set(rows[0].keys()):
+    for cr in csvs:
+        reader = csv.DictReader(io.StringIO(_read_text(_url(root, cr), storage_options)))
+        first = next(reader, None)
+        if first is None or not {"youtube_id", "time_start", "time_end"} <= set(first.keys()):
             continue
         found_csv = True
-        for line_no, row in enumerate(rows, start=2):
+        for line_no, row in enumerate(itertools.chain([first], reader), start=2):
             try:
                 yid = row["youtube_id"].strip()
                 t0, t1 = int(float(row["time_start"])), int(float(row["time_end"]))
@@ -174,36 +336,33 @@ def _kinetics(
                 continue
             seen_ids.add(video_id)
             aliases = _SPLIT_ALIASES.get(split, (split,))
-            in_split = [c for c in cands if c[1].split("/", 1)[0].lower() in aliases]
-            url, rel = (in_split or cands)[0]
+            in_split = [c for c in cands if c.split("/", 1)[0].lower() in aliases]
+            rel = (in_split or cands)[0]
             used.add(rel)
-            items.append(
-                make_item(
-                    uri=url,
-                    dataset=dataset,
-                    split=split,
-                    label=label,
-                    video_id=video_id,
-                    kind="video",
-                    t_start=0.0 if trimmed else float(t0),
-                    t_end=None if trimmed else float(t1),
-                )
+            items.add(
+                uri=_url(root, rel),
+                dataset=dataset,
+                split=split,
+                label=label,
+                video_id=video_id,
+                kind="video",
+                t_start=0.0 if trimmed else float(t0),
+                t_end=None if trimmed else float(t1),
             )
     if not found_csv:
         raise ValueError(
             f"no Kinetics annotation CSV (columns label,youtube_id,time_start,time_end,split) found under "
             f"{root!r}; put train.csv/validate.csv/test.csv in {root}/annotations/ (see docs/datasets.md)"
         )
-    untrimmed_used = {i["uri"] for i in items if i["t_end"] is not None}
-    for u, r in videos:
-        if r not in used and u not in untrimmed_used:
+    for r in videos:
+        if r not in used:  # every item's file (trimmed or untrimmed) is in `used`
             report.add("unmatched_file", r)
     report.num_items = len(items)
-    return items, report
+    return items.table(), report
 
 
-def _kinetics_adapter(name: str) -> Callable[..., tuple[list[dict], ListReport]]:
-    def adapter(root: str, **kw: Any) -> tuple[list[dict], ListReport]:
+def _kinetics_adapter(name: str) -> Callable[..., tuple[pa.Table, ListReport]]:
+    def adapter(root: str, **kw: Any) -> tuple[pa.Table, ListReport]:
         kw.setdefault("dataset", name)
         return _kinetics(root, **kw)
 
@@ -223,17 +382,20 @@ def list_ego4d(
     storage_options: dict | None = None,
     max_item_seconds: float = DEFAULT_MAX_ITEM_SECONDS,
     chunk_seconds: float = DEFAULT_CHUNK_SECONDS,
+    probe_threads: int = 16,
     dataset: str = "ego4d",
+    listing: str | None = None,
     **_: Any,
-) -> tuple[list[dict], ListReport]:
+) -> tuple[pa.Table, ListReport]:
     """ego4d.json (`videos[].video_uid`, `duration_sec`) + v2/full_scale/{uid}.mp4 (or v1/)."""
     report = ListReport(dataset=dataset, root=root)
-    _, _, files = _list_files(root, storage_options)
+    _, _, files = _list_files(root, storage_options, listing)
     meta_url = join(root, "ego4d.json")
-    if not any(r == "ego4d.json" for _, r in files):
+    if "ego4d.json" not in files:
         raise ValueError(f"{meta_url} not found; Ego4D needs its metadata file ego4d.json at the dataset root")
     meta = json.loads(_read_text(meta_url, storage_options))
-    videos = {r: u for u, r in files if r.lower().endswith(".mp4") and "/full_scale/" in f"/{r}"}
+    videos = {r for r in files if r.lower().endswith(".mp4") and "/full_scale/" in f"/{r}"}
+    del files
     report.num_files = len(videos)
     items, used, need_probe = [], set(), []
     for v in meta.get("videos", []):
@@ -248,22 +410,22 @@ def list_ego4d(
         used.add(rel)
         dur = v.get("duration_sec")
         item = make_item(
-            uri=videos[rel], dataset=dataset, split=str(v.get("split", "train") or "train"), label=None,
+            uri=_url(root, rel), dataset=dataset, split=str(v.get("split", "train") or "train"), label=None,
             video_id=safe_video_id(uid), kind="video",
         )
         items.append((item, float(dur) if dur is not None else None))
         if dur is None:
             need_probe.append(item["uri"])
-    probed = _probe_all(need_probe, storage_options)
-    out = []
+    probed = _probe_all(need_probe, storage_options, probe_threads)
+    out = ItemColumns()
     for item, dur in items:
         dur = dur if dur is not None else probed.get(item["uri"])
         out.extend(segment_video(item, dur, max_item_seconds=max_item_seconds, chunk_seconds=chunk_seconds))
-    for r in videos:
+    for r in sorted(videos):
         if r not in used:
             report.add("unmatched_file", r)
     report.num_items = len(out)
-    return out, report
+    return out.table(), report
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,26 +439,31 @@ def list_howto100m(
     storage_options: dict | None = None,
     max_item_seconds: float = DEFAULT_MAX_ITEM_SECONDS,
     chunk_seconds: float = DEFAULT_CHUNK_SECONDS,
-    probe_threads: int = 8,
+    probe_threads: int = 16,
     dataset: str = "howto100m",
+    listing: str | None = None,
     **_: Any,
-) -> tuple[list[dict], ListReport]:
+) -> tuple[pa.Table, ListReport]:
     """HowTo100M_v1.csv (`video_id,category_1,...`) + {video_id}.{mp4,webm,mkv} anywhere under root.
 
-    Durations are not in the CSV, so each video's header is probed once (threads) to cut it into
-    bounded items; an unreadable header leaves one item that the decoder reports.
+    Durations are not in the CSV, so each video's header is probed once (by byte ranges, in
+    `probe_threads` threads) to cut it into bounded items; an unreadable header leaves one item
+    that the decoder reports.
     """
     report = ListReport(dataset=dataset, root=root)
-    _, _, files = _list_files(root, storage_options)
-    csv_rel = next((r for _, r in files if r.rsplit("/", 1)[-1] == "HowTo100M_v1.csv"), None)
+    _, _, files = _list_files(root, storage_options, listing)
+    csv_rel = next((r for r in files if r.rsplit("/", 1)[-1] == "HowTo100M_v1.csv"), None)
     if csv_rel is None:
         raise ValueError(f"HowTo100M_v1.csv not found under {root!r}; put the official CSV at the dataset root")
-    vids = [(u, r) for u, r in files if r.lower().endswith((".mp4", ".webm", ".mkv"))]
+    vids = [r for r in files if r.lower().endswith((".mp4", ".webm", ".mkv"))]
+    del files
     report.num_files = len(vids)
-    by_stem: dict[str, list[tuple[str, str]]] = {}
-    for u, r in vids:
-        by_stem.setdefault(os.path.splitext(r.rsplit("/", 1)[-1])[0], []).append((u, r))
-    pending, used, seen = [], set(), set()
+    by_stem: dict[str, list[str]] = {}
+    for r in vids:
+        by_stem.setdefault(os.path.splitext(r.rsplit("/", 1)[-1])[0], []).append(r)
+    # (uri, label, video id) per video: a tuple, not an item dict, until its duration is known.
+    pending: list[tuple[str, str | None, str]] = []
+    used, seen = set(), set()
     rows = csv.DictReader(io.StringIO(_read_text(join(root, csv_rel), storage_options)))
     for line_no, row in enumerate(rows, start=2):
         vid = (row.get("video_id") or "").strip()
@@ -307,27 +474,25 @@ def list_howto100m(
             report.add("duplicate_row", f"{csv_rel}:{line_no}: {vid}")
             continue
         seen.add(vid)
-        cands = sorted(by_stem.get(vid, []), key=lambda c: (VIDEO_EXTS.index(os.path.splitext(c[1])[1].lower()), c[1]))
+        cands = sorted(by_stem.get(vid, []), key=lambda c: (VIDEO_EXTS.index(os.path.splitext(c)[1].lower()), c))
         if not cands:
             report.add("missing_file", f"{vid}.mp4 (or .webm/.mkv)")
             continue
-        url, rel = cands[0]
+        rel = cands[0]
         used.add(rel)
         label = (row.get("category_1") or "").strip() or None
-        pending.append(make_item(uri=url, dataset=dataset, split="train", label=label,
-                                 video_id=safe_video_id(vid), kind="video"))
-    durs = {}
-    if pending:
-        with ThreadPoolExecutor(max_workers=probe_threads) as ex:
-            durs = dict(zip([p["uri"] for p in pending], ex.map(lambda p: probe_duration(p["uri"], storage_options), pending), strict=True))
-    out = []
-    for item in pending:
-        out.extend(segment_video(item, durs.get(item["uri"]), max_item_seconds=max_item_seconds, chunk_seconds=chunk_seconds))
-    for _, r in vids:
+        pending.append((_url(root, rel), label, safe_video_id(vid)))
+    del seen, by_stem
+    durs = _probe_list([p[0] for p in pending], storage_options, probe_threads)
+    out = ItemColumns()
+    for (uri, label, video_id), dur in zip(pending, durs, strict=True):
+        item = make_item(uri=uri, dataset=dataset, split="train", label=label, video_id=video_id, kind="video")
+        out.extend(segment_video(item, dur, max_item_seconds=max_item_seconds, chunk_seconds=chunk_seconds))
+    for r in vids:
         if r not in used:
             report.add("unmatched_file", r)
     report.num_items = len(out)
-    return out, report
+    return out.table(), report
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,29 +500,35 @@ def list_howto100m(
 # --------------------------------------------------------------------------------------------
 
 
-def _safe_member_name(name: str) -> bool:
-    """Tar member names we accept: relative, no '..', no backslashes or NULs."""
-    if not name or name.startswith("/") or "\\" in name or "\x00" in name:
-        return False
-    return all(part not in ("", "..") for part in name.split("/") if part != ".")
-
-
-def list_tar_members(uri: str, storage_options: dict | None = None) -> tuple[list[tuple[str, int, int]], list[str]]:
+def list_tar_members(uri: str, storage_options: dict | None = None) -> TarIndex:
     """Regular-file members of a tar as (name, data offset, size), read header by header.
 
-    The archive is opened as a seekable stream through fsspec and only its 512-byte headers are
-    read (member data is skipped), so a 21k class tar is never extracted. Links, devices,
-    directories and unsafe names are returned in the second list (rejected) and never read.
+    Only the 512-byte headers (and long-name / pax records) are fetched, each by an explicit byte
+    range, and member data is skipped, so a 21k class tar is never downloaded or extracted
+    (pipeline.sources.tar_index). Links, devices, directories, sparse files and unsafe names are
+    returned in `rejected` and never read. Returns a TarIndex (members, rejected, bytes_fetched,
+    archive_bytes).
     """
     fs, path = url_to_fs(uri, storage_options)
-    members, rejected = [], []
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
-        for m in tf:
-            if not m.isreg() or not _safe_member_name(m.name):
-                rejected.append(m.name)
-                continue
-            members.append((m.name, m.offset_data, m.size))
-    return members, rejected
+    return index_tar(fs, path)
+
+
+def _ordered_map(fn: Callable[[Any], Any], args: list[Any], threads: int, ahead: int = 64) -> Iterator[Any]:
+    """`map(fn, args)` run in `threads` threads, yielding in order with at most `ahead` results
+    waiting, so the memory held does not grow with the number of arguments."""
+    if not args:
+        return
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(args)))) as ex:
+        futs: collections.deque = collections.deque()
+        it = iter(args)
+        for a in itertools.islice(it, ahead):
+            futs.append(ex.submit(fn, a))
+        while futs:
+            res = futs.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                futs.append(ex.submit(fn, nxt))
+            yield res
 
 
 def list_imagenet(
@@ -367,17 +538,20 @@ def list_imagenet(
     dataset: str = "imagenet",
     splits: Iterable[str] | None = None,
     val_solution: str | None = None,
+    tar_threads: int = 32,
+    listing: str | None = None,
     **_: Any,
-) -> tuple[list[dict], ListReport]:
+) -> tuple[pa.Table, ListReport]:
     """ILSVRC-2012 (train/{wnid}/*.JPEG; val/ flat + LOC_val_solution.csv, or val/{wnid}/) or the
     21k layout ({wnid}/*.JPEG folders or {wnid}.tar archives). Label = wnid.
 
     val_solution: path/URL of LOC_val_solution.csv when it is not under root (Kaggle's layout
-    keeps it above ILSVRC/Data/CLS-LOC/)."""
+    keeps it above ILSVRC/Data/CLS-LOC/). The 21k tars are indexed `tar_threads` at a time, each
+    by its headers only (list_tar_members)."""
     report = ListReport(dataset=dataset, root=root)
-    _, _, files = _list_files(root, storage_options)
+    _, _, files = _list_files(root, storage_options, listing)
     want = None if splits is None else {_split_name(s) for s in splits}
-    items: list[dict] = []
+    items = ItemColumns()
     ids: set[str] = set()
 
     def add(url: str, split: str, wnid: str, stem: str, offset=None, size=None) -> None:
@@ -386,13 +560,13 @@ def list_imagenet(
             report.add("duplicate_image", f"{split}/{wnid}/{stem}")
             return
         ids.add(vid)
-        items.append(make_item(uri=url, dataset=dataset, split=split, label=wnid, video_id=vid, kind="image",
-                               byte_offset=offset, byte_size=size))
+        items.add(uri=url, dataset=dataset, split=split, label=wnid, video_id=vid, kind="image",
+                  byte_offset=offset, byte_size=size)
 
-    top = {r.split("/", 1)[0] for _, r in files if "/" in r}
+    top = {r.split("/", 1)[0] for r in files if "/" in r}
     is_2012 = bool({"train", "val"} & top)
     solution: dict[str, str] = {}
-    sol_rel = next((r for _, r in files if r.rsplit("/", 1)[-1] == "LOC_val_solution.csv"), None)
+    sol_rel = next((r for r in files if r.rsplit("/", 1)[-1] == "LOC_val_solution.csv"), None)
     sol_url = join(root, sol_rel) if sol_rel is not None else None
     if val_solution is not None:
         sol_url = val_solution
@@ -403,7 +577,14 @@ def list_imagenet(
             if row.get("ImageId") and pred:
                 solution[row["ImageId"].strip()] = pred[0]
     val_seen: set[str] = set()
-    for url, rel in files:
+
+    def is_class_tar(rel: str) -> bool:
+        return "/" not in rel and rel.lower().endswith(".tar") and bool(_WNID.match(os.path.splitext(rel)[0]))
+
+    tar_rels = [] if is_2012 or (want is not None and "train" not in want) else [r for r in files if is_class_tar(r)]
+    tar_indexes = _ordered_map(lambda r: _index_or_error(_url(root, r), storage_options), tar_rels, tar_threads)
+    for rel in files:
+        url = _url(root, rel)
         parts = rel.split("/")
         name = parts[-1]
         stem, ext = os.path.splitext(name)
@@ -436,8 +617,12 @@ def list_imagenet(
         else:
             if want is not None and "train" not in want:
                 continue
-            if len(parts) == 1 and low.endswith(".tar") and _WNID.match(stem):
-                members, rejected = list_tar_members(url, storage_options)
+            if is_class_tar(rel):
+                index = next(tar_indexes)
+                if isinstance(index, str):
+                    report.add("unreadable_tar", f"{rel}: {index}")
+                    continue
+                members, rejected = index.members, index.rejected
                 for mname in rejected:
                     report.add("rejected_tar_member", f"{rel}:{mname}")
                 for mname, off, size in members:
@@ -453,14 +638,23 @@ def list_imagenet(
                 add(url, "train", parts[0], stem)
             else:
                 report.add("unmatched_file", rel)
-    flat_val = any(r.startswith("val/") and r.count("/") == 1 for _, r in files)
+    flat_val = any(r.startswith("val/") and r.count("/") == 1 for r in files)
     if sol_rel is not None and flat_val and (want is None or "val" in want):
         for image_id in sorted(set(solution) - val_seen):
             report.add("missing_file", f"val/{image_id}.JPEG (listed in {sol_rel})")
     if not items and not report.problems:
         raise ValueError(f"no ImageNet images under {root!r}; expected train/{{wnid}}/*.JPEG, val/, {{wnid}}/ or {{wnid}}.tar")
     report.num_items = len(items)
-    return items, report
+    return items.table(), report
+
+
+def _index_or_error(uri: str, storage_options: dict | None) -> TarIndex | str:
+    """The archive's TarIndex, or why it cannot be read (reported, not raised: one bad tar
+    must not stop the listing of 21k others)."""
+    try:
+        return list_tar_members(uri, storage_options)
+    except (OSError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -478,8 +672,9 @@ def list_folder(
     probe: bool = True,
     max_item_seconds: float = DEFAULT_MAX_ITEM_SECONDS,
     chunk_seconds: float = DEFAULT_CHUNK_SECONDS,
+    listing: str | None = None,
     **_: Any,
-) -> tuple[list[dict], ListReport]:
+) -> tuple[pa.Table, ListReport]:
     """Any directory of images and videos (optionally filtered by a glob `pattern` relative to
     root, e.g. "clips/*.mp4"), optionally with an index file (CSV with a `path` column, or JSONL
     with "path") giving `label` and `split` per file; paths in it are relative to root.
@@ -490,11 +685,14 @@ def list_folder(
     import fnmatch
 
     report = ListReport(dataset=dataset, root=root)
-    _, _, files = _list_files(root, storage_options)
-    media = {r: u for u, r in files if media_kind(r) and (pattern is None or fnmatch.fnmatch(r, pattern))}
+    files = _list_files_arrow(root, storage_options, listing)
+    keep = [bool(media_kind(r)) and (pattern is None or fnmatch.fnmatch(r, pattern)) for r in _iter_strings(files)]
+    media = pc.filter(files, pa.array(keep, type=pa.bool_()), memory_pool=WORKLIST_POOL)
+    del files, keep
     report.num_files = len(media)
-    entries: list[tuple[str, str | None, str]] = []
+    cols = ItemColumns()
     if index is not None:
+        media_set = set(media.to_pylist())
         index_url = index if ("://" in index or os.path.isabs(index)) else join(root, index)
         text = _read_text(index_url, storage_options)
         if index.lower().endswith(".jsonl"):
@@ -507,39 +705,68 @@ def list_folder(
                         report.add("bad_row", f"{index}:{n}: {line[:80]}")
         else:
             rows = list(csv.DictReader(io.StringIO(text)))
+        used: set[str] = set()
         for n, row in enumerate(rows, start=1):
-            path = str(row.get("path") or "").strip().lstrip("./")
-            if not path:
+            rel = str(row.get("path") or "").strip().lstrip("./")
+            if not rel:
                 report.add("bad_row", f"{index}:{n}: {row}")
                 continue
+            if rel not in media_set:
+                report.add("missing_file", rel)
+                continue
+            used.add(rel)
             label = row.get("label")
             label = None if label in (None, "") else str(label)
-            entries.append((path, label, str(row.get("split") or "train")))
+            cols.add(uri=_url(root, rel), dataset=dataset, split=str(row.get("split") or "train"), label=label,
+                     video_id=_folder_video_id(rel), kind=media_kind(rel))
+        unmatched = sorted(media_set - used)
     else:
-        entries = [(r, None, "train") for r in sorted(media)]
-    items, used, ids, pending = [], set(), set(), []
-    for rel, label, split in entries:
-        if rel not in media:
-            report.add("missing_file", rel)
-            continue
-        used.add(rel)
-        vid = safe_video_id(os.path.splitext(rel)[0].replace("/", "__"))
-        if vid in ids:
-            report.add("duplicate_row", rel)
-            continue
-        ids.add(vid)
-        item = make_item(uri=media[rel], dataset=dataset, split=split, label=label, video_id=vid, kind=media_kind(rel))
-        (pending if item["kind"] == "video" else items).append(item)
-    durs = _probe_all([p["uri"] for p in pending], storage_options) if probe else {}
-    for item in pending:
-        items.extend(segment_video(item, durs.get(item["uri"]), max_item_seconds=max_item_seconds, chunk_seconds=chunk_seconds))
-    for rel in sorted(set(media) - used):
+        # Every file is an item: no per-file set or dict beyond the listing itself.
+        for rel in _iter_strings(media):
+            cols.add(uri=_url(root, rel), dataset=dataset, split="train", label=None, video_id=_folder_video_id(rel),
+                     kind=media_kind(rel))
+        unmatched = []
+    del media
+    table = _drop_duplicate_ids(cols.table(), root, report)
+    if probe:
+        is_video = pc.equal(table["kind"], "video")
+        videos = table.filter(is_video).to_pylist()
+        if videos:
+            durs = _probe_list([v["uri"] for v in videos], storage_options)
+            segs = ItemColumns()
+            for item, dur in zip(videos, durs, strict=True):
+                segs.extend(segment_video(item, dur, max_item_seconds=max_item_seconds, chunk_seconds=chunk_seconds))
+            table = pa.concat_tables([table.filter(pc.invert(is_video)), segs.table()])
+    for rel in unmatched:
         report.add("unmatched_file", rel)
-    report.num_items = len(items)
-    return items, report
+    report.num_items = table.num_rows
+    return table, report
 
 
-ADAPTERS: dict[str, Callable[..., tuple[list[dict], ListReport]]] = {
+def _folder_video_id(rel: str) -> str:
+    return safe_video_id(os.path.splitext(rel)[0].replace("/", "__"))
+
+
+def _drop_duplicate_ids(table: pa.Table, root: str, report: ListReport) -> pa.Table:
+    """Keep the first row of each video id (in table order); report the others as duplicate_row.
+
+    Different paths can map to one id (e.g. `a/b.jpg` and `a__b.jpg`); checking the column
+    once replaces a set of every id seen while listing.
+    """
+    if pc.count_distinct(table["video_id"], memory_pool=WORKLIST_POOL).as_py() == table.num_rows:
+        return table
+    seen: set[str] = set()
+    keep = []
+    for vid, uri in zip(table["video_id"].to_pylist(), table["uri"].to_pylist(), strict=True):
+        dup = vid in seen
+        seen.add(vid)
+        keep.append(not dup)
+        if dup:
+            report.add("duplicate_row", uri[len(root) + 1 :])
+    return table.filter(pa.array(keep))
+
+
+ADAPTERS: dict[str, Callable[..., tuple[pa.Table, ListReport]]] = {
     "kinetics400": _kinetics_adapter("kinetics400"),
     "kinetics600": _kinetics_adapter("kinetics600"),
     "kinetics700": _kinetics_adapter("kinetics700"),
@@ -550,21 +777,32 @@ ADAPTERS: dict[str, Callable[..., tuple[list[dict], ListReport]]] = {
 }
 
 
-def list_items(
+def list_table(
     dataset: str, root: str, *, storage_options: dict | None = None, name: str | None = None, **options: Any
-) -> tuple[list[dict], ListReport]:
-    """List a dataset: `(items sorted by key, report)`.
+) -> tuple[pa.Table, ListReport]:
+    """List a dataset: `(items sorted by key as a table of items.ARROW_SCHEMA, report)`.
 
     dataset: one of ADAPTERS (kinetics400/600/700, ego4d, howto100m, imagenet, folder).
     root: local folder or s3://bucket/prefix. options: adapter options (splits=[...],
     max_item_seconds, chunk_seconds, index= and pattern= for folder, probe=False to skip
-    duration probes). name: the dataset name written into items/keys (default: `dataset`).
+    duration probes, probe_threads / tar_threads, listing= a file of relative paths used instead
+    of listing storage). name: the dataset name written into
+    items/keys (default: `dataset`).
     """
+    from pipeline.sources.worklist import sort_items
+
     if dataset not in ADAPTERS:
         raise ValueError(f"dataset={dataset!r} is not known; choose one of {sorted(ADAPTERS)}")
     root = _norm_root(root)
     if name is not None:
         options["dataset"] = name
-    items, report = ADAPTERS[dataset](root, storage_options=storage_options, **options)
-    items.sort(key=lambda i: i["key"])
-    return items, report
+    table, report = ADAPTERS[dataset](root, storage_options=storage_options, **options)
+    return sort_items(table), report
+
+
+def list_items(
+    dataset: str, root: str, *, storage_options: dict | None = None, name: str | None = None, **options: Any
+) -> tuple[list[dict], ListReport]:
+    """`list_table` with the items as dicts (sorted by key): handy for small datasets and tests."""
+    table, report = list_table(dataset, root, storage_options=storage_options, name=name, **options)
+    return table.to_pylist(), report

@@ -22,9 +22,12 @@ from pipeline.sources.worklist import ensure_worklist, input_shards
 @click.option("--index", default=None, help="folder only: CSV/JSONL with path,label,split (relative to --input).")
 @click.option("--val-solution", default=None, help="imagenet only: LOC_val_solution.csv when it is not under --input.")
 @click.option("--name", default=None, help="Dataset name written into keys (default: --dataset).")
+@click.option("--listing", default=None,
+              help="Text file (.gz/.zst ok) of file paths relative to --input, one per line (e.g. from an S3 "
+                   "Inventory), used instead of listing storage.")
 def worklist(dataset: str, root: str, out: str, splits: tuple[str, ...], max_item_seconds: float,
              chunk_seconds: float, items_per_shard: int, index: str | None, val_solution: str | None,
-             name: str | None) -> None:
+             name: str | None, listing: str | None) -> None:
     """List a dataset once into a frozen, sorted, hashed work list and print what was found.
 
     Missing and unmatched files are counted with a few examples (see docs/datasets.md). A rerun
@@ -44,6 +47,8 @@ def worklist(dataset: str, root: str, out: str, splits: tuple[str, ...], max_ite
         opts["val_solution"] = val_solution
     if name:
         opts["name"] = name
+    if listing:
+        opts["listing"] = listing
     try:
         wl, created = ensure_worklist(dataset, root, out, **opts)
     except ValueError as e:

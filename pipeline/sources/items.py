@@ -1,6 +1,7 @@
 """Work items, the listing report and long-video segmentation.
 
-A work item is a plain dict (cheap to put in Arrow, Ray and Parquet) with these fields:
+A work item has these fields; adapters gather items column by column (ItemColumns) into an Arrow
+table of ARROW_SCHEMA, and `make_item` gives the same item as a plain dict where one is handy:
 
     key         str   "{dataset}/{video_id}/{chunk:05d}", the key of the item's first output row
     uri         str   local path or s3://... URL of the file (or of the tar holding it)
@@ -24,6 +25,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+
 ITEM_FIELDS = (
     "key",
     "uri",
@@ -38,6 +41,31 @@ ITEM_FIELDS = (
     "byte_offset",
     "byte_size",
 )
+
+# The Arrow/Parquet schema of a work list: one column per ITEM_FIELDS entry, in that order. Changing
+# it changes every work list's sha256 (and so every job's identity): never do it silently.
+ARROW_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("uri", pa.string()),
+        ("dataset", pa.string()),
+        ("split", pa.string()),
+        ("label", pa.string()),
+        ("video_id", pa.string()),
+        ("chunk", pa.int64()),
+        ("t_start", pa.float64()),
+        ("t_end", pa.float64()),
+        ("kind", pa.string()),
+        ("byte_offset", pa.int64()),
+        ("byte_size", pa.int64()),
+    ]
+)
+assert tuple(ARROW_SCHEMA.names) == ITEM_FIELDS
+
+# Arrow memory for work lists comes from the system allocator: Arrow's default mimalloc pool keeps
+# the blocks that builders free while growing, which cost ~120 bytes of RSS per item on top of the
+# ~200 the items occupy (bench/plan_scale.py); malloc hands large blocks back to the OS.
+WORKLIST_POOL = pa.system_memory_pool()
 
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v")
 IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -80,6 +108,38 @@ def media_kind(path: str) -> str | None:
     return None
 
 
+def _item_values(
+    uri: str,
+    dataset: str,
+    split: str,
+    label: str | None,
+    video_id: str,
+    kind: str,
+    chunk: int,
+    t_start: float,
+    t_end: float | None,
+    byte_offset: int | None,
+    byte_size: int | None,
+) -> tuple:
+    """One item's values in ITEM_FIELDS order (validated and normalised like make_item)."""
+    assert _ID_OK.match(video_id), video_id
+    assert kind in ("video", "image"), kind
+    return (
+        make_key(dataset, video_id, chunk),
+        uri,
+        dataset,
+        split,
+        label,
+        video_id,
+        int(chunk),
+        float(t_start),
+        None if t_end is None else float(t_end),
+        kind,
+        byte_offset,
+        byte_size,
+    )
+
+
 def make_item(
     *,
     uri: str,
@@ -94,22 +154,78 @@ def make_item(
     byte_offset: int | None = None,
     byte_size: int | None = None,
 ) -> dict[str, Any]:
-    assert _ID_OK.match(video_id), video_id
-    assert kind in ("video", "image"), kind
-    return {
-        "key": make_key(dataset, video_id, chunk),
-        "uri": uri,
-        "dataset": dataset,
-        "split": split,
-        "label": label,
-        "video_id": video_id,
-        "chunk": int(chunk),
-        "t_start": float(t_start),
-        "t_end": None if t_end is None else float(t_end),
-        "kind": kind,
-        "byte_offset": byte_offset,
-        "byte_size": byte_size,
-    }
+    return dict(zip(ITEM_FIELDS, _item_values(uri, dataset, split, label, video_id, kind, chunk, t_start, t_end,
+                                              byte_offset, byte_size), strict=True))
+
+
+class ItemColumns:
+    """Work items gathered column by column into Arrow record batches, without a dict per item.
+
+    Python objects live only for the `flush_rows` items of the batch being filled; what stays is
+    Arrow memory (about the items' string bytes plus 8 bytes per number), so a listing of 1e6 items
+    costs the driver a few hundred MB less than a list of dicts.
+
+    >>> cols = ItemColumns()
+    >>> cols.add(uri="a.jpg", dataset="d", split="train", label=None, video_id="a", kind="image")
+    >>> cols.extend(segment_video(item, 90.0))
+    >>> table = cols.table()          # schema ARROW_SCHEMA, in the order added
+    """
+
+    def __init__(self, flush_rows: int = 65536) -> None:
+        self._flush_rows = flush_rows
+        self._cols: list[list] = [[] for _ in ITEM_FIELDS]
+        self._batches: list[pa.RecordBatch] = []
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _append(self, values: tuple) -> None:
+        for col, v in zip(self._cols, values, strict=True):
+            col.append(v)
+        self._n += 1
+        if len(self._cols[0]) >= self._flush_rows:
+            self._flush()
+
+    def add(
+        self,
+        *,
+        uri: str,
+        dataset: str,
+        split: str,
+        label: str | None,
+        video_id: str,
+        kind: str,
+        chunk: int = 0,
+        t_start: float = 0.0,
+        t_end: float | None = None,
+        byte_offset: int | None = None,
+        byte_size: int | None = None,
+    ) -> None:
+        """Add one item (the arguments of make_item)."""
+        self._append(_item_values(uri, dataset, split, label, video_id, kind, chunk, t_start, t_end, byte_offset,
+                                  byte_size))
+
+    def append(self, item: dict[str, Any]) -> None:
+        """Add an item dict as made by make_item / segment_video."""
+        self._append(tuple(item[k] for k in ITEM_FIELDS))
+
+    def extend(self, items: list[dict[str, Any]]) -> None:
+        for it in items:
+            self.append(it)
+
+    def _flush(self) -> None:
+        if self._cols[0]:
+            arrays = [pa.array(col, type=f.type, memory_pool=WORKLIST_POOL)
+                      for col, f in zip(self._cols, ARROW_SCHEMA, strict=True)]
+            self._batches.append(pa.RecordBatch.from_arrays(arrays, schema=ARROW_SCHEMA))
+            self._cols = [[] for _ in ITEM_FIELDS]
+
+
+    def table(self) -> pa.Table:
+        """All items added so far, in that order, as one table of ARROW_SCHEMA."""
+        self._flush()
+        return pa.Table.from_batches(self._batches, schema=ARROW_SCHEMA)
 
 
 def segment_video(

@@ -22,34 +22,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.sources._fs import is_local, join, url_to_fs
-from pipeline.sources.items import ITEM_FIELDS, ListReport
+from pipeline.sources.items import ARROW_SCHEMA, ITEM_FIELDS, WORKLIST_POOL, ListReport
 
 WORKLIST_PARQUET = "worklist.parquet"
 WORKLIST_JSON = "worklist.json"
 WORKLIST_VERSION = 1
-
-ARROW_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("uri", pa.string()),
-        ("dataset", pa.string()),
-        ("split", pa.string()),
-        ("label", pa.string()),
-        ("video_id", pa.string()),
-        ("chunk", pa.int64()),
-        ("t_start", pa.float64()),
-        ("t_end", pa.float64()),
-        ("kind", pa.string()),
-        ("byte_offset", pa.int64()),
-        ("byte_size", pa.int64()),
-    ]
-)
-assert tuple(ARROW_SCHEMA.names) == ITEM_FIELDS
-
-
 
 def _validate_doc(doc: dict) -> dict:
     """Validate a worklist.json document against schemas/worklist.v1.json."""
@@ -98,35 +79,92 @@ def _exists(url: str, storage_options: dict | None) -> bool:
     return fs.exists(path)
 
 
-def items_to_parquet_bytes(items: list[dict]) -> bytes:
-    """Deterministic Parquet bytes for sorted items (same items + same pyarrow ⇒ same bytes)."""
+def items_to_table(items: list[dict] | pa.Table) -> pa.Table:
+    """Work items (dicts with ITEM_FIELDS, or a table) as a table of ARROW_SCHEMA, in their order."""
+    if isinstance(items, pa.Table):
+        if items.schema.names != list(ITEM_FIELDS):
+            raise ValueError(f"work-item table has columns {items.schema.names}; expected {list(ITEM_FIELDS)}")
+        return items.cast(ARROW_SCHEMA) if not items.schema.equals(ARROW_SCHEMA) else items
     cols = {name: [it.get(name) for it in items] for name in ITEM_FIELDS}
-    table = pa.table(cols, schema=ARROW_SCHEMA)
+    return pa.table(cols, schema=ARROW_SCHEMA)
+
+
+def _is_sorted(keys: pa.ChunkedArray) -> bool:
+    if len(keys) < 2:
+        return True
+    return not pc.any(pc.less(keys[1:], keys[:-1])).as_py()
+
+
+def sort_items(table: pa.Table) -> pa.Table:
+    """Rows sorted by key (byte order of UTF-8 = Python's str order; stable for equal keys)."""
+    if _is_sorted(table["key"]):
+        return table
+    idx = pc.sort_indices(table, sort_keys=[("key", "ascending")], memory_pool=WORKLIST_POOL)
+    return pc.take(table, idx, memory_pool=WORKLIST_POOL)
+
+
+ROW_GROUP_ROWS = 65536
+
+
+def table_to_parquet_bytes(table: pa.Table) -> bytes:
+    """Deterministic Parquet bytes for a sorted item table (same rows + same pyarrow ⇒ same bytes).
+
+    Page boundaries follow the input's chunks, so each row group is made contiguous before it is
+    written: the bytes (and so the hash) of a list built from dicts, from an adapter's record
+    batches or from a loaded Parquet file are the same. One row group is copied at a time, not
+    the whole table.
+    """
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", row_group_size=65536, write_statistics=False)
+    with pq.ParquetWriter(buf, table.schema, compression="zstd", write_statistics=False) as w:
+        for start in range(0, table.num_rows, ROW_GROUP_ROWS):
+            w.write_table(table.slice(start, ROW_GROUP_ROWS).combine_chunks(), row_group_size=ROW_GROUP_ROWS)
+        if table.num_rows == 0:
+            w.write_table(table, row_group_size=ROW_GROUP_ROWS)
     return buf.getvalue()
+
+
+def items_to_parquet_bytes(items: list[dict] | pa.Table) -> bytes:
+    """Deterministic Parquet bytes for sorted items (dicts or a table)."""
+    return table_to_parquet_bytes(items_to_table(items))
 
 
 @dataclass
 class WorkList:
-    """A frozen work list: items sorted by key, and the sha256 of its Parquet file."""
+    """A frozen work list: items sorted by key as an Arrow table, and the sha256 of its Parquet file.
+
+    `table` (ARROW_SCHEMA) is what the job uses; `items` turns it into a list of dicts, which
+    costs ~1.7 KB per item: use it for small lists only.
+    """
 
     url: str
-    items: list[dict]
+    table: pa.Table
     sha256: str
     meta: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.items)
+        return self.table.num_rows
+
+    @property
+    def items(self) -> list[dict]:
+        return self.table.to_pylist()
 
 
 @dataclass(frozen=True)
 class InputShard:
-    """A contiguous run of work items; `id` is its index, `name` its fixed-width id."""
+    """Rows [start, stop) of a sorted work-item table; `id` is its index, `name` its fixed-width id.
+
+    Holds a reference to the whole table (not a copy) and builds its slice on demand, so a plan of
+    any number of shards costs a few hundred bytes per shard. The decode stage receives the
+    shard's items as `items_json()` (or `table` / `items`).
+    """
 
     id: int
-    items: tuple[dict, ...]
+    start: int
+    stop: int
     worklist_sha256: str
+    source: pa.Table = field(repr=False, compare=False)
+    # Row index in the work list of `source`'s first row (0 unless `source` is already this slice).
+    source_start: int = field(default=0, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -134,15 +172,45 @@ class InputShard:
 
     @property
     def num_items(self) -> int:
-        return len(self.items)
+        return self.stop - self.start
+
+    @property
+    def table(self) -> pa.Table:
+        """The shard's rows as a zero-copy slice of the work-item table."""
+        return self.source.slice(self.start - self.source_start, self.stop - self.start)
+
+    def __reduce__(self):
+        # Pickling an Arrow slice would carry the whole work list's buffers: send a compact copy
+        # of this shard's rows instead (what Ray does when a shard goes to another process).
+        rows = self.table.take(pa.array(range(self.num_items), type=pa.int64()))
+        return (InputShard, (self.id, self.start, self.stop, self.worklist_sha256, rows, self.start))
+
+    @property
+    def items(self) -> tuple[dict, ...]:
+        """The shard's items as dicts (fields of ITEM_FIELDS, in that order)."""
+        return tuple(self.table.to_pylist())
+
+    def items_json(self) -> str:
+        """The items as a JSON list of objects, as the decode stage reads them."""
+        return json.dumps(self.table.to_pylist())
 
     def descriptor(self) -> dict:
         """`{id, worklist_sha256, num_items}`, the `input_shard` argument of ShardWriter.commit."""
         return {"id": self.id, "worklist_sha256": self.worklist_sha256, "num_items": self.num_items}
 
 
+def _check_unique_keys(table: pa.Table) -> None:
+    keys = table["key"]
+    if len(keys) < 2:
+        return
+    same = pc.equal(keys[1:], keys[:-1])
+    if pc.any(same).as_py():
+        dups = sorted(set(keys[1:].filter(same).to_pylist()))
+        raise ValueError(f"{len(dups)} duplicate work-item keys, e.g. {dups[:3]}; video ids must be unique per dataset")
+
+
 def freeze_worklist(
-    items: list[dict],
+    items: list[dict] | pa.Table,
     out_url: str,
     *,
     dataset: str,
@@ -151,18 +219,16 @@ def freeze_worklist(
     report: ListReport | dict | None = None,
     storage_options: dict | None = None,
 ) -> WorkList:
-    """Write items (sorted here by key) as WL/worklist.parquet + WL/worklist.json, once.
+    """Write items (dicts or an ARROW_SCHEMA table; sorted here by key) as WL/worklist.parquet +
+    WL/worklist.json, once.
 
     If WL is already frozen: returns the existing list when its content hash equals these
     items', else raises ValueError (a frozen list is never replaced silently).
     Duplicate keys raise ValueError naming them.
     """
-    items = sorted(items, key=lambda i: i["key"])
-    keys = [i["key"] for i in items]
-    dups = sorted({k for a, k in zip(keys, keys[1:], strict=False) if a == k})
-    if dups:
-        raise ValueError(f"{len(dups)} duplicate work-item keys, e.g. {dups[:3]}; video ids must be unique per dataset")
-    data = items_to_parquet_bytes(items)
+    table = sort_items(items_to_table(items))
+    _check_unique_keys(table)
+    data = table_to_parquet_bytes(table)
     sha = hashlib.sha256(data).hexdigest()
     json_url = join(out_url, WORKLIST_JSON)
     if _exists(json_url, storage_options):
@@ -170,7 +236,7 @@ def freeze_worklist(
         if existing.sha256 != sha:
             raise ValueError(
                 f"a different work list is already frozen at {out_url} (sha256 {existing.sha256[:12]}…, "
-                f"{len(existing)} items; new listing {sha[:12]}…, {len(items)} items); use a new output "
+                f"{len(existing)} items; new listing {sha[:12]}…, {table.num_rows} items); use a new output "
                 f"folder, or delete {json_url} to re-list on purpose"
             )
         return existing
@@ -179,7 +245,7 @@ def freeze_worklist(
         "schema": "worklist",
         "version": WORKLIST_VERSION,
         "sha256": sha,
-        "num_items": len(items),
+        "num_items": table.num_rows,
         "dataset": dataset,
         "root": root,
         "options": dict(sorted((options or {}).items())),
@@ -188,8 +254,9 @@ def freeze_worklist(
     _validate_doc(doc)
     # Parquet first, JSON last: the JSON's existence is what makes the list frozen.
     _atomic_write(join(out_url, WORKLIST_PARQUET), data, storage_options)
+    del data
     _atomic_write(json_url, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode(), storage_options)
-    return WorkList(url=out_url, items=items, sha256=sha, meta=doc)
+    return WorkList(url=out_url, table=table, sha256=sha, meta=doc)
 
 
 def load_worklist(url: str, *, storage_options: dict | None = None, verify: bool = True) -> WorkList:
@@ -206,11 +273,17 @@ def load_worklist(url: str, *, storage_options: dict | None = None, verify: bool
                 f"{join(url, WORKLIST_PARQUET)} is corrupt or was modified: sha256 {got[:12]}… but "
                 f"{WORKLIST_JSON} records {doc['sha256'][:12]}…; restore it or re-list into a new folder"
             )
-    table = pq.read_table(io.BytesIO(data))
-    items = table.to_pylist()
-    if len(items) != doc["num_items"]:
-        raise ValueError(f"{url}: {len(items)} rows but worklist.json says {doc['num_items']}")
-    return WorkList(url=url, items=items, sha256=doc["sha256"], meta=doc)
+    # One thread, no pre-buffering: decoding row group after row group keeps the temporaries to
+    # one group's size (read_table's parallel decode held ~2x the table at its peak).
+    table = pq.ParquetFile(pa.BufferReader(data), pre_buffer=False).read(use_threads=False)
+    del data
+    if table.schema.names != list(ITEM_FIELDS):
+        raise ValueError(f"{join(url, WORKLIST_PARQUET)} has columns {table.schema.names}, not {list(ITEM_FIELDS)}; "
+                         "re-list into a new folder")
+    table = table.cast(ARROW_SCHEMA)  # same types: no copy
+    if table.num_rows != doc["num_items"]:
+        raise ValueError(f"{url}: {table.num_rows} rows but worklist.json says {doc['num_items']}")
+    return WorkList(url=url, table=table, sha256=doc["sha256"], meta=doc)
 
 
 def ensure_worklist(
@@ -225,30 +298,35 @@ def ensure_worklist(
 
     Returns (work list, created). A rerun finds worklist.json and never lists storage again.
     """
-    from pipeline.sources.adapters import list_items
+    from pipeline.sources.adapters import list_table
 
     if _exists(join(out_url, WORKLIST_JSON), storage_options):
         return load_worklist(out_url, storage_options=storage_options), False
-    items, report = list_items(dataset, root, storage_options=storage_options, **options)
+    table, report = list_table(dataset, root, storage_options=storage_options, **options)
     safe_opts = {k: v for k, v in options.items() if isinstance(v, (str, int, float, bool, list, type(None)))}
-    wl = freeze_worklist(items, out_url, dataset=dataset, root=root, options=safe_opts, report=report,
+    wl = freeze_worklist(table, out_url, dataset=dataset, root=root, options=safe_opts, report=report,
                          storage_options=storage_options)
     return wl, True
 
 
-def input_shards(worklist: WorkList | list[dict], items_per_shard: int, *, worklist_sha256: str | None = None) -> list[InputShard]:
+def input_shards(
+    worklist: WorkList | pa.Table | list[dict], items_per_shard: int, *, worklist_sha256: str | None = None
+) -> list[InputShard]:
     """Cut a work list into input shards of `items_per_shard` consecutive items (last one shorter).
 
-    Pure function of (sorted items, items_per_shard): shard i holds items [i*n, (i+1)*n).
+    Pure function of (sorted items, items_per_shard): shard i holds items [i*n, (i+1)*n). A table
+    or list that is not sorted by key is sorted first; without `worklist_sha256` the hash is that
+    of the items' Parquet bytes (what freeze_worklist would record).
     """
     if items_per_shard < 1:
         raise ValueError(f"items_per_shard={items_per_shard}: must be >= 1 (e.g. 256)")
     if isinstance(worklist, WorkList):
-        items, sha = worklist.items, worklist.sha256
+        table, sha = worklist.table, worklist.sha256
     else:
-        items = sorted(worklist, key=lambda i: i["key"])
-        sha = worklist_sha256 or hashlib.sha256(items_to_parquet_bytes(items)).hexdigest()
+        table = sort_items(items_to_table(worklist))
+        sha = worklist_sha256 or hashlib.sha256(table_to_parquet_bytes(table)).hexdigest()
+    n = table.num_rows
     return [
-        InputShard(id=i // items_per_shard, items=tuple(items[i : i + items_per_shard]), worklist_sha256=sha)
-        for i in range(0, len(items), items_per_shard)
+        InputShard(id=i // items_per_shard, start=i, stop=min(n, i + items_per_shard), worklist_sha256=sha, source=table)
+        for i in range(0, n, items_per_shard)
     ]

@@ -246,3 +246,22 @@ def test_imagenet_val_solution_outside_root(tmp_path):
     assert items == [] and report.problems == {"unlabelled_image": 1}
     items, report = list_items("imagenet", str(root), val_solution=str(tmp_path / "LOC_val_solution.csv"))
     assert [(i["split"], i["label"]) for i in items] == [("val", "n04286575")] and report.problems == {}
+
+
+def test_listing_file_replaces_storage_listing(tmp_path):
+    import gzip
+
+    root = tmp_path / "ds"
+    for rel in ("a/one.jpg", "b/two.mp4"):
+        touch(str(root / rel))
+    walked, _ = list_items("folder", str(root), probe=False)
+    (tmp_path / "files.txt.gz").write_bytes(gzip.compress(b"b/two.mp4\n\na/one.jpg\n"))
+    listed, report = list_items("folder", str(root), probe=False, listing=str(tmp_path / "files.txt.gz"))
+    assert listed == walked and report.num_files == 2
+    # The listing is authoritative: a path in it is an item without touching storage.
+    (tmp_path / "more.txt").write_text("a/one.jpg\nc/three.png\n")
+    items, _ = list_items("folder", str(root), probe=False, listing=str(tmp_path / "more.txt"))
+    assert [i["uri"] for i in items] == [f"{root}/a/one.jpg", f"{root}/c/three.png"]
+    (tmp_path / "bad.txt").write_text("a/one.jpg\n../etc/passwd\n")
+    with pytest.raises(ValueError, match=r"bad.txt:2: '../etc/passwd' is not a plain path relative"):
+        list_items("folder", str(root), listing=str(tmp_path / "bad.txt"))

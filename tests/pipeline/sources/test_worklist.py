@@ -113,3 +113,86 @@ def test_worklist_cli_reports_and_reuses(tmp_path):
     assert "reused frozen work list" in res.output
     bad = CliRunner().invoke(main, ["worklist", "--dataset", "ego4d", "--input", str(root), "--out", str(tmp_path / "e")])
     assert bad.exit_code == 1 and "ego4d.json not found" in bad.output and "Traceback" not in bad.output
+
+
+def _golden_items(n: int) -> list[dict]:
+    """Items using every field, nulls included, in reverse key order."""
+    out = []
+    for i in reversed(range(n)):
+        kind = "image" if i % 5 == 0 else "video"
+        out.append(make_item(
+            uri=f"s3://b/ds/{i:05d}.{'jpg' if kind == 'image' else 'mp4'}", dataset="ds", split=("train", "val")[i % 2],
+            label=None if i % 3 == 0 else f"lab{i % 7}", video_id=f"v{i:05d}", kind=kind, chunk=(i % 4) * 28,
+            t_start=float(i) / 3, t_end=None if i % 2 else float(i) / 3 + 59.7333,
+            byte_offset=None if i % 5 else i * 1536, byte_size=None if i % 5 else 1000 + i))
+    return out
+
+
+# sha256 of worklist.parquet for _golden_items(n), computed by the dict-based code this module
+# replaced: a change here would orphan every existing job output (its plan records this hash).
+GOLDEN_SHA256 = {
+    8: "0a456db5c5f75250a14ca7ce70bc4f1db7c018b09f1a25b914aae1c657a7c393",
+    70000: "862cec8ef0a75eb13432ebb5540bc166684bb67ee972628bf95a3e30d8b9da9a",  # two row groups
+}
+
+
+@pytest.mark.parametrize("n", sorted(GOLDEN_SHA256))
+def test_worklist_hash_is_golden_from_dicts_columns_and_reload(tmp_path, n):
+    from pipeline.sources import ItemColumns
+
+    items = _golden_items(n)
+    from_dicts = freeze_worklist(items, str(tmp_path / "a"), dataset="ds", root="/d")
+    assert from_dicts.sha256 == GOLDEN_SHA256[n]
+    # The adapters' path: sorted columns in small record batches, written without a whole-table
+    # copy (Parquet pages follow chunk boundaries: the writer must not let them change the bytes).
+    cols = ItemColumns(flush_rows=777)
+    cols.extend(sorted(items, key=lambda i: i["key"]))
+    assert cols.table()["key"].num_chunks == -(-n // 777)
+    from_cols = freeze_worklist(cols.table(), str(tmp_path / "b"), dataset="ds", root="/d")
+    assert from_cols.sha256 == GOLDEN_SHA256[n]
+    assert (tmp_path / "a" / "worklist.parquet").read_bytes() == (tmp_path / "b" / "worklist.parquet").read_bytes()
+    loaded = load_worklist(str(tmp_path / "b"))
+    assert loaded.sha256 == GOLDEN_SHA256[n] and len(loaded) == n
+    assert loaded.table.equals(from_dicts.table)
+    # Input shards: the same row ranges and descriptors whether cut from dicts or the table.
+    by_table = input_shards(loaded, 3000)
+    by_dicts = input_shards(items, 3000)
+    assert by_table == by_dicts
+    assert [(s.id, s.start, s.stop) for s in by_table] == [(i, i * 3000, min(n, (i + 1) * 3000))
+                                                           for i in range(-(-n // 3000))]
+    assert by_dicts[0].worklist_sha256 == GOLDEN_SHA256[n]
+
+
+def test_input_shard_offers_arrow_slice_json_and_dicts(tmp_path):
+    wl = freeze_worklist(_golden_items(10), str(tmp_path / "wl"), dataset="ds", root="/d")
+    s = input_shards(wl, 4)[1]
+    assert (s.id, s.name, s.start, s.stop, s.num_items) == (1, "shard-000001", 4, 8, 4)
+    assert s.table.num_rows == 4 and s.table.schema.names == list(wl.table.schema.names)
+    assert s.table["key"].to_pylist() == [f"ds/v{i:05d}/{(i % 4) * 28:05d}" for i in range(4, 8)]
+    expected = sorted(_golden_items(10), key=lambda i: i["key"])[4:8]
+    assert list(s.items) == expected
+    assert json.loads(s.items_json()) == expected
+    assert s.descriptor() == {"id": 1, "worklist_sha256": wl.sha256, "num_items": 4}
+    # A shard refers to the work list's buffers; it does not copy them.
+    assert s.table["uri"].chunks[0].buffers()[2].address == wl.table["uri"].chunks[0].buffers()[2].address
+    # Pickled (e.g. sent to a Ray worker), it carries its own rows only, and stays the same shard.
+    import pickle
+
+    big = input_shards(_golden_items(3000), 10)[7]
+    back = pickle.loads(pickle.dumps(big))
+    assert back == big and back.items == big.items and back.items_json() == big.items_json()
+    assert len(pickle.dumps(big)) < 20_000 < len(pickle.dumps(big.source))
+
+
+def test_unsorted_table_is_sorted_and_duplicate_keys_in_a_table_are_refused(tmp_path):
+    from pipeline.sources import ItemColumns
+
+    cols = ItemColumns()
+    cols.extend(_items(6))  # reversed key order
+    wl = freeze_worklist(cols.table(), str(tmp_path / "wl"), dataset="ds", root="/d")
+    assert wl.table["video_id"].to_pylist() == [f"v{i:03d}" for i in range(6)]
+    assert wl.sha256 == freeze_worklist(_items(6), str(tmp_path / "wl2"), dataset="ds", root="/d").sha256
+    dup = ItemColumns()
+    dup.extend(_items(3) + _items(2))
+    with pytest.raises(ValueError, match=r"2 duplicate work-item keys, e.g. \['ds/v000/00000', 'ds/v001/00000'\]"):
+        freeze_worklist(dup.table(), str(tmp_path / "wl3"), dataset="ds", root="/d")
