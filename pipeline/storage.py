@@ -246,7 +246,9 @@ def remove(url: str, storage_options: dict | None = None) -> None:
 
 def check_writable(url: str, storage_options: dict | None = None) -> None:
     """Fail fast (before any work) with a clear message if ``url`` cannot be written."""
-    probe = join(url, f".toto-write-probe-{uuid.uuid4().hex[:8]}")
+    # TMP_MARK in the name: a probe left behind by a kill between its write and its removal is
+    # debris that the next run's clean-up removes.
+    probe = join(url, f".toto-write-probe{TMP_MARK}{uuid.uuid4().hex[:8]}")
     try:
         atomic_write_bytes(probe, b"ok", storage_options)
         remove(probe, storage_options)

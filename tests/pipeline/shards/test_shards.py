@@ -116,6 +116,21 @@ def test_data_file_without_sidecar_is_debris_ignored_then_cleaned(tmp_path, rows
     assert sorted(os.listdir(tmp_path)) == ["shard-000000.arrow", "shard-000000.json"]
 
 
+def test_write_probe_leaves_nothing_and_a_killed_probe_is_debris(tmp_path, rows, monkeypatch):
+    write(tmp_path, rows[:3], shard_id=0)
+    storage.check_writable(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["shard-000000.arrow", "shard-000000.json"]
+    # A kill between the probe's write and its removal leaves the probe under its final name.
+    with monkeypatch.context() as m:
+        m.setattr(storage, "remove", lambda url, so=None: None)
+        storage.check_writable(str(tmp_path))
+    left = [n for n in os.listdir(tmp_path) if n.startswith(".toto-write-probe")]
+    assert len(left) == 1
+    assert [os.path.basename(d) for d in debris(str(tmp_path))] == left
+    clean_debris(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["shard-000000.arrow", "shard-000000.json"]
+
+
 def test_writer_failure_leaves_no_final_files(tmp_path, rows):
     w = ShardWriter(str(tmp_path), 0, codebook_size=8192, tokenizer=TOK, resolution=32)
     w.add(rows[0])
