@@ -42,6 +42,7 @@ class JobPlan:
     num_items: int
     shards: list[InputShard]
     done: list[dict] = field(default_factory=list)       # sidecars of shards committed before this run
+    committed: list[dict] = field(default_factory=list)  # sidecars this run committed (as written)
     pending: list[InputShard] = field(default_factory=list)
     listed_now: bool = False
     cleaned: list[str] = field(default_factory=list)

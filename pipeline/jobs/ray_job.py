@@ -448,6 +448,7 @@ def _execute(ray, cfg: TokenizeConfig, plan: JobPlan, sizes: dict, progress: Pro
                 got = f.result()
                 placement["write"][got["node"]] = placement["write"].get(got["node"], 0) + 1
                 driver["commit_cpu_s"] += got["cpu_s"]
+                plan.committed.append(got["sidecar"])
                 progress.committed(got["sidecar"])
             else:
                 keep.append(f)
@@ -531,8 +532,8 @@ def finish(cfg: TokenizeConfig, plan: JobPlan, progress: Progress, elapsed: floa
     placement = dict(placement or {})
     driver = placement.pop("driver", {})
     so = cfg.storage_options
-    # One listing; only the sidecars committed by this run are fetched (plan.done was read at planning).
-    sides = committed_shards(cfg.output, so, known=plan.done)
+    # One listing and no sidecar GET: plan.done was read at planning and the driver wrote the rest.
+    sides = committed_shards(cfg.output, so, known=[*plan.done, *plan.committed])
     missing = sorted({s.id for s in plan.shards} - {s["shard_id"] for s in sides})
     if missing:
         raise RuntimeError(f"shards {missing[:5]} are not committed; rerun the same command to resume")

@@ -52,12 +52,23 @@ def shard_hashes(out: str, so=None) -> dict[str, str]:
     [("kinetics600", "arrow"), ("ego4d", "webdataset"), ("howto100m", "arrow"), ("imagenet", "webdataset"),
      ("folder", "arrow")],
 )
-def test_layouts_end_to_end_then_rerun_is_a_noop(ray_local, tmp_path, make_layout, tok_spec, kind, fmt):
+def test_layouts_end_to_end_then_rerun_is_a_noop(ray_local, tmp_path, make_layout, tok_spec, kind, fmt, monkeypatch):
     lay = make_layout(kind, str(tmp_path / "data"))
     out = str(tmp_path / "tok")
     cfg = TokenizeConfig(dataset=kind, input=lay["root"], output=out, format=fmt, items_per_shard=2, tokenizer=tok_spec,
                          **SMALL)
-    summary = run_tokenize(cfg)
+    fetched: list[str] = []
+    real_read_many = storage.read_json_many
+
+    def counting_read_many(urls, *a, **kw):
+        fetched.extend(urls)
+        return real_read_many(urls, *a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(storage, "read_json_many", counting_read_many)
+        summary = run_tokenize(cfg)
+    # A fresh output: the manifest is built from the sidecars the driver wrote, none read back.
+    assert [u for u in fetched if u.endswith(".json")] == []
 
     got = read_all(out)
     want = expected_rows(out, cfg)
