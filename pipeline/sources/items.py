@@ -115,11 +115,11 @@ def _item_values(
     label: str | None,
     video_id: str,
     kind: str,
-    chunk: int,
-    t_start: float,
-    t_end: float | None,
-    byte_offset: int | None,
-    byte_size: int | None,
+    chunk: int = 0,
+    t_start: float = 0.0,
+    t_end: float | None = None,
+    byte_offset: int | None = None,
+    byte_size: int | None = None,
 ) -> tuple:
     """One item's values in ITEM_FIELDS order (validated and normalised like make_item)."""
     assert _ID_OK.match(video_id), video_id
@@ -187,24 +187,9 @@ class ItemColumns:
         if len(self._cols[0]) >= self._flush_rows:
             self._flush()
 
-    def add(
-        self,
-        *,
-        uri: str,
-        dataset: str,
-        split: str,
-        label: str | None,
-        video_id: str,
-        kind: str,
-        chunk: int = 0,
-        t_start: float = 0.0,
-        t_end: float | None = None,
-        byte_offset: int | None = None,
-        byte_size: int | None = None,
-    ) -> None:
-        """Add one item (the arguments of make_item)."""
-        self._append(_item_values(uri, dataset, split, label, video_id, kind, chunk, t_start, t_end, byte_offset,
-                                  byte_size))
+    def add(self, **fields: Any) -> None:
+        """Add one item, given as make_item's keyword arguments (same names, defaults and checks)."""
+        self._append(_item_values(**fields))
 
     def append(self, item: dict[str, Any]) -> None:
         """Add an item dict as made by make_item / segment_video."""
