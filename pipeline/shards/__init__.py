@@ -16,6 +16,7 @@ from pipeline.shards.store import (
     shard_name,
     token_histogram,
     unigram_stats,
+    verify_checks,
     verify_shard,
     write_manifest,
 )
@@ -23,6 +24,6 @@ from pipeline.shards.store import (
 __all__ = [
     "COLUMNS", "META_COLUMNS", "MANIFEST", "ShardReader", "ShardWriter", "build_manifest", "check_key",
     "clean_debris", "committed_shards", "debris", "errors_by_reason", "make_key", "normalize_row", "reason_kind",
-    "open_shard", "read_manifest", "shard_name", "token_histogram", "unigram_stats", "verify_shard",
+    "open_shard", "read_manifest", "shard_name", "token_histogram", "unigram_stats", "verify_checks", "verify_shard",
     "write_manifest",
 ]

@@ -408,6 +408,33 @@ class ArrowShardReader:
                 f"{self.url}: record batch {b}: {bad.size} frame(s) fail their checksum (the first is frame "
                 f"{int(bad[0])} of the batch); the shard is corrupt or was replaced: re-run the job for this shard")
 
+    def bad_frames(self) -> list[tuple[int, int]]:
+        """(row, frame within the row) of every frame whose tokens fail their stored checksum.
+
+        Reads the whole shard once, one record batch at a time (vectorised per batch). Empty for a
+        format-1 file, which has no checksums: look at ``has_frame_sums`` for whether any ran.
+        """
+        if not self.has_frame_sums:
+            return []
+        bad: list[tuple[int, int]] = []
+        row0 = 0
+        for b in range(self._reader.num_record_batches):
+            batch = self._reader.get_batch(b)
+            values = batch.column("tokens").values.to_numpy(zero_copy_only=False)  # (tokens of the batch,)
+            sums = batch.column("frame_sums")
+            want = sums.values.to_numpy(zero_copy_only=False)  # (frames of the batch,)
+            frame_offsets = sums.offsets.to_numpy()  # (rows + 1,): each row's first frame
+            if len(want):
+                # One shard has one grid: frames are the values cut into equal runs of grid_h * grid_w.
+                hw = batch.column("grid_h")[0].as_py() * batch.column("grid_w")[0].as_py()
+                if hw <= 0 or len(values) != len(want) * hw:
+                    raise ValueError(f"record batch {b}: {len(values)} tokens are not {len(want)} frames of {hw}")
+                for k in np.flatnonzero(frame_sums(values.reshape(-1, hw)) != want).tolist():
+                    r = int(np.searchsorted(frame_offsets, k, side="right")) - 1
+                    bad.append((row0 + r, k - int(frame_offsets[r])))
+            row0 += batch.num_rows
+        return bad
+
     def __len__(self) -> int:
         self._ensure_counts()
         return self._starts[-1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import sys
 from typing import Any
@@ -30,13 +31,19 @@ endpoint_option = click.option(
 )
 
 
-def dataset_status(out: str, storage_options: dict | None = None) -> dict[str, Any]:
-    """Counts of a token dataset, from its sidecars (works while a job is writing it)."""
-    sides = store.committed_shards(out, storage_options)
-    plan_url = storage.join(out, "job.json")
+def dataset_status(
+    out: str, storage_options: dict | None = None, *, names: list[str] | None = None,
+    sidecars: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Counts of a token dataset, from its sidecars (works while a job is writing it).
+
+    One listing of OUT (or ``names``) serves sidecars, debris and the manifest's presence; the
+    sidecars are read once, concurrently (or taken from ``sidecars``, read from that listing)."""
+    names = storage.listdir(out, storage_options) if names is None else names
+    sides = store.committed_shards(out, storage_options, names=names) if sidecars is None else sidecars
     total = None
-    if storage.exists(plan_url, storage_options):
-        total = storage.read_json(plan_url, "job_plan", storage_options)["num_input_shards"]
+    if "job.json" in names:
+        total = storage.read_json(storage.join(out, "job.json"), "job_plan", storage_options)["num_input_shards"]
     tokens = sum(s["counts"]["tokens"] for s in sides)
     nbytes = sum(s["bytes"] for s in sides)
     return {
@@ -51,8 +58,8 @@ def dataset_status(out: str, storage_options: dict | None = None) -> dict[str, A
         "inputs_failed": sum(len(s["errors"]) for s in sides),
         "errors_by_reason": store.errors_by_reason(sides),
         "error_examples": [e for s in sides for e in s["errors"]][:5],
-        "debris": len(store.debris(out, storage_options)),
-        "manifest": storage.exists(storage.join(out, store.MANIFEST), storage_options),
+        "debris": len(store.debris(out, storage_options, names=names)),
+        "manifest": store.MANIFEST in names,
     }
 
 
@@ -70,9 +77,12 @@ def status_cmd(out: str, as_json: bool, rebuild_manifest: bool, endpoint_url: st
     Example: toto-pipeline status tok/k600 --json
     """
     so = _storage_options(endpoint_url)
+    names = storage.listdir(out, so)
+    sides = store.committed_shards(out, so, names=names)
     if rebuild_manifest:
-        store.write_manifest(out, so)
-    st = dataset_status(out, so)
+        store.write_manifest(out, so, sidecars=sides)  # the sidecars just read, not a second GET of each
+        names = sorted({*names, store.MANIFEST})
+    st = dataset_status(out, so, names=names, sidecars=sides)
     if as_json:
         click.echo(json.dumps(st, indent=2, sort_keys=True))
         return
@@ -97,33 +107,39 @@ def status_cmd(out: str, as_json: bool, rebuild_manifest: bool, endpoint_url: st
 @click.option("--clean", is_flag=True, help="Also delete debris (uncommitted data files). Only when no job writes OUT.")
 @endpoint_option
 def verify_cmd(out: str, clean: bool, endpoint_url: str | None) -> None:
-    """Check every committed shard at OUT: schema, sha256, row counts, token range.
+    """Check every committed shard at OUT: schema, sha256, per-frame checksums, row counts, token range.
 
+    \b
+    Each data file's sha256 is checked against its sidecar; Arrow shards of format 2 also carry a
+    checksum per frame, which names the damaged rows and frames. The last line says which checks
+    ran on how many shards (older shards have the whole-file sha256 only).
     Exits 1 and names each bad shard if anything is wrong. Example: toto-pipeline verify tok/k600
     """
     so = _storage_options(endpoint_url)
+    names = storage.listdir(out, so)  # one listing, one read of each sidecar, for every check below
     try:
-        sides = store.committed_shards(out, so)
+        sides = store.committed_shards(out, so, names=names)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     bad: dict[str, list[str]] = {}
+    ran: collections.Counter[str] = collections.Counter()
     from tqdm import tqdm
 
     for s in tqdm(sides, desc="verify", unit="shard", file=sys.stderr, disable=len(sides) < 2):
+        ran.update(store.verify_checks(s))
         problems = store.verify_shard(out, s, so)
         if problems:
             bad[s["data_file"]] = problems
-    man_url = storage.join(out, store.MANIFEST)
-    if storage.exists(man_url, so):
+    if store.MANIFEST in names:
         try:
             man = store.read_manifest(out, so)
-            if man["content_hash"] != store.build_manifest(out, so)["content_hash"]:
+            if man["content_hash"] != store.build_manifest(out, so, sidecars=sides)["content_hash"]:
                 bad["manifest.json"] = ["does not match the shard sidecars; rebuild with `toto-pipeline status OUT --rebuild-manifest`"]
         except ValueError as e:
             bad["manifest.json"] = [str(e)]
-    deb = store.debris(out, so)
+    deb = store.debris(out, so, names=names)
     if clean and deb:
-        store.clean_debris(out, so)
+        store.clean_debris(out, so, names=names)
     for name, problems in bad.items():
         for p in problems:
             click.echo(f"BAD {storage.join(out, name)}: {p}", err=True)
@@ -132,6 +148,12 @@ def verify_cmd(out: str, clean: bool, endpoint_url: str | None) -> None:
         f"{len(sides) - len([n for n in bad if n != 'manifest.json'])}/{len(sides)} shards OK, {rows:,} rows"
         + (f", {len(deb)} debris files {'removed' if clean else 'ignored'}" if deb else "")
     )
+    if sides:
+        frames = sum(n for c, n in ran.items() if c.startswith("frames:"))
+        kinds = ", ".join(sorted(c.split(":", 1)[1] for c in ran if c.startswith("frames:")))
+        click.echo(f"checks: whole-file sha256 on {ran['sha256']} shards; per-frame checksums ({kinds or 'none'}) on "
+                   f"{frames} shards" + (f" ({len(sides) - frames} shards predate them: sha256 only)"
+                                         if frames < len(sides) else ""))
     if bad:
         sys.exit(1)
 

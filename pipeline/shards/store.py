@@ -419,18 +419,43 @@ def read_manifest(out_url: str, storage_options: dict | None = None) -> dict[str
     return doc
 
 
+def verify_checks(sidecar: dict[str, Any]) -> list[str]:
+    """Names of the checks :func:`verify_shard` runs on this shard's data, strongest last:
+    ``"sha256"`` (whole file) always, ``"frames:mul32"`` when the sidecar records per-frame
+    checksums (Arrow format 2); shape, row count and token range checks always follow."""
+    sums = sidecar.get("checksums")
+    return ["sha256", f"frames:{sums['frames']}"] if sums else ["sha256"]
+
+
 def verify_shard(out_url: str, sidecar: dict[str, Any], storage_options: dict | None = None) -> list[str]:
-    """Problems with one committed shard (empty when it is sound)."""
+    """Problems with one committed shard (empty when it is sound); :func:`verify_checks` names what ran.
+
+    A sha256 mismatch does not stop the other checks: the per-frame checksums (where the sidecar
+    records them) then say which rows and frames are damaged.
+    """
     problems = []
     data_url = storage.join(out_url, sidecar["data_file"])
     got = storage.sha256_file(data_url, storage_options)
     if got != sidecar["sha256"]:
-        return [f"sha256 mismatch (file {got[:12]}…, sidecar {sidecar['sha256'][:12]}…): the data file is corrupt"]
+        problems.append(f"sha256 mismatch (file {got[:12]}…, sidecar {sidecar['sha256'][:12]}…): the data file is corrupt")
     try:
         with ShardReader(data_url, sidecar, storage_options) as r:
             n = len(r)
             if n != sidecar["counts"]["rows"]:
                 problems.append(f"{n} rows, sidecar says {sidecar['counts']['rows']}")
+            if sidecar.get("checksums"):
+                impl = r._impl
+                if not (isinstance(impl, ArrowShardReader) and impl.has_frame_sums):
+                    problems.append(f"the sidecar records {sidecar['checksums']['frames']} frame checksums but the "
+                                    "data file has no frame_sums column: it was replaced")
+                else:
+                    bad = impl.bad_frames()
+                    keys = impl.column("key") if bad else []
+                    for row, frame in bad[:20]:
+                        problems.append(f"row {row} ({keys[row]}): frame {frame} fails its "
+                                        f"{sidecar['checksums']['frames']} checksum")
+                    if len(bad) > 20:
+                        problems.append(f"... {len(bad) - 20} more frames fail their checksum")
             tokens = 0
             for i in range(n):
                 row = r.row(i)

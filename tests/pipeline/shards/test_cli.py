@@ -74,3 +74,86 @@ def test_empty_shard_records_the_given_grid(tmp_path):
     side = w.commit(input_shard={"id": 0, "worklist_sha256": "x", "num_items": 1},
                     errors=[{"uri": "a.mp4", "reason": "zero bytes"}])
     assert side["grid"] == [4, 4] and side["counts"]["rows"] == 0
+
+
+def _frame_bytes_offset(path, tokens) -> int:
+    """Where one frame's uint16 tokens lie in an uncompressed Arrow file (found by their bytes)."""
+    data = path.read_bytes()
+    needle = np.asarray(tokens, dtype=np.uint16).tobytes()
+    at = data.find(needle)
+    assert at > 0 and data.find(needle, at + 1) == -1
+    return at
+
+
+def test_verify_names_the_row_and_frame_of_a_flipped_byte_and_says_which_checks_ran(tmp_path, rows):
+    _dataset(tmp_path, rows)
+    res = CliRunner().invoke(main, ["verify", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "checks: whole-file sha256 on 2 shards; per-frame checksums (mul32) on 2 shards" in res.output
+    # Shard 1 holds rows[6:] in key order: its row 2 is rows[8], of 3 frames.
+    target = rows[8]
+    assert target["num_frames"] == 3
+    p = tmp_path / "shard-000001.arrow"
+    at = _frame_bytes_offset(p, target["tokens"][2])  # frame 2 of that row
+    b = bytearray(p.read_bytes())
+    b[at + 5] ^= 0x10
+    p.write_bytes(bytes(b))
+    res = CliRunner().invoke(main, ["verify", str(tmp_path)])
+    assert res.exit_code == 1
+    bad = [line for line in res.output.splitlines() if line.startswith("BAD")]
+    assert len(bad) == 2, res.output
+    assert all("shard-000001.arrow" in line for line in bad)
+    assert "sha256 mismatch" in bad[0]
+    assert bad[1].endswith(f"row 2 ({target['key']}): frame 2 fails its mul32 checksum")
+    assert "1/2 shards OK" in res.output
+
+
+def test_verify_of_shards_without_frame_checksums_says_sha256_only(tmp_path, rows):
+    from pipeline import storage
+
+    _dataset(tmp_path, rows)
+    side_url = str(tmp_path / "shard-000000.json")
+    side = storage.read_json(side_url, "shard_sidecar")
+    side.pop("checksums")  # a sidecar written before format 2 (the file's extra column is then unchecked)
+    storage.write_json(side_url, side, "shard_sidecar")
+    res = CliRunner().invoke(main, ["verify", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert ("checks: whole-file sha256 on 2 shards; per-frame checksums (mul32) on 1 shards "
+            "(1 shards predate them: sha256 only)") in res.output
+
+
+def test_status_lists_once_and_reads_each_sidecar_once(tmp_path, rows, monkeypatch):
+    from pipeline import storage
+
+    _dataset(tmp_path, rows)
+    reads: list[str] = []
+    lists: list[str] = []
+    real_many, real_one, real_ls = storage.read_json_many, storage.read_json, storage.listdir
+
+    def many(urls, kind, so=None, **kw):
+        reads.extend(u for u in urls if kind == "shard_sidecar")
+        return real_many(urls, kind, so, **kw)
+
+    def one(url, kind, so=None):
+        if kind == "shard_sidecar":
+            reads.append(url)
+        return real_one(url, kind, so)
+
+    def ls(url, so=None):
+        lists.append(url)
+        return real_ls(url, so)
+
+    monkeypatch.setattr(storage, "read_json_many", many)
+    monkeypatch.setattr(storage, "read_json", one)
+    monkeypatch.setattr(storage, "listdir", ls)
+    res = CliRunner().invoke(main, ["status", str(tmp_path), "--json", "--rebuild-manifest"])
+    assert res.exit_code == 0, res.output
+    assert sorted(storage.basename(u) for u in reads) == ["shard-000000.json", "shard-000001.json"]
+    assert len(lists) == 1
+    st = json.loads(res.output)
+    assert st["manifest"] is True and st["shards_committed"] == 2 and st["debris"] == 0
+    reads.clear()
+    lists.clear()
+    res = CliRunner().invoke(main, ["verify", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert len(reads) == 2 and len(lists) == 1
