@@ -32,6 +32,10 @@ def _storage_options(endpoint_url: str | None) -> dict | None:
               help="Work items per input shard (= per output shard shard-NNNNNN).")
 @click.option("--limit", default=None, type=int, help="Only the first N work items (sorted by key). Default: all.")
 @click.option("--split", "splits", multiple=True, help="Only these splits (repeatable). Default: all.")
+@click.option("--listing", default=None, metavar="PATH",
+              help="Text file (local or s3://, .gz/.zst accepted) of paths relative to --input, one per line, "
+                   "used instead of listing storage (e.g. from an S3 Inventory report; a LIST of 1e7 objects takes "
+                   "hours). Read once, when OUT/worklist is first frozen. Default: list --input.")
 @click.option("--ray-address", default=None,
               help="Join a Ray cluster ('auto' inside a submitted job, or HOST:6379). Default: embedded local Ray.")
 @click.option("--num-cpus", default=None, type=int, help="CPUs of the embedded Ray. Default: all cores.")
@@ -64,7 +68,7 @@ def _storage_options(endpoint_url: str | None) -> dict | None:
                    "Env: TOTO_S3_ENDPOINT_URL.")
 @click.option("--no-progress", is_flag=True, help="No live progress display.")
 def tokenize_cmd(dataset, input_, output, tokenizer, resolution, fps, max_fps, chunk_frames, fmt, compression,
-                 items_per_shard, limit, splits, ray_address, num_cpus, num_gpus, decode_concurrency, decode_cpus,
+                 items_per_shard, limit, splits, listing, ray_address, num_cpus, num_gpus, decode_concurrency, decode_cpus,
                  decode_threads, tokenizer_cpus, cpu_actors, writers, writer_cpus, batch_size, rows_per_batch, precision,
                  decode_timeout, endpoint_url, no_progress) -> None:
     """Decode and tokenize a dataset into token shards, exactly once per input shard.
@@ -90,7 +94,8 @@ def tokenize_cmd(dataset, input_, output, tokenizer, resolution, fps, max_fps, c
         cfg = TokenizeConfig(
             dataset=dataset, input=input_, output=output, tokenizer=tokenizer, resolution=resolution, fps=fps,
             max_fps=max_fps, chunk_frames=chunk_frames, format=fmt, compression=compression,
-            items_per_shard=items_per_shard, limit=limit, splits=tuple(splits) or None, ray_address=ray_address,
+            items_per_shard=items_per_shard, limit=limit, splits=tuple(splits) or None, listing=listing,
+            ray_address=ray_address,
             num_cpus=num_cpus, num_gpus=num_gpus, decode_concurrency=decode_concurrency, decode_cpus=decode_cpus, decode_threads=decode_threads,
             tokenizer_cpus=tokenizer_cpus, cpu_actors=cpu_actors, writers=writers, writer_cpus=writer_cpus,
             batch_size=batch_size, rows_per_batch=rows_per_batch, precision=precision, decode_timeout_s=decode_timeout,

@@ -33,6 +33,9 @@ class TokenizeConfig:
     items_per_shard:  work items per input shard = per output shard.
     limit:            process only the first N work items (sorted by key); None = all.
     splits:           restrict the listing to these splits (None = all the adapter finds).
+    listing:          a text file (local or s3://, .gz/.zst accepted) of paths relative to `input`,
+                      one per line, listed instead of storage (e.g. made from an S3 Inventory report);
+                      read once, when the work list is first frozen (docs/datasets.md).
     ray_address:      None = embedded local Ray; "auto" or "HOST:PORT" / "ray://..." = join a cluster.
     num_cpus:         CPUs of the embedded Ray (None = all cores of this machine).
     num_gpus:         up to this many tokenizer actors on GPUs (one GPU each). On a cluster the pool
@@ -74,6 +77,7 @@ class TokenizeConfig:
     items_per_shard: int = 64
     limit: int | None = None
     splits: tuple[str, ...] | None = None
+    listing: str | None = None
     ray_address: str | None = None
     num_cpus: int | None = None
     num_gpus: int | None = None
@@ -110,6 +114,8 @@ class TokenizeConfig:
             bad("chunk_frames", self.chunk_frames, "use an int >= 1, e.g. 64")
         if not isinstance(self.items_per_shard, int) or self.items_per_shard < 1:
             bad("items_per_shard", self.items_per_shard, "use an int >= 1, e.g. 64")
+        if self.listing is not None and (not isinstance(self.listing, str) or not self.listing.strip()):
+            bad("listing", self.listing, "give the path or URL of a listing file, or None to list storage")
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
             bad("limit", self.limit, "use None (everything) or an int >= 1")
         if self.num_cpus is not None and self.num_cpus < 1:

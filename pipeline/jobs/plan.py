@@ -113,6 +113,8 @@ def prepare(cfg: TokenizeConfig, tok: Any | None = None, precision: str | None =
     list_opts: dict[str, Any] = {"chunk_seconds": cfg.decode_config().chunk_seconds}
     if cfg.splits:
         list_opts["splits"] = list(cfg.splits)
+    if cfg.listing:
+        list_opts["listing"] = cfg.listing
     try:
         wl, created = ensure_worklist(cfg.dataset, cfg.input, wl_url, storage_options=so, **list_opts)
     except ValueError as e:
