@@ -1,5 +1,5 @@
 """Dataset adapters: a dataset root (local path or s3://) → work items (an Arrow table of
-items.ARROW_SCHEMA) + a ListReport.
+items.WORKLIST_SCHEMA, the work list's compact rows) + a ListReport.
 
 Every adapter lists storage once (os.scandir locally, `fs.find` on object stores, or a `listing=`
 file of relative paths), matches files against the dataset's annotation files, and reports what
@@ -33,6 +33,7 @@ from pipeline.sources.items import (
     WORKLIST_POOL,
     ItemColumns,
     ListReport,
+    expand_items,
     make_item,
     media_kind,
     safe_video_id,
@@ -730,7 +731,7 @@ def list_folder(
     table = _drop_duplicate_ids(cols.table(), root, report)
     if probe:
         is_video = pc.equal(table["kind"], "video")
-        videos = table.filter(is_video).to_pylist()
+        videos = expand_items(table.filter(is_video)).to_pylist()
         if videos:
             durs = _probe_list([v["uri"] for v in videos], storage_options)
             segs = ItemColumns()
@@ -748,22 +749,27 @@ def _folder_video_id(rel: str) -> str:
 
 
 def _drop_duplicate_ids(table: pa.Table, root: str, report: ListReport) -> pa.Table:
-    """Keep the first row of each video id (in table order); report the others as duplicate_row.
+    """The rows sorted by key, keeping the first row (in table order) of each video id; the
+    others are reported as duplicate_row.
 
-    Different paths can map to one id (e.g. `a/b.jpg` and `a__b.jpg`); checking the column
-    once replaces a set of every id seen while listing.
+    Different paths can map to one id (e.g. `a/b.jpg` and `a__b.jpg`). The rows are one dataset's,
+    all chunk 0 (before segmentation), so their keys are equal exactly when their video ids are:
+    after a stable sort, a duplicate is a key equal to the one before it. That costs a bit per
+    row, where a hash of every id (count_distinct) held ~100 bytes per row at the listing's peak.
     """
-    if pc.count_distinct(table["video_id"], memory_pool=WORKLIST_POOL).as_py() == table.num_rows:
+    from pipeline.sources.worklist import sort_items
+
+    table = sort_items(table)
+    keys = table["key"]
+    if len(keys) < 2:
         return table
-    seen: set[str] = set()
-    keep = []
-    for vid, uri in zip(table["video_id"].to_pylist(), table["uri"].to_pylist(), strict=True):
-        dup = vid in seen
-        seen.add(vid)
-        keep.append(not dup)
-        if dup:
-            report.add("duplicate_row", uri[len(root) + 1 :])
-    return table.filter(pa.array(keep))
+    dup = pc.equal(keys[1:], keys[:-1], memory_pool=WORKLIST_POOL)
+    if not pc.any(dup).as_py():
+        return table
+    dup = pa.concat_arrays([pa.array([False]), *dup.chunks])
+    for uri in expand_items(table.filter(dup))["uri"].to_pylist():  # only when ids collide: rare, reported
+        report.add("duplicate_row", uri[len(root) + 1 :])
+    return table.filter(pc.invert(dup))
 
 
 ADAPTERS: dict[str, Callable[..., tuple[pa.Table, ListReport]]] = {
@@ -780,7 +786,8 @@ ADAPTERS: dict[str, Callable[..., tuple[pa.Table, ListReport]]] = {
 def list_table(
     dataset: str, root: str, *, storage_options: dict | None = None, name: str | None = None, **options: Any
 ) -> tuple[pa.Table, ListReport]:
-    """List a dataset: `(items sorted by key as a table of items.ARROW_SCHEMA, report)`.
+    """List a dataset: `(items sorted by key as a table of items.WORKLIST_SCHEMA, report)`
+    (`items.expand_items(table)` gives them as ARROW_SCHEMA items).
 
     dataset: one of ADAPTERS (kinetics400/600/700, ego4d, howto100m, imagenet, folder).
     root: local folder or s3://bucket/prefix. options: adapter options (splits=[...],
@@ -805,4 +812,4 @@ def list_items(
 ) -> tuple[list[dict], ListReport]:
     """`list_table` with the items as dicts (sorted by key): handy for small datasets and tests."""
     table, report = list_table(dataset, root, storage_options=storage_options, name=name, **options)
-    return table.to_pylist(), report
+    return expand_items(table).to_pylist(), report

@@ -3,13 +3,16 @@ and the deterministic cut into input shards.
 
 Layout of a work-list directory WL (local or s3://):
 
-    WL/worklist.parquet   one row per work item (fields of pipeline.sources.items.ITEM_FIELDS), sorted by key
-    WL/worklist.json      {"schema": "worklist", "version": 1, "sha256", "num_items", "dataset", "root",
-                           "options", "report"}: written last, so its presence means "frozen"
+    WL/worklist.parquet   one row per work item, sorted by key: version 2 (written now) holds the
+                          compact rows of pipeline.sources.items.WORKLIST_FILE_SCHEMA; version 1
+                          (older lists, still read) the fields of ITEM_FIELDS
+    WL/worklist.json      {"schema": "worklist", "version": 1 | 2, "sha256", "num_items", "dataset",
+                           "root", "options", "report"}: written last, so its presence means "frozen"
 
 Once frozen, a work list is never rewritten: `freeze_worklist` on an existing one returns it if
 the content is identical and raises otherwise, and `ensure_worklist` lists storage only when no
-frozen list exists yet.
+frozen list exists yet. Whatever its version, a loaded list is held as WORKLIST_SCHEMA rows; its
+sha256 is always that of its own file, so the jobs planned from a version-1 list resume.
 """
 
 from __future__ import annotations
@@ -25,31 +28,40 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+import schemas
 from pipeline.sources._fs import is_local, join, url_to_fs
-from pipeline.sources.items import ARROW_SCHEMA, ITEM_FIELDS, WORKLIST_POOL, ListReport
+from pipeline.sources.items import (
+    ARROW_SCHEMA,
+    DICT_COLUMNS,
+    ITEM_FIELDS,
+    WORKLIST_FILE_SCHEMA,
+    WORKLIST_POOL,
+    WORKLIST_SCHEMA,
+    ListReport,
+    compact_items,
+    expand_items,
+)
 
 WORKLIST_PARQUET = "worklist.parquet"
 WORKLIST_JSON = "worklist.json"
-WORKLIST_VERSION = 1
+WORKLIST_VERSION = 2  # what freeze_worklist writes; load_worklist reads 1 and 2
+# The Parquet columns of each version (v1: one column per item field; v2: the compact rows).
+_FILE_SCHEMAS = {1: ARROW_SCHEMA, 2: WORKLIST_FILE_SCHEMA}
+
 
 def _validate_doc(doc: dict) -> dict:
-    """Validate a worklist.json document against schemas/worklist.v1.json."""
-    import jsonschema
-
+    """Validate a worklist.json document against schemas/worklist.v{version}.json."""
     if doc.get("schema") != "worklist":
         raise ValueError(f"not a work-list document (schema={doc.get('schema')!r}); expected 'worklist'")
-    if doc.get("version") != WORKLIST_VERSION:
+    if doc.get("version") not in _FILE_SCHEMAS:
         raise ValueError(
-            f"work list version {doc.get('version')!r} is not supported (this code reads version "
-            f"{WORKLIST_VERSION}); rebuild the work list with this version of toto"
+            f"work list version {doc.get('version')!r} is not supported (this code reads versions "
+            f"{sorted(_FILE_SCHEMAS)}); rebuild the work list with this version of toto"
         )
-    from importlib.resources import files
-
-    schema = json.loads((files("schemas") / f"worklist.v{WORKLIST_VERSION}.json").read_text())
     try:
-        jsonschema.validate(doc, schema)
-    except jsonschema.ValidationError as e:
-        raise ValueError(f"worklist.json is invalid: {e.message} at {list(e.absolute_path)}") from None
+        schemas.validate(doc, "worklist")
+    except schemas.SchemaError as e:
+        raise ValueError(f"worklist.json is invalid: {e}") from None
     return doc
 
 
@@ -80,13 +92,17 @@ def _exists(url: str, storage_options: dict | None) -> bool:
 
 
 def items_to_table(items: list[dict] | pa.Table) -> pa.Table:
-    """Work items (dicts with ITEM_FIELDS, or a table) as a table of ARROW_SCHEMA, in their order."""
+    """Work items (dicts with ITEM_FIELDS, or a table of ARROW_SCHEMA or WORKLIST_SCHEMA) as a
+    table of WORKLIST_SCHEMA, in their order."""
     if isinstance(items, pa.Table):
+        if items.schema.names == WORKLIST_SCHEMA.names:
+            return items.cast(WORKLIST_SCHEMA) if not items.schema.equals(WORKLIST_SCHEMA) else items
         if items.schema.names != list(ITEM_FIELDS):
-            raise ValueError(f"work-item table has columns {items.schema.names}; expected {list(ITEM_FIELDS)}")
-        return items.cast(ARROW_SCHEMA) if not items.schema.equals(ARROW_SCHEMA) else items
+            raise ValueError(f"work-item table has columns {items.schema.names}; expected {list(ITEM_FIELDS)} "
+                             f"(items) or {WORKLIST_SCHEMA.names} (a work list)")
+        return compact_items(items.cast(ARROW_SCHEMA) if not items.schema.equals(ARROW_SCHEMA) else items)
     cols = {name: [it.get(name) for it in items] for name in ITEM_FIELDS}
-    return pa.table(cols, schema=ARROW_SCHEMA)
+    return compact_items(pa.table(cols, schema=ARROW_SCHEMA))
 
 
 def _is_sorted(keys: pa.ChunkedArray) -> bool:
@@ -109,31 +125,38 @@ ROW_GROUP_ROWS = 65536
 def table_to_parquet_bytes(table: pa.Table) -> bytes:
     """Deterministic Parquet bytes for a sorted item table (same rows + same pyarrow ⇒ same bytes).
 
-    Page boundaries follow the input's chunks, so each row group is made contiguous before it is
-    written: the bytes (and so the hash) of a list built from dicts, from an adapter's record
-    batches or from a loaded Parquet file are the same. One row group is copied at a time, not
-    the whole table.
+    A WORKLIST_SCHEMA table is written as WORKLIST_FILE_SCHEMA (version 2: dictionary columns as
+    plain strings, so how the dictionaries were built cannot change the bytes); an ARROW_SCHEMA
+    table as itself (the version-1 layout). Page boundaries follow the input's chunks, so each row
+    group is made contiguous before it is written: the bytes (and so the hash) of a list built
+    from dicts, from an adapter's record batches or from a loaded Parquet file are the same. One
+    row group is copied at a time, not the whole table.
     """
+    file_schema = WORKLIST_FILE_SCHEMA if table.schema.names == WORKLIST_SCHEMA.names else table.schema
     buf = io.BytesIO()
-    with pq.ParquetWriter(buf, table.schema, compression="zstd", write_statistics=False) as w:
+    with pq.ParquetWriter(buf, file_schema, compression="zstd", write_statistics=False) as w:
         for start in range(0, table.num_rows, ROW_GROUP_ROWS):
-            w.write_table(table.slice(start, ROW_GROUP_ROWS).combine_chunks(), row_group_size=ROW_GROUP_ROWS)
+            group = table.slice(start, ROW_GROUP_ROWS).combine_chunks().cast(file_schema)
+            w.write_table(group, row_group_size=ROW_GROUP_ROWS)
+            del group
         if table.num_rows == 0:
-            w.write_table(table, row_group_size=ROW_GROUP_ROWS)
+            w.write_table(file_schema.empty_table(), row_group_size=ROW_GROUP_ROWS)
     return buf.getvalue()
 
 
 def items_to_parquet_bytes(items: list[dict] | pa.Table) -> bytes:
-    """Deterministic Parquet bytes for sorted items (dicts or a table)."""
+    """Deterministic Parquet bytes (version 2) for sorted items (dicts or a table)."""
     return table_to_parquet_bytes(items_to_table(items))
 
 
 @dataclass
 class WorkList:
-    """A frozen work list: items sorted by key as an Arrow table, and the sha256 of its Parquet file.
+    """A frozen work list: items sorted by key as a WORKLIST_SCHEMA table, and the sha256 of its
+    Parquet file (of either version).
 
-    `table` (ARROW_SCHEMA) is what the job uses; `items` turns it into a list of dicts, which
-    costs ~1.7 KB per item: use it for small lists only.
+    `table` (compact rows) is what the job holds; `items_table(start, stop)` expands rows to
+    ARROW_SCHEMA items and `items` to a list of dicts, which costs ~1.7 KB per item: use it for
+    small lists only.
     """
 
     url: str
@@ -145,17 +168,27 @@ class WorkList:
         return self.table.num_rows
 
     @property
+    def version(self) -> int:
+        return int(self.meta.get("version", WORKLIST_VERSION))
+
+    def items_table(self, start: int = 0, stop: int | None = None) -> pa.Table:
+        """Rows [start, stop) as items (ARROW_SCHEMA)."""
+        stop = self.table.num_rows if stop is None else stop
+        return expand_items(self.table.slice(start, stop - start))
+
+    @property
     def items(self) -> list[dict]:
-        return self.table.to_pylist()
+        return self.items_table().to_pylist()
 
 
 @dataclass(frozen=True)
 class InputShard:
-    """Rows [start, stop) of a sorted work-item table; `id` is its index, `name` its fixed-width id.
+    """Rows [start, stop) of a sorted work list; `id` is its index, `name` its fixed-width id.
 
-    Holds a reference to the whole table (not a copy) and builds its slice on demand, so a plan of
-    any number of shards costs a few hundred bytes per shard. The decode stage receives the
-    shard's items as `items_json()` (or `table` / `items`).
+    Holds a reference to the whole work list's (compact, WORKLIST_SCHEMA) table, not a copy, and
+    expands its own rows into items on demand, so a plan of any number of shards costs a few
+    hundred bytes per shard. The decode stage receives the shard's items as `items_json()` (or
+    `table` / `items`).
     """
 
     id: int
@@ -175,14 +208,19 @@ class InputShard:
         return self.stop - self.start
 
     @property
-    def table(self) -> pa.Table:
-        """The shard's rows as a zero-copy slice of the work-item table."""
+    def rows(self) -> pa.Table:
+        """The shard's compact rows (WORKLIST_SCHEMA): a zero-copy slice of the work list."""
         return self.source.slice(self.start - self.source_start, self.stop - self.start)
 
+    @property
+    def table(self) -> pa.Table:
+        """The shard's items (ARROW_SCHEMA), expanded from its rows (a copy of this shard's only)."""
+        return expand_items(self.rows)
+
     def __reduce__(self):
-        # Pickling an Arrow slice would carry the whole work list's buffers: send a compact copy
-        # of this shard's rows instead (what Ray does when a shard goes to another process).
-        rows = self.table.take(pa.array(range(self.num_items), type=pa.int64()))
+        # Pickling an Arrow slice would carry the whole work list's buffers (and its dictionaries):
+        # send fresh compact rows of this shard only (what Ray does when a shard goes to another process).
+        rows = compact_items(self.table).take(pa.array(range(self.num_items), type=pa.int64()))  # (copies the key slice)
         return (InputShard, (self.id, self.start, self.stop, self.worklist_sha256, rows, self.start))
 
     @property
@@ -219,11 +257,11 @@ def freeze_worklist(
     report: ListReport | dict | None = None,
     storage_options: dict | None = None,
 ) -> WorkList:
-    """Write items (dicts or an ARROW_SCHEMA table; sorted here by key) as WL/worklist.parquet +
-    WL/worklist.json, once.
+    """Write items (dicts, or an ARROW_SCHEMA or WORKLIST_SCHEMA table; sorted here by key) as
+    WL/worklist.parquet + WL/worklist.json (version 2), once.
 
-    If WL is already frozen: returns the existing list when its content hash equals these
-    items', else raises ValueError (a frozen list is never replaced silently).
+    If WL is already frozen: returns the existing list (of whichever version) when it holds the
+    same rows, else raises ValueError (a frozen list is never replaced silently).
     Duplicate keys raise ValueError naming them.
     """
     table = sort_items(items_to_table(items))
@@ -233,7 +271,10 @@ def freeze_worklist(
     json_url = join(out_url, WORKLIST_JSON)
     if _exists(json_url, storage_options):
         existing = load_worklist(out_url, storage_options=storage_options)
-        if existing.sha256 != sha:
+        # A list of another version has another file hash for the same items: compare its rows in
+        # this version's bytes instead.
+        same = existing.sha256 if existing.version == WORKLIST_VERSION else hashlib.sha256(table_to_parquet_bytes(existing.table)).hexdigest()
+        if same != sha:
             raise ValueError(
                 f"a different work list is already frozen at {out_url} (sha256 {existing.sha256[:12]}…, "
                 f"{len(existing)} items; new listing {sha[:12]}…, {table.num_rows} items); use a new output "
@@ -273,14 +314,19 @@ def load_worklist(url: str, *, storage_options: dict | None = None, verify: bool
                 f"{join(url, WORKLIST_PARQUET)} is corrupt or was modified: sha256 {got[:12]}… but "
                 f"{WORKLIST_JSON} records {doc['sha256'][:12]}…; restore it or re-list into a new folder"
             )
+    version = doc["version"]
+    file_schema = _FILE_SCHEMAS[version]
     # One thread, no pre-buffering: decoding row group after row group keeps the temporaries to
-    # one group's size (read_table's parallel decode held ~2x the table at its peak).
-    table = pq.ParquetFile(pa.BufferReader(data), pre_buffer=False).read(use_threads=False)
-    del data
-    if table.schema.names != list(ITEM_FIELDS):
-        raise ValueError(f"{join(url, WORKLIST_PARQUET)} has columns {table.schema.names}, not {list(ITEM_FIELDS)}; "
-                         "re-list into a new folder")
-    table = table.cast(ARROW_SCHEMA)  # same types: no copy
+    # one group's size (read_table's parallel decode held ~2x the table at its peak). Version 2's
+    # string columns with few values come back dictionary-encoded, as they are held.
+    pf = pq.ParquetFile(pa.BufferReader(data), pre_buffer=False,
+                        read_dictionary=list(DICT_COLUMNS) if version == 2 else None)
+    if pf.schema_arrow.names != file_schema.names:
+        raise ValueError(f"{join(url, WORKLIST_PARQUET)} has columns {pf.schema_arrow.names}, not "
+                         f"{file_schema.names} (work list version {version}); re-list into a new folder")
+    table = pf.read(use_threads=False)
+    del data, pf
+    table = table.cast(WORKLIST_SCHEMA) if version == 2 else compact_items(table.cast(ARROW_SCHEMA))
     if table.num_rows != doc["num_items"]:
         raise ValueError(f"{url}: {table.num_rows} rows but worklist.json says {doc['num_items']}")
     return WorkList(url=url, table=table, sha256=doc["sha256"], meta=doc)

@@ -265,3 +265,13 @@ def test_listing_file_replaces_storage_listing(tmp_path):
     (tmp_path / "bad.txt").write_text("a/one.jpg\n../etc/passwd\n")
     with pytest.raises(ValueError, match=r"bad.txt:2: '../etc/passwd' is not a plain path relative"):
         list_items("folder", str(root), listing=str(tmp_path / "bad.txt"))
+
+
+def test_folder_paths_mapping_to_one_video_id_keep_the_first_and_report_the_rest(tmp_path):
+    for rel in ("a/b.jpg", "a__b.jpg", "a__b.png", "c.jpg"):
+        touch(str(tmp_path / rel))
+    items, report = list_items("folder", str(tmp_path), probe=False)
+    # Listed in path order, "a/b.jpg" < "a__b.jpg" < "a__b.png": the first of the three ids "a__b" stays.
+    assert [(i["video_id"], i["uri"][len(str(tmp_path)) + 1:]) for i in items] == [("a__b", "a/b.jpg"), ("c", "c.jpg")]
+    assert report.problems == {"duplicate_row": 2}
+    assert report.examples["duplicate_row"] == ["a__b.jpg", "a__b.png"]

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from pipeline.sources import ensure_worklist, freeze_worklist, input_shards, load_worklist
-from pipeline.sources.items import make_item
+from pipeline.sources.items import ITEM_FIELDS, make_item
 
 
 def _items(n: int) -> list[dict]:
@@ -30,7 +30,7 @@ def test_freeze_is_deterministic_sorted_and_loads_back(tmp_path):
     assert [i["key"] for i in wl.items] == [f"ds/v{i:03d}/00000" for i in range(10)]
     assert wl.items == sorted(_items(10), key=lambda i: i["key"])
     doc = json.loads((tmp_path / "a" / "worklist.json").read_text())
-    assert doc["schema"] == "worklist" and doc["version"] == 1 and doc["num_items"] == 10
+    assert doc["schema"] == "worklist" and doc["version"] == 2 and doc["num_items"] == 10
 
 
 def test_frozen_list_is_never_replaced(tmp_path):
@@ -51,9 +51,9 @@ def test_corrupt_parquet_and_unknown_version_are_refused(tmp_path):
     with pytest.raises(ValueError, match="corrupt or was modified"):
         load_worklist(str(out))
     doc = json.loads((out / "worklist.json").read_text())
-    doc["version"] = 2
+    doc["version"] = 3
     (out / "worklist.json").write_text(json.dumps(doc))
-    with pytest.raises(ValueError, match="version 2 is not supported"):
+    with pytest.raises(ValueError, match="version 3 is not supported"):
         load_worklist(str(out))
 
 
@@ -128,12 +128,71 @@ def _golden_items(n: int) -> list[dict]:
     return out
 
 
-# sha256 of worklist.parquet for _golden_items(n), computed by the dict-based code this module
-# replaced: a change here would orphan every existing job output (its plan records this hash).
+# sha256 of worklist.parquet (version 2, compact rows) for _golden_items(n). Set deliberately when
+# version 2 was introduced: a change here would orphan every job output planned from a version-2
+# list (its plan records this hash); change the format only as a new version.
 GOLDEN_SHA256 = {
-    8: "0a456db5c5f75250a14ca7ce70bc4f1db7c018b09f1a25b914aae1c657a7c393",
-    70000: "862cec8ef0a75eb13432ebb5540bc166684bb67ee972628bf95a3e30d8b9da9a",  # two row groups
+    8: "3daf027801d2dae7bbbcabd57e565151530955cd0503f2b9e91c41a0e5aa6b44",
+    70000: "23a6736f5daabb87feac9525998b852c23a755619935ad64660aead414613d05",  # two row groups
 }
+# The same for version 1 (one column per item field), as the dict-based code wrote it: lists
+# frozen then must keep loading under this hash, so the jobs planned from them resume.
+GOLDEN_SHA256_V1 = {8: "0a456db5c5f75250a14ca7ce70bc4f1db7c018b09f1a25b914aae1c657a7c393"}
+
+
+def _write_v1_worklist(out, items: list[dict]) -> str:
+    """A version-1 work list exactly as Toto wrote it before version 2 (same writer, item columns)."""
+    import hashlib
+
+    import pyarrow as pa
+
+    from pipeline.sources.items import ARROW_SCHEMA
+    from pipeline.sources.worklist import table_to_parquet_bytes
+
+    rows = sorted(items, key=lambda i: i["key"])
+    data = table_to_parquet_bytes(pa.table({k: [it[k] for it in rows] for k in ITEM_FIELDS}, schema=ARROW_SCHEMA))
+    sha = hashlib.sha256(data).hexdigest()
+    os.makedirs(out)
+    with open(os.path.join(out, "worklist.parquet"), "wb") as f:
+        f.write(data)
+    doc = {"schema": "worklist", "version": 1, "sha256": sha, "num_items": len(rows), "dataset": "ds",
+           "root": "/d", "options": {}, "report": {}}
+    with open(os.path.join(out, "worklist.json"), "w") as f:
+        json.dump(doc, f)
+    return sha
+
+
+def test_version_1_list_still_loads_with_its_hash_and_cuts_the_same_shards(tmp_path):
+    items = _golden_items(8)
+    sha = _write_v1_worklist(str(tmp_path / "v1"), items)
+    assert sha == GOLDEN_SHA256_V1[8]
+    wl = load_worklist(str(tmp_path / "v1"))
+    assert wl.version == 1 and wl.sha256 == sha and len(wl) == 8
+    assert wl.items == sorted(items, key=lambda i: i["key"])
+    # Held compact like a version-2 list; shards carry the version-1 hash their sidecars record.
+    assert wl.table.schema.names == ["key", "dir", "name", "split", "label", "kind", "t_start", "t_end",
+                                     "byte_offset", "byte_size"]
+    shards = input_shards(wl, 3)
+    assert [s.descriptor() for s in shards] == [{"id": i, "worklist_sha256": sha, "num_items": n}
+                                                for i, n in enumerate((3, 3, 2))]
+    assert [list(s.items) for s in shards] == [wl.items[0:3], wl.items[3:6], wl.items[6:8]]
+    # Freezing the same items into that folder returns the frozen version-1 list, not a rewrite.
+    again = freeze_worklist(items, str(tmp_path / "v1"), dataset="ds", root="/d")
+    assert again.sha256 == sha and again.version == 1
+
+
+def test_compact_rows_are_smaller_and_a_key_that_disagrees_is_refused():
+    import pyarrow as pa
+
+    from pipeline.sources.items import ARROW_SCHEMA, compact_items, expand_items
+
+    items = pa.Table.from_pylist(sorted(_golden_items(2000), key=lambda i: i["key"]), schema=ARROW_SCHEMA)
+    rows = compact_items(items)
+    assert expand_items(rows).equals(items)
+    assert rows.nbytes < 0.7 * items.nbytes  # here 81 vs 122 bytes per item
+    bad = items.set_column(0, "key", pa.array(["ds/other/00000"] + items["key"].to_pylist()[1:]))
+    with pytest.raises(ValueError, match="'ds/other/00000' has dataset/video_id/chunk giving key 'ds/v00000/00000'"):
+        compact_items(bad)
 
 
 @pytest.mark.parametrize("n", sorted(GOLDEN_SHA256))
@@ -153,7 +212,8 @@ def test_worklist_hash_is_golden_from_dicts_columns_and_reload(tmp_path, n):
     assert (tmp_path / "a" / "worklist.parquet").read_bytes() == (tmp_path / "b" / "worklist.parquet").read_bytes()
     loaded = load_worklist(str(tmp_path / "b"))
     assert loaded.sha256 == GOLDEN_SHA256[n] and len(loaded) == n
-    assert loaded.table.equals(from_dicts.table)
+    assert loaded.items_table().equals(from_dicts.items_table())
+    assert loaded.items == sorted(items, key=lambda i: i["key"])
     # Input shards: the same row ranges and descriptors whether cut from dicts or the table.
     by_table = input_shards(loaded, 3000)
     by_dicts = input_shards(items, 3000)
@@ -167,14 +227,14 @@ def test_input_shard_offers_arrow_slice_json_and_dicts(tmp_path):
     wl = freeze_worklist(_golden_items(10), str(tmp_path / "wl"), dataset="ds", root="/d")
     s = input_shards(wl, 4)[1]
     assert (s.id, s.name, s.start, s.stop, s.num_items) == (1, "shard-000001", 4, 8, 4)
-    assert s.table.num_rows == 4 and s.table.schema.names == list(wl.table.schema.names)
+    assert s.table.num_rows == 4 and s.table.schema.names == list(ITEM_FIELDS)
     assert s.table["key"].to_pylist() == [f"ds/v{i:05d}/{(i % 4) * 28:05d}" for i in range(4, 8)]
     expected = sorted(_golden_items(10), key=lambda i: i["key"])[4:8]
     assert list(s.items) == expected
     assert json.loads(s.items_json()) == expected
     assert s.descriptor() == {"id": 1, "worklist_sha256": wl.sha256, "num_items": 4}
-    # A shard refers to the work list's buffers; it does not copy them.
-    assert s.table["uri"].chunks[0].buffers()[2].address == wl.table["uri"].chunks[0].buffers()[2].address
+    # A shard refers to the work list's buffers; it does not copy them (only `table` expands its rows).
+    assert s.rows["name"].chunks[0].buffers()[2].address == wl.table["name"].chunks[0].buffers()[2].address
     # Pickled (e.g. sent to a Ray worker), it carries its own rows only, and stays the same shard.
     import pickle
 
@@ -190,7 +250,7 @@ def test_unsorted_table_is_sorted_and_duplicate_keys_in_a_table_are_refused(tmp_
     cols = ItemColumns()
     cols.extend(_items(6))  # reversed key order
     wl = freeze_worklist(cols.table(), str(tmp_path / "wl"), dataset="ds", root="/d")
-    assert wl.table["video_id"].to_pylist() == [f"v{i:03d}" for i in range(6)]
+    assert wl.items_table()["video_id"].to_pylist() == [f"v{i:03d}" for i in range(6)]
     assert wl.sha256 == freeze_worklist(_items(6), str(tmp_path / "wl2"), dataset="ds", root="/d").sha256
     dup = ItemColumns()
     dup.extend(_items(3) + _items(2))
