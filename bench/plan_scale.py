@@ -5,7 +5,8 @@ baseline measured in the same run.
 Listing is `ensure_worklist` (adapter → Arrow table → sorted, hashed, frozen worklist.parquet);
 planning is `pipeline.jobs.plan.prepare` on the frozen list (load + verify sha256, cut into input
 shards, one LIST, clean debris, read the committed sidecars: half the shards are committed
-beforehand). Each phase runs in a fresh process; its memory is the process's peak RSS minus its
+beforehand); after planning's memory is taken, `items_json()` of every shard (what the job hands
+the decode stage) is timed. Each phase runs in a fresh process; its memory is the process's peak RSS minus its
 RSS just before the phase, per work item.
 
   generated  the folder adapter over a generated listing file of N image paths (`listing=`)
@@ -100,7 +101,14 @@ def child_plan(a: argparse.Namespace) -> dict:
     plan = prepare(cfg, TOK)
     dt = time.perf_counter() - t0
     assert plan.num_items == a.n and len(plan.done) == (len(plan.shards) + 1) // 2, (plan.num_items, len(plan.done))
-    return {"s": dt, "bytes_per_item": (peak_bytes() - r0) / a.n, "shards": len(plan.shards), "done": len(plan.done)}
+    mem = (peak_bytes() - r0) / a.n
+    # After the memory figure: what the job does next with the plan, each shard's compact rows
+    # expanded to items and JSON for the decode stage (all shards, as a fresh job would).
+    t0 = time.perf_counter()
+    json_bytes = sum(len(s.items_json()) for s in plan.shards)
+    return {"s": dt, "bytes_per_item": mem, "shards": len(plan.shards), "done": len(plan.done),
+            "rows_bytes_per_item": plan.shards[0].source.nbytes / a.n, "items_json_s": time.perf_counter() - t0,
+            "json_bytes_per_item": json_bytes / a.n}
 
 
 def child_dicts(a: argparse.Namespace) -> dict:
@@ -370,6 +378,11 @@ def main() -> None:
                     for k in ("list", "plan", "dicts")}
             print(f"marginal {lo['n']:.0e} -> {hi['n']:.0e}: list {marg['list']:.0f} B/item, plan {marg['plan']:.0f} "
                   f"B/item, dicts {marg['dicts']:.0f} B/item (ratio {max(marg['list'], marg['plan']) / marg['dicts']:.2f})")
+        for r in gen:
+            p = r["plan"]
+            print(f"{r['n']:.0e} items: compact rows {p['rows_bytes_per_item']:.0f} B/item in memory; items_json() of "
+                  f"all {p['shards']} shards (expand + JSON for the decode stage) {p['items_json_s']:.2f} s, "
+                  f"{p['json_bytes_per_item']:.0f} B/item of JSON")
         print("growth: time per item relative to the smallest generated size: "
               + ", ".join(f"{r['n']:.0e}: {(r['list']['s'] + r['plan']['s']) / r['n'] * 1e6 / base_us:.2f}x" for r in gen))
         if s3 is not None:

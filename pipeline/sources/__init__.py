@@ -12,11 +12,14 @@ Public API (plain Python, no Ray):
     wl = load_worklist("out/worklist")              # verifies the Parquet sha256; wl.table is Arrow
     for shard in input_shards(wl, items_per_shard=256):
         shard.id, shard.name ("shard-000000"), shard.start, shard.stop (rows of wl.table),
-        shard.table (zero-copy Arrow slice), shard.items_json() (what the decode stage reads),
-        shard.items (tuple of item dicts), shard.descriptor()
+        shard.rows (zero-copy slice of the compact rows), shard.table (its items, ARROW_SCHEMA),
+        shard.items_json() (what the decode stage reads), shard.items (tuple of item dicts),
+        shard.descriptor()
 
-Work items live in Arrow tables of ARROW_SCHEMA from listing to input shard (ItemColumns in the
-adapters, never a dict per item); `list_items` and `WorkList.items` give dicts for small lists.
+Work items live in Arrow tables of compact rows (WORKLIST_SCHEMA, work-list version 2) from
+listing to input shard (ItemColumns in the adapters, never a dict per item); an input shard
+expands its own rows to ARROW_SCHEMA items (expand_items); `list_items` and `WorkList.items` give
+dicts for small lists.
 
 Datasets (ADAPTERS): kinetics400, kinetics600, kinetics700, ego4d, howto100m, imagenet, folder.
 Layouts: docs/datasets.md. Work-item fields: pipeline.sources.items (module docstring).
@@ -37,8 +40,11 @@ from pipeline.sources.items import (
     DEFAULT_CHUNK_SECONDS,
     DEFAULT_MAX_ITEM_SECONDS,
     ITEM_FIELDS,
+    WORKLIST_SCHEMA,
     ItemColumns,
     ListReport,
+    compact_items,
+    expand_items,
     make_item,
     make_key,
     safe_video_id,
@@ -62,8 +68,11 @@ __all__ = [
     "InputShard",
     "ItemColumns",
     "ListReport",
+    "WORKLIST_SCHEMA",
     "WorkList",
+    "compact_items",
     "ensure_worklist",
+    "expand_items",
     "freeze_worklist",
     "input_shards",
     "list_items",
