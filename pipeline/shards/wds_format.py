@@ -152,7 +152,8 @@ class TarShardReader:
         ``cat_ranges``; the tokens members are not read."""
         if self._meta_cache is None:
             spans = [e[META_EXT] for e in self._index]
-            got = self._fs.cat_ranges([self._path] * len(spans), [o for o, _ in spans], [o + n for o, n in spans]) if spans else []
+            got = (self._fs.cat_ranges([self._path] * len(spans), [o for o, _ in spans], [o + n for o, n in spans],
+                                      on_error="raise") if spans else [])
             for (o, n), data in zip(spans, got, strict=True):
                 if len(data) != n:
                     raise ValueError(f"{self.url}: member bytes [{o}, {o + n}) gave {len(data)} bytes: the shard is "
