@@ -406,6 +406,16 @@ class _Direct:
         self.run_cum = np.append(cum[first], cum[-1])  # int64 [N+1]
         self.run_elem = g[first]  # int64 [N]: arena element of each run's first token
         self.run_shard = shard[first]
+        self.steps = stride * np.arange(frames, dtype=np.int64)  # a clip's frames after its first
+        # Per run, indexed by searchsorted(run_cum, frame, "right") = run + 1 (entry 0 unused), so
+        # that a batch needs no "- 1": frame f of run n starts at element f * HW + _off[n + 1], and a
+        # clip starting at f stays inside run n (one strided window) iff f < _whole_below[n + 1].
+        self._off = np.append(0, self.run_elem - self.run_cum[:-1] * hw)
+        self._whole_below = np.append(0, self.run_cum[1:] - self.steps[-1])
+        self._shard1 = np.append(-1, self.run_shard)
+        # Where every row is one frame (images: frame number = row), a frame's element is read off
+        # its row (the index's memory-mapped arrays) instead of searched for among the runs.
+        self._rows = (table["shard"], table["elem"]) if bool((nf == 1).all()) else None
         self.verified = np.zeros(len(shards), dtype=bool)
         self.all_verified = store.verify == "off"
         u16 = self.arena.u16
@@ -418,41 +428,55 @@ class _Direct:
             u16, shape=(max(u16.size - span + 1, 0), frames, hw), strides=(2, stride * hw * 2, 2), writeable=False)
 
     def _runs(self, frames: np.ndarray) -> np.ndarray:
-        q = np.searchsorted(self.run_cum, frames, side="right") - 1
+        """Absolute frames (int64, any shape) → their run + 1 (the index into the per-run tables);
+        checks each shard they lie in once, first (unless ``verify="off"``)."""
+        q1 = np.searchsorted(self.run_cum, frames, side="right")
         if not self.all_verified:
-            self._verify(q)
-        return q
+            self._verify(self._shard1[q1])
+        return q1
 
-    def _verify(self, q: np.ndarray) -> None:
-        sh = self.run_shard[q]
+    def _verify(self, sh: np.ndarray) -> None:
+        """Check the shards ``sh`` not checked yet (the whole-file sha256), before any of them is read."""
         for k in np.unique(sh[~self.verified[sh]]).tolist():
-            self.store._file(k).check_file()  # raises on a corrupt shard, before any of it is read
+            self.store._file(k).check_file()  # raises on a corrupt shard
             self.verified[k] = True
         self.all_verified = bool(self.verified.all())
 
     def frames(self, frames: np.ndarray) -> np.ndarray:
         """Absolute frames (int64, any shape) → uint16 [..., HW]."""
-        q = self._runs(frames)
-        return self.win[self.run_elem[q] + (frames - self.run_cum[q]) * self.hw]
+        if self._rows is not None:
+            shard, elem = self._rows
+            sh = shard[frames]
+            if not self.all_verified:
+                self._verify(sh)
+            return self.win[self.arena.base[sh] + elem[frames]]
+        return self.win[self._off[self._runs(frames)] + frames * self.hw]
 
     def clips(self, first: np.ndarray) -> np.ndarray:
         """Clips by absolute first frame (int64 [m]) → uint16 [m, F, HW] (frames ``stride`` apart)."""
-        q = self._runs(first)
-        steps = self.stride * np.arange(self.frames_per_clip, dtype=np.int64)
-        whole = first + steps[-1] < self.run_cum[q + 1]  # the last frame is in the same run
-        e = self.run_elem[q] + (first - self.run_cum[q]) * self.hw
-        if whole.all():
-            return self.clips_view[e]
-        # A clip that runs from one data file (or record batch) into the next is read frame by
-        # frame; a whole clip stands in for it in the strided gather (its own start could point
-        # past the end of a file).
-        split = np.flatnonzero(~whole)
-        if len(split) == len(first):
-            return self.frames(first[:, None] + steps[None, :])
-        e[split] = e[np.argmax(whole)]
-        out = self.clips_view[e]
-        out[split] = self.frames(first[split, None] + steps[None, :])
+        out = np.empty((len(first), self.frames_per_clip, self.hw), dtype=np.uint16)
+        self.clips_into(out, slice(None), first)
         return out
+
+    def clips_into(self, out: np.ndarray, rows: np.ndarray | slice, first: np.ndarray) -> None:
+        """Clips by absolute first frame (int64 [m]) → ``out[rows]`` (integer [B, F, HW], e.g. an
+        int64 view of the batch's sequence buffer: widened by the assignment).
+
+        A clip inside one run is one strided window; a clip that runs from one data file (or record
+        batch) into the next is read frame by frame, in a second gather of only those clips.
+        """
+        q1 = self._runs(first)
+        e = self._off[q1] + first * self.hw
+        split = first >= self._whole_below[q1]  # the clip's last frame lies in a later run
+        if not split.any():
+            out[rows] = self.clips_view[e]
+            return
+        rows = np.arange(out.shape[0])[rows] if isinstance(rows, slice) else np.asarray(rows)
+        whole = np.flatnonzero(~split)
+        if len(whole):
+            out[rows[whole]] = self.clips_view[e[whole]]
+        split = np.flatnonzero(split)
+        out[rows[split]] = self.frames(first[split, None] + self.steps)
 
 
 class MixReader:
@@ -498,6 +522,7 @@ class MixReader:
                                for i, o in enumerate(self._orders)]
         self._layouts: dict[int, dict[str, Any]] = {}
         self._single = len(self.sources) == 1
+        self._image_slots = np.arange(m["images_per_seq"], dtype=np.int64)[None, :]  # (1, K)
         self._direct: dict[int, _Direct | None] = {}
         self._stores = [TokenStore(s["url"], self._dsm[s["name"]], self.hw, storage_options=storage_options,
                                    verify=verify, read_slack=read_slack, cache_mb=cache_mb) for s in self._src]
@@ -568,10 +593,14 @@ class MixReader:
     # -- mapping ---------------------------------------------------------------------------
     def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Global sample ids → (source index, source-local sample index), int64 arrays."""
-        ids = np.asarray(ids, dtype=np.int64)
-        inside = ids < self.num_samples
-        if inside.all():
-            return self._blend_src[ids].astype(np.int64), np.asarray(self._blend_local[ids], dtype=np.int64)
+        src, local = self._locate(np.asarray(ids, dtype=np.int64))
+        return src.astype(np.int64, copy=False), local
+
+    def _locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`locate` for int64 ``ids``, the sources as the index stores them (uint8 for ≤ 255)."""
+        # (As uint64 a negative id is huge: it takes the formula's path, which refuses it.)
+        if ids.size and int(ids.view(np.uint64).max()) < self.num_samples:
+            return self._blend_src[ids], np.asarray(self._blend_local[ids], dtype=np.int64)
         return self.blend.source_and_local(ids)
 
     def sample_frames(self, ids: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
@@ -582,7 +611,11 @@ class MixReader:
     def _sample_starts(self, ids: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """Per source present in ``ids``: (source index, positions in ``ids``, starts), where starts
         is a video clip's absolute first frame (int64 [m]) or an image sequence's frames ([m, K])."""
-        src, local = self.locate(ids)
+        return self._starts(np.asarray(ids, dtype=np.int64))[1]
+
+    def _starts(self, ids: np.ndarray) -> tuple[np.ndarray, list[tuple[int, np.ndarray, np.ndarray]]]:
+        """(source of each id, :meth:`_sample_starts`) for int64 ``ids``."""
+        src, local = self._locate(ids)
         m = self.manifest
         out = []
         if self._single:
@@ -596,28 +629,27 @@ class MixReader:
             j = local[pos]
             order = self._orders[si]
             if self._src[si]["kind"] == "video":
-                uid = order.units(j)  # (m,) unit ids
-                starts = self._tab[si]["units"][uid]  # (m,) absolute first frames
+                uid, epoch = order.units_and_pass(j)  # (m,) unit ids; their pass (int: one for all)
+                starts = self._tab[si]["units"][uid]  # (m,) absolute first frames, int64
                 if m["jitter"]:
-                    starts = starts + self._jitter(si, j // order.n, uid)
+                    starts = starts + self._jitter(si, epoch, uid)
             else:
-                k = m["images_per_seq"]
-                stream = j[:, None] * k + np.arange(k, dtype=np.int64)[None, :]  # (m, K)
-                starts = self._tab[si]["units"][order.units(stream)]
+                stream = j[:, None] * m["images_per_seq"] + self._image_slots  # (m, K)
+                starts = self._tab[si]["units"][order.units_and_pass(stream)[0]]
             out.append((si, pos, starts))
-        return out
+        return src, out
 
-    def _jitter(self, si: int, epoch: np.ndarray, uid: np.ndarray) -> np.ndarray:
-        """Seeded per-pass start offsets in [0, slack[uid]] (int64 [m]): each pass sees new clip phases.
+    def _jitter(self, si: int, epoch: int | np.ndarray, uid: np.ndarray) -> np.ndarray:
+        """Seeded per-pass start offsets in [0, slack[uid]] ([m], int64 or, from a pass table, uint8/
+        uint16; ``epoch``: the pass of each unit, or one int for all): each pass sees new clip phases.
 
         Offset of unit u in pass e = splitmix64(u ^ key(e)) mod (slack[u] + 1). For sources of up
         to ``table_max`` units the offsets of a whole pass are computed at once and cached with the
         pass's order, so a batch looks them up with one index.
         """
         tables = self._jitter_tables[si]
-        e0 = int(epoch[0]) if len(epoch) else 0
-        if (epoch == e0).all():  # the usual case: one batch, one pass
-            return tables.get(e0)[uid].astype(np.int64) if tables is not None else self._jitter_of(si, e0, uid)
+        if not isinstance(epoch, np.ndarray):  # the usual case: one batch, one pass
+            return tables.get(epoch)[uid] if tables is not None else self._jitter_of(si, epoch, uid)
         out = np.empty(len(uid), dtype=np.int64)
         for e in np.unique(epoch).tolist():
             sel = epoch == e
@@ -703,35 +735,46 @@ class MixReader:
         ids = np.asarray(ids, dtype=np.int64)
         b, t, hw = len(ids), self.seq_len, self.hw
         seq = np.empty((b, t + 1), dtype=np.int64)
-        src = np.empty(b, dtype=np.int64)
         label_id = np.empty(b, dtype=np.int32)  # into _labels_all()'s list; -1 = None
         names, row_label = self._labels_all()
         groups = []
-        for si, pos, starts in self._sample_starts(ids):
+        bodies: dict[int, np.ndarray] = {}
+        src, per_source = self._starts(ids)
+        for si, pos, starts in per_source:
             rows = slice(None) if len(pos) == b else pos
             lay = self._layout(si)
             tab = self._tab[si]
             direct = self._direct_access(si)
             video = starts.ndim == 1
+            nf = self.manifest["frames"] if video else starts.shape[1]
+            # Every frame fits (the usual case): frames go straight into the sequence buffer, int64
+            # on the way; else (S cut before its last frame) through a uint16 [m, F, HW] batch.
+            body = None
+            if lay["body"] == nf * hw:
+                body = bodies.get(nf)
+                if body is None:
+                    body = bodies[nf] = seq[:, 1 : 1 + lay["body"]].reshape(b, nf, hw)  # a view
             if direct is not None:
-                # uint16 [m, F, HW] in one gather across all shards; widened to int64 once, into seq.
-                assemble_into(seq, rows, direct.clips(starts) if video else direct.frames(starts), lay)
+                # One gather across all shards (whole clips: one strided window each).
+                if body is None:
+                    assemble_into(seq, rows, direct.clips(starts) if video else direct.frames(starts), lay)
+                elif video:
+                    direct.clips_into(body, rows, starts)
+                else:
+                    body[rows] = direct.frames(starts)
                 # An image row holds one frame (frame number = row); a clip's label is its first frame's row's.
                 row0 = np.searchsorted(tab["cum"], starts, side="right") - 1 if video else starts[:, 0]
             else:
                 frames = self.sample_frames_of(starts) if video else starts
-                nf = frames.shape[1]
-                if lay["body"] == nf * hw:
-                    # Every frame fits: gather straight into the sequence buffer, int64 on the way.
-                    body = seq[:, 1 : 1 + lay["body"]].reshape(b, nf, hw)  # a view
+                if body is not None:
                     _, q = self._stores[si].gather(tab, frames, out=body, rows=pos)
-                    write_specials(seq, rows, lay)
                 else:
                     toks, q = self.gather(si, frames)
                     assemble_into(seq, rows, toks, lay)
                 row0 = q[:, 0]
+            if body is not None:
+                write_specials(seq, rows, lay)
             groups.append((rows, lay))
-            src[rows] = si
             label_id[rows] = row_label[si][row0]
         inputs, targets = inputs_targets(seq, [(rows, lay["keep"]) for rows, lay in groups if lay["padded"]])
         fi0 = groups[0][1]["frame_index"]
@@ -742,7 +785,8 @@ class MixReader:
             for rows, lay in groups:
                 frame_index[rows] = lay["frame_index"]
         return {"inputs": inputs, "targets": targets, "frame_index": frame_index,
-                "source": [self.sources[k] for k in src.tolist()], "label": [names[k] for k in label_id.tolist()],
+                "source": list(map(self.sources.__getitem__, src.tolist())),
+                "label": list(map(names.__getitem__, label_id.tolist())),
                 "sample_index": ids.copy()}
 
     def sample_frames_of(self, first: np.ndarray) -> np.ndarray:

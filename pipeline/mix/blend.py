@@ -318,15 +318,24 @@ class SourceOrder:
 
     def units(self, pos: np.ndarray) -> np.ndarray:
         """Unit ids (int64) for stream positions ``pos`` (int64, any shape, ≥ 0)."""
+        uid, _ = self.units_and_pass(pos)
+        return uid.astype(np.int64, copy=False)
+
+    def units_and_pass(self, pos: np.ndarray) -> tuple[np.ndarray, int | np.ndarray]:
+        """(unit ids, pass) for stream positions ``pos`` (int64, any shape, ≥ 0). The pass is an int
+        when every position lies in one pass (the usual case for a batch: then the ids may be the
+        pass table's int32), else int64 per position."""
         pos = np.asarray(pos, dtype=np.int64)
+        if pos.size:
+            e0, e1 = int(pos.min()) // self.n, int(pos.max()) // self.n
+            if e0 == e1:
+                p = self._perm(e0)
+                r = pos - e0 * self.n if e0 else pos
+                return (p[r] if isinstance(p, np.ndarray) else p(r)), e0
         epoch, r = np.divmod(pos, self.n)
-        e0 = int(epoch.flat[0]) if pos.size else 0
-        if pos.size and (epoch == e0).all():
-            p = self._perm(e0)
-            return p[r].astype(np.int64) if isinstance(p, np.ndarray) else p(r)
         out = np.empty_like(pos)
         for e in np.unique(epoch):
             m = epoch == e
             p = self._perm(int(e))
             out[m] = p[r[m]] if isinstance(p, np.ndarray) else p(r[m])
-        return out
+        return out, epoch

@@ -18,6 +18,7 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.shards.rows import META_COLUMNS, check_key
+from pipeline.sources.tar_index import index_tar
 
 TOKENS_EXT = "tokens.npy"
 META_EXT = "json"
@@ -72,12 +73,8 @@ class TarFileWriter:
             pass
 
 
-def check_member(ti: tarfile.TarInfo, url: str) -> str:
-    """The member's name if it is a safe regular file; raise ValueError otherwise."""
-    name = ti.name
-    if not ti.isreg():
-        kind = "symlink" if ti.issym() else "hard link" if ti.islnk() else "directory" if ti.isdir() else "special file"
-        raise ValueError(f"{url}: refusing tar member {name!r}: it is a {kind}, only regular files are read")
+def check_member_name(name: str, url: str) -> str:
+    """``name`` if it is a safe relative path; raise ValueError otherwise."""
     norm = posixpath.normpath(name)
     if name.startswith("/") or norm.startswith("..") or "/../" in f"/{name}/" or "\\" in name or norm != name:
         raise ValueError(f"{url}: refusing tar member {name!r}: unsafe path")
@@ -92,36 +89,50 @@ def split_member(name: str) -> tuple[str, str]:
 
 
 class TarShardReader:
-    """Rows of a WebDataset tar shard, by index (member offsets are read once)."""
+    """Rows of a WebDataset tar shard, by index.
+
+    Member offsets come from the 512-byte headers alone (:func:`pipeline.sources.tar_index.index_tar`)
+    and every member is read with one explicit byte range (``fs.cat_file(path, start, end)``): no
+    stream is opened, so on an object store no read-ahead pulls in the rest of the archive.
+    ``bytes_fetched`` counts what this reader fetched.
+    """
 
     def __init__(self, url: str, storage_options: dict | None = None):
         self.url = url
-        fs, path = storage.url_to_fs(url, storage_options)
-        self._f = fs.open(path, "rb")
+        self._fs, self._path = storage.url_to_fs(url, storage_options)
+        idx = index_tar(self._fs, self._path)
+        if idx.rejected:
+            raise ValueError(
+                f"{url}: refusing tar member {idx.rejected[0]!r}: only regular files with safe relative paths are "
+                "read (no links, directories, devices or sparse files)")
+        self.bytes_fetched = idx.bytes_fetched
         self._index: list[dict[str, tuple[int, int]]] = []
         keys: list[str] = []
-        with tarfile.open(fileobj=self._f, mode="r:") as tar:
-            for ti in tar:
-                name = check_member(ti, url)
-                key, ext = split_member(name)
-                check_key(key)
-                if ext not in (TOKENS_EXT, META_EXT):
-                    raise ValueError(f"{url}: unexpected tar member {name!r} (expected .{TOKENS_EXT} or .{META_EXT})")
-                if not keys or keys[-1] != key:
-                    keys.append(key)
-                    self._index.append({})
-                self._index[-1][ext] = (ti.offset_data, ti.size)
+        for name, offset, size in idx.members:
+            key, ext = split_member(check_member_name(name, url))
+            check_key(key)
+            if ext not in (TOKENS_EXT, META_EXT):
+                raise ValueError(f"{url}: unexpected tar member {name!r} (expected .{TOKENS_EXT} or .{META_EXT})")
+            if not keys or keys[-1] != key:
+                keys.append(key)
+                self._index.append({})
+            self._index[-1][ext] = (offset, size)
         for k, entry in zip(keys, self._index, strict=True):
             if set(entry) != {TOKENS_EXT, META_EXT}:
                 raise ValueError(f"{url}: row {k} lacks a member (has {sorted(entry)})")
         self._keys = keys
+        self._meta_cache: list[dict[str, Any]] | None = None
 
     def __len__(self) -> int:
         return len(self._keys)
 
     def _read(self, off: int, size: int) -> bytes:
-        self._f.seek(off)
-        return self._f.read(size)
+        data = self._fs.cat_file(self._path, start=off, end=off + size) if size else b""
+        self.bytes_fetched += len(data)
+        if len(data) != size:
+            raise ValueError(f"{self.url}: member bytes [{off}, {off + size}) gave {len(data)} bytes: the shard is "
+                             "truncated; re-run the job for this shard")
+        return data
 
     def row(self, i: int) -> dict[str, Any]:
         entry = self._index[i]
@@ -136,10 +147,25 @@ class TarShardReader:
             raise ValueError(f"{self.url}: row {self._keys[i]} tokens have dtype {arr.dtype}, shape {arr.shape}")
         return arr
 
+    def _metas(self) -> list[dict[str, Any]]:
+        """Every row's metadata (its ``.json`` member), fetched once, all ranges in one concurrent
+        ``cat_ranges``; the tokens members are not read."""
+        if self._meta_cache is None:
+            spans = [e[META_EXT] for e in self._index]
+            got = (self._fs.cat_ranges([self._path] * len(spans), [o for o, _ in spans], [o + n for o, n in spans],
+                                      on_error="raise") if spans else [])
+            for (o, n), data in zip(spans, got, strict=True):
+                if len(data) != n:
+                    raise ValueError(f"{self.url}: member bytes [{o}, {o + n}) gave {len(data)} bytes: the shard is "
+                                     "truncated; re-run the job for this shard")
+            self.bytes_fetched += sum(len(d) for d in got)
+            self._meta_cache = [json.loads(d) for d in got]
+        return self._meta_cache
+
     def column(self, name: str) -> list:
         if name == "key":
             return list(self._keys)
-        return [json.loads(self._read(*e[META_EXT]))[name] for e in self._index]
+        return [m[name] for m in self._metas()]
 
     def close(self) -> None:
-        self._f.close()
+        """Nothing to release: no file stays open between reads."""

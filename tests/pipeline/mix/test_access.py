@@ -8,7 +8,10 @@ import pytest
 
 from pipeline.mix import MixConfig, MixReader, arena, build_mix
 from pipeline.mix.arena import FileArena
+from pipeline.mix.synthetic import write_positional_dataset
 from pipeline.shards import read_manifest
+
+from .conftest import VIDEOS
 
 needs_arena = pytest.mark.skipif(not arena.supported(), reason="FileArena needs 64-bit Linux or macOS")
 
@@ -138,3 +141,60 @@ def test_an_index_that_asks_for_frames_past_the_split_is_refused(datasets):
     r._tab[0] = tab
     with pytest.raises(ValueError, match="frames outside the split"):
         r.batch(np.arange(10))
+
+
+@needs_arena
+def test_clip_and_frame_gathers_equal_the_per_shard_reads_across_boundaries(datasets):
+    """The arena's gathers (whole clips as strided windows, clips that cross a record batch or a
+    shard frame by frame, image frames located by row) against the per-shard reads of the same
+    frames (TokenStore.gather), written into int64 rows given in any order."""
+    # 16-frame chunks, 2 to a record batch, 5 to a shard: clips cross both kinds of boundary.
+    vid = str(datasets["root"] / "k600_rb")
+    write_positional_dataset(vid, VIDEOS, dataset="k600", chunk_frames=16, rows_per_shard=5, row_group_size=2)
+    out = str(datasets["root"] / "mix.json")
+    build_mix(_cfg({**datasets, "k600": vid}), out, progress=False)
+    r = MixReader(out)
+    d, store, tab = r._direct_access(0), r._stores[0], r._tab[0]
+    frames, stride = r.manifest["frames"], r.manifest["stride"]
+    span = (frames - 1) * stride
+    first = np.arange(int(tab["cum"][-1]) - span, dtype=np.int64)  # every clip the split holds
+    # Where each clip's first and last frame lie: some clips cross a record batch, some a shard,
+    # most neither.
+    q0 = np.searchsorted(d.run_cum, first, side="right") - 1
+    q1 = np.searchsorted(d.run_cum, first + span, side="right") - 1
+    cross_shard = d.run_shard[q0] != d.run_shard[q1]
+    cross_batch = (q0 != q1) & ~cross_shard
+    assert cross_shard.sum() > 0 and cross_batch.sum() > 0 and (q0 == q1).sum() > len(first) // 2
+    ref = store.gather(tab, first[:, None] + stride * np.arange(frames))[0]  # uint16 [m, F, HW]
+    assert np.array_equal(d.clips(first), ref)
+    rng = np.random.default_rng(0)
+    for pick in (np.arange(len(first)), np.flatnonzero(q0 == q1), np.flatnonzero(q0 != q1),
+                 rng.choice(len(first), 40, replace=False)):
+        rows = rng.permutation(len(pick) + 3)[: len(pick)]  # destination rows in any order, some left out
+        body = np.full((len(pick) + 3, frames, r.hw), -7, dtype=np.int64)
+        d.clips_into(body, rows, first[pick])
+        assert body.dtype == np.int64 and np.array_equal(body[rows], ref[pick])
+        assert (np.delete(body, rows, axis=0) == -7).all()
+    di = r._direct_access(1)
+    assert di._rows is not None  # images: one frame per row, located by row, not by run
+    img = rng.integers(0, int(r._tab[1]["cum"][-1]), size=(12, 3))
+    assert np.array_equal(di.frames(img), r._stores[1].gather(r._tab[1], img)[0])
+
+
+@needs_arena
+def test_batches_of_unsorted_ids_over_many_passes_equal_the_per_shard_path(datasets, monkeypatch):
+    # One batch spanning several passes of each source (and ids past the indexed samples, taken
+    # by formula) must equal the same ids read through the per-shard files.
+    out = str(datasets["root"] / "mix.json")
+    build_mix(_cfg(datasets), out, progress=False)
+    fast = MixReader(out)
+    n = fast.num_samples
+    ids = np.random.default_rng(1).permutation(np.r_[np.arange(0, 4 * n, 7), [n + 3, 10**7]])
+    got = fast.batch(ids)
+    monkeypatch.setattr(arena, "supported", lambda: False)
+    ref = MixReader(out).batch(ids)
+    for key in ("inputs", "targets", "frame_index", "sample_index"):
+        assert np.array_equal(got[key], ref[key]), key
+    assert got["source"] == ref["source"] and got["label"] == ref["label"]
+    with pytest.raises(ValueError, match="sample ids must be ≥ 0"):
+        fast.batch(np.array([3, -1]))
