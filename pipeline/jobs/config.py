@@ -14,6 +14,13 @@ PRECISIONS = ("fp32", "tf32", "bf16")  # = pipeline.tokenizers.numerics.PRECISIO
 # of their rows to fill a forward pass.
 SINGLE_FRAME_DATASETS = ("imagenet", "folder")
 GPU_MIN_FORWARD = 256  # = VisualTokenizer.GPU_MIN_FORWARD: frames per forward on a GPU at least
+# Every block and every tokenizer call is an event for Ray Data's executor, which runs in the
+# driver process: its cost per token falls with the frames an event carries (BENCHMARKS.md "driver
+# cost per token"). On GPUs (thousands of frames/s each) events carry this many bytes of frames;
+# on CPUs (a demo, this laptop-scale machine) they stay small so that work starts and ends promptly.
+GPU_DECODE_BLOCK_BYTES = 128 << 20  # decode output block: ≈ 2 700 frames at 128 px
+CPU_DECODE_BLOCK_BYTES = 32 << 20
+GPU_CALL_BYTES = 256 << 20          # frames per GPU tokenizer call: ≈ 5 500 at 128 px, 21 forward passes of 256
 
 
 @dataclass(frozen=True)
@@ -166,12 +173,21 @@ class TokenizeConfig:
         return "bf16" if gpu_actors else "fp32"
 
     def tokenizer_batch_rows(self, gpu_actors: bool) -> int:
-        """Rows per tokenizer-stage batch: rows_per_batch, raised until the rows hold one forward pass
-        of frames (batch_size, at least GPU_MIN_FORWARD on GPUs) when each row has as few frames as
-        this dataset's rows can have (1 for images, chunk_frames for videos)."""
-        frames = max(self.batch_size, GPU_MIN_FORWARD) if gpu_actors else self.batch_size
+        """Rows per tokenizer-stage batch: rows_per_batch, raised until the rows hold the frames of
+        one call when each row has as few frames as this dataset's rows can have (1 for images,
+        chunk_frames for videos). A call's frames: on CPUs one forward pass (batch_size); on GPUs
+        GPU_CALL_BYTES of frames at this resolution (many forward passes of batch_size, at least
+        GPU_MIN_FORWARD), so that Ray Data's work per call is spread over many tokens."""
+        if gpu_actors:
+            frames = max(self.batch_size, GPU_MIN_FORWARD, GPU_CALL_BYTES // (3 * self.resolution ** 2))
+        else:
+            frames = self.batch_size
         per_row = 1 if self.dataset in SINGLE_FRAME_DATASETS else self.chunk_frames
         return max(self.rows_per_batch, math.ceil(frames / per_row))
+
+    def decode_block_bytes(self, gpu_actors: bool) -> int:
+        """Bytes of frames per decode output block (a block closes at the first chunk past it)."""
+        return GPU_DECODE_BLOCK_BYTES if gpu_actors else CPU_DECODE_BLOCK_BYTES
 
     def settings(self) -> dict[str, Any]:
         """What decides the output bytes: a rerun into the same output must have the same settings."""
