@@ -3,11 +3,11 @@
     pending input shards (one row each: shard id + its items as JSON)
       → DecodeStage    autoscaling actor pool (CPU); each actor keeps one watchdog decode subprocess
                        and streams a shard's chunks as blocks of ≤ decode_block_bytes of frames
-                       (32 MB for CPU tokenizers, 128 MB for GPU ones), the end record riding in
+                       (32 MB for CPU tokenizers, 256 MB for GPU ones), the end record riding in
                        the last block
       → TokenizeStage  autoscaling actor pool, one GPU per actor when GPUs are asked for (or
                        `tokenizer_cpus` CPUs each), `batch_size` frames per forward pass, calls of
-                       tokenizer_batch_rows rows (≈ 256 MB of frames on a GPU: many forward passes)
+                       tokenizer_batch_rows rows (≈ 1 GB of frames on a GPU: many forward passes)
                        at the job's precision; frames are replaced by uint16 codes, which go
                        straight to the shard's writer actor; the stage hands Ray Data one number
       → ShardWriterActor  `writers` actors; shard s belongs to writer s % writers, which holds its
@@ -494,10 +494,10 @@ def _execute(ray, cfg: TokenizeConfig, plan: JobPlan, sizes: dict, progress: Pro
     ctx.verbose_stats_logs = False
     ctx.execution_options.preserve_order = False
     ctx.execution_options.verbose_progress = False
-    # Decode blocks are cut at block_bytes of frames (a chunk past it finishes the block): room for
-    # that, so Ray Data does not slice them again, and no more (the object store holds the frames
-    # queued ahead of the tokenizer).
-    ctx.target_max_block_size = 2 * block_bytes
+    # Decode blocks are cut at the first chunk past block_bytes of frames. With Ray Data's target at
+    # the same bound each of them leaves the actor as one block as soon as it is made (Ray Data
+    # slices only blocks 1.5x past the target), and the shard's last one when its call ends.
+    ctx.target_max_block_size = block_bytes
 
     descriptors = {s.id: s.descriptor() for s in plan.pending}
     kw = dict(codebook_size=plan.codebook_size, tokenizer=plan.tokenizer, resolution=cfg.resolution,
