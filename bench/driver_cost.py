@@ -191,14 +191,16 @@ def fit(results: list[dict]) -> dict:
             "residuals_s": [float(v) for v in y - pred]}
 
 
-def blocks_per_token(kind: str, items_per_shard: int, video_s: float = 10.0) -> dict:
+def blocks_per_token(kind: str, items_per_shard: int, decode_block_mb: float | None = None,
+                     video_s: float = 10.0) -> dict:
     """Blocks per token of a GPU job at the defaults (128 px), from the settings: one input block
     per shard, the decode blocks of a shard (decode_block_bytes of frames each, at least one), and
     the tokenizer calls (tokenizer_batch_rows rows each; calls span shards)."""
     from pipeline.jobs import TokenizeConfig
 
     dataset = "imagenet" if kind == "images" else "kinetics600"
-    cfg = TokenizeConfig(dataset=dataset, input="x", output="y", items_per_shard=items_per_shard)
+    cfg = TokenizeConfig(dataset=dataset, input="x", output="y", items_per_shard=items_per_shard,
+                         decode_block_mb=decode_block_mb)
     frame_bytes, frame_tokens = 3 * cfg.resolution ** 2, (cfg.resolution // 8) ** 2
     frames_per_item = 1 if kind == "images" else int(video_s * cfg.max_fps)
     shard_frames = items_per_shard * frames_per_item
@@ -207,7 +209,8 @@ def blocks_per_token(kind: str, items_per_shard: int, video_s: float = 10.0) -> 
     call_frames = rows_per_call * (1 if kind == "images" else cfg.chunk_frames)
     shard_tokens = shard_frames * frame_tokens
     per_token = (1 + decode) / shard_tokens + 1 / (call_frames * frame_tokens)
-    return {"items_per_shard": items_per_shard, "shard_tokens": shard_tokens, "decode_blocks_per_shard": decode,
+    return {"items_per_shard": items_per_shard, "decode_block_mb": cfg.decode_block_bytes(gpu_actors=True) >> 20,
+            "shard_tokens": shard_tokens, "decode_blocks_per_shard": decode,
             "call_frames": call_frames, "blocks_per_token": per_token}
 
 
@@ -265,15 +268,16 @@ def main() -> None:
           f" + {f['c_cpu_per_wall_s']:.3f} × wall-s (residuals {', '.join(f'{v:+.2f}' for v in f['residuals_s'])} s);"
           f" poll {poll_ms:.2f} ms per writer")
     proj = []
-    for kind, sizes in (("images", (64, 16384)), ("video", (64, 256))):
-        for ips in sizes:
-            b = blocks_per_token(kind, ips)
-            g = project(f, poll_ms, b["blocks_per_token"])
-            proj.append({"kind": kind, **b, "gpus_per_driver_core": g})
-            print(f"projected at GPU defaults, {kind} ({'1 frame per item' if kind == 'images' else '10 s clips'}),"
-                  f" --items-per-shard {ips}: {b['shard_tokens']:,} tokens and {b['decode_blocks_per_shard']} decode"
-                  f" blocks per shard, {b['call_frames']:,} frames per tokenizer call →"
-                  f" {b['blocks_per_token'] * 1e6:.3f} blocks per 1e6 tokens → {g:,.0f} H100s per driver core")
+    # The defaults (--items-per-shard 64, --decode-block-mb 256 on GPUs), then larger shards and blocks.
+    for kind, ips, mb in (("images", 64, None), ("images", 16384, None), ("images", 16384, 512),
+                          ("video", 64, None), ("video", 256, None), ("video", 64, 512)):
+        b = blocks_per_token(kind, ips, mb)
+        g = project(f, poll_ms, b["blocks_per_token"])
+        proj.append({"kind": kind, **b, "gpus_per_driver_core": g})
+        print(f"projected, GPU job, {kind} ({'1 frame per item' if kind == 'images' else '10 s clips'}),"
+              f" --items-per-shard {ips} --decode-block-mb {b['decode_block_mb']}: {b['shard_tokens']:,} tokens and"
+              f" {b['decode_blocks_per_shard']} decode blocks per shard, {b['call_frames']:,} frames per tokenizer call"
+              f" → {b['blocks_per_token'] * 1e6:.3f} blocks per 1e6 tokens → {g:,.0f} H100s per driver core")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"jobs": results, "fit": f, "poll_ms": poll_ms, "projection": proj}, fh, indent=2)
