@@ -1,4 +1,5 @@
-"""Benchmark: the tokenization job's driver cost per committed token, and the GPUs one driver can feed.
+"""Benchmark: the tokenization job's driver cost, per token and per event, and the GPUs one driver
+core can feed.
 
 Runs real jobs (embedded Ray, this machine's CPUs, committing to a moto S3 API server that runs in
 its own process so its work is not charged to the driver) for two row kinds:
@@ -6,17 +7,27 @@ its own process so its work is not charged to the driver) for two row kinds:
     images   ImageNet layout, one 128 px frame per row (256 tokens per row)
     video    folder layout, 64-frame chunks per row (16 384 tokens per row)
 
-and reads the driver's own CPU seconds (getrusage RUSAGE_SELF: every thread of the driver process,
-Ray Data's streaming executor and Ray's core-worker threads included) as the job records them in
-run_summary.json ("driver"). Per job: driver CPU-s per 1e9 committed tokens for the whole job and
-the H100s (1.7e6 tokens/s each) that figure corresponds to, at this machine's token rate.
+Each kind runs twice on the same inputs: with many small blocks (small decode blocks, few rows per
+tokenizer call) and with few large ones. The driver's CPU is getrusage(RUSAGE_SELF) of the driver
+process (every thread: Ray Data's streaming executor, Ray's core-worker threads, the job's poller),
+as the job records it in run_summary.json ("driver"); the bench also reads each thread's CPU from
+/proc/self/task to say where it went.
 
-The job's start-up (planning the dataset, creating actors: everything before the first output
-batch) is reported apart. The steady state (first output batch → end) is split into the driver's
-own work (its loop thread: fetching the stage's per-shard counts and acting on them; plus sidecar
-commits), per token, and the rest of the process (Ray Data's executor, Ray's threads), per wall
-second. The projection: one driver core keeps up with G GPUs while
-rest rate + G × 1.7e6 × (own work per token) ≤ 1. Each kind runs at the sizes given.
+1. Whole job: driver CPU-s per 1e9 committed tokens (start-up included) and the H100s (1.7e6
+   tokens/s each) that figure corresponds to at this machine's token rate.
+2. Per event: over the streaming phase (stages built → last commit) of all jobs, a least-squares fit
+       driver CPU-s = a + b × blocks + c × wall-s
+   where blocks = the blocks Ray Data's executor moved (input shards + decode blocks + tokenizer
+   calls; the job sets Ray Data's block target to the decode block bound, so each decode block is
+   one Ray block): a is the per-job start-up (building the dataset, creating actors), b the
+   driver's cost per block, c its cost per wall second (executor loop, Ray's threads, the 4 Hz
+   poll of one writer).
+3. Projection: at the GPU defaults (TokenizeConfig.tokenizer_batch_rows / decode_block_bytes with
+   GPU actors, 128 px) the blocks per token of each row kind follow from the settings; one driver
+   core keeps up with G GPUs while
+       c + G/8 × 4 Hz × (poll cost per writer) + G × 1.7e6 × b × blocks per token ≤ 1
+   (one writer per 8 GPUs, the default). Reported at --items-per-shard 64 (the default) and at the
+   shard sizes docs/cluster.md recommends for large jobs.
 
     PYTHONPATH=. python bench/driver_cost.py --images 2048 --videos 16
 """
@@ -25,7 +36,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -36,8 +49,12 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H100_TOKENS_PER_S = 1.7e6
-
-
+POLL_HZ = 4.0  # = 1 / pipeline.jobs.ray_job.POLL_S
+# (label, --decode-block-mb, rows per tokenizer call, frames per forward pass) per row kind.
+JOBS = {
+    "images": [("small blocks", 0.25, 8, 8), ("large blocks", 32, 256, 256)],
+    "video": [("small blocks", 0.25, 1, 1), ("large blocks", 32, 16, 256)],
+}
 def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -100,95 +117,181 @@ def make_tokenizer(out: str) -> str:
     return f"dvae:{out}"
 
 
-def run_job(kind: str, data: str, out: str, tok: str, so: dict, args, limit: int) -> dict:
+def thread_cpu() -> dict[int, tuple[str, float]]:
+    """This process's live threads: tid -> (name, CPU seconds), from /proc/self/task; Python
+    threads by their Python name (the OS names them all "python"), others by the OS name."""
+    import threading
+
+    tick = os.sysconf("SC_CLK_TCK")
+    py = {t.native_id: t.name for t in threading.enumerate()}
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read().strip()
+        except OSError:
+            continue  # the thread ended meanwhile
+        out[int(tid)] = (py.get(int(tid), name), (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def thread_groups(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds per thread name (digits dropped) between two thread_cpu() readings."""
+    groups: dict[str, float] = {}
+    for tid, (name, t) in after.items():
+        d = t - (before[tid][1] if tid in before else 0.0)
+        key = name.rstrip("0123456789_-") or name
+        groups[key] = groups.get(key, 0.0) + d
+    return dict(sorted(((k, v) for k, v in groups.items() if v > 0.005), key=lambda kv: -kv[1]))
+
+
+def run_job(kind: str, label: str, block_mb: float, rows_per_batch: int, batch_size: int, data: str, out: str,
+            tok: str, so: dict, args, limit: int) -> dict:
     from pipeline.jobs import TokenizeConfig, run_tokenize
 
     if kind == "images":
-        kw = dict(dataset="imagenet", items_per_shard=args.image_items_per_shard, rows_per_batch=args.image_rows_per_batch)
+        kw = dict(dataset="imagenet", items_per_shard=args.image_items_per_shard)
     else:
-        kw = dict(dataset="folder", items_per_shard=args.video_items_per_shard, rows_per_batch=args.video_rows_per_batch)
+        kw = dict(dataset="folder", items_per_shard=args.video_items_per_shard)
     cfg = TokenizeConfig(input=data, output=out, tokenizer=tok, resolution=128, max_fps=30.0, chunk_frames=64,
-                         batch_size=args.batch_size, num_cpus=args.cpus, decode_cpus=0.5, progress=False,
-                         storage_options=so, limit=limit, **kw)
+                         batch_size=batch_size, rows_per_batch=rows_per_batch, num_cpus=args.cpus, decode_cpus=0.5,
+                         decode_block_mb=block_mb, progress=False, storage_options=so, limit=limit, **kw)
+    th0, ru0 = thread_cpu(), resource.getrusage(resource.RUSAGE_SELF)
     s = run_tokenize(cfg)
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    threads = thread_groups(th0, thread_cpu())
+    # Threads that ended during the job (Ray Data's executor thread ends with its dataset).
+    total = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    threads["(ended)"] = round(total - sum(threads.values()), 3)
     d = s["driver"]
     tokens = s["counts"]["tokens"]
+    blocks = d["input_blocks"] + d["decode_blocks"] + d["blocks"]
     per_1e9 = d["cpu_s"] / tokens * 1e9
-    # Steady state: from the first output batch to the end (start-up excluded). The loop thread's
-    # CPU + the sidecar commits are the driver's own work; the rest of the process's CPU (Ray Data's
-    # executor, Ray's threads) is expressed per wall second.
-    work = d["steady_loop_cpu_s"] + d["commit_cpu_s"]
-    if d["batches"] < 3:
-        raise SystemExit(f"{kind}: {d['batches']} output batches; give more inputs for a steady state")
-    rest_rate = max(0.0, d["steady_cpu_s"] - work) / d["steady_wall_s"]
-    work_per_tok = work / tokens
     return {
-        "kind": kind, "inputs": limit, "tokens": tokens, "rows": s["counts"]["rows"], "shards": d["shards"],
-        "batches": d["batches"], "wall_s": d["wall_s"], "driver_cpu_s": d["cpu_s"], "startup_cpu_s": d["cpu_s"] - d["steady_cpu_s"],
-        "steady_cpu_s": d["steady_cpu_s"], "steady_wall_s": d["steady_wall_s"], "work_cpu_s": work,
+        "kind": kind, "label": label, "inputs": limit, "tokens": tokens, "rows": s["counts"]["rows"],
+        "shards": d["shards"], "input_blocks": d["input_blocks"], "decode_blocks": d["decode_blocks"],
+        "tokenizer_calls": d["blocks"], "blocks": blocks, "polls": d["polls"],
+        "poll_ms": 1e3 * d["poll_cpu_s"] / max(1, d["polls"]),
+        "wall_s": d["wall_s"], "driver_cpu_s": d["cpu_s"], "startup_cpu_s": d["cpu_s"] - d["steady_cpu_s"],
+        "steady_cpu_s": d["steady_cpu_s"], "steady_wall_s": d["steady_wall_s"], "loop_cpu_s": d["steady_loop_cpu_s"],
         "cpu_s_per_1e9": per_1e9, "gpus_per_driver": 1e9 / per_1e9 / H100_TOKENS_PER_S,
-        "work_cpu_s_per_1e9": work_per_tok * 1e9, "rest_cpu_per_wall_s": rest_rate,
-        "commit_ms_per_shard": 1e3 * d["commit_cpu_s"] / max(1, d["shards"]),
-        "tokens_per_s": tokens / d["wall_s"],
-        # One driver core keeps up with G GPUs while rest_rate + G * 1.7e6 * work_per_tok <= 1.
-        "gpus_per_driver_projected": max(0.0, 1 - rest_rate) / (H100_TOKENS_PER_S * max(work_per_tok, 1e-15)),
+        "tokens_per_s": tokens / d["wall_s"], "threads": threads,
     }
+
+
+def fit(results: list[dict]) -> dict:
+    """Least squares: driver CPU-s = a + b × blocks + c × wall-s (streaming phase)."""
+    x = np.array([[1.0, r["blocks"], r["wall_s"]] for r in results])
+    y = np.array([r["driver_cpu_s"] for r in results])
+    (a, b, c), *_ = np.linalg.lstsq(x, y, rcond=None)
+    pred = x @ np.array([a, b, c])
+    return {"a_s": float(a), "b_ms_per_block": 1e3 * float(b), "c_cpu_per_wall_s": float(c),
+            "residuals_s": [float(v) for v in y - pred]}
+
+
+def blocks_per_token(kind: str, items_per_shard: int, decode_block_mb: float | None = None,
+                     video_s: float = 10.0) -> dict:
+    """Blocks per token of a GPU job at the defaults (128 px), from the settings: one input block
+    per shard, the decode blocks of a shard (decode_block_bytes of frames each, at least one), and
+    the tokenizer calls (tokenizer_batch_rows rows each; calls span shards)."""
+    from pipeline.jobs import TokenizeConfig
+
+    dataset = "imagenet" if kind == "images" else "kinetics600"
+    cfg = TokenizeConfig(dataset=dataset, input="x", output="y", items_per_shard=items_per_shard,
+                         decode_block_mb=decode_block_mb)
+    frame_bytes, frame_tokens = 3 * cfg.resolution ** 2, (cfg.resolution // 8) ** 2
+    frames_per_item = 1 if kind == "images" else int(video_s * cfg.max_fps)
+    shard_frames = items_per_shard * frames_per_item
+    decode = max(1, math.ceil(shard_frames * frame_bytes / cfg.decode_block_bytes(gpu_actors=True)))
+    rows_per_call = cfg.tokenizer_batch_rows(gpu_actors=True)
+    call_frames = rows_per_call * (1 if kind == "images" else cfg.chunk_frames)
+    shard_tokens = shard_frames * frame_tokens
+    per_token = (1 + decode) / shard_tokens + 1 / (call_frames * frame_tokens)
+    return {"items_per_shard": items_per_shard, "decode_block_mb": cfg.decode_block_bytes(gpu_actors=True) >> 20,
+            "shard_tokens": shard_tokens, "decode_blocks_per_shard": decode,
+            "call_frames": call_frames, "blocks_per_token": per_token}
+
+
+def project(f: dict, poll_ms: float, bpt: float) -> float:
+    """GPUs one driver core feeds: c + G/8 × POLL_HZ × poll + G × 1.7e6 × b × blocks/token = 1."""
+    per_gpu = H100_TOKENS_PER_S * f["b_ms_per_block"] * 1e-3 * bpt + POLL_HZ * poll_ms * 1e-3 / 8
+    return max(0.0, 1.0 - f["c_cpu_per_wall_s"]) / per_gpu
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", default="2048", help="image counts, one job each")
-    ap.add_argument("--videos", default="16", help="video counts, one job each")
+    ap.add_argument("--images", type=int, default=2048, help="images per image job")
+    ap.add_argument("--videos", type=int, default=16, help="videos per video job")
     ap.add_argument("--video-frames", type=int, default=256, help="frames per video (30 fps): 4 chunks of 64")
     ap.add_argument("--image-items-per-shard", type=int, default=256)
-    ap.add_argument("--image-rows-per-batch", type=int, default=256)
     ap.add_argument("--video-items-per-shard", type=int, default=8)
-    ap.add_argument("--video-rows-per-batch", type=int, default=4)
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each job (all enter the fit)")
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if min(args.images, args.videos, args.repeat) < 1:
+        raise SystemExit("--images, --videos and --repeat take counts >= 1")
     os.environ.update(RAY_USAGE_STATS_ENABLED="0", AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
                       AWS_DEFAULT_REGION="us-east-1")
     import boto3
     import ray
 
-    n_img = [int(x) for x in args.images.split(",")]
-    n_vid = [int(x) for x in args.videos.split(",")]
-    if not n_img or not n_vid or min(n_img + n_vid) < 1:
-        raise SystemExit("--images and --videos take comma-separated counts >= 1 (e.g. 2048 or 1024,3072)")
     tmp = tempfile.mkdtemp(prefix="toto-bench-driver-")
-    make_images(os.path.join(tmp, "img"), max(n_img))
-    make_videos(os.path.join(tmp, "vid"), max(n_vid), args.video_frames)
+    make_images(os.path.join(tmp, "img"), args.images)
+    make_videos(os.path.join(tmp, "vid"), args.videos, args.video_frames)
     tok = make_tokenizer(os.path.join(tmp, "tok"))
     moto, endpoint = start_moto()
+    results = []
     try:
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
         so = {"client_kwargs": {"endpoint_url": endpoint}}
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        results = []
-        for kind, counts, data in (("images", n_img, "img"), ("video", n_vid, "vid")):
-            for n in counts:
-                results.append(run_job(kind, os.path.join(tmp, data), f"s3://bench/{data}{n}", tok, so, args, n))
-                report(results[-1])
+        k = 0
+        for _ in range(args.repeat):
+            for kind, jobs in JOBS.items():
+                data, n = ("img", args.images) if kind == "images" else ("vid", args.videos)
+                for label, block_mb, rows, bs in jobs:
+                    k += 1
+                    results.append(run_job(kind, label, block_mb, rows, bs, os.path.join(tmp, data),
+                                           f"s3://bench/{data}{k}", tok, so, args, n))
+                    report(results[-1])
     finally:
         if ray.is_initialized():
             ray.shutdown()
         moto.kill()
         moto.wait()
+    f = fit(results)
+    poll_ms = float(np.median([r["poll_ms"] for r in results]))
+    print(f"fit over {len(results)} jobs: driver CPU-s = {f['a_s']:.2f} + {f['b_ms_per_block']:.2f} ms × blocks"
+          f" + {f['c_cpu_per_wall_s']:.3f} × wall-s (residuals {', '.join(f'{v:+.2f}' for v in f['residuals_s'])} s);"
+          f" poll {poll_ms:.2f} ms per writer")
+    proj = []
+    # The defaults (--items-per-shard 64, --decode-block-mb 256 on GPUs), then larger shards and blocks.
+    for kind, ips, mb in (("images", 64, None), ("images", 16384, None), ("images", 16384, 512),
+                          ("video", 64, None), ("video", 256, None), ("video", 64, 512)):
+        b = blocks_per_token(kind, ips, mb)
+        g = project(f, poll_ms, b["blocks_per_token"])
+        proj.append({"kind": kind, **b, "gpus_per_driver_core": g})
+        print(f"projected, GPU job, {kind} ({'1 frame per item' if kind == 'images' else '10 s clips'}),"
+              f" --items-per-shard {ips} --decode-block-mb {b['decode_block_mb']}: {b['shard_tokens']:,} tokens and"
+              f" {b['decode_blocks_per_shard']} decode blocks per shard, {b['call_frames']:,} frames per tokenizer call"
+              f" → {b['blocks_per_token'] * 1e6:.3f} blocks per 1e6 tokens → {g:,.0f} H100s per driver core")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        with open(args.json, "w") as fh:
+            json.dump({"jobs": results, "fit": f, "poll_ms": poll_ms, "projection": proj}, fh, indent=2)
 
 
 def report(r: dict) -> None:
-    print(f"{r['kind']:6s} {r['tokens']:>11,} tokens {r['rows']:>6,} rows {r['shards']:>3} shards {r['batches']:>4} batches"
-          f"  wall {r['wall_s']:6.1f} s ({r['tokens_per_s']:,.0f} tok/s)  driver CPU {r['driver_cpu_s']:5.2f} s"
-          f" (start-up {r['startup_cpu_s']:.2f} s)")
-    print(f"       whole job: {r['cpu_s_per_1e9']:,.0f} driver CPU-s per 1e9 tokens → {r['gpus_per_driver']:.2f} H100s"
-          f" at this machine's token rate | steady: own work {r['work_cpu_s_per_1e9']:,.2f} CPU-s per 1e9 tokens"
-          f" (commit {r['commit_ms_per_shard']:.2f} ms/shard), rest {r['rest_cpu_per_wall_s']:.3f} CPU-s per wall-s"
-          f" → projected {r['gpus_per_driver_projected']:,.0f} H100s per driver core", flush=True)
+    print(f"{r['kind']:6s} {r['label']:12s} {r['tokens']:>10,} tokens {r['rows']:>5,} rows {r['shards']:>3} shards;"
+          f" blocks {r['blocks']:>4} = {r['input_blocks']} in + {r['decode_blocks']} decode + {r['tokenizer_calls']} calls;"
+          f" wall {r['wall_s']:5.1f} s ({r['tokens_per_s']:,.0f} tok/s)")
+    top = ", ".join(f"{k} {v:.2f}" for k, v in list(r["threads"].items())[:5])
+    print(f"       driver CPU {r['driver_cpu_s']:5.2f} s (start-up {r['startup_cpu_s']:.2f}; steady {r['steady_cpu_s']:.2f}"
+          f" over {r['steady_wall_s']:.1f} s; loop thread {r['loop_cpu_s']:.2f}; {r['polls']} polls at {r['poll_ms']:.2f} ms)"
+          f" | whole job {r['cpu_s_per_1e9']:,.0f} CPU-s per 1e9 tokens → {r['gpus_per_driver']:.2f} H100s"
+          f" | threads (CPU-s, whole job): {top}", flush=True)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,10 @@ def _storage_options(endpoint_url: str | None) -> dict | None:
 @click.option("--batch-size", default=64, show_default=True, type=int, help="Frames per tokenizer forward pass (raise on GPUs, e.g. 512).")
 @click.option("--rows-per-batch", default=16, show_default=True, type=int,
               help="Token rows per tokenizer-stage batch, at least (raised to hold one forward pass of frames).")
+@click.option("--decode-block-mb", default=None, type=float,
+              help="MB of frames per decode output block (one event for the driver each). Default: 256 with GPU "
+                   "tokenizers, 32 without. Larger blocks let one driver feed more GPUs (docs/cluster.md) and cost "
+                   "~3x their size in each decode actor's memory.")
 @click.option("--precision", default=None, type=click.Choice(["fp32", "tf32", "bf16"]),
               help="Tokenizer arithmetic (docs/tokenizers.md). Default: bf16 on GPUs, fp32 on CPUs. Recorded with "
                    "the shards; a resume or a mix refuses another precision.")
@@ -69,8 +73,8 @@ def _storage_options(endpoint_url: str | None) -> dict | None:
 @click.option("--no-progress", is_flag=True, help="No live progress display.")
 def tokenize_cmd(dataset, input_, output, tokenizer, resolution, fps, max_fps, chunk_frames, fmt, compression,
                  items_per_shard, limit, splits, listing, ray_address, num_cpus, num_gpus, decode_concurrency, decode_cpus,
-                 decode_threads, tokenizer_cpus, cpu_actors, writers, writer_cpus, batch_size, rows_per_batch, precision,
-                 decode_timeout, endpoint_url, no_progress) -> None:
+                 decode_threads, tokenizer_cpus, cpu_actors, writers, writer_cpus, batch_size, rows_per_batch, decode_block_mb,
+                 precision, decode_timeout, endpoint_url, no_progress) -> None:
     """Decode and tokenize a dataset into token shards, exactly once per input shard.
 
     \b
@@ -98,7 +102,8 @@ def tokenize_cmd(dataset, input_, output, tokenizer, resolution, fps, max_fps, c
             ray_address=ray_address,
             num_cpus=num_cpus, num_gpus=num_gpus, decode_concurrency=decode_concurrency, decode_cpus=decode_cpus, decode_threads=decode_threads,
             tokenizer_cpus=tokenizer_cpus, cpu_actors=cpu_actors, writers=writers, writer_cpus=writer_cpus,
-            batch_size=batch_size, rows_per_batch=rows_per_batch, precision=precision, decode_timeout_s=decode_timeout,
+            batch_size=batch_size, rows_per_batch=rows_per_batch, decode_block_mb=decode_block_mb, precision=precision,
+            decode_timeout_s=decode_timeout,
             progress=not no_progress,
             storage_options=_storage_options(endpoint_url),
         )

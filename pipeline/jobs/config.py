@@ -14,6 +14,15 @@ PRECISIONS = ("fp32", "tf32", "bf16")  # = pipeline.tokenizers.numerics.PRECISIO
 # of their rows to fill a forward pass.
 SINGLE_FRAME_DATASETS = ("imagenet", "folder")
 GPU_MIN_FORWARD = 256  # = VisualTokenizer.GPU_MIN_FORWARD: frames per forward on a GPU at least
+# Every block and every tokenizer call is an event for Ray Data's executor, which runs in the
+# driver process: its cost per token falls with the frames an event carries (BENCHMARKS.md "driver
+# cost per token"). On GPUs (thousands of frames/s each) events carry this many bytes of frames;
+# on CPUs (a demo, this laptop-scale machine) they stay small so that work starts and ends promptly.
+# A decode block is built and copied ~3 times in its actor (frames, Arrow table, object store):
+# 256 MB keeps a 1-CPU decode actor under ~1 GB, which CPU nodes with 2 GB per core hold.
+GPU_DECODE_BLOCK_BYTES = 256 << 20  # decode output block: ≈ 5 500 frames at 128 px
+CPU_DECODE_BLOCK_BYTES = 32 << 20
+GPU_CALL_BYTES = 1 << 30            # frames per GPU tokenizer call: ≈ 21 800 at 128 px (≈ 3 s of an H100)
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,10 @@ class TokenizeConfig:
     batch_size:       frames per tokenizer forward pass (at least GPU_MIN_FORWARD on a GPU).
     rows_per_batch:   token rows (chunks) per tokenizer-stage batch handed over by Ray Data, at least;
                       raised so that a batch holds a forward pass of frames (tokenizer_batch_rows).
+    decode_block_mb:  MB of frames per decode output block (a block closes at the first chunk past it);
+                      None = 256 with GPU tokenizer actors, 32 without. Each block is an event for the
+                      driver (its cost per token falls with the size) and costs ~3x its size in its
+                      decode actor's memory while it is built.
     precision:        tokenizer arithmetic, "fp32" | "tf32" | "bf16" (docs/tokenizers.md); None = bf16
                       when the tokenizer actors get GPUs, fp32 on CPUs. Recorded in job.json and the
                       sidecars; a resume or a mix refuses shards of another precision.
@@ -90,6 +103,7 @@ class TokenizeConfig:
     writer_cpus: float = 0.0
     batch_size: int = 64
     rows_per_batch: int = 16
+    decode_block_mb: float | None = None
     precision: str | None = None
     decode_timeout_s: float = 300.0
     compression: str | None = None
@@ -135,6 +149,8 @@ class TokenizeConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 bad(name, v, "use an int >= 1")
+        if self.decode_block_mb is not None and not 0 < self.decode_block_mb <= 4096:
+            bad("decode_block_mb", self.decode_block_mb, "use None (256 on GPUs, 32 on CPUs) or a number in (0, 4096]")
         if self.precision is not None and self.precision not in PRECISIONS:
             bad("precision", self.precision, f"choose one of {PRECISIONS}, or None (bf16 on GPUs, fp32 on CPUs)")
         if self.precision == "tf32" and self.num_gpus == 0:
@@ -172,12 +188,23 @@ class TokenizeConfig:
         return "bf16" if gpu_actors else "fp32"
 
     def tokenizer_batch_rows(self, gpu_actors: bool) -> int:
-        """Rows per tokenizer-stage batch: rows_per_batch, raised until the rows hold one forward pass
-        of frames (batch_size, at least GPU_MIN_FORWARD on GPUs) when each row has as few frames as
-        this dataset's rows can have (1 for images, chunk_frames for videos)."""
-        frames = max(self.batch_size, GPU_MIN_FORWARD) if gpu_actors else self.batch_size
+        """Rows per tokenizer-stage batch: rows_per_batch, raised until the rows hold the frames of
+        one call when each row has as few frames as this dataset's rows can have (1 for images,
+        chunk_frames for videos). A call's frames: on CPUs one forward pass (batch_size); on GPUs
+        GPU_CALL_BYTES of frames at this resolution (many forward passes of batch_size, at least
+        GPU_MIN_FORWARD), so that Ray Data's work per call is spread over many tokens."""
+        if gpu_actors:
+            frames = max(self.batch_size, GPU_MIN_FORWARD, GPU_CALL_BYTES // (3 * self.resolution ** 2))
+        else:
+            frames = self.batch_size
         per_row = 1 if self.dataset in SINGLE_FRAME_DATASETS else self.chunk_frames
         return max(self.rows_per_batch, math.ceil(frames / per_row))
+
+    def decode_block_bytes(self, gpu_actors: bool) -> int:
+        """Bytes of frames per decode output block (a block closes at the first chunk past it)."""
+        if self.decode_block_mb is not None:
+            return max(1, int(self.decode_block_mb * (1 << 20)))
+        return GPU_DECODE_BLOCK_BYTES if gpu_actors else CPU_DECODE_BLOCK_BYTES
 
     def settings(self) -> dict[str, Any]:
         """What decides the output bytes: a rerun into the same output must have the same settings."""

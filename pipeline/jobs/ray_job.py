@@ -2,25 +2,27 @@
 
     pending input shards (one row each: shard id + its items as JSON)
       → DecodeStage    autoscaling actor pool (CPU); each actor keeps one watchdog decode subprocess
-                       and streams a shard's chunks as blocks of ≤ 32 MB of frames, then the shard's
-                       end record
+                       and streams a shard's chunks as blocks of ≤ decode_block_bytes of frames
+                       (32 MB for CPU tokenizers, 256 MB for GPU ones), the end record riding in
+                       the last block
       → TokenizeStage  autoscaling actor pool, one GPU per actor when GPUs are asked for (or
-                       `tokenizer_cpus` CPUs each), `batch_size` frames per forward pass (≥ 256 on a
-                       GPU; Ray batches sized to hold them) at the job's precision; frames are
-                       replaced by uint16 codes, which go
-                       straight to the shard's writer actor; the stage hands Ray Data only a few
-                       numbers per shard touched
+                       `tokenizer_cpus` CPUs each), `batch_size` frames per forward pass, calls of
+                       tokenizer_batch_rows rows (≈ 1 GB of frames on a GPU: many forward passes)
+                       at the job's precision; frames are replaced by uint16 codes, which go
+                       straight to the shard's writer actor; the stage hands Ray Data one number
       → ShardWriterActor  `writers` actors; shard s belongs to writer s % writers, which holds its
-                       rows (deduplicated by key) and, when the driver asks, sorts, encodes, hashes
-                       and uploads the data file under its final name and returns the sidecar unwritten
-      → driver         the single coordinator: on "shard s complete" it asks s's writer to write it
-                       and commits the shard by writing the returned sidecar (on a thread pool, off
-                       the loop that feeds the stages)
+                       rows (deduplicated by key) and, once the shard is complete, commits it itself,
+                       exactly once, on its own threads: sorts, encodes, hashes and uploads the data
+                       file under its final name, then writes the sidecar (the commit point)
+      → driver         runs Ray Data's executor and takes the stage's output blocks without fetching
+                       them; a poller thread asks the writers 4 times per second what they committed
+                       (sidecars, counts, where the work ran)
       → manifest.json, then run_summary.json (with where each stage ran)
 
-No token passes through the driver: it sees per-shard counts and sidecars only, so its cost per
-token does not grow with the frames (bench/driver_cost.py). A SIGKILL at any instant leaves at
-worst data files without sidecars (debris, cleaned by the next run), never a partial shard.
+No token and no commit passes through the driver: its cost is per block Ray Data moves and per
+wall second (× writers for the poll), not per token or per shard (bench/driver_cost.py). A SIGKILL
+at any instant leaves at worst data files without sidecars (debris, cleaned by the next run),
+never a partial shard.
 
 The two stages ask for different resources, so Ray Data keeps them as separate operators (it would
 otherwise fuse a map into the following one). Pools have a minimum and a maximum: on a cluster the
@@ -49,12 +51,11 @@ from pipeline.jobs.progress import Progress
 from pipeline.jobs.steps import (
     ROW_META,
     ShardBuffer,
-    commit_sidecar,
     decode_input_shard,
     new_decode_worker,
     tokenize_records,
     torch_threads,
-    write_shard_data,
+    write_shard,
 )
 
 RECORD_SCHEMA = pa.schema([
@@ -78,6 +79,10 @@ RECORD_SCHEMA = pa.schema([
 ])
 
 
+# How often the driver asks the writers what they committed: its cost is per wall second × writers.
+POLL_S = 0.25
+
+
 def records_to_table(records: list[dict]) -> pa.Table:
     cols: dict[str, list] = {n: [] for n in RECORD_SCHEMA.names}
     for r in records:
@@ -96,7 +101,7 @@ def records_to_table(records: list[dict]) -> pa.Table:
         else:
             for k in (*ROW_META, "h", "w", "c", "payload", "dtype"):
                 cols[k].append(None)
-            cols["end"].append(json.dumps({k: r[k] for k in ("expected_rows", "num_items", "errors", "decode_s", "node")
+            cols["end"].append(json.dumps({k: r[k] for k in ("expected_rows", "num_items", "errors", "decode_s", "blocks", "node")
                                            if k in r}))
     return pa.table(cols, schema=RECORD_SCHEMA)
 
@@ -125,32 +130,25 @@ def _node_id() -> str:
 class DecodeStage:
     """Ray Data actor: decode the input shards of a batch (one per call), streaming blocks."""
 
-    def __init__(self, decode_cfg: dict, storage_options: dict | None) -> None:
+    def __init__(self, decode_cfg: dict, storage_options: dict | None, block_bytes: int = 32 << 20) -> None:
         from pipeline.decode import DecodeConfig
 
         self.worker = new_decode_worker(DecodeConfig.from_dict(decode_cfg), storage_options)
         self.node = _node_id()
+        self.block_bytes = block_bytes
 
     def __call__(self, batch: pa.Table):
         for row in batch.to_pylist():
-            for block in decode_input_shard(row["shard_id"], json.loads(row["items"]), self.worker):
+            for block in decode_input_shard(row["shard_id"], json.loads(row["items"]), self.worker,
+                                            max_block_bytes=self.block_bytes):
                 if block[-1]["type"] == "end":
                     block[-1]["node"] = self.node  # where the shard was decoded, for the run summary
                 yield records_to_table(block)
 
 
-# What the tokenizer stage hands Ray Data (and so the driver): one row per input shard a batch touched.
-META_SCHEMA = pa.schema([
-    ("shard_id", pa.int64()),
-    ("writer", pa.int64()),
-    ("rows", pa.int64()),
-    ("frames", pa.int64()),
-    ("tokens", pa.int64()),
-    ("complete", pa.bool_()),
-    ("node", pa.string()),          # the tokenizer actor's node
-    ("device", pa.string()),        # "cuda" or "cpu"
-    ("decode_node", pa.string()),   # from the shard's end record, when this batch carried it
-])
+# What the tokenizer stage hands Ray Data: one row per call, which nobody reads (the driver counts
+# the blocks without fetching them; counts and completions reach it from the writers).
+DONE_SCHEMA = pa.schema([("frames", pa.int64())])
 
 
 def device_for(torch_mod) -> str:
@@ -167,13 +165,14 @@ def device_for(torch_mod) -> str:
 
 class TokenizeStage:
     """Ray Data actor: load the tokenizer once (on this actor's GPU if it has one), encode at the
-    job's precision, and hand the tokens to their shards' writer actors; returns only per-shard
-    counts (META_SCHEMA).
+    job's precision, and hand the tokens to their shards' writer actors; returns one row (its
+    frame count, DONE_SCHEMA) that nobody fetches.
 
     A call encodes all its frames in forward passes of `batch_size` frames (at least
     VisualTokenizer.GPU_MIN_FORWARD on a GPU) across record boundaries; the job sizes the calls so
-    that they hold that many frames (TokenizeConfig.tokenizer_batch_rows). Nothing is held back
-    between calls, so an input shard's last records never wait for a call that may not come."""
+    that they hold at least that many frames, on GPUs many times that
+    (TokenizeConfig.tokenizer_batch_rows). Nothing is held back between calls, so an input shard's
+    last records never wait for a call that may not come."""
 
     def __init__(self, spec: str, batch_size: int, cpus: float, precision: str,
                  writers: list | None = None) -> None:
@@ -200,42 +199,28 @@ class TokenizeStage:
             return records_to_table(recs)
         n = len(self.writers)
         groups: dict[int, list[dict]] = {}
-        stats: dict[int, list] = {}
         for r in recs:
-            sid = int(r["shard_id"])
-            groups.setdefault(sid % n, []).append(r)
-            st = stats.setdefault(sid, [0, 0, 0, None])
-            if r["type"] == "chunk":
-                st[0] += 1
-                st[1] += int(r["num_frames"])
-                st[2] += int(r["tokens"].size)
-            else:
-                st[3] = r.get("node")
-        # Wait for the writers to hold the rows before reporting them: a "complete" the driver
-        # acts on must be backed by rows the writer has.
-        acks = ray.get([self.writers[w].add.remote(g) for w, g in groups.items()])
-        complete = {sid for ack in acks for sid in ack}
-        sids = sorted(stats)
-        return pa.table({
-            "shard_id": sids,
-            "writer": [sid % n for sid in sids],
-            "rows": [stats[s][0] for s in sids],
-            "frames": [stats[s][1] for s in sids],
-            "tokens": [stats[s][2] for s in sids],
-            "complete": [s in complete for s in sids],
-            "node": [self.node] * len(sids),
-            "device": [self.device] * len(sids),
-            "decode_node": [stats[s][3] for s in sids],
-        }, schema=META_SCHEMA)
+            groups.setdefault(int(r["shard_id"]) % n, []).append(r)
+        # Wait for the writers to hold the rows before returning: when the stage's last output is
+        # in, every record is with its writer (and every complete shard queued for its commit).
+        ray.get([self.writers[w].add.remote(g, self.node, self.device) for w, g in groups.items()])
+        frames = sum(int(r["num_frames"]) for r in recs if r["type"] == "chunk")
+        return pa.table({"frames": [frames]}, schema=DONE_SCHEMA)
 
 
 class ShardWriterActor:
-    """Holds the tokenized rows of the input shards routed to it and writes a shard's data file
-    when the driver asks; never writes a sidecar (the driver commits). Threaded: the stages' `add`
-    calls are served while a `write` encodes and uploads."""
+    """Holds the tokenized rows of the input shards routed to it and commits each shard itself,
+    exactly once, as soon as it is complete: on its own threads it sorts, encodes, hashes and
+    uploads the data file, then writes the sidecar (the commit point). The driver learns what
+    happened by polling (`poll`, a few times per second): committed sidecars, counts, placement.
 
-    def __init__(self, out_url: str, shards: dict[int, dict], grid: tuple[int, int], kw: dict) -> None:
+    Threaded (Ray's max_concurrency): the stages' `add` calls and the driver's polls are served
+    while commits run."""
+
+    def __init__(self, out_url: str, shards: dict[int, dict], grid: tuple[int, int], kw: dict,
+                 commit_threads: int = 4) -> None:
         import threading
+        from concurrent.futures import ThreadPoolExecutor
 
         self.out_url = out_url
         self.shards = shards
@@ -243,25 +228,79 @@ class ShardWriterActor:
         self.kw = kw
         self.buffer = ShardBuffer(shards)
         self.lock = threading.Lock()
+        self.idle = threading.Condition(self.lock)
+        # Commits wait on storage (PUTs, fsync): a few threads keep a slow one from holding the rest.
+        self.pool = ThreadPoolExecutor(max_workers=commit_threads, thread_name_prefix="commit")
         self.node = _node_id()
+        self.error: str | None = None
+        self.queued = 0  # complete shards handed to the pool, not yet committed (or failed)
+        self._new()
 
-    def add(self, records: list[dict]) -> list[int]:
-        """Take records; returns the ids of complete shards among those they touched."""
-        with self.lock:
-            done = {self.buffer.add(r) for r in records}
-        return sorted(s for s in done if s is not None)
+    def _new(self) -> None:
+        """Start a new report: what happened since the last poll."""
+        self.report: dict[str, Any] = {"sidecars": [], "rows": 0, "frames": 0, "tokens": 0, "calls": 0,
+                                       "decode_blocks": 0, "tokenize": {}, "devices": {}, "decode": {},
+                                       "commit_cpu_s": 0.0}
 
-    def write(self, sid: int) -> tuple[dict, str]:
-        """Write shard `sid`'s data file; returns (its sidecar, unwritten; this actor's node)."""
+    def add(self, records: list[dict], node: str = "", device: str = "") -> None:
+        """Take records from one tokenizer call; queue the commit of each shard they complete."""
         with self.lock:
-            rows, end, wall_s = self.buffer.take(sid)
-        side = write_shard_data(self.out_url, sid, rows, end, input_shard=self.shards[sid], grid=self.grid,
-                                wall_s=wall_s, **self.kw)
-        return side, self.node
+            if self.error:
+                raise RuntimeError(f"shard writer on node {self.node} stopped after a failed commit: {self.error}")
+            rep = self.report
+            rep["calls"] += 1
+            touched: set[int] = set()
+            for r in records:
+                touched.add(int(r["shard_id"]))
+                if r["type"] == "chunk":
+                    rep["rows"] += 1
+                    rep["frames"] += int(r["num_frames"])
+                    rep["tokens"] += int(r["tokens"].size)
+                sid = self.buffer.add(r)
+                if sid is None:
+                    continue
+                # Taken now, under the lock: a repeat of this shard's records (a retried task) is
+                # ignored from here on, so the shard is committed once.
+                rows, end, wall_s = self.buffer.take(sid)
+                rep["decode_blocks"] += int(end.get("blocks", 1))
+                dnode = end.get("node")
+                if dnode:
+                    rep["decode"][dnode] = rep["decode"].get(dnode, 0) + 1
+                self.queued += 1
+                self.pool.submit(self._commit, sid, rows, end, wall_s)
+            if node:
+                rep["tokenize"][node] = rep["tokenize"].get(node, 0) + len(touched)
+            if device:
+                rep["devices"][device] = rep["devices"].get(device, 0) + len(touched)
 
-    def in_flight(self) -> int:
+    def _commit(self, sid: int, rows: list[dict], end: dict, wall_s: float) -> None:
+        c0 = time.thread_time()
+        try:
+            side = write_shard(self.out_url, sid, rows, end, input_shard=self.shards[sid], grid=self.grid,
+                               wall_s=wall_s, **self.kw)
+        except BaseException as e:  # noqa: BLE001 - reported to the driver, which fails the job
+            with self.lock:
+                self.error = self.error or f"shard {sid}: {type(e).__name__}: {storage.redact(str(e))}"
+                self.queued -= 1
+                self.idle.notify_all()
+            return
         with self.lock:
-            return self.buffer.in_flight()
+            self.report["sidecars"].append(side)
+            self.report["commit_cpu_s"] += time.thread_time() - c0
+            self.queued -= 1
+            self.idle.notify_all()
+
+    def poll(self, drain: bool = False) -> dict[str, Any]:
+        """What happened since the last poll: committed sidecars (as written), counts, where the
+        work ran, and a failed commit's message (`error`). `drain`: first wait until every queued
+        commit has finished (the job's end)."""
+        with self.lock:
+            if drain:
+                self.idle.wait_for(lambda: self.queued == 0)
+            rep = self.report
+            self._new()
+            return {**rep, "node": self.node, "queued": self.queued, "in_flight": self.buffer.in_flight(),
+                    "error": self.error}
 
 
 def job_precision(cfg: TokenizeConfig) -> str:
@@ -372,11 +411,74 @@ def _pool(bounds: dict) -> Any:
     return ActorPoolStrategy(min_size=bounds["min"], max_size=bounds["max"])
 
 
+class _Driver:
+    """The driver's view of the writers: folds their poll reports into the plan (committed
+    sidecars), the progress line and the placement, and keeps the costs bench/driver_cost.py reads."""
+
+    def __init__(self, ray, writers: list, plan: JobPlan, progress: Progress) -> None:
+        import threading
+
+        self.ray, self.writers, self.plan, self.progress = ray, writers, plan, progress
+        self.lock = threading.Lock()
+        self.placement: dict[str, dict[str, int]] = {"decode": {}, "tokenize": {}, "write": {}}
+        self.devices: dict[str, int] = {}
+        self.committed: set[int] = set()
+        self.error: str | None = None
+        self.lost: str | None = None
+        self.stats = {"polls": 0, "poll_cpu_s": 0.0, "commit_cpu_s": 0.0, "tokenizer_calls": 0, "decode_blocks": 0}
+
+    def poll(self, drain: bool = False) -> None:
+        """Ask every writer what happened since the last poll (`drain`: after its queued commits)."""
+        c0 = time.thread_time()
+        try:
+            reports = self.ray.get([w.poll.remote(drain) for w in self.writers])
+        except self.ray.exceptions.RayActorError as e:
+            # A writer held the rows of its shards in flight: they are gone (it is not restarted).
+            with self.lock:
+                self.lost = self.lost or f"a shard writer actor was lost ({type(e).__name__})"
+            return
+        with self.lock:
+            for rep in reports:
+                self._apply(rep)
+            self.stats["polls"] += 1
+            self.stats["poll_cpu_s"] += time.thread_time() - c0
+
+    def _apply(self, rep: dict) -> None:
+        if rep["calls"]:
+            self.progress.counts(rep["rows"], rep["frames"], rep["tokens"])
+        for key in ("tokenize", "decode"):
+            for node, n in rep[key].items():
+                self.placement[key][node] = self.placement[key].get(node, 0) + n
+        for dev, n in rep["devices"].items():
+            self.devices[dev] = self.devices.get(dev, 0) + n
+        for side in rep["sidecars"]:
+            sid = int(side["shard_id"])
+            if sid in self.committed:  # cannot happen (a writer takes a shard once); never count twice
+                continue
+            self.committed.add(sid)
+            self.plan.committed.append(side)
+            self.progress.committed(side)
+        if rep["sidecars"]:
+            self.placement["write"][rep["node"]] = self.placement["write"].get(rep["node"], 0) + len(rep["sidecars"])
+        self.stats["tokenizer_calls"] += rep["calls"]
+        self.stats["decode_blocks"] += rep["decode_blocks"]
+        self.stats["commit_cpu_s"] += rep["commit_cpu_s"]
+        if rep["error"] and not self.error:
+            self.error = rep["error"]
+
+    def failure(self) -> str | None:
+        with self.lock:
+            if self.error:
+                return f"committing a shard failed ({self.error}); fix the cause and rerun the same command to resume"
+            if self.lost:
+                return f"{self.lost}: the shards it held are not committed; rerun the same command to resume"
+            return None
+
+
 def _execute(ray, cfg: TokenizeConfig, plan: JobPlan, sizes: dict, progress: Progress) -> dict[str, Any]:
     """Stream the pending shards through the stages; returns where each stage ran."""
-    from concurrent.futures import ThreadPoolExecutor
+    import threading
 
-    import pyarrow.compute as pc
     from ray.data import DataContext
 
     # Ray Data logs every execution plan at INFO on the console; the job's own progress line and
@@ -384,14 +486,18 @@ def _execute(ray, cfg: TokenizeConfig, plan: JobPlan, sizes: dict, progress: Pro
     for h in logging.getLogger("ray.data").handlers:
         if type(h) is logging.StreamHandler:
             h.setLevel(logging.WARNING)
+    dec, tok = sizes["decode"], sizes["tokenize"]
+    gpu = bool(tok["num_gpus"])
+    block_bytes = cfg.decode_block_bytes(gpu_actors=gpu)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.verbose_stats_logs = False
     ctx.execution_options.preserve_order = False
     ctx.execution_options.verbose_progress = False
-    # Most pipelines have fewer input shards in flight than actors would want: keep the object
-    # store from filling with decoded frames ahead of the tokenizer.
-    ctx.target_max_block_size = 64 << 20
+    # Decode blocks are cut at the first chunk past block_bytes of frames. With Ray Data's target at
+    # the same bound each of them leaves the actor as one block as soon as it is made (Ray Data
+    # slices only blocks 1.5x past the target), and the shard's last one when its call ends.
+    ctx.target_max_block_size = block_bytes
 
     descriptors = {s.id: s.descriptor() for s in plan.pending}
     kw = dict(codebook_size=plan.codebook_size, tokenizer=plan.tokenizer, resolution=cfg.resolution,
@@ -402,105 +508,87 @@ def _execute(ray, cfg: TokenizeConfig, plan: JobPlan, sizes: dict, progress: Pro
     # Writers are the only holders of rows in flight: a restarted writer would have lost them, so
     # it is not restarted; its shards stay uncommitted and the job says to rerun (exactly-once
     # holds: nothing half-made is ever committed).
-    writer_cls = ray.remote(ShardWriterActor).options(num_cpus=wr["num_cpus"], max_concurrency=8, max_restarts=0)
+    writer_cls = ray.remote(ShardWriterActor).options(num_cpus=wr["num_cpus"], max_concurrency=16, max_restarts=0)
     writers = [writer_cls.remote(cfg.output, {k: v for k, v in descriptors.items() if k % wr["actors"] == w}, grid, kw)
                for w in range(wr["actors"])]
 
     rows = [{"shard_id": s.id, "items": s.items_json()} for s in plan.pending]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    dec, tok = sizes["decode"], sizes["tokenize"]
     ds = ds.map_batches(
         DecodeStage,
-        fn_constructor_kwargs={"decode_cfg": cfg.decode_config().to_dict(), "storage_options": cfg.storage_options},
+        fn_constructor_kwargs={"decode_cfg": cfg.decode_config().to_dict(), "storage_options": cfg.storage_options,
+                               "block_bytes": block_bytes},
         batch_size=1,
         batch_format="pyarrow",
         compute=_pool(dec),
         num_cpus=dec["num_cpus"],
     )
-    tok_args: dict[str, Any] = {"num_gpus": tok["num_gpus"]} if tok["num_gpus"] else {}
+    tok_args: dict[str, Any] = {"num_gpus": tok["num_gpus"]} if gpu else {}
     ds = ds.map_batches(
         TokenizeStage,
         fn_constructor_kwargs={"spec": cfg.tokenizer, "batch_size": cfg.batch_size, "cpus": tok["num_cpus"],
                                "precision": plan.tokenizer["precision"], "writers": writers},
-        batch_size=cfg.tokenizer_batch_rows(gpu_actors=bool(tok["num_gpus"])),
+        batch_size=cfg.tokenizer_batch_rows(gpu_actors=gpu),
         batch_format="pyarrow",
         compute=_pool(tok),
         num_cpus=tok["num_cpus"],
         **tok_args,
     )
 
-    placement: dict[str, dict[str, int]] = {"decode": {}, "tokenize": {}, "write": {}}
-    devices: dict[str, int] = {}
-    requested: set[int] = set()
-    commits: list = []
-    so = cfg.storage_options
+    state = _Driver(ray, writers, plan, progress)
+    stop = threading.Event()
 
-    def write_and_commit(ref) -> dict:
-        side, node = ray.get(ref)
-        c0 = time.thread_time()
-        commit_sidecar(cfg.output, side, so)
-        return {"sidecar": side, "node": node, "cpu_s": time.thread_time() - c0}
+    def poller() -> None:
+        # Cost per wall second × writers, whatever the token rate.
+        while not stop.wait(POLL_S):
+            state.poll()
 
-    def collect(wait: bool) -> None:
-        keep = []
-        for f in commits:
-            if wait or f.done():
-                got = f.result()
-                placement["write"][got["node"]] = placement["write"].get(got["node"], 0) + 1
-                driver["commit_cpu_s"] += got["cpu_s"]
-                plan.committed.append(got["sidecar"])
-                progress.committed(got["sidecar"])
-            else:
-                keep.append(f)
-        commits[:] = keep
-
-    # The driver's own CPU (this process, all threads), the part spent in this loop's thread
-    # (fetching the stage's small outputs + acting on them) and in sidecar commits: what
+    # The driver's own CPU (this process, all threads), and the parts spent in this loop's thread
+    # (taking the stage's output blocks without fetching them) and in the poller: what
     # bench/driver_cost.py turns into "GPUs one driver can feed".
-    driver = {"commit_cpu_s": 0.0, "batches": 0}
+    driver: dict[str, Any] = {"blocks": 0}
     steady0: tuple = ()
     ru0, loop0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.thread_time(), time.perf_counter()
     progress.start()
-    # Sidecar PUTs wait on the network: a few threads keep the loop that feeds the stages free.
-    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="commit") as pool:
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
-            driver["batches"] += 1
-            if driver["batches"] == 1:
+    thread = threading.Thread(target=poller, name="toto-poll", daemon=True)
+    thread.start()
+    try:
+        for bundle in ds.iter_internal_ref_bundles():
+            if not driver["blocks"]:
                 # Everything before the first output is the job's start-up (planning the dataset,
                 # creating the actors); from here on the driver runs in its steady state.
                 steady0 = (resource.getrusage(resource.RUSAGE_SELF), time.thread_time(), time.perf_counter())
-            progress.counts(*(int(pc.sum(batch.column(c)).as_py() or 0) for c in ("rows", "frames", "tokens")))
-            for col, key in (("node", "tokenize"), ("decode_node", "decode")):
-                for node, n in zip(*_value_counts(batch.column(col)), strict=True):
-                    placement[key][node] = placement[key].get(node, 0) + n
-            for dev, n in zip(*_value_counts(batch.column("device")), strict=True):
-                devices[dev] = devices.get(dev, 0) + n
-            done = batch.filter(batch.column("complete"))
-            for sid, w in zip(done.column("shard_id").to_pylist(), done.column("writer").to_pylist(), strict=True):
-                if sid not in requested:
-                    requested.add(sid)
-                    commits.append(pool.submit(write_and_commit, writers[w].write.remote(sid)))
-            collect(wait=False)
-        collect(wait=True)
+            driver["blocks"] += len(bundle.blocks)
+            if state.failure():
+                break
+    except Exception as e:
+        stop.set()
+        thread.join()
+        state.poll()
+        why = state.failure()
+        if why:
+            raise RuntimeError(why) from e
+        raise
+    stop.set()
+    thread.join()
+    state.poll(drain=True)  # every record is with its writer: wait for the commits they queued
     ru1, loop1, wall1 = resource.getrusage(resource.RUSAGE_SELF), time.thread_time(), time.perf_counter()
+    why = state.failure()
+    if why:
+        raise RuntimeError(why)
 
     def cpu(a, b) -> float:
         return (b.ru_utime - a.ru_utime) + (b.ru_stime - a.ru_stime)
 
-    driver.update(cpu_s=cpu(ru0, ru1), loop_cpu_s=loop1 - loop0, wall_s=wall1 - wall0, shards=len(requested))
-    if driver["batches"]:
+    driver.update(state.stats, cpu_s=cpu(ru0, ru1), loop_cpu_s=loop1 - loop0, wall_s=wall1 - wall0,
+                  shards=len(state.committed), input_blocks=len(rows))
+    if driver["blocks"]:
         driver.update(steady_cpu_s=cpu(steady0[0], ru1), steady_loop_cpu_s=loop1 - steady0[1],
                       steady_wall_s=wall1 - steady0[2])
-    left = len(plan.pending) - len(requested)
+    left = len(plan.pending) - len(state.committed)
     if left:
         raise RuntimeError(f"{left} input shards did not complete; rerun the same command to resume")
-    return {**_describe_placement(ray, placement, devices), "driver": driver}
-
-
-def _value_counts(col: pa.ChunkedArray) -> tuple[list, list]:
-    """(values, counts) of a string column, nulls dropped."""
-    vc = col.drop_null().value_counts()
-    return vc.field("values").to_pylist(), vc.field("counts").to_pylist()
+    return {**_describe_placement(ray, state.placement, state.devices), "driver": driver}
 
 
 def _describe_placement(ray, placement: dict[str, dict[str, int]], devices: dict[str, int]) -> dict[str, Any]:

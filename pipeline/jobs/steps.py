@@ -7,9 +7,9 @@ Records flowing between the steps are dicts:
                    "chunk", "t_start", "fps", "num_frames", "frames": uint8 (T, R, R, 3)}
                   after tokenization "frames" is replaced by "tokens": uint16 (T, gh, gw)
     end record    {"type": "end", "shard_id", "expected_rows", "num_items", "errors": [{uri, reason}],
-                   "decode_s"}: the last record of an input shard; it says how many chunk records
-                   the shard produced, so the writer knows when the shard is complete even though the
-                   stages in between may reorder records.
+                   "decode_s", "blocks"}: the last record of an input shard; it says how many chunk
+                   records the shard produced, so the writer knows when the shard is complete even
+                   though the stages in between may reorder records.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import storage
 from pipeline.decode import DecodeConfig, DecodeWorker
-from pipeline.shards import ShardWriter, shard_name
+from pipeline.shards import ShardWriter
 
 ROW_META = ("key", "dataset", "split", "video_id", "label", "chunk", "t_start", "fps", "num_frames")
 
@@ -55,17 +54,20 @@ def decode_input_shard(
     *,
     max_block_bytes: int = 32 << 20,
 ) -> Iterator[list[dict]]:
-    """Decode one input shard's items; yield lists of chunk records, then `[end record]`.
+    """Decode one input shard's items; yield lists of chunk records, the last list ending with the
+    shard's end record.
 
-    A list is yielded whenever it holds `max_block_bytes` of frames (and at each item's end), so
-    the memory one shard needs is bounded by one item's frames plus one block, whatever its length.
-    Items that fail become `{uri, reason}` errors in the end record.
+    A list is yielded whenever it holds `max_block_bytes` of frames, so the memory one shard needs
+    is bounded by one block, whatever its length. Every list becomes one block that Ray Data's
+    executor (in the driver process) handles, so lists are as large as that bound allows: the end
+    record rides in the last one rather than in a block of its own, and the end record counts the
+    lists (`blocks`). Items that fail become `{uri, reason}` errors in the end record.
     """
     t0 = time.perf_counter()
     errors: list[dict] = []
     n_rows = n_items = 0
     block: list[dict] = []
-    block_bytes = 0
+    block_bytes = n_blocks = 0
     for item in items:
         n_items += 1
         for rec in worker.decode(item):
@@ -82,16 +84,17 @@ def decode_input_shard(
             if block_bytes >= max_block_bytes:
                 yield block
                 block, block_bytes = [], 0
-    if block:
-        yield block
-    yield [{
+                n_blocks += 1
+    block.append({
         "type": "end",
         "shard_id": shard_id,
         "expected_rows": n_rows,
         "num_items": n_items,
         "errors": errors,
         "decode_s": time.perf_counter() - t0,
-    }]
+        "blocks": n_blocks + 1,
+    })
+    yield block
 
 
 def tokenize_records(tok: Any, records: list[dict], batch_size: int) -> list[dict]:
@@ -174,7 +177,7 @@ class ShardBuffer:
         return rows, end, time.perf_counter() - self.first_seen.pop(sid)
 
 
-def write_shard_data(
+def write_shard(
     out_url: str,
     sid: int,
     rows: list[dict],
@@ -191,11 +194,12 @@ def write_shard_data(
     settings: dict[str, Any],
     storage_options: dict | None = None,
 ) -> dict[str, Any]:
-    """Write `shard-{sid:06d}`'s data file (atomically, under its final name) from rows sorted by
-    key; returns its sidecar, NOT written: the shard is committed when :func:`commit_sidecar` writes it.
+    """Write and commit `shard-{sid:06d}` from rows sorted by key: the data file (atomically, under
+    its final name), then its sidecar (validated against its schema, written atomically: the
+    commit point). Returns the sidecar.
 
     The bytes are a pure function of the rows, so a repeated attempt rewrites the same bytes, and
-    a data file whose sidecar never came is debris that the next run cleans.
+    a data file whose sidecar never came (a kill between the two) is debris that the next run cleans.
     """
     # The grid is the tokenizer's, not taken from the rows: a shard whose inputs all failed has none.
     w = ShardWriter(out_url, sid, grid=tuple(grid), codebook_size=codebook_size, tokenizer=tokenizer,
@@ -211,17 +215,10 @@ def write_shard_data(
             timings={"decode_s": float(end["decode_s"]), "shard_wall_s": float(wall_s)},
             counts={"inputs": int(end["num_items"]), "inputs_ok": int(end["num_items"]) - len(end["errors"]),
                     "inputs_failed": len(end["errors"])},
-            write_sidecar=False,
         )
     except BaseException:
         w.abort()
         raise
-
-
-def commit_sidecar(out_url: str, sidecar: dict[str, Any], storage_options: dict | None = None) -> dict[str, Any]:
-    """Commit a shard whose data file is written: write its sidecar atomically (the commit point)."""
-    url = storage.join(out_url, f"{shard_name(int(sidecar['shard_id']))}.json")
-    return storage.write_json(url, sidecar, "shard_sidecar", storage_options)
 
 
 class ShardAssembler:
@@ -229,8 +226,7 @@ class ShardAssembler:
     shards in any order and commits a shard (`shard-{input shard:06d}`) as soon as it is complete.
 
     Rows are sorted by key before writing, so the bytes do not depend on scheduling. The Ray job
-    splits the same steps across processes (ShardBuffer + write_shard_data in writer actors,
-    commit_sidecar in the driver).
+    runs the same steps (ShardBuffer + write_shard) in its writer actors.
     """
 
     def __init__(
@@ -264,9 +260,8 @@ class ShardAssembler:
         if sid is None:
             return None
         rows, end, wall_s = self.buffer.take(sid)
-        side = write_shard_data(self.out_url, sid, rows, end, input_shard=self.shards[sid], grid=self.grid,
-                                wall_s=wall_s, **self.kw)
-        commit_sidecar(self.out_url, side, self.kw["storage_options"])
+        side = write_shard(self.out_url, sid, rows, end, input_shard=self.shards[sid], grid=self.grid,
+                           wall_s=wall_s, **self.kw)
         self.committed.append(side)
         return side
 

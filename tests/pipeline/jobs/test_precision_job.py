@@ -87,11 +87,18 @@ def test_precision_batch_rows_and_decode_threads_defaults(ray_local, tmp_path):
     assert job_precision(cfg) == "fp32"
     with pytest.raises(ValueError, match="tf32"):
         job_precision(TokenizeConfig(**base, precision="tf32"))
-    # A tokenizer-stage batch holds a forward pass of frames whatever rows_per_batch says.
+    # A tokenizer-stage batch holds a forward pass of frames whatever rows_per_batch says; on GPUs
+    # it holds 1 GiB of frames (many forward passes): few, large events for the driver.
     assert cfg.tokenizer_batch_rows(gpu_actors=False) == 16  # 16 rows of up to 64 frames ≥ 64 frames
-    assert TokenizeConfig(**{**base, "dataset": "imagenet"}).tokenizer_batch_rows(gpu_actors=True) == 256
-    assert TokenizeConfig(**{**base, "dataset": "imagenet"}, batch_size=512).tokenizer_batch_rows(gpu_actors=True) == 512
-    assert TokenizeConfig(**base, chunk_frames=8, rows_per_batch=4).tokenizer_batch_rows(gpu_actors=True) == 32
+    assert TokenizeConfig(**{**base, "dataset": "imagenet"}, batch_size=512).tokenizer_batch_rows(gpu_actors=False) == 512
+    assert TokenizeConfig(**{**base, "dataset": "imagenet"}).tokenizer_batch_rows(gpu_actors=True) == 21845  # 128 px
+    assert TokenizeConfig(**{**base, "dataset": "imagenet"}, resolution=256).tokenizer_batch_rows(gpu_actors=True) == 5461
+    assert TokenizeConfig(**base, chunk_frames=8, rows_per_batch=4).tokenizer_batch_rows(gpu_actors=True) == 2731
+    # Decode blocks: 256 MB of frames for GPU tokenizers, 32 MB for CPU ones, or --decode-block-mb.
+    assert cfg.decode_block_bytes(gpu_actors=True) == 256 << 20 and cfg.decode_block_bytes(gpu_actors=False) == 32 << 20
+    assert TokenizeConfig(**base, decode_block_mb=0.25).decode_block_bytes(gpu_actors=True) == 1 << 18
+    with pytest.raises(ValueError, match="TokenizeConfig.decode_block_mb=0 is invalid"):
+        TokenizeConfig(**base, decode_block_mb=0)
     # One FFmpeg thread per decode on a cluster (one decode actor per core); FFmpeg's choice embedded.
     assert cfg.decode_config().threads == 0
     assert TokenizeConfig(**base, ray_address="auto").decode_config().threads == 1
