@@ -166,5 +166,23 @@ def test_activation_checkpointing_gives_the_same_gradients(arch):
         m.activation_checkpointing = on
         m(x).logsumexp(-1).mean().backward()
         grads.append([p.grad.clone() for p in m.parameters()])
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_presets_arms_at_280m_sweep_and_second_stage():
+    from trainer.config import PRESETS
+
+    large = count_params(PRESETS["large"].model)
+    for arch in ARCHS:
+        cfg = PRESETS[f"large-{arch}"]
+        assert cfg.model.arch == arch and PRESETS[f"tiny-{arch}"].model.arch == arch
+        assert abs(count_params(cfg.model) - large) / large < 0.01  # ~280M like LLaMA large (285M)
+        assert (cfg.lr, cfg.batch_tokens) == (PRESETS["large"].lr, PRESETS["large"].batch_tokens)
+    sweep = [PRESETS[f"a{i}"].model for i in range(1, 7)]
+    assert {m.n_heads for m in sweep} == {8} and {m.mup_base_dim for m in sweep} == {256}
+    assert all(a.dim < b.dim and a.n_layers < b.n_layers for a, b in zip(sweep, sweep[1:], strict=False))
+    assert {PRESETS[f"a{i}"].lr for i in range(1, 7)} == {2.0**-7}  # the paper's μP optimum
+    for name, base in (("base-256", "base"), ("large-256", "large"), ("1b-256", "1b")):
+        m = PRESETS[name].model
+        assert m.rope_theta == 50000.0 and (m.dim, m.n_layers) == (PRESETS[base].model.dim, PRESETS[base].model.n_layers)
