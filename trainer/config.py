@@ -8,7 +8,7 @@ taken from the data (the mix's loader) when training starts. Presets:
 - `base`, `large`, `1b`: the paper's models at ~1M tokens per step, peak lr 3e-4.
 - `base-256`, `large-256`, `1b-256`: the coarse-to-fine second stage (32x32 grid, RoPE base 50 000),
   initialised from a 128 px checkpoint with `init_from=...`.
-- `large-gpt2`, `large-mamba` (and `tiny-gpt2`, `tiny-mamba` for CI): the architecture ablation at ~280M.
+- `large-gpt2`, `large-mamba`: the architecture ablation at ~280M; `demo-*` at the demo's size, `tiny-*` for CI.
 - `a1` ... `a6`: the μP width/depth sweep (8 heads, widths 256..1024, base width 256, lr 2^-7).
 """
 
@@ -179,8 +179,9 @@ PRESETS: dict[str, TrainConfig] = {
 for _arch in ("gpt2", "mamba"):
     PRESETS[f"large-{_arch}"] = dataclasses.replace(
         PRESETS["large"], name=f"large-{_arch}", model=dataclasses.replace(MODEL_PRESETS[f"large-{_arch}"]))
-    PRESETS[f"tiny-{_arch}"] = dataclasses.replace(
-        PRESETS["tiny"], name=f"tiny-{_arch}", model=dataclasses.replace(MODEL_PRESETS[f"tiny-{_arch}"]))
+    for _size in ("tiny", "demo"):
+        PRESETS[f"{_size}-{_arch}"] = dataclasses.replace(
+            PRESETS[_size], name=f"{_size}-{_arch}", model=dataclasses.replace(MODEL_PRESETS[f"{_size}-{_arch}"]))
 # Width/depth sweep under μP (Figures 9, 11): the paper's optimum lr 2^-7 at every width, ~0.5M tokens a step.
 for _name in SWEEP_SIZES:
     PRESETS[_name] = _preset(

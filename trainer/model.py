@@ -140,6 +140,10 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny-gpt2": ModelConfig(arch="gpt2", dim=64, n_layers=2, n_heads=4, vocab_size=516, max_seq_len=1024,
                              mlp_hidden=256),
     "tiny-mamba": ModelConfig(arch="mamba", dim=64, n_layers=2, n_heads=4, vocab_size=516, max_seq_len=1024),
+    # The CPU demo's size (1.8M non-embedding parameters) as the other backbones: 6 GPT-2 blocks (1.7M), 10 Mamba (1.9M).
+    "demo-gpt2": ModelConfig(arch="gpt2", dim=160, n_layers=6, n_heads=5, vocab_size=516, max_seq_len=1024,
+                             mlp_hidden=512),
+    "demo-mamba": ModelConfig(arch="mamba", dim=160, n_layers=10, n_heads=5, vocab_size=516, max_seq_len=1024),
 }
 # The width/depth sweep (Figures 9 and 11): heads fixed at 8, width and depth growing together, μP
 # relative to one base width (a1's 256), so one learning rate serves every size.
