@@ -1,5 +1,8 @@
 """LLaMA over visual tokens: one dependency-light file (RMSNorm pre-norm, SwiGLU, RoPE, no biases).
 
+`CausalLM` is the interface every backbone offers (logits, features(layers), new_cache); `ModelConfig.arch`
+selects LLaMA (here) or GPT-2 / Mamba (trainer/backbones.py) through `build_model`.
+
 Layout choices that matter beyond this file:
 - Rotary embeddings use Hugging Face's half-split layout (rotate the first half of each head
   against the second half), so exporting to `LlamaForCausalLM` is a pure rename of weights.
