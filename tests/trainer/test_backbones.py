@@ -142,14 +142,14 @@ def _losses(run: Path) -> list[float]:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_each_arm_trains_checkpoints_and_resumes_exactly(tmp_path, arch):
-    common = QUIET + ["max_steps=6", "ckpt_every=3", "lr=1e-2", "warmup_steps=1"]
+    common = QUIET + ["max_steps=4", "ckpt_every=2", "lr=1e-2", "warmup_steps=1"]
     fixed = factory(fixed_batch=True)  # one batch again and again: the loss must fall
     train(load_config(f"tiny-{arch}", common), "fake", tmp_path / "ref", loader_factory=fixed)
-    train(load_config(f"tiny-{arch}", common + ["exit_after_steps=3"]), "fake", tmp_path / "run", loader_factory=fixed)
+    train(load_config(f"tiny-{arch}", common + ["exit_after_steps=2"]), "fake", tmp_path / "run", loader_factory=fixed)
     out = train(load_config(f"tiny-{arch}", common), "fake", tmp_path / "run", loader_factory=fixed)
-    assert out["resumed_from"] == 3
+    assert out["resumed_from"] == 2
     ref, run = _losses(tmp_path / "ref"), _losses(tmp_path / "run")
-    assert len(ref) == 6 and ref == run  # bit-exact across the restart
+    assert len(ref) == 4 and ref == run  # bit-exact across the restart
     assert ref[-1] < 0.9 * ref[0]
     model, meta = ck.load_model(tmp_path / "run")
     assert meta["model_config"]["arch"] == arch and type(model).__name__ == ("GPT2" if arch == "gpt2" else "Mamba")
