@@ -1,5 +1,8 @@
-"""Training-step throughput: our Transformer against transformers' LlamaForCausalLM.
+"""Training-step throughput: each backbone against its transformers reference.
 
+--arch llama: our Transformer vs LlamaForCausalLM; gpt2: our GPT2 vs GPT2LMHeadModel; mamba: our
+Mamba (transformers' blocks, mambapy's parallel scan on CPU) vs MambaForCausalLM on transformers'
+own CPU path (its per-token scan loop). Both get identical weights through the export mapping.
 Same configuration, batch, sequence length, dtype and optimizer (AdamW, clipping) for both; the
 two are timed in alternating rounds in one process so machine noise hits both alike. Reports
 tokens/s, the ratio ours / reference (target >= 1.0), FLOPs per token (6N + 12·L·d·T) and MFU
@@ -7,6 +10,7 @@ against a peak: on CPU the fp32 matmul rate measured in this run, on CUDA the da
 (or --peak-flops).
 
     python bench/train.py                      # CPU: d=256, 4 layers, T=1024, batch 4, fp32
+    python bench/train.py --arch mamba         # the same size as a Mamba
     python bench/train.py --device cuda --preset base --seq 4096 --batch 8 --dtype bf16
 """
 
@@ -25,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.export import hf_config, to_hf_state_dict  # noqa: E402
-from trainer.model import PRESETS, ModelConfig, Transformer, flops_per_token  # noqa: E402
+from trainer.model import ARCHS, PRESETS, ModelConfig, build_model, flops_per_token  # noqa: E402
 from trainer.train import peak_flops_for  # noqa: E402
 
 
@@ -52,9 +56,11 @@ def make_models(cfg: ModelConfig, device: torch.device):
     import transformers
 
     torch.manual_seed(0)
-    ours = Transformer(cfg).to(device)
+    ours = build_model(cfg).to(device)
     hf_cfg = {k: v for k, v in hf_config(cfg).items() if k not in ("architectures", "model_type", "torch_dtype")}
-    ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_cfg)).to(device)
+    conf, cls = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
+                 "mamba": ("MambaConfig", "MambaForCausalLM")}[cfg.arch]
+    ref = getattr(transformers, cls)(getattr(transformers, conf)(**hf_cfg)).to(device)
     ref.load_state_dict(to_hf_state_dict(ours))  # identical weights, so identical work
     ref.config.use_cache = False
     return ours, ref
@@ -94,6 +100,7 @@ def time_steps(step, n: int, device: torch.device, clock: str = "wall") -> float
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default=None, help="model preset (default: d=256, 4 layers, 4 heads)")
+    ap.add_argument("--arch", default=None, choices=ARCHS, help="backbone (default: the preset's, else llama)")
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=8196)
@@ -118,10 +125,13 @@ def main() -> None:
         import dataclasses
 
         cfg = dataclasses.replace(PRESETS[args.preset], vocab_size=args.vocab, max_seq_len=args.seq)
+        if args.arch:
+            cfg = dataclasses.replace(cfg, arch=args.arch)
     else:
-        cfg = ModelConfig(dim=256, n_layers=4, n_heads=4, vocab_size=args.vocab, max_seq_len=args.seq)
+        cfg = ModelConfig(dim=256, n_layers=4, n_heads=4, vocab_size=args.vocab, max_seq_len=args.seq,
+                          arch=args.arch or "llama")
     amp = torch.bfloat16 if args.dtype == "bf16" else None
-    ours, ref = make_models(cfg, device) if not args.ours_only else (Transformer(cfg).to(device), None)
+    ours, ref = make_models(cfg, device) if not args.ours_only else (build_model(cfg).to(device), None)
     n_nonemb = ours.num_params(include_embedding=False)
     fpt = flops_per_token(cfg, args.seq, n_nonemb)
     torch.manual_seed(1)
@@ -150,7 +160,7 @@ def main() -> None:
         peak = matmul_peak(device, torch.bfloat16 if amp else torch.float32, clock=args.clock)
         peak_src = f"measured 2048^3 matmul in this run ({args.clock} clock, {torch.get_num_threads()} threads)"
     res = {
-        "config": {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "mlp": cfg.ffn_dim,
+        "config": {"arch": cfg.arch, "dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "mlp": cfg.ffn_dim,
                    "vocab": cfg.vocab_size, "seq": args.seq, "batch": args.batch, "dtype": args.dtype,
                    "device": str(device), "threads": torch.get_num_threads(), "compile": args.compile,
                    "clock": args.clock},

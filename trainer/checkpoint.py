@@ -38,7 +38,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file, save_file
 
 from pipeline import storage
-from trainer.model import ModelConfig, Transformer
+from trainer.model import CausalLM, ModelConfig, build_model
 
 __all__ = [
     "step_dir_name",
@@ -405,7 +405,7 @@ def load_rng(step_dir: str | os.PathLike, rank: int, storage_options: dict | Non
 
 
 def load_model(ckpt_dir: str | os.PathLike, device: str | torch.device = "cpu",
-               storage_options: dict | None = None) -> tuple[Transformer, dict]:
+               storage_options: dict | None = None) -> tuple[CausalLM, dict]:
     """Rebuild the model of a checkpoint (or of a run dir's newest checkpoint) in eval mode, in
     this process alone (a sharded checkpoint is read whole here: export, evaluation).
 
@@ -415,7 +415,7 @@ def load_model(ckpt_dir: str | os.PathLike, device: str | torch.device = "cpu",
     step_dir = resolve_checkpoint(ckpt_dir, storage_options)
     meta = read_meta(step_dir, storage_options)
     cfg = ModelConfig.from_dict(meta["model_config"])
-    model = Transformer(cfg)
+    model = build_model(cfg)
     if state_format(meta) == "dcp":
         sd = model.state_dict()
         with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the intent here

@@ -1,4 +1,4 @@
-"""`toto-train`: pre-train, export, generate and evaluate LLaMA models over visual tokens."""
+"""`toto-train`: pre-train, sweep, export, generate and evaluate models over visual tokens."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ def main() -> None:
 from trainer.export import export_hf_command  # noqa: E402
 from trainer.generate import generate_command  # noqa: E402
 from trainer.pretrain_cli import pretrain_command  # noqa: E402
+from trainer.sweep_lr import sweep_lr_command  # noqa: E402
 
 main.add_command(pretrain_command)
+main.add_command(sweep_lr_command)
 main.add_command(export_hf_command)
 main.add_command(generate_command)
 from trainer.evals.cli import probe, scaling, track  # noqa: E402

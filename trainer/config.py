@@ -6,8 +6,10 @@ taken from the data (the mix's loader) when training starts. Presets:
 - `tiny`: unit tests and CI (a ~0.2M-parameter model, a handful of steps).
 - `demo`: the CPU demo (64 px frames -> 8x8 = 64 tokens, 16-frame clips ~1k tokens, ~1.9M params).
 - `base`, `large`, `1b`: the paper's models at ~1M tokens per step, peak lr 3e-4.
-- `base-256`: the coarse-to-fine second stage (32x32 grid, RoPE base 50 000), initialised from a
-  128 px checkpoint with `init_from=...`.
+- `base-256`, `large-256`, `1b-256`: the coarse-to-fine second stage (32x32 grid, RoPE base 50 000),
+  initialised from a 128 px checkpoint with `init_from=...`.
+- `large-gpt2`, `large-mamba`: the architecture ablation at ~280M; `demo-*` at the demo's size, `tiny-*` for CI.
+- `a1` ... `a6`: the μP width/depth sweep (8 heads, widths 256..1024, base width 256, lr 2^-7).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.model import PRESETS as MODEL_PRESETS
-from trainer.model import ModelConfig
+from trainer.model import SWEEP_SIZES, ModelConfig
 
 __all__ = ["TrainConfig", "PRESETS", "load_config", "apply_overrides", "config_to_dict", "config_from_dict"]
 
@@ -162,7 +164,30 @@ PRESETS: dict[str, TrainConfig] = {
         batch_tokens=1 << 20, micro_batch=2, max_steps=10_000, lr=1e-4, warmup_steps=500,
         ckpt_every=1000, val_every=1000, val_batches=8, keep_last=3, activation_checkpointing=True,
     ),
+    "large-256": TrainConfig(
+        name="large-256", model=dataclasses.replace(MODEL_PRESETS["large"], rope_theta=50000.0),
+        batch_tokens=1 << 20, micro_batch=2, max_steps=10_000, lr=1e-4, warmup_steps=500,
+        ckpt_every=1000, val_every=1000, val_batches=8, keep_last=3, activation_checkpointing=True,
+    ),
+    "1b-256": TrainConfig(
+        name="1b-256", model=dataclasses.replace(MODEL_PRESETS["1b"], rope_theta=50000.0),
+        batch_tokens=1 << 20, micro_batch=1, max_steps=10_000, lr=1e-4, warmup_steps=500,
+        ckpt_every=1000, val_every=1000, val_batches=8, keep_last=3, parallel="fsdp", activation_checkpointing=True,
+    ),
 }
+# Architecture ablation (Table 6): the large recipe with another backbone; tiny ones for CI.
+for _arch in ("gpt2", "mamba"):
+    PRESETS[f"large-{_arch}"] = dataclasses.replace(
+        PRESETS["large"], name=f"large-{_arch}", model=dataclasses.replace(MODEL_PRESETS[f"large-{_arch}"]))
+    for _size in ("tiny", "demo"):
+        PRESETS[f"{_size}-{_arch}"] = dataclasses.replace(
+            PRESETS[_size], name=f"{_size}-{_arch}", model=dataclasses.replace(MODEL_PRESETS[f"{_size}-{_arch}"]))
+# Width/depth sweep under μP (Figures 9, 11): the paper's optimum lr 2^-7 at every width, ~0.5M tokens a step.
+for _name in SWEEP_SIZES:
+    PRESETS[_name] = _preset(
+        _name, _name, batch_tokens=1 << 19, micro_batch=8, max_steps=20_000, lr=2.0**-7, warmup_steps=1000,
+        ckpt_every=1000, val_every=500, val_batches=8, keep_last=3,
+    )
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:

@@ -20,7 +20,7 @@ import click
 import numpy as np
 import torch
 
-from trainer.model import KVCache, Transformer
+from trainer.model import CausalLM
 
 __all__ = ["sample_tokens", "continue_frames", "read_prompt_frames", "write_side_by_side", "generate"]
 
@@ -29,7 +29,7 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 @torch.no_grad()
 def sample_tokens(
-    model: Transformer,
+    model: CausalLM,
     prefix: torch.Tensor,
     n_new: int,
     *,
@@ -55,7 +55,7 @@ def sample_tokens(
         )
     device = prefix.device
     dtype = next(model.parameters()).dtype
-    cache = KVCache(model.cfg, B, total, device, dtype)
+    cache = model.new_cache(B, total, device, dtype)  # KV cache (llama, gpt2) or recurrent state (mamba)
     logits = model(prefix, cache=cache)[:, -1]  # (B, V)
     out = torch.empty(B, n_new, dtype=torch.long, device=device)
     for i in range(n_new):
@@ -78,7 +78,7 @@ def sample_tokens(
 
 
 def continue_frames(
-    model: Transformer,
+    model: CausalLM,
     meta: dict,
     tokenizer,
     frames: np.ndarray,

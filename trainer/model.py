@@ -1,5 +1,8 @@
 """LLaMA over visual tokens: one dependency-light file (RMSNorm pre-norm, SwiGLU, RoPE, no biases).
 
+`CausalLM` is the interface every backbone offers (logits, features(layers), new_cache); `ModelConfig.arch`
+selects LLaMA (here) or GPT-2 / Mamba (trainer/backbones.py) through `build_model`.
+
 Layout choices that matter beyond this file:
 - Rotary embeddings use Hugging Face's half-split layout (rotate the first half of each head
   against the second half), so exporting to `LlamaForCausalLM` is a pure rename of weights.
@@ -23,9 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["ModelConfig", "PRESETS", "VOCAB_MULTIPLE", "Transformer", "KVCache", "param_groups", "flops_per_token", "count_params"]
+__all__ = ["ModelConfig", "PRESETS", "SWEEP_SIZES", "MUP_BASE_DIM", "VOCAB_MULTIPLE", "ARCHS", "CausalLM", "Transformer", "KVCache", "build_model",
+           "param_groups", "flops_per_token", "count_params"]
 
 VOCAB_MULTIPLE = 64
+# Backbones behind one interface (CausalLM): llama here, gpt2 and mamba in trainer/backbones.py.
+ARCHS = ("llama", "gpt2", "mamba")
 
 
 @dataclass
@@ -43,19 +49,30 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     mup_base_dim: int | None = None  # set to enable μP relative to this width
+    # Backbone (the paper's Table 6). gpt2: LayerNorm, GELU MLP of ffn_dim, learned absolute positions,
+    # biases; mamba: transformers' Mamba blocks (no attention: n_heads is unused) with these sizes.
+    arch: str = "llama"
+    mamba_d_state: int = 16  # SSM state size N per channel
+    mamba_expand: int = 2  # inner width = expand * dim
+    mamba_d_conv: int = 4  # causal depthwise conv kernel
     extra: dict = field(default_factory=dict)  # free-form notes carried into checkpoints
 
     def __post_init__(self) -> None:
         def bad(name: str, fix: str) -> ValueError:
             return ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is invalid: {fix}")
 
-        for name in ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len"):
+        for name in ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len", "mamba_d_state", "mamba_expand",
+                     "mamba_d_conv"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise bad(name, "use a positive integer")
+        if self.arch not in ARCHS:
+            raise bad("arch", f"choose one of {ARCHS} (model.arch=gpt2)")
         if self.dim % self.n_heads:
             raise bad("n_heads", f"dim={self.dim} must be divisible by n_heads; pick a divisor of dim")
-        if (self.dim // self.n_heads) % 2:
+        if self.arch != "llama" and self.n_kv_heads is not None:
+            raise bad("n_kv_heads", f"grouped-query attention is a llama option; use None with arch={self.arch}")
+        if self.arch == "llama" and (self.dim // self.n_heads) % 2:
             raise bad("n_heads", f"head_dim={self.dim // self.n_heads} must be even for rotary embeddings")
         # None stays None (so overriding dim or n_heads re-derives them); read ffn_dim / kv_heads.
         if self.mlp_hidden is not None and (not isinstance(self.mlp_hidden, int) or self.mlp_hidden <= 0):
@@ -119,20 +136,49 @@ PRESETS: dict[str, ModelConfig] = {
     "base": ModelConfig(dim=768, n_layers=12, n_heads=12),
     "large": ModelConfig(dim=1024, n_layers=16, n_heads=16),
     "1b": ModelConfig(dim=2048, n_layers=22, n_heads=16, mlp_hidden=5504),
+    # The architecture ablation (Table 6) at the paper's ~280M (large: 285M parameters): GPT-2 at large's
+    # width with 21 blocks (285M), Mamba at large's width with 40 blocks (283M); tiny ones for tests.
+    "large-gpt2": ModelConfig(arch="gpt2", dim=1024, n_layers=21, n_heads=16),
+    "large-mamba": ModelConfig(arch="mamba", dim=1024, n_layers=40, n_heads=16),
+    "tiny-gpt2": ModelConfig(arch="gpt2", dim=64, n_layers=2, n_heads=4, vocab_size=516, max_seq_len=1024,
+                             mlp_hidden=256),
+    "tiny-mamba": ModelConfig(arch="mamba", dim=64, n_layers=2, n_heads=4, vocab_size=516, max_seq_len=1024),
+    # The CPU demo's size (1.8M non-embedding parameters) as the other backbones: 6 GPT-2 blocks (1.7M), 10 Mamba (1.9M).
+    "demo-gpt2": ModelConfig(arch="gpt2", dim=160, n_layers=6, n_heads=5, vocab_size=516, max_seq_len=1024,
+                             mlp_hidden=512),
+    "demo-mamba": ModelConfig(arch="mamba", dim=160, n_layers=10, n_heads=5, vocab_size=516, max_seq_len=1024),
 }
+# The width/depth sweep (Figures 9 and 11): heads fixed at 8, width and depth growing together, μP
+# relative to one base width (a1's 256), so one learning rate serves every size.
+SWEEP_SIZES = {"a1": (256, 4), "a2": (384, 6), "a3": (512, 8), "a4": (640, 10), "a5": (768, 12), "a6": (1024, 16)}
+MUP_BASE_DIM = 256
+for _name, (_dim, _layers) in SWEEP_SIZES.items():
+    PRESETS[_name] = ModelConfig(dim=_dim, n_layers=_layers, n_heads=8, mup_base_dim=MUP_BASE_DIM)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int | None = None) -> float:
     """Training FLOPs per token: 6·N (forward + backward matmuls) + 12·L·d·T (attention scores).
 
     N counts the non-embedding parameters plus the output head (the input embedding is a lookup).
+    Other backbones: trainer.backbones.flops_per_token (GPT-2 adds nothing for its learned positions,
+    Mamba replaces the attention term by its selective scan's).
     """
+    if cfg.arch != "llama":
+        from trainer.backbones import flops_per_token as other
+
+        return other(cfg, seq_len, n_params)
     if n_params is None:
         n_params = count_params(cfg, include_embedding=False)
     return 6.0 * n_params + 12.0 * cfg.n_layers * cfg.dim * seq_len
 
 
 def count_params(cfg: ModelConfig, include_embedding: bool = True) -> int:
+    """Parameters of the model `cfg` describes (lm-head padding excluded); without the input embedding
+    when include_embedding is False."""
+    if cfg.arch != "llama":
+        from trainer.backbones import count_params as other
+
+        return other(cfg, include_embedding)
     d, h, kv = cfg.dim, cfg.head_dim, cfg.kv_heads
     attn = d * d * 2 + 2 * d * kv * h  # wq, wo, wk, wv
     mlp = 3 * d * cfg.ffn_dim
@@ -190,6 +236,17 @@ class KVCache:
         self.max_len = max_len
 
 
+def attention_scale(cfg: ModelConfig) -> float:
+    """Softmax scale of the attention scores: 1/sqrt(hd), or under μP sqrt(base_hd)/hd.
+
+    μP: 1/hd keeps attention logits O(1) as width grows; it equals 1/sqrt(hd) at the base width.
+    """
+    if cfg.mup_base_dim is None:
+        return 1.0 / math.sqrt(cfg.head_dim)
+    base_hd = cfg.mup_base_dim // cfg.n_heads if cfg.mup_base_dim % cfg.n_heads == 0 else cfg.head_dim
+    return math.sqrt(base_hd) / cfg.head_dim
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -198,12 +255,7 @@ class Attention(nn.Module):
         # instead of three; export splits it into q_proj/k_proj/v_proj.
         self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        # μP: 1/hd keeps attention logits O(1) as width grows; equals 1/sqrt(hd) at the base width.
-        if cfg.mup_base_dim is not None:
-            base_hd = cfg.mup_base_dim // cfg.n_heads if cfg.mup_base_dim % cfg.n_heads == 0 else cfg.head_dim
-            self.scale = math.sqrt(base_hd) / self.hd
-        else:
-            self.scale = 1.0 / math.sqrt(self.hd)
+        self.scale = attention_scale(cfg)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
@@ -213,26 +265,36 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, kvH, T, hd)
         v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        past = 0
-        if cache is not None:
-            past = cache.pos
-            cache.k[layer][:B, :, past : past + T] = k
-            cache.v[layer][:B, :, past : past + T] = v
-            k = cache.k[layer][:B, :, : past + T]
-            v = cache.v[layer][:B, :, : past + T]
-        if self.n_kv != self.n_heads:
-            rep = self.n_heads // self.n_kv
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        if past == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        else:
-            # Queries at positions past..past+T-1 see keys 0..their own position.
-            qpos = torch.arange(past, past + T, device=x.device)[:, None]
-            kpos = torch.arange(past + T, device=x.device)[None, :]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=kpos <= qpos, scale=self.scale)
+        out = causal_attention(q, k, v, self.scale, cache, layer)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)  # (B, T, D)
         return self.wo(out)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    """Causal scaled-dot-product attention, q (B, H, T, hd), k/v (B, kvH, T, hd) -> (B, H, T, hd).
+
+    With a cache, k/v are written at positions cache.pos.. of `layer` and the queries attend to every
+    cached position up to their own (the caller advances cache.pos once all layers ran).
+    """
+    B, H, T, _ = q.shape
+    past = 0
+    if cache is not None:
+        past = cache.pos
+        cache.k[layer][:B, :, past : past + T] = k
+        cache.v[layer][:B, :, past : past + T] = v
+        k = cache.k[layer][:B, :, : past + T]
+        v = cache.v[layer][:B, :, : past + T]
+    if k.shape[1] != H:
+        rep = H // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    if past == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    # Queries at positions past..past+T-1 see keys 0..their own position.
+    qpos = torch.arange(past, past + T, device=q.device)[:, None]
+    kpos = torch.arange(past + T, device=q.device)[None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=kpos <= qpos, scale=scale)
 
 
 class FeedForward(nn.Module):
@@ -262,7 +324,85 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-class Transformer(nn.Module):
+class CausalLM(nn.Module):
+    """What every backbone offers the trainer, probes, generation and export.
+
+    A subclass sets `cfg`, `tok_embeddings` (V, D), `layers` (the blocks: FSDP shards each), `norm`,
+    `output` (V_pad, D) and `activation_checkpointing`, and implements `_trunk` and `new_cache`.
+    """
+
+    cfg: ModelConfig
+
+    @property
+    def output_mult(self) -> float:
+        """μP readout multiplier (1 / width_mult); 1.0 in standard parameterisation."""
+        return 1.0 / self.cfg.width_mult
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        """Parameters of the model as configured (count_params): the lm-head's padding rows are not counted."""
+        n = sum(p.numel() for p in self.parameters())  # global sizes under FSDP2 (DTensor.numel)
+        n -= (self.cfg.padded_vocab_size - self.cfg.vocab_size) * self.cfg.dim
+        return n if include_embedding else n - self.tok_embeddings.weight.numel()
+
+    def new_cache(self, batch: int, max_len: int, device, dtype=torch.float32):
+        """Incremental-decoding state for up to `max_len` positions (KV cache or recurrent state)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement new_cache")
+
+    def _trunk(self, tokens: torch.Tensor, keep: set[int], cache, stop_after: int | None):
+        """(B, T) tokens -> final residual stream (B, T, D) and {block: (B, T, D)} for blocks in `keep`."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement _trunk")
+
+    def _run_blocks(self, h: torch.Tensor, keep: set[int], stop_after: int | None, cached: bool, step):
+        """h (B, T, D) through the blocks as `step(block, h, i)`; returns the last stream and the kept ones.
+
+        Training without a cache recomputes each block in backward when activation_checkpointing is on.
+        """
+        hidden: dict[int, torch.Tensor] = {}
+        for i, block in enumerate(self.layers):
+            if self.activation_checkpointing and self.training and not cached:
+                h = checkpoint(step, block, h, i, use_reentrant=False)
+            else:
+                h = step(block, h, i)
+            if i + 1 in keep:
+                hidden[i + 1] = h
+            if stop_after is not None and i + 1 >= stop_after:
+                break
+        return h, hidden
+
+    def _check_layers(self, layers) -> list[int]:
+        layers = [int(i) for i in layers]
+        for i in layers:
+            if not 1 <= i <= self.cfg.n_layers:
+                raise ValueError(f"layer {i} is out of range: blocks are numbered 1..{self.cfg.n_layers}")
+        return layers
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        return_hidden: list[int] | None = None,
+        cache=None,
+    ):
+        """tokens (B, T) int64 -> logits (B, T, V) [, list of (B, T, D) after the given 1-based blocks]."""
+        layers = self._check_layers(return_hidden or [])
+        h, hidden = self._trunk(tokens, set(layers), cache, None)
+        # (B, T, V_pad) -> (B, T, V): the padding columns are dropped before anything sees them.
+        logits = self.output(self.norm(h))[..., : self.cfg.vocab_size]
+        if self.cfg.mup_base_dim is not None:
+            logits = logits * self.output_mult
+        if return_hidden is None:
+            return logits
+        return logits, [hidden[i] for i in layers]
+
+    def features(self, tokens: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+        """Residual stream after each requested block (1-based), (B, T, D) each; skips the head."""
+        layers = self._check_layers(layers)
+        if not layers:
+            raise ValueError("features(layers=[]) asks for nothing; pass block numbers such as [6]")
+        _, hidden = self._trunk(tokens, set(layers), None, max(layers))
+        return [hidden[i] for i in layers]
+
+
+class Transformer(CausalLM):
     """Causal LLaMA. `model(tokens)` -> logits; `return_hidden=[i, ...]` adds residual streams."""
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -301,16 +441,8 @@ class Transformer(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    @property
-    def output_mult(self) -> float:
-        """μP readout multiplier (1 / width_mult); 1.0 in standard parameterisation."""
-        return 1.0 / self.cfg.width_mult
-
-    def num_params(self, include_embedding: bool = True) -> int:
-        """Parameters of the model as configured (count_params): the lm-head's padding rows are not counted."""
-        n = sum(p.numel() for p in self.parameters())  # global sizes under FSDP2 (DTensor.numel)
-        n -= (self.cfg.padded_vocab_size - self.cfg.vocab_size) * self.cfg.dim
-        return n if include_embedding else n - self.tok_embeddings.weight.numel()
+    def new_cache(self, batch: int, max_len: int, device, dtype=torch.float32) -> KVCache:
+        return KVCache(self.cfg, batch, max_len, device, dtype)
 
     def _trunk(self, tokens: torch.Tensor, keep: set[int], cache: KVCache | None, stop_after: int | None):
         B, T = tokens.shape
@@ -323,64 +455,36 @@ class Transformer(nn.Module):
         cos = self.rope_cos[start : start + T]  # (T, hd)
         sin = self.rope_sin[start : start + T]
         h = self.tok_embeddings(tokens)  # (B, T, D)
-        hidden: dict[int, torch.Tensor] = {}
-        for i, block in enumerate(self.layers):
-            if self.activation_checkpointing and self.training and cache is None:
-                h = checkpoint(block, h, cos, sin, use_reentrant=False)
-            else:
-                h = block(h, cos, sin, cache, i)
-            if i + 1 in keep:
-                hidden[i + 1] = h
-            if stop_after is not None and i + 1 >= stop_after:
-                break
+        h, hidden = self._run_blocks(h, keep, stop_after, cache is not None,
+                                     lambda block, x, i: block(x, cos, sin, cache, i))
         if cache is not None:
             cache.pos += T
         return h, hidden
 
-    def _check_layers(self, layers) -> list[int]:
-        layers = [int(i) for i in layers]
-        for i in layers:
-            if not 1 <= i <= self.cfg.n_layers:
-                raise ValueError(f"layer {i} is out of range: blocks are numbered 1..{self.cfg.n_layers}")
-        return layers
 
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        return_hidden: list[int] | None = None,
-        cache: KVCache | None = None,
-    ):
-        """tokens (B, T) int64 -> logits (B, T, V) [, list of (B, T, D) after the given 1-based blocks]."""
-        layers = self._check_layers(return_hidden or [])
-        h, hidden = self._trunk(tokens, set(layers), cache, None)
-        # (B, T, V_pad) -> (B, T, V): the padding columns are dropped before anything sees them.
-        logits = self.output(self.norm(h))[..., : self.cfg.vocab_size]
-        if self.cfg.mup_base_dim is not None:
-            logits = logits * self.output_mult
-        if return_hidden is None:
-            return logits
-        return logits, [hidden[i] for i in layers]
+def build_model(cfg: ModelConfig) -> CausalLM:
+    """The backbone `cfg.arch` names, freshly initialised."""
+    if cfg.arch == "llama":
+        return Transformer(cfg)
+    from trainer.backbones import BACKBONES
 
-    def features(self, tokens: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
-        """Residual stream after each requested block (1-based), (B, T, D) each; skips the head."""
-        layers = self._check_layers(layers)
-        if not layers:
-            raise ValueError("features(layers=[]) asks for nothing; pass block numbers such as [6]")
-        _, hidden = self._trunk(tokens, set(layers), None, max(layers))
-        return [hidden[i] for i in layers]
+    return BACKBONES[cfg.arch](cfg)
 
 
-def param_groups(model: Transformer, lr: float, weight_decay: float) -> list[dict]:
+def param_groups(model: CausalLM, lr: float, weight_decay: float) -> list[dict]:
     """AdamW groups: decay only on hidden/output matrices; μP scales hidden matrices' lr.
 
     Norm weights and the input embedding get no weight decay (LLaMA practice). Each group
     carries `lr_scale` so a scheduler can set lr = base_lr(step) * lr_scale.
     """
     hidden, vectors, output = [], [], []
+    # Matrices whose fan-in does not grow with width (GPT-2's positions, Mamba's A_log and depthwise
+    # conv) are vector-like for μP and, as in their reference code, get no weight decay.
+    vector_like = tuple(getattr(model, "vector_like", ()))
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.endswith("tok_embeddings.weight") or p.ndim < 2:
+        if name.endswith("tok_embeddings.weight") or p.ndim < 2 or (vector_like and name.endswith(vector_like)):
             vectors.append(p)
         elif name.endswith("output.weight"):
             output.append(p)

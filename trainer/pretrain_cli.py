@@ -35,7 +35,9 @@ from trainer.config import PRESETS, load_config
 @click.argument("overrides", nargs=-1)
 def pretrain_command(config, data, out, init_from, peak_flops, ray_workers, ray_address, ray_gpu, endpoint_url,
                      print_config, overrides) -> None:
-    """Pre-train a LLaMA over visual tokens. OVERRIDES are key=value config fields.
+    """Pre-train a LLaMA (or, with model.arch=gpt2|mamba, GPT-2 / Mamba) over visual tokens.
+
+    OVERRIDES are key=value config fields.
 
     \b
     Examples:
@@ -43,6 +45,7 @@ def pretrain_command(config, data, out, init_from, peak_flops, ray_workers, ray_
       toto-train pretrain --config tiny --data mix.json --out runs/t max_steps=50 model.n_layers=4
       torchrun --nproc-per-node 8 -m trainer.cli pretrain --config base --data mix.json --out runs/base
       toto-train pretrain --config base-256 --data mix256.json --out runs/b256 --init-from runs/base
+      toto-train pretrain --config large-mamba --data mix.json --out runs/mamba
       toto-train pretrain --config base --data mix.json --out s3://bucket/runs/base
     """
     from trainer.config import config_to_dict

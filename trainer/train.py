@@ -47,7 +47,7 @@ from pipeline.mix.sequence import IGNORE_INDEX
 from trainer import checkpoint as ck
 from trainer.config import TrainConfig, config_to_dict
 from trainer.evals.position_loss import target_frames, token_losses
-from trainer.model import ModelConfig, Transformer, flops_per_token, param_groups
+from trainer.model import CausalLM, ModelConfig, build_model, flops_per_token, param_groups
 
 __all__ = ["train", "lr_at", "peak_flops_for", "PEAK_FLOPS", "LoaderFactory", "NonFiniteLossError", "ray_train_loop",
            "DeviceFeed", "RunOutputs"]
@@ -331,7 +331,7 @@ def _write_position_loss(out: Path, step: int, pos_sum: np.ndarray, pos_cnt: np.
     return doc
 
 
-def _state_dicts(raw: Transformer, opt: torch.optim.Optimizer, d: _Dist, fsdp: bool):
+def _state_dicts(raw: CausalLM, opt: torch.optim.Optimizer, d: _Dist, fsdp: bool):
     """Full (unsharded, CPU) model and optimizer state dicts keyed by parameter name (single
     process and DDP; FSDP2 saves sharded with `_sharded_state`)."""
     from torch.distributed.checkpoint.state_dict import (
@@ -344,7 +344,7 @@ def _state_dicts(raw: Transformer, opt: torch.optim.Optimizer, d: _Dist, fsdp: b
     return get_model_state_dict(raw, options=opts), get_optimizer_state_dict(raw, opt, options=opts)
 
 
-def _sharded_state(raw: Transformer, opt: torch.optim.Optimizer) -> dict:
+def _sharded_state(raw: CausalLM, opt: torch.optim.Optimizer) -> dict:
     """{"model", "optim"} state dicts as this rank holds them: DTensor shards under FSDP2 (nothing
     gathered), plain tensors otherwise. The optimizer's state is created if it has not stepped yet,
     so a resume has tensors to read into."""
@@ -353,7 +353,7 @@ def _sharded_state(raw: Transformer, opt: torch.optim.Optimizer) -> dict:
     return {"model": get_model_state_dict(raw), "optim": get_optimizer_state_dict(raw, opt)}
 
 
-def _load_sharded(raw: Transformer, opt: torch.optim.Optimizer, step_dir, d: _Dist,
+def _load_sharded(raw: CausalLM, opt: torch.optim.Optimizer, step_dir, d: _Dist,
                   storage_options: dict | None) -> None:
     """Resume from a "dcp" checkpoint: each rank reads only the shards it owns (any world size)."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
@@ -364,7 +364,7 @@ def _load_sharded(raw: Transformer, opt: torch.optim.Optimizer, step_dir, d: _Di
     set_optimizer_state_dict(raw, opt, state["optim"])
 
 
-def _load_state_dicts(raw: Transformer, opt: torch.optim.Optimizer | None, model_sd: dict, opt_sd: dict | None,
+def _load_state_dicts(raw: CausalLM, opt: torch.optim.Optimizer | None, model_sd: dict, opt_sd: dict | None,
                       d: _Dist, fsdp: bool) -> None:
     """Load full state dicts. Under FSDP2 only rank 0's copy is read; it is broadcast and sharded
     (a "full" checkpoint, e.g. from a DDP run, resumed under FSDP2)."""
@@ -443,7 +443,7 @@ class DeviceFeed:
         return cur
 
 
-def _compile(raw: Transformer, d: _Dist, fsdp: bool, device: torch.device,
+def _compile(raw: CausalLM, d: _Dist, fsdp: bool, device: torch.device,
              backend: str = "inductor") -> torch.nn.Module:
     """The module the step calls, with torch.compile where it keeps gradient communication
     overlapped with backward, and DDP around it when data-parallel:
@@ -544,7 +544,7 @@ def _train(cfg, data, out: str, factory, d: _Dist, on_log, so: dict | None, outp
     # --- model ----------------------------------------------------------------------------------
     mcfg = dataclasses.replace(cfg.model, vocab_size=vocab, max_seq_len=seq_len)
     torch.manual_seed(cfg.seed)  # same init on every rank
-    raw = Transformer(mcfg)
+    raw = build_model(mcfg)  # model.arch: llama, gpt2 or mamba
     raw.activation_checkpointing = cfg.activation_checkpointing
 
     resume_dir = ck.latest_checkpoint(out, so)

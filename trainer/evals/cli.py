@@ -139,15 +139,18 @@ def track(ckpt, davis_root, split, layer, resolution, tokenizer_spec, max_frames
 @click.argument("run_dirs", nargs=-1, required=True)
 @click.option("--out", "out_dir", required=True, help="Output directory (scaling.json, scaling.png).")
 def scaling(run_dirs, out_dir) -> None:
-    """Fit L(C) = a·C^b on the compute-optimal frontier of several pre-training runs.
+    """Fit L(C) = a·C^b and L = E + a·C^b on the compute-optimal frontier of several pre-training runs.
 
-    Each RUN_DIR holds metrics.jsonl with validation losses and the compute so far (MACs, or
-    FLOPs / 2). The plot shows every run, our fit and the paper's 7.32·C^-0.0378.
+    Each RUN_DIR holds metrics.jsonl / val.jsonl with validation losses and the compute so far (MACs,
+    or FLOPs / 2), or is a directory of such runs (a `toto-train sweep-lr` output). Both fits carry
+    95% confidence intervals; the saturating one needs 4 frontier points. The plot shows every run,
+    both fits and the paper's 7.32·C^-0.0378.
 
     Example:
 
     \b
-        toto-train scaling runs/w128 runs/w256 runs/w512 --out scaling-out
+        toto-train scaling runs/a1 runs/a2 runs/a3 runs/a4 --out scaling-out
+        toto-train scaling sweeps/mup --out scaling-out
     """
     from pipeline.storage import write_json
     from trainer.evals.scaling import plot_scaling, scaling_study
@@ -160,6 +163,16 @@ def scaling(run_dirs, out_dir) -> None:
     write_json(os.path.join(out_dir, "scaling.json"), doc, "scaling_fit")
     png = plot_scaling(doc, os.path.join(out_dir, "scaling.png"))
     f = doc["fit"]
-    click.echo(f"L(C) = {f['a']:.4g} · C^{f['b']:.5f}  (r² {f['r2']:.3f}, {len(doc['frontier'])} frontier points); "
-               f"paper: 7.32 · C^-0.0378")
+
+    def ci(v) -> str:
+        return f" [{v[0]:.4g}, {v[1]:.4g}]" if v else ""
+
+    click.echo(f"L(C) = {f['a']:.4g}{ci(f['a_ci'])} · C^{f['b']:.5f}{ci(f['b_ci'])}  (r² {f['r2']:.3f}, "
+               f"{len(doc['frontier'])} frontier points); paper: 7.32 · C^-0.0378")
+    sat = doc["saturating"]
+    if sat:
+        click.echo(f"L(C) = {sat['E']:.4g}{ci(sat['E_ci'])} + {sat['a']:.4g}{ci(sat['a_ci'])} · "
+                   f"C^{sat['b']:.5f}{ci(sat['b_ci'])}  (r² {sat['r2']:.3f})")
+    else:
+        click.echo("saturating fit: not made (it needs 4 frontier points and a converging fit)")
     click.echo(f"wrote {os.path.join(out_dir, 'scaling.json')} and {png}", file=sys.stderr)

@@ -82,3 +82,41 @@ def test_pretrain_run_layout_compute_from_tokens_and_flops_per_token(tmp_path):
     pts = read_run_points(str(run))
     assert [p["macs"] for p in pts] == [20 * 400 * 3e6, 30 * 400 * 3e6]
     assert [p["loss"] for p in pts] == [4.5, 4.0]
+
+
+def test_saturating_fit_recovers_a_known_law_within_its_intervals():
+    from trainer.evals.scaling import fit_saturating, power_law_with_ci
+
+    rng = np.random.default_rng(0)
+    c = np.geomspace(1e15, 1e20, 16)
+    E, a, b = 1.5, 20.0, -0.08
+    loss = E + a * c**b + rng.normal(0, 2e-3, c.size)
+    fit = fit_saturating(c, loss)
+    for name, true in (("E", E), ("a", a), ("b", b)):
+        lo, hi = fit[f"{name}_ci"]
+        assert lo <= true <= hi and lo < fit[name] < hi, (name, fit)
+    assert fit["E"] == pytest.approx(E, abs=0.1) and fit["b"] == pytest.approx(b, rel=0.15) and fit["r2"] > 0.999
+    # The power law's intervals cover its exact parameters under multiplicative noise.
+    pl = power_law_with_ci(c, 7.32 * c**-0.0378 * np.exp(rng.normal(0, 1e-3, c.size)))
+    assert pl["b_ci"][0] < -0.0378 < pl["b_ci"][1] and pl["a_ci"][0] < 7.32 < pl["a_ci"][1]
+    assert pl["b_ci"][1] - pl["b_ci"][0] < 1e-3
+    with pytest.raises(ValueError, match="at least 4"):
+        fit_saturating(c[:3], loss[:3])
+
+
+def test_study_of_a_sweep_directory_fits_both_laws_and_plots_them(tmp_path):
+    E, a, b = 2.0, 30.0, -0.1
+    sweep = tmp_path / "sweep"
+    for i, c in enumerate(np.geomspace(1e15, 1e19, 6)):
+        _write_run(str(sweep / f"w{i}"), [{"step": 1, "macs": float(c), "val_loss": float(E + a * c**b)}])
+    doc = scaling_study([str(sweep)])
+    validate(doc, "scaling_fit")
+    assert len(doc["runs"]) == 6 and len(doc["frontier"]) == 6
+    sat = doc["saturating"]
+    assert sat["E"] == pytest.approx(E, rel=1e-3) and sat["b"] == pytest.approx(b, rel=1e-3)
+    assert sat["a"] == pytest.approx(a, rel=1e-2) and sat["r2"] == pytest.approx(1.0)
+    assert doc["fit"]["b"] > b  # a pure power law flattens the exponent of a saturating curve
+    assert os.path.getsize(plot_scaling(doc, str(tmp_path / "s.png"))) > 1000
+    (tmp_path / "empty" / "notes").mkdir(parents=True)
+    with pytest.raises(ValueError, match="sweep-lr"):
+        scaling_study([str(tmp_path / "empty")])  # neither a run nor a directory of runs

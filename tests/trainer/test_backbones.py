@@ -1,0 +1,188 @@
+"""GPT-2 and Mamba backbones: parity with transformers on the same weights, caches, sizes, μP groups,
+learned-position resizing, and one short train + resume per arm."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer import checkpoint as ck
+from trainer.backbones import GPT2, Mamba, resize_positions
+from trainer.config import load_config
+from trainer.export import export_hf
+from trainer.generate import sample_tokens
+from trainer.model import ModelConfig, build_model, count_params, flops_per_token, param_groups
+from trainer.train import train
+
+transformers = pytest.importorskip("transformers")
+sys.path.insert(0, str(Path(__file__).parent))
+from trainer_fakes import factory  # noqa: E402
+
+ARCHS = ("gpt2", "mamba")
+HF_CLASS = {"gpt2": "GPT2LMHeadModel", "mamba": "MambaForCausalLM"}
+
+
+def small(arch: str, **kw) -> ModelConfig:
+    base = dict(arch=arch, dim=32, n_layers=2, n_heads=4, vocab_size=70, max_seq_len=48, mlp_hidden=96)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def _perturb_vectors(model) -> None:
+    """Non-trivial norms and biases, so a swapped or dropped one would show in the logits."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and not name.endswith(".D"):
+                p.copy_(torch.rand(p.shape, generator=g) * 0.5 + (0.75 if "norm" in name or "ln" in name else -0.25))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mup", [None, 16], ids=["sp", "mup"])
+def test_logits_equal_the_transformers_model_on_exported_weights(tmp_path, arch, mup):
+    torch.manual_seed(0)
+    ours = build_model(small(arch, mup_base_dim=mup)).eval()
+    assert isinstance(ours, GPT2 if arch == "gpt2" else Mamba)
+    _perturb_vectors(ours)
+    export_hf(ours, tmp_path, specials={"bos_video": 66, "bos_image": 67, "eos": 68, "pad": 69})
+    conf = json.loads((tmp_path / "config.json").read_text())
+    assert conf["architectures"] == [HF_CLASS[arch]] and conf["tie_word_embeddings"] is False
+    assert (conf["bos_token_id"], conf["eos_token_id"]) == (66, 68)
+    hf = getattr(transformers, HF_CLASS[arch]).from_pretrained(tmp_path, dtype=torch.float32).eval()
+    x = torch.randint(0, 70, (2, 40))
+    with torch.no_grad():
+        ref = hf(x).logits
+        got, hidden = ours(x, return_hidden=[1, 2])
+        hf_hidden = hf(x, output_hidden_states=True).hidden_states
+    assert got.shape == (2, 40, 70)
+    assert (got - ref).abs().max().item() < 1e-4
+    # Block 1's residual stream: GPT-2's hidden state 1 (0 is the embedding), Mamba's 0 (no embedding entry).
+    assert (hidden[0] - hf_hidden[1 if arch == "gpt2" else 0]).abs().max().item() < 1e-4
+    torch.testing.assert_close(ours.features(x, [1])[0], hidden[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cache_decoding_equals_the_full_forward_and_greedy_generation(arch):
+    torch.manual_seed(0)
+    m = build_model(small(arch)).eval()
+    x = torch.randint(0, 64, (2, 30))
+    with torch.no_grad():
+        full = m(x)
+        cache = m.new_cache(2, 30, "cpu")
+        steps = [m(x[:, :9], cache=cache)] + [m(x[:, t : t + 1], cache=cache) for t in range(9, 30)]
+    assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-5
+    prefix = x[:, :7]
+    got = sample_tokens(m, prefix, 10, temperature=0)
+    seq = prefix.clone()
+    with torch.no_grad():
+        for _ in range(10):
+            seq = torch.cat([seq, m(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(got, seq[:, 7:])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sizes_flops_and_mup_groups(arch):
+    cfg = small(arch, dim=64, mup_base_dim=32)
+    m = build_model(cfg)
+    assert m.num_params() == count_params(cfg) and m.num_params(False) == count_params(cfg, False)
+    n = count_params(cfg, False)
+    if arch == "gpt2":
+        assert flops_per_token(cfg, 48) == 6 * n + 12 * 2 * 64 * 48
+        # The trainer passes all parameters but the token embedding: the positions come off.
+        assert flops_per_token(cfg, 48, m.num_params() - 70 * 64) == flops_per_token(cfg, 48)
+    else:
+        assert flops_per_token(cfg, 48) == 6 * n + 27 * 2 * 128 * 16  # L * E * state, E = 2 * dim
+    groups = {g["name"]: g for g in param_groups(m, lr=1e-3, weight_decay=0.1)}
+    assert groups["hidden"]["lr"] == pytest.approx(5e-4)
+    names = {id(p): k for k, p in m.named_parameters()}
+    no_decay = {names[id(p)] for p in groups["no_decay"]["params"]}
+    hidden = {names[id(p)] for p in groups["hidden"]["params"]}
+    vector_like = {"pos_embeddings.weight"} if arch == "gpt2" else {"layers.0.mixer.A_log", "layers.0.mixer.conv1d.weight"}
+    assert vector_like <= no_decay and not vector_like & hidden
+    assert ("layers.0.attn.c_attn.weight" if arch == "gpt2" else "layers.0.mixer.in_proj.weight") in hidden
+
+
+def test_config_names_the_arch_and_its_options():
+    with pytest.raises(ValueError, match="arch.*llama"):
+        ModelConfig(arch="rnn")
+    with pytest.raises(ValueError, match="n_kv_heads.*llama option"):
+        ModelConfig(arch="gpt2", n_kv_heads=2)
+    ModelConfig(arch="gpt2", dim=36, n_heads=4)  # odd head_dim is fine without rotary embeddings
+
+
+def test_resize_positions_interpolates_each_frame_and_keeps_the_start_token():
+    h = w = 4
+    frames, D = 3, 3
+    ys, xs = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    rows = [torch.stack([torch.full((h, w), float(f)), ys, xs], -1).reshape(h * w, D) for f in range(frames)]
+    weight = torch.cat([torch.full((1, D), -7.0), *rows])  # (1 + 3*16, 3): [frame, y, x] per position
+    assert torch.equal(resize_positions(weight, (h, w), (h, w), weight.shape[0]), weight)
+    new = resize_positions(weight, (h, w), (8, 8), 1 + 2 * 64 + 10)  # two whole frames and part of a third
+    assert new.shape == (139, D) and torch.equal(new[0], weight[0])
+    grid = new[1 : 1 + 128].reshape(2, 8, 8, D)
+    # Bilinear (half-pixel centres) of a linear ramp: position (j + 0.5) / 2 - 0.5, clamped to the grid.
+    expect = ((torch.arange(8).float() + 0.5) / 2 - 0.5).clamp(0, w - 1)
+    torch.testing.assert_close(grid[1, :, :, 2], expect.expand(8, 8))
+    torch.testing.assert_close(grid[0, :, :, 1], expect[:, None].expand(8, 8))
+    assert torch.equal(grid[1, :, :, 0], torch.ones(8, 8)) and torch.equal(new[129:, 0], torch.full((10,), 2.0))
+    with pytest.raises(ValueError, match="whole 4x4 frames"):
+        resize_positions(weight, (h, w), (8, 8), 1 + 4 * 64)
+
+
+QUIET = ["progress=false", "tensorboard=false", "global_batch=2", "micro_batch=2", "val_every=0"]
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_each_arm_trains_checkpoints_and_resumes_exactly(tmp_path, arch):
+    common = QUIET + ["max_steps=4", "ckpt_every=2", "lr=1e-2", "warmup_steps=1"]
+    fixed = factory(fixed_batch=True)  # one batch again and again: the loss must fall
+    train(load_config(f"tiny-{arch}", common), "fake", tmp_path / "ref", loader_factory=fixed)
+    train(load_config(f"tiny-{arch}", common + ["exit_after_steps=2"]), "fake", tmp_path / "run", loader_factory=fixed)
+    out = train(load_config(f"tiny-{arch}", common), "fake", tmp_path / "run", loader_factory=fixed)
+    assert out["resumed_from"] == 2
+    ref, run = _losses(tmp_path / "ref"), _losses(tmp_path / "run")
+    assert len(ref) == 4 and ref == run  # bit-exact across the restart
+    assert ref[-1] < 0.9 * ref[0]
+    model, meta = ck.load_model(tmp_path / "run")
+    assert meta["model_config"]["arch"] == arch and type(model).__name__ == ("GPT2" if arch == "gpt2" else "Mamba")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_activation_checkpointing_gives_the_same_gradients(arch):
+    torch.manual_seed(0)
+    m = build_model(small(arch)).train()
+    x = torch.randint(0, 64, (2, 20))
+    grads = []
+    for on in (False, True):
+        m.zero_grad()
+        m.activation_checkpointing = on
+        m(x).logsumexp(-1).mean().backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_presets_arms_at_280m_sweep_and_second_stage():
+    from trainer.config import PRESETS
+
+    large = count_params(PRESETS["large"].model)
+    for arch in ARCHS:
+        cfg = PRESETS[f"large-{arch}"]
+        assert cfg.model.arch == arch and PRESETS[f"tiny-{arch}"].model.arch == arch
+        assert abs(count_params(cfg.model) - large) / large < 0.01  # ~280M like LLaMA large (285M)
+        assert (cfg.lr, cfg.batch_tokens) == (PRESETS["large"].lr, PRESETS["large"].batch_tokens)
+    sweep = [PRESETS[f"a{i}"].model for i in range(1, 7)]
+    assert {m.n_heads for m in sweep} == {8} and {m.mup_base_dim for m in sweep} == {256}
+    assert all(a.dim < b.dim and a.n_layers < b.n_layers for a, b in zip(sweep, sweep[1:], strict=False))
+    assert {PRESETS[f"a{i}"].lr for i in range(1, 7)} == {2.0**-7}  # the paper's μP optimum
+    for name, base in (("base-256", "base"), ("large-256", "large"), ("1b-256", "1b")):
+        m = PRESETS[name].model
+        assert m.rope_theta == 50000.0 and (m.dim, m.n_layers) == (PRESETS[base].model.dim, PRESETS[base].model.n_layers)
