@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-__all__ = ["PAPER_LAW", "LANGUAGE_LAW", "read_run_points", "frontier", "fit_power_law", "scaling_study", "plot_scaling"]
+__all__ = ["PAPER_LAW", "LANGUAGE_LAW", "read_run_points", "frontier", "fit_power_law", "exponent_se", "scaling_study", "plot_scaling"]
 
 PAPER_LAW = (7.32, -0.0378)  # Toto: L = 7.32 · C^-0.0378, C in MACs
 LANGUAGE_LAW = (2.57, -0.048)  # language models, as quoted by the paper
@@ -119,6 +119,16 @@ def fit_power_law(macs: np.ndarray, loss: np.ndarray) -> tuple[float, float, flo
     return float(math.exp(log_a)), float(b), r2
 
 
+def exponent_se(macs: np.ndarray, loss: np.ndarray) -> float | None:
+    """Ordinary least-squares standard error of b in log L = log a + b log C (None below 3 points)."""
+    x, y = np.log(np.asarray(macs, np.float64)), np.log(np.asarray(loss, np.float64))
+    if x.size < 3:
+        return None
+    b, c = np.polyfit(x, y, 1)
+    ss_res = float(((y - (c + b * x)) ** 2).sum())
+    return math.sqrt(ss_res / (x.size - 2) / float(((x - x.mean()) ** 2).sum()))
+
+
 def scaling_study(run_dirs: list[str]) -> dict:
     points = [p for d in run_dirs for p in read_run_points(d)]
     front = frontier(points)
@@ -127,14 +137,15 @@ def scaling_study(run_dirs: list[str]) -> dict:
             f"the compute-optimal frontier has {len(front)} point(s); need at least two runs or evaluations "
             "at different compute to fit a law"
         )
-    a, b, r2 = fit_power_law(np.array([p["macs"] for p in front]), np.array([p["loss"] for p in front]))
+    fm, fl = np.array([p["macs"] for p in front]), np.array([p["loss"] for p in front])
+    a, b, r2 = fit_power_law(fm, fl)
     return {
         "schema": "scaling_fit",
         "version": 1,
         "runs": [os.path.normpath(d) for d in run_dirs],
         "points": points,
         "frontier": front,
-        "fit": {"a": a, "b": b, "r2": r2},
+        "fit": {"a": a, "b": b, "r2": r2, "b_se": exponent_se(fm, fl)},
         "paper": {"a": PAPER_LAW[0], "b": PAPER_LAW[1]},
         "language_models": {"a": LANGUAGE_LAW[0], "b": LANGUAGE_LAW[1]},
     }
