@@ -2,19 +2,22 @@
 
 Stages (each skipped when its output is already complete, so an interrupted demo resumes):
 
-1. data      `pipeline.demo_data.make_demo_data`: digit images (ImageNet layout), camera-motion
-             clips (Kinetics layout), DAVIS-style sequences.
+1. data      `pipeline.demo_data.make_demo_data`: photo-textured objects over other photos as
+             images (ImageNet layout) and slowly drifting clips (Kinetics layout), DAVIS-style sequences.
 2. tokenize  `pipeline.jobs.run_tokenize` (`toto-pipeline tokenize`) on embedded Ray with the
              bundled demo tokenizer, 64 px.
-3. mix       `pipeline.mix.build.build_mix`: images and videos, 16-frame clips at stride 2
+3. checks    `trainer.evals.data_checks`: what the tokens carry, before any training
+             (OUT/data-checks.json; the report's first section).
+4. mix       `pipeline.mix.build.build_mix`: images and videos, 16-frame clips at stride 2
              (the demo clips are 2 s at 16 fps: stride 4 would need 61 frames).
-4. pretrain  `trainer.train.train` with the `demo` preset (a ~3M-parameter LLaMA).
-5. study     `trainer.evals.study.run_study`: probes (attention vs average, every layer) on the
-             image task (digit identity) and the video task (motion class), loss by position,
+5. pretrain  `trainer.train.train` with the `demo` preset on a fixed token budget -> OUT/run.
+6. sweep     the same on narrower widths (muP, one learning rate) -> OUT/sweep/wNNN, for the scaling fit.
+7. study     `trainer.evals.study.run_study`: probes (attention vs average, every layer) on the
+             image and video object tasks, loss by position, scaling on the sweep's frontier,
              label propagation J&F, a short generation (`toto-train generate`), report.md.
 
 Scale decisions (CPU, 2 cores, 15 minutes): 64 px frames -> 8x8 = 64 tokens per frame, 16-frame
-clips of 1 024 tokens, a few million parameters, a few hundred optimizer steps at most. `--quick`
+clips of 1 024 tokens, a few million parameters, about a million training tokens. `--quick`
 shrinks the data (about 5%), the number of steps and the probe epochs so CI runs it in minutes;
 its numbers are not meaningful, only that every stage runs and every section is written.
 """
@@ -54,9 +57,16 @@ class DemoConfig:
     stride: int = 2
     images_per_seq: int = 16
     preset: str = "demo"
-    # The study must fit 15 minutes on 2 cores: pre-training stops after this many minutes if it has
-    # not reached the preset's max_steps (the report states the step reached).
-    pretrain_overrides: tuple[str, ...] = ("exit_after_minutes=6",)
+    # Budgets in tokens, not minutes: every run trains exactly this many tokens (max_steps = tokens //
+    # batch_tokens), so a slower machine takes longer but trains the same models.
+    train_tokens: int = 983_040  # 120 steps of 8 192 tokens
+    pretrain_overrides: tuple[str, ...] = ("val_every=20",)
+    # Size sweep for the scaling finding: these widths besides the main run's, with the main run's
+    # head count (so head width grows with width, the convention of the model's muP) and SwiGLU
+    # 3.2 x width; muP relative to the main width so that one learning rate (the preset's) serves
+    # all, as the paper does; each trains sweep_tokens with the main run's schedule shape.
+    sweep_widths: tuple[int, ...] = (40, 80, 120)
+    sweep_tokens: int = 491_520  # 60 steps of 8 192 tokens
     probe_epochs: int = 30
     max_probe_samples: int | None = 1000  # per split: a seeded random subset (time budget)
     loss_clips: int = 32
@@ -69,9 +79,16 @@ class DemoConfig:
             raise ValueError(f"DemoConfig.data_scale={self.data_scale!r} is invalid: use a positive factor such as 1.0")
         if self.resolution % 8 or self.resolution < 16:
             raise ValueError(f"DemoConfig.resolution={self.resolution!r} is invalid: use a multiple of 8 >= 16, e.g. 64")
+        if any(w % 40 or w < 40 for w in self.sweep_widths):
+            raise ValueError(f"DemoConfig.sweep_widths={self.sweep_widths!r} is invalid: use multiples of 40 "
+                             "(5 heads of an even width, as the demo model's), e.g. (40, 80, 120)")
+        if any("exit_after_minutes" in o for o in self.pretrain_overrides):
+            raise ValueError("DemoConfig.pretrain_overrides must not set exit_after_minutes: the study trains fixed "
+                             "token budgets (train_tokens, sweep_tokens) so every machine trains the same models")
         if set(self.ratios) != {"imagenet", "kinetics"} or any(v <= 0 for v in self.ratios.values()):
             raise ValueError(f"DemoConfig.ratios={self.ratios!r} is invalid: give positive shares for imagenet and kinetics")
-        for name in ("frames", "stride", "images_per_seq", "probe_epochs", "loss_clips", "generate_frames"):
+        for name in ("frames", "stride", "images_per_seq", "probe_epochs", "loss_clips", "generate_frames",
+                     "train_tokens", "sweep_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"DemoConfig.{name}={v!r} is invalid: use a positive integer")
@@ -81,8 +98,8 @@ class DemoConfig:
         """A few minutes on 2 cores: ~5% of the data, a handful of steps, short probe schedules."""
         return cls(
             out=out, seed=seed, data_scale=0.05, quick=True, probe_epochs=5, max_probe_samples=200, loss_clips=4,
-            track_max_frames=8, generate_frames=2,
-            pretrain_overrides=("max_steps=6", "warmup_steps=1", "ckpt_every=6", "val_every=3", "val_batches=1",
+            track_max_frames=8, generate_frames=2, train_tokens=6 * 2048, sweep_widths=(40,), sweep_tokens=4 * 2048,
+            pretrain_overrides=("warmup_steps=1", "ckpt_every=6", "val_every=2", "val_batches=1",
                                 "batch_tokens=2048", "micro_batch=2", "tensorboard=false"),
         )
 
@@ -136,24 +153,83 @@ def stage_mix(cfg: DemoConfig, tokens: dict[str, str]) -> str:
     return path
 
 
-def stage_pretrain(cfg: DemoConfig, mix: str) -> str:
-    from trainer.checkpoint import latest_checkpoint
+def _train_config(cfg: DemoConfig, tokens: int, extra: tuple[str, ...] = ()):
+    """The preset with the demo's overrides, its max_steps set by the token budget."""
     from trainer.config import load_config
+
+    overrides = list(cfg.pretrain_overrides) + list(extra) + [f"seed={cfg.seed}"]
+    batch = load_config(cfg.preset, overrides).batch_tokens
+    steps = tokens // batch
+    if steps < 1:
+        raise ValueError(f"a budget of {tokens} tokens is less than one step of {batch}; raise it")
+    tcfg = load_config(cfg.preset, overrides + [f"max_steps={steps}"])
+    if tcfg.warmup_steps > steps:
+        tcfg = load_config(cfg.preset, overrides + [f"max_steps={steps}", f"warmup_steps={max(1, steps // 10)}"])
+    return tcfg
+
+
+def _main_width(cfg: DemoConfig) -> int:
+    from trainer.config import load_config
+
+    return int(load_config(cfg.preset, list(cfg.pretrain_overrides)).model.dim)
+
+
+def _train_once(tcfg, mix: str, run: str) -> str:
+    from trainer.checkpoint import latest_checkpoint
     from trainer.train import train
 
-    run = _p(cfg, "run")
     marker = os.path.join(run, "demo-pretrain-done.json")
     if os.path.exists(marker):
         return run
-    tcfg = load_config(cfg.preset, list(cfg.pretrain_overrides))
     summary = train(tcfg, mix, run)
-    last = latest_checkpoint(run)
-    if last is None:
+    if latest_checkpoint(run) is None:
         raise RuntimeError(f"pre-training wrote no checkpoint under {run}")
     with open(marker + ".tmp", "w") as f:
         json.dump({k: summary.get(k) for k in ("step", "loss", "global_batch", "seq_len", "params")}, f)
-    os.replace(marker + ".tmp", marker)  # a time-limited run counts as done: a rerun does not train on
+    os.replace(marker + ".tmp", marker)  # the marker: this run is complete
     return run
+
+
+def stage_pretrain(cfg: DemoConfig, mix: str) -> str:
+    # muP relative to the main width: at dim == mup_base_dim the model is the standard one.
+    mup = (f"model.mup_base_dim={_main_width(cfg)}",)
+    return _train_once(_train_config(cfg, cfg.train_tokens, mup), mix, _p(cfg, "run"))
+
+
+def sweep_overrides(width: int, base: int) -> tuple[str, ...]:
+    """Model overrides of one sweep width: the main model's heads (wider with width), SwiGLU 3.2 x width,
+    muP relative to ``base``."""
+    return (f"model.dim={width}", f"model.mlp_hidden={round(3.2 * width / 16) * 16}", f"model.mup_base_dim={base}")
+
+
+def stage_sweep(cfg: DemoConfig, mix: str) -> list[str]:
+    """The size sweep: the other widths, each a fixed token budget, validated along the way."""
+    base = _main_width(cfg)
+    runs = []
+    for w in cfg.sweep_widths:
+        _log(f"sweep: width {w} ({cfg.sweep_tokens} tokens, muP base {base})")
+        runs.append(_train_once(_train_config(cfg, cfg.sweep_tokens, sweep_overrides(w, base)), mix,
+                                _p(cfg, "sweep", f"w{w:03d}")))
+    return runs
+
+
+def stage_checks(cfg: DemoConfig, tokens: dict[str, str], summary: dict) -> dict:
+    """Data checks from the tokens before training (trainer.evals.data_checks) -> OUT/data-checks.json."""
+    from trainer.evals.data_checks import check_dataset
+
+    path = _p(cfg, "data-checks.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    doc = {
+        "image": check_dataset(tokens["imagenet"], video=False, seed=cfg.seed),
+        "video": check_dataset(tokens["kinetics"], video=True, frames=cfg.frames, stride=cfg.stride, seed=cfg.seed),
+        "object_area": (summary.get("imagenet") or {}).get("object_area"),
+    }
+    with open(path + ".tmp", "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return doc
 
 
 def _load_tokenizer(cfg: DemoConfig):
@@ -182,7 +258,7 @@ def _generate_fn(cfg: DemoConfig, tokenizer):
     return generate
 
 
-STAGES = ("data", "tokenize", "mix", "pretrain", "study")
+STAGES = ("data", "tokenize", "checks", "mix", "pretrain", "sweep", "study")
 
 
 def run_demo(cfg: DemoConfig, until: str = "study") -> str:
@@ -231,12 +307,18 @@ def run_demo(cfg: DemoConfig, until: str = "study") -> str:
     tokens = timed("tokenize", stage_tokenize, cfg)
     if until == "tokenize":
         return os.path.dirname(tokens["imagenet"])
+    checks = timed("checks", stage_checks, cfg, tokens, summary)
+    if until == "checks":
+        return _p(cfg, "data-checks.json")
     mix = timed("mix", stage_mix, cfg, tokens)
     if until == "mix":
         return mix
     run = timed("pretrain", stage_pretrain, cfg, mix)
     if until == "pretrain":
         return run
+    sweep = timed("sweep", stage_sweep, cfg, mix)
+    if until == "sweep":
+        return _p(cfg, "sweep")
     scfg = StudyConfig(probe_epochs=cfg.probe_epochs, max_probe_samples=cfg.max_probe_samples,
                        loss_clips=cfg.loss_clips, track_max_frames=cfg.track_max_frames, seed=cfg.seed,
                        video_stride=cfg.stride)
@@ -245,7 +327,9 @@ def run_demo(cfg: DemoConfig, until: str = "study") -> str:
         f"{cfg.resolution} px, tokenizer `{cfg.tokenizer}`; mix shares {cfg.ratios}; clips of {cfg.frames} frames at "
         f"stride {cfg.stride} (the paper: 16 at stride 4 at 128 px; the demo clips are 2 s at 16 fps), "
         f"{cfg.images_per_seq} images per image sequence; pre-training preset `{cfg.preset}` "
-        f"{' '.join(cfg.pretrain_overrides)}."
+        f"{' '.join(cfg.pretrain_overrides)}, {cfg.train_tokens:,} training tokens (a fixed budget, not a time "
+        f"limit); size sweep widths {', '.join(map(str, cfg.sweep_widths))} besides the main width "
+        f"{_main_width(cfg)}, {cfg.sweep_tokens:,} tokens each, muP with one learning rate."
         + (" QUICK MODE: tiny data and a handful of steps; the numbers below only show that every stage runs."
            if cfg.quick else "")
     )
@@ -256,6 +340,7 @@ def run_demo(cfg: DemoConfig, until: str = "study") -> str:
         intro="The paper's evaluations run end to end on the embedded demo data on a CPU. Each qualitative "
               "finding of the paper is checked and stated as it came out; nothing is tuned to make it hold.",
         extra_sections=[("Pipeline", setup + "\n\n" + "\n".join(f"- {k}: {v}" for k, v in times.items()))],
+        data_checks=checks, scaling_runs=[run] + sweep,
     )
     _log(f"demo finished in {time.time() - t_start:.0f} s: {path}")
     return path

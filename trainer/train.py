@@ -548,7 +548,9 @@ def _train(cfg, data, out: str, factory, d: _Dist, on_log, so: dict | None, outp
     raw.activation_checkpointing = cfg.activation_checkpointing
 
     resume_dir = ck.latest_checkpoint(out, so)
-    start_step, tokens_seen = 0, 0
+    # tokens_seen / flops_seen count every stage: a run started with init_from carries its initial
+    # checkpoint's totals, so logs, checkpoints and `toto-train scaling` see the whole compute spent.
+    start_step, tokens_seen, flops_seen = 0, 0, None
     init_sd = None
     fsdp = d.enabled and cfg.parallel == "fsdp"
     resume_fmt = None
@@ -578,10 +580,18 @@ def _train(cfg, data, out: str, factory, d: _Dist, on_log, so: dict | None, outp
                 f"{global_batch}; the loader position is only exact at a constant global batch"
             )
         start_step, tokens_seen = int(meta["step"]), int(meta.get("tokens_seen", 0))
+        flops_seen = meta.get("flops_seen")  # None in checkpoints older than this field: tokens_seen · fpt below
     elif cfg.init_from:
         # Coarse to fine: weights only (RoPE tables are rebuilt from this run's config).
         init_model, init_meta = ck.load_model(cfg.init_from)
         init_sd = init_model.state_dict()
+        tokens_seen = int(init_meta.get("tokens_seen", 0))
+        flops_seen = init_meta.get("flops_seen")
+        if flops_seen is None:  # a first stage written before flops_seen: its own FLOPs per token throughout
+            icfg = init_model.cfg
+            flops_seen = tokens_seen * flops_per_token(
+                icfg, int(init_meta.get("seq_len") or icfg.max_seq_len),
+                init_model.num_params() - icfg.vocab_size * icfg.dim)
         del init_model
         shapes = {k: tuple(v.shape) for k, v in raw.state_dict().items()}
         wrong = [k for k, v in init_sd.items() if shapes.get(k) != tuple(v.shape)]
@@ -633,6 +643,7 @@ def _train(cfg, data, out: str, factory, d: _Dist, on_log, so: dict | None, outp
     # 6N counts every matmul weight: all parameters except the input embedding (a lookup).
     fpt = flops_per_token(mcfg, seq_len, n_params - mcfg.vocab_size * mcfg.dim)
     peak = peak_flops_for(device, cfg.peak_flops)
+    flops_seen = float(tokens_seen * fpt if flops_seen is None else flops_seen)
 
     logs = outputs.local if outputs is not None else None
     metrics = _Metrics(logs, start_step, cfg.tensorboard) if is_main else None
@@ -662,6 +673,7 @@ def _train(cfg, data, out: str, factory, d: _Dist, on_log, so: dict | None, outp
             writer.commit({
                 "state_format": "dcp" if fsdp else "full",
                 "tokens_seen": tokens_seen,
+                "flops_seen": flops_seen,
                 "model_config": mcfg.to_dict(),
                 "train_config": config_to_dict(cfg),
                 "scheduler": {"kind": "warmup_cosine", "step": step, "lr": lr_at(step, cfg),
@@ -726,7 +738,8 @@ def _train(cfg, data, out: str, factory, d: _Dist, on_log, so: dict | None, outp
             _all_reduce_sum(t, d, device)
         model.train()
         loss = float(pos_sum.sum() / pos_cnt.sum().clamp(min=1))
-        rec = {"step": step, "val_loss": loss}
+        # Compute so far (all stages) on each point: what `toto-train scaling` reads.
+        rec = {"step": step, "val_loss": loss, "tokens_seen": tokens_seen, "flops": flops_seen}
         if is_main:
             if cfg.position_loss:
                 doc = _write_position_loss(logs, step, pos_sum.numpy(), pos_cnt.numpy(), fr_sum.numpy(),
@@ -808,6 +821,7 @@ def _train(cfg, data, out: str, factory, d: _Dist, on_log, so: dict | None, outp
         opt.step()
         opt.zero_grad(set_to_none=True)
         tokens_seen += global_batch * seq_len
+        flops_seen += global_batch * seq_len * fpt
         last_loss = step_loss
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
@@ -822,7 +836,7 @@ def _train(cfg, data, out: str, factory, d: _Dist, on_log, so: dict | None, outp
             wait_last = feed.wait_s
             rec = {
                 "step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
-                "tokens_seen": tokens_seen, "step_time_s": dt,
+                "tokens_seen": tokens_seen, "flops_seen": flops_seen, "step_time_s": dt,
                 # Host seconds per step inside the loader (overlapped with queued GPU work on CUDA).
                 "data_wait_s": wait,
                 "mfu": (fpt * tps / (peak * d.world)) if peak else None,

@@ -3,21 +3,30 @@
     from pipeline.demo_data import DemoDataConfig, make_demo_data
     summary = make_demo_data(DemoDataConfig(out="demo/data", seed=0, scale=1.0))
 
-Sources (no downloads): scikit-learn's 8×8 handwritten digits (`load_digits`, 1 797 images) and
-sample photos (china.jpg, flower.jpg), and the photos shipped in scikit-image's data folder
-(astronaut, chelsea, coffee, rocket, motorcycle, hubble, retina, ...).
+Sources (no downloads): the photos shipped in scikit-image's data folder and scikit-learn's
+sample photos (china.jpg, flower.jpg), and scikit-learn's 8×8 digits (shapes of the DAVIS objects).
+
+Designed so each of the paper's findings has something to find at 64 px with 8×8-pixel tokens
+(the study measures these properties from the tokens before training, `trainer.evals.data_checks`):
+
+- the label is an **object**: a disc textured with a crop of one of ten real photos (brick, grass,
+  gravel, coins, moon, coffee, chelsea, Hubble deep field, retina, IHC; `OBJECT_CLASSES`), 32-40 px
+  across (about a quarter of the frame, i.e. ~16 of the 64 tokens), at a random place on a
+  background cut from *other* photos (`BACKGROUNDS`). The class is in the content of a few tokens,
+  not in the whole frame, so a pooling that can pick tokens (attention) has something to find;
+  its texture makes it visible to a bag of tokens as well.
+- videos move slowly: the object drifts 8-16 px over the 2 s clip and the background pans 0-8 px,
+  so a token is usually the same as the token at its position in the previous frame: later frames
+  are predictable from earlier ones, the first frame is not.
 
 Output, each laid out exactly like the real data set so the real adapters read it:
 
     OUT/imagenet/   ILSVRC-2012 layout: train/{wnid}/{wnid}_{i}.JPEG, val/ILSVRC2012_val_{i:08d}.JPEG,
                     LOC_val_solution.csv, LOC_synset_mapping.txt. Ten classes n00000000..n00000009 =
-                    digit identity; each image is a digit with random position, scale, stroke colour
-                    and a photo background (96×96 px).
+                    the object's texture (64×64 px).
     OUT/kinetics/   Kinetics layout: annotations/{train,validate}.csv (label,youtube_id,time_start,
                     time_end,split) and {train,val}/{youtube_id}_{start:06d}_{end:06d}.mp4. Label = the
-                    camera motion over a photo: pan left/right/up/down, zoom in/out, rotate
-                    clockwise/counterclockwise. Any single frame is just a photo crop, so telling
-                    the classes apart needs time.
+                    moving object's texture name (64×64 px, balanced classes).
     OUT/davis/      DAVIS-2017 layout: JPEGImages/480p/{seq}/{t:05d}.jpg, Annotations/480p/{seq}/{t:05d}.png
                     (palette PNG, index 0 background, 1..K objects), ImageSets/2017/{train,val}.txt.
                     Digit-shaped textured objects moving and bouncing over a panning photo.
@@ -40,18 +49,16 @@ from multiprocessing import get_context
 import numpy as np
 from PIL import Image
 
-MOTIONS = (
-    "pan left",
-    "pan right",
-    "pan up",
-    "pan down",
-    "zoom in",
-    "zoom out",
-    "rotate clockwise",
-    "rotate counterclockwise",
-)
-DIGIT_WNIDS = tuple(f"n{d:08d}" for d in range(10))
-DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# The label: which photo textures the object. Backgrounds come from the other photos only, so an
+# object's tokens are never the background's.
+OBJECT_CLASSES = ("brick", "grass", "gravel", "coins", "moon", "coffee", "chelsea", "hubble", "retina", "ihc")
+_OBJECT_FILES = ("brick.png", "grass.png", "gravel.png", "coins.png", "moon.png", "coffee.png", "chelsea.png",
+                 "hubble_deep_field.jpg", "retina.jpg", "ihc.png")
+BACKGROUNDS = ("astronaut.png", "rocket.jpg", "motorcycle_left.png", "camera.png", "page.png")  # + sklearn's 2
+OBJECT_WNIDS = tuple(f"n{d:08d}" for d in range(len(OBJECT_CLASSES)))
+OBJECT_SIZE = (32, 41)  # disc diameter in px at 64 px: [low, high)
+OBJECT_DRIFT = (8.0, 16.0)  # px the object moves over a clip
+BACKGROUND_PAN = (0.0, 8.0)  # px the background moves over a clip
 
 _SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
                    "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "color.png", "brick.png", "grass.png",
@@ -62,7 +69,8 @@ _SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "
 class DemoDataConfig:
     """out: output folder. seed: everything is a function of it. scale: multiplies all counts
     (e.g. 0.05 for a tiny CI set). images/val_images/videos/val_videos/davis: counts at scale 1.
-    image_size: side of the square images; video_size: side of the square clips; fps and
+    image_size: side of the square images; video_size: side of the square clips (64: the demo's
+    training resolution, so the object's size in tokens is as designed); fps and
     clip_seconds: clip rate and length; davis_frames, davis_size (w, h): DAVIS sequences.
     workers: processes (the output does not depend on it)."""
 
@@ -74,8 +82,8 @@ class DemoDataConfig:
     videos: int = 256
     val_videos: int = 64
     davis: int = 8
-    image_size: int = 96
-    video_size: int = 96
+    image_size: int = 64
+    video_size: int = 64
     fps: int = 16
     clip_seconds: float = 2.0
     davis_frames: int = 24
@@ -92,9 +100,9 @@ class DemoDataConfig:
             if getattr(self, name) < 0:
                 bad(name, getattr(self, name), "use a count >= 0")
         if not 32 <= self.image_size <= 512:
-            bad("image_size", self.image_size, "use a side in [32, 512], e.g. 96")
+            bad("image_size", self.image_size, "use a side in [32, 512], e.g. 64")
         if not 32 <= self.video_size <= 512 or self.video_size % 2:
-            bad("video_size", self.video_size, "use an even side in [32, 512], e.g. 96")
+            bad("video_size", self.video_size, "use an even side in [32, 512], e.g. 64")
         if not 1 <= self.fps <= 60:
             bad("fps", self.fps, "use a rate in [1, 60], e.g. 16")
         if not 0.25 <= self.clip_seconds <= 30:
@@ -111,26 +119,50 @@ class DemoDataConfig:
 # --------------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=1)
-def photos() -> tuple[np.ndarray, ...]:
-    """RGB uint8 photos from scikit-learn and scikit-image, each resized to 256 px on the short side."""
-    from sklearn.datasets import load_sample_images
+def _short_side_256(a: np.ndarray) -> np.ndarray:
+    im = Image.fromarray(a)
+    s = 256 / min(im.size)
+    return np.asarray(im.resize((max(256, round(im.width * s)), max(256, round(im.height * s))),
+                                Image.Resampling.BICUBIC, reducing_gap=2.0))
 
-    out = [np.asarray(im) for im in load_sample_images().images]
+
+def _skimage_photos(names: tuple[str, ...], need_all: bool) -> list[np.ndarray]:
     data = files("skimage") / "data"
-    for name in _SKIMAGE_PHOTOS:
+    out = []
+    for name in names:
         p = data / name
         if p.is_file():
             out.append(np.asarray(Image.open(str(p)).convert("RGB")))
+        elif need_all:
+            raise RuntimeError(f"scikit-image's bundled photo {name} is missing from {data}; reinstall scikit-image")
+    return out
+
+
+@lru_cache(maxsize=1)
+def photos() -> tuple[np.ndarray, ...]:
+    """RGB uint8 photos from scikit-learn and scikit-image, each resized to 256 px on the short side
+    (the DAVIS-style sequences' backgrounds and textures)."""
+    from sklearn.datasets import load_sample_images
+
+    out = [np.asarray(im) for im in load_sample_images().images] + _skimage_photos(_SKIMAGE_PHOTOS, False)
     if len(out) < 2:
         raise RuntimeError("no bundled photos found in scikit-learn / scikit-image; reinstall them")
-    res = []
-    for a in out:
-        im = Image.fromarray(a)
-        s = 256 / min(im.size)
-        res.append(np.asarray(im.resize((max(256, round(im.width * s)), max(256, round(im.height * s))),
-                                        Image.Resampling.BICUBIC, reducing_gap=2.0)))
-    return tuple(res)
+    return tuple(_short_side_256(a) for a in out)
+
+
+@lru_cache(maxsize=1)
+def object_textures() -> tuple[np.ndarray, ...]:
+    """One photo per class of OBJECT_CLASSES (256 px short side): the object's texture is cut from it."""
+    return tuple(_short_side_256(a) for a in _skimage_photos(_OBJECT_FILES, True))
+
+
+@lru_cache(maxsize=1)
+def backgrounds() -> tuple[np.ndarray, ...]:
+    """Background photos, none of them an object class's (256 px short side)."""
+    from sklearn.datasets import load_sample_images
+
+    out = _skimage_photos(BACKGROUNDS, True) + [np.asarray(im) for im in load_sample_images().images]
+    return tuple(_short_side_256(a) for a in out)
 
 
 @lru_cache(maxsize=1)
@@ -146,8 +178,10 @@ def _rng(seed: int, kind: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, kind, index]))
 
 
-def _photo_crop(rng: np.random.Generator, w: int, h: int, zoom: float = 1.0) -> np.ndarray:
-    ph = photos()[rng.integers(len(photos()))]
+def _photo_crop(rng: np.random.Generator, w: int, h: int, zoom: float = 1.0,
+                photo: np.ndarray | None = None) -> np.ndarray:
+    """A (h, w, 3) uint8 crop of ``photo`` (default: a random one of `photos()`), ``zoom`` times the output size."""
+    ph = photos()[rng.integers(len(photos()))] if photo is None else photo
     cw, ch = min(ph.shape[1], int(w * zoom)), min(ph.shape[0], int(h * zoom))
     x = rng.integers(0, ph.shape[1] - cw + 1)
     y = rng.integers(0, ph.shape[0] - ch + 1)
@@ -162,91 +196,85 @@ def _digit_mask(img8: np.ndarray, size: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# ImageNet-style digits
+# The labelled object (images and clips)
 # --------------------------------------------------------------------------------------------
 
 
-def render_digit_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, int]:
-    """A digit with random scale, position and colour over a dimmed photo; returns (rgb, digit)."""
-    imgs, labels = digits()
-    i = rng.integers(len(imgs))
-    bg = _photo_crop(rng, size, size, zoom=rng.uniform(1.0, 2.5)).astype(np.float32)
-    bg = bg * rng.uniform(0.35, 0.6) + rng.uniform(0, 40)
-    ds = int(size * rng.uniform(0.45, 0.85))
-    m = _digit_mask(imgs[i], ds)
-    x = rng.integers(0, size - ds + 1)
-    y = rng.integers(0, size - ds + 1)
-    color = rng.uniform(150, 255, size=3) * (rng.uniform(0.6, 1.0, size=3))
-    color[rng.integers(3)] = 255.0  # keep the stroke bright against the dimmed photo
-    out = bg.copy()
-    region = out[y : y + ds, x : x + ds]
-    out[y : y + ds, x : x + ds] = region * (1 - m[..., None]) + color * m[..., None]
-    return np.clip(out, 0, 255).astype(np.uint8), int(labels[i])
+def render_object(rng: np.random.Generator, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Object of class k: (texture float32 (d, d, 3), soft disc mask float32 (d, d, 1)), d in OBJECT_SIZE."""
+    d = int(rng.integers(*OBJECT_SIZE))
+    tex = _photo_crop(rng, d, d, zoom=rng.uniform(0.6, 1.4), photo=object_textures()[k]).astype(np.float32)
+    yy, xx = np.mgrid[:d, :d]
+    r = d / 2
+    m = np.clip(r + 0.5 - np.sqrt((yy - r + 0.5) ** 2 + (xx - r + 0.5) ** 2), 0, 1)  # 1-px antialiased edge
+    return tex, m[..., None].astype(np.float32)
 
 
-def _image_job(args: tuple) -> tuple[str, str, int]:
+def _paste(frame: np.ndarray, tex: np.ndarray, m: np.ndarray, x: int, y: int) -> None:
+    d = tex.shape[0]
+    region = frame[y : y + d, x : x + d]
+    frame[y : y + d, x : x + d] = region * (1 - m) + tex * m
+
+
+def render_object_image(rng: np.random.Generator, size: int, k: int | None = None) -> tuple[np.ndarray, int, float]:
+    """An object of class k (random when None) at a random place over a background photo crop;
+    returns (rgb uint8 (size, size, 3), class index, fraction of the frame the object covers)."""
+    k = int(rng.integers(len(OBJECT_CLASSES))) if k is None else k
+    bgs = backgrounds()
+    bg = _photo_crop(rng, size, size, zoom=rng.uniform(1.0, 2.5), photo=bgs[rng.integers(len(bgs))])
+    frame = bg.astype(np.float32) * rng.uniform(0.6, 1.0)
+    tex, m = render_object(rng, k)
+    d = tex.shape[0]
+    _paste(frame, tex, m, int(rng.integers(0, size - d + 1)), int(rng.integers(0, size - d + 1)))
+    return np.clip(frame, 0, 255).astype(np.uint8), k, float(m.sum() / size**2)
+
+
+def object_clip_frames(rng: np.random.Generator, k: int, size: int, n: int) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+    """n frames (size, size, 3) uint8 of an object of class k drifting over a slowly panning photo,
+    and the object's top-left corner (x, y) in each frame."""
+    bgs = backgrounds()
+    ph = bgs[rng.integers(len(bgs))]
+    zoom = rng.uniform(1.0, 2.0)  # source pixels per output pixel
+    margin = BACKGROUND_PAN[1] + 1
+    side = int(np.ceil((size + 2 * margin) * zoom))
+    big = Image.fromarray((_photo_crop(rng, side, side, photo=ph).astype(np.float32) * rng.uniform(0.6, 1.0)).astype(np.uint8))
+    tex, m = render_object(rng, k)
+    d = tex.shape[0]
+
+    def direction(length: float) -> np.ndarray:
+        v = rng.normal(size=2)
+        return v / (np.linalg.norm(v) + 1e-9) * length
+
+    p0 = rng.uniform(0, size - d, size=2)
+    v = direction(rng.uniform(*OBJECT_DRIFT))
+    bv = direction(rng.uniform(*BACKGROUND_PAN))
+    frames, corners = [], []
+    for t in range(n):
+        u = t / max(n - 1, 1)
+        ox, oy = (margin + bv * u) * zoom  # the background window's corner in source pixels
+        fr = np.asarray(big.transform((size, size), Image.Transform.AFFINE, (zoom, 0, ox, 0, zoom, oy),
+                                      resample=Image.Resampling.BILINEAR)).astype(np.float32)
+        x, y = (int(round(c)) for c in np.clip(p0 + v * u, 0, size - d))
+        _paste(fr, tex, m, x, y)
+        frames.append(np.clip(fr, 0, 255).astype(np.uint8))
+        corners.append((x, y))
+    return frames, corners
+
+
+def _image_job(args: tuple) -> tuple[str, str, int, float]:
     seed, kind, index, size, path_fmt = args
     rng = _rng(seed, kind, index)
-    rgb, digit = render_digit_image(rng, size)
-    wnid = DIGIT_WNIDS[digit]
+    rgb, k, area = render_object_image(rng, size)
+    wnid = OBJECT_WNIDS[k]
     path = path_fmt.format(wnid=wnid, i=index)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(rgb).save(path, format="JPEG", quality=90)
-    return path, wnid, index
+    return path, wnid, index, area
 
 
 # --------------------------------------------------------------------------------------------
-# Kinetics-style motion clips
+# Kinetics-style clips
 # --------------------------------------------------------------------------------------------
-
-
-def motion_frames(rng: np.random.Generator, motion: str, size: int, n: int) -> list[np.ndarray]:
-    """n frames (size, size, 3): a camera window moving over a photo according to `motion`."""
-    ph = photos()[rng.integers(len(photos()))]
-    im = Image.fromarray(ph)
-    W, H = im.size
-    view = rng.uniform(0.35, 0.6) * min(W, H)  # side of the source window at t = 0
-    speed = rng.uniform(0.35, 0.6)  # fraction of the window per clip for pans
-    # Keep every window (turned by up to 90°: half-diagonal 0.71·side, or panned) inside the
-    # photo, so no frame shows the black fill outside it (a give-away unrelated to the motion).
-    reach = 0.7072 + speed
-    view = min(view, min(W, H) / (2 * reach) - 1)
-    m = view * reach
-    cx = rng.uniform(m, W - m)
-    cy = rng.uniform(m, H - m)
-    zoom_total = rng.uniform(1.6, 2.2)
-    angle_total = rng.uniform(50, 90)  # degrees over the clip
-    frames = []
-    for k in range(n):
-        u = k / max(n - 1, 1)  # 0..1 over the clip
-        side, ang, dx, dy = view, 0.0, 0.0, 0.0
-        if motion == "pan left":  # camera pans left: content moves right
-            dx = -speed * view * u
-        elif motion == "pan right":
-            dx = speed * view * u
-        elif motion == "pan up":
-            dy = -speed * view * u
-        elif motion == "pan down":
-            dy = speed * view * u
-        elif motion == "zoom in":
-            side = view / zoom_total**u
-        elif motion == "zoom out":
-            side = view / zoom_total ** (1 - u)
-        elif motion == "rotate clockwise":  # content turns clockwise on screen
-            ang = -angle_total * u
-        elif motion == "rotate counterclockwise":
-            ang = angle_total * u
-        else:
-            raise ValueError(f"unknown motion {motion!r}; choose one of {MOTIONS}")
-        # Affine map output pixel (x, y) → source: centre + R(angle) · (x - size/2, y - size/2) · side/size.
-        s = side / size
-        a = np.deg2rad(ang)
-        c, sn = np.cos(a) * s, np.sin(a) * s
-        ox, oy = cx + dx, cy + dy
-        coeffs = (c, -sn, ox - c * size / 2 + sn * size / 2, sn, c, oy - sn * size / 2 - c * size / 2)
-        fr = im.transform((size, size), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR)
-        frames.append(np.asarray(fr))
-    return frames
 
 
 def encode_clip(path: str, frames: list[np.ndarray], fps: int) -> None:
@@ -262,15 +290,16 @@ def encode_clip(path: str, frames: list[np.ndarray], fps: int) -> None:
 def _video_job(args: tuple) -> tuple[str, str, str, int, int, str]:
     seed, index, size, fps, seconds, root, split = args
     rng = _rng(seed, 2, index)
-    motion = MOTIONS[index % len(MOTIONS)]  # balanced classes
+    k = index % len(OBJECT_CLASSES)  # balanced classes
     yid = f"demo{index:07d}"  # 11 characters like a YouTube id, unique by construction
     t0 = int(rng.integers(0, 300))
     t1 = t0 + int(np.ceil(seconds))
     folder = "train" if split == "train" else "val"
     path = os.path.join(root, folder, f"{yid}_{t0:06d}_{t1:06d}.mp4")
     n = max(2, round(fps * seconds))
-    encode_clip(path, motion_frames(rng, motion, size, n), fps)
-    return motion, yid, split, t0, t1, path
+    frames, _ = object_clip_frames(rng, k, size, n)
+    encode_clip(path, frames, fps)
+    return OBJECT_CLASSES[k], yid, split, t0, t1, path
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,7 +380,7 @@ def _davis_job(args: tuple) -> str:
 
 
 def _init_worker() -> None:
-    photos(), digits()
+    photos(), digits(), object_textures(), backgrounds()
 
 
 def _map(fn, jobs: list, pool, progress: str | None) -> list:
@@ -373,7 +402,7 @@ def _map(fn, jobs: list, pool, progress: str | None) -> list:
 
 def make_demo_data(cfg: DemoDataConfig, *, progress: bool = False) -> dict:
     """Write the demo set under cfg.out; returns counts per part. Existing files are overwritten."""
-    photos(), digits()  # fail early (and once) if the bundled data is missing
+    photos(), digits(), object_textures(), backgrounds()  # fail early (and once) if the bundled data is missing
     total = cfg.count(cfg.images) + cfg.count(cfg.val_images) + cfg.count(cfg.videos) + cfg.count(cfg.val_videos)
     if cfg.workers > 1 and total > 200:
         with get_context("spawn").Pool(cfg.workers, initializer=_init_worker) as pool:
@@ -389,20 +418,20 @@ def _make(cfg: DemoDataConfig, pool, progress: bool) -> dict:
     n_train, n_val = cfg.count(cfg.images), cfg.count(cfg.val_images)
     jobs = [(cfg.seed, 0, i, cfg.image_size, os.path.join(inet, "train", "{wnid}", "{wnid}_{i}.JPEG"))
             for i in range(n_train)]
-    _map(_image_job, jobs, pool, "imagenet train" if progress else None)
     vjobs = [(cfg.seed, 1, i, cfg.image_size, os.path.join(inet, "val", "ILSVRC2012_val_{i:08d}.JPEG"))
              for i in range(1, n_val + 1)]
+    train = _map(_image_job, jobs, pool, "imagenet train" if progress else None)
     val = _map(_image_job, vjobs, pool, "imagenet val" if progress else None)
     if n_val:
         with open(os.path.join(inet, "LOC_val_solution.csv"), "w", newline="") as f:
             wr = csv.writer(f)
             wr.writerow(["ImageId", "PredictionString"])
-            for _, wnid, i in val:
+            for _, wnid, i, _ in val:
                 wr.writerow([f"ILSVRC2012_val_{i:08d}", f"{wnid} 0 0 {cfg.image_size - 1} {cfg.image_size - 1}"])
     os.makedirs(inet, exist_ok=True)
     with open(os.path.join(inet, "LOC_synset_mapping.txt"), "w") as f:
-        for wnid, name in zip(DIGIT_WNIDS, DIGIT_NAMES, strict=True):
-            f.write(f"{wnid} digit {name}\n")
+        for wnid, name in zip(OBJECT_WNIDS, OBJECT_CLASSES, strict=True):
+            f.write(f"{wnid} {name}\n")
 
     # Kinetics-style.
     kin = os.path.join(out, "kinetics")
@@ -435,18 +464,20 @@ def _make(cfg: DemoDataConfig, pool, progress: bool) -> dict:
         f.write("".join(f"{n}\n" for n in names[n_dtrain:]))
 
     summary = {
-        "imagenet": {"train": n_train, "val": n_val, "classes": len(DIGIT_WNIDS)},
-        "kinetics": {"train": n_vt, "validate": n_vv, "classes": len(MOTIONS)},
+        "imagenet": {"train": n_train, "val": n_val, "classes": len(OBJECT_WNIDS),
+                     # measured on the images written: the share of the frame the labelled object covers
+                     "object_area": round(float(np.mean([r[3] for r in train + val])), 4) if train or val else None},
+        "kinetics": {"train": n_vt, "validate": n_vv, "classes": len(OBJECT_CLASSES)},
         "davis": {"sequences": n_seq, "frames": cfg.davis_frames},
     }
     with open(os.path.join(out, "README.txt"), "w") as f:
         f.write(
             f"Toto demo data (seed {cfg.seed}, scale {cfg.scale}); made by `toto-pipeline demo-data`.\n"
-            f"imagenet/: {n_train} train + {n_val} val digit images, classes {DIGIT_WNIDS[0]}..{DIGIT_WNIDS[-1]} "
-            f"(LOC_synset_mapping.txt)\n"
+            f"imagenet/: {n_train} train + {n_val} val object images, classes {OBJECT_WNIDS[0]}..{OBJECT_WNIDS[-1]} "
+            f"(LOC_synset_mapping.txt: {', '.join(OBJECT_CLASSES)})\n"
             f"kinetics/: {n_vt} train + {n_vv} validate clips of {cfg.clip_seconds:g} s at {cfg.fps} fps; "
-            f"labels: {', '.join(MOTIONS)}\n"
+            f"labels: the moving object's texture ({', '.join(OBJECT_CLASSES)})\n"
             f"davis/: {n_seq} sequences of {cfg.davis_frames} frames with palette PNG masks\n"
-            "Sources: scikit-learn digits and sample images, scikit-image data photos.\n"
+            "Sources: scikit-image data photos, scikit-learn sample images and digits (DAVIS object shapes).\n"
         )
     return summary

@@ -28,11 +28,11 @@ def demo_data(out: str, seed: int, scale: float, images: int, val_images: int, v
     """Make the demo data set from images bundled in scikit-learn and scikit-image (no downloads).
 
     \b
-    OUT/imagenet/  ILSVRC-2012 layout, 10 digit classes (n00000000..n00000009), 96 px JPEGs
-    OUT/kinetics/  Kinetics layout (annotations/*.csv + {train,val}/*.mp4), 8 camera-motion classes
+    OUT/imagenet/  ILSVRC-2012 layout, 10 object classes (n00000000..n00000009: a photo-textured disc), 64 px JPEGs
+    OUT/kinetics/  Kinetics layout (annotations/*.csv + {train,val}/*.mp4), 10 classes: the moving object's texture
     OUT/davis/     DAVIS-2017 layout (JPEGImages/480p, Annotations/480p palette PNGs, ImageSets/2017)
 
-    Defaults take under a minute on 2 cores (~24 CPU-seconds, ~21 MB). Read the parts with the normal
+    Read the parts with the normal
     adapters: imagenet → `imagenet`, kinetics → `kinetics600` (or 400/700).
 
     \b

@@ -19,9 +19,9 @@ from schemas import validate
 from trainer.demo import DemoConfig, run_demo
 
 SECTIONS = (
-    "## Findings at a glance", "## Setup", "## Pipeline", "## Probes: image: digit identity",
+    "## Findings at a glance", "## Data checks (from the tokens, before training)", "## Setup", "## Pipeline", "## Probes: image: digit identity",
     "## Probes: video: motion class", "## Loss by position within a clip", "## Label propagation (DAVIS protocol)",
-    "## Pre-training: validation loss against compute", "## Generation", "## Timings",
+    "## Scaling: validation loss against compute", "## Generation", "## Timings",
 )
 
 
@@ -46,21 +46,31 @@ def test_demo_quick_end_to_end_report(tmp_path):
     text = open(path).read()
     for s in SECTIONS:
         assert s in text, s
-    assert len(re.findall(r"\*\*(holds|does not hold|inconclusive \(within noise\))\*\*", text)) == 5
+    assert len(re.findall(r"\*\*(holds|does not hold|inconclusive \(within noise\))\*\*", text)) == 6
     assert re.search(r"\| attention probe, best block \| \d+\.\d% \(block \d+\) \| 64\.7%", text)
     assert re.search(r"\| loss, first frame \| \d+\.\d{3} \|", text)
     assert re.search(r"\| J&F mean \| \d+\.\d \| 42\.0", text)
-    # Two validations (steps 3 and 6): a fit when the loss fell between them, else the reason why not.
-    assert re.search(r"\| exponent b of L = a·C\^b \| -?\d\.\d{4} \(one run's curve\) \| -0\.0378|No fit: ", text)
+    # The size sweep (main run + one width, validated every 2 steps): a frontier fit, or the reason why not.
+    assert re.search(r"\| exponent b of L = a·C\^b \(± s\.e\.\) \| -?\d\.\d{4} ± (\d\.\d{4}|nan) \| -0\.0378|No fit: ", text)
+    assert re.search(r"\| image task: bag-of-tokens logistic regression, top-1 \(chance\) \| \d+\.\d% ± ", text)
+    assert re.search(r"bits per token: unigram vs given the previous frame's token at the same position \| \d+\.\d\d vs", text)
+    meta = json.loads((out / "sweep" / "w040" / "config.json").read_text())
+    assert meta["model_config"]["dim"] == 40 and meta["model_config"]["mup_base_dim"] == 160
+    assert meta["model_config"]["n_heads"] == 5 and meta["model_config"]["mlp_hidden"] == 128
+    assert meta["train_config"]["max_steps"] == 4 and meta["train_config"]["lr"] == cfg_lr(out)
     for png in ("probe-image.png", "probe-video.png", "position-loss.png"):
         assert os.path.getsize(out / png) > 1000
     assert os.path.getsize(out / "generation.gif") > 0
     doc = validate(json.loads((out / "results.json").read_text()), "demo_results")
-    assert len(doc["findings"]) == 5
-    assert re.search(r"- pretrain: \d+ s\n", text)
+    assert len(doc["findings"]) == 6
+    assert re.search(r"- pretrain: \d+ s\n", text) and re.search(r"- sweep: \d+ s\n", text)
     # Rerun: every stage is complete and skipped (its earlier time reported); only the study is redone.
     assert run_demo(cfg) == path
     assert "- pretrain: " in open(path).read() and "(done by an earlier run)" in open(path).read()
+
+
+def cfg_lr(out) -> float:
+    return json.loads((out / "run" / "config.json").read_text())["train_config"]["lr"]  # one lr for all widths
 
 
 def test_demo_config_validation():
@@ -69,5 +79,8 @@ def test_demo_config_validation():
     with pytest.raises(ValueError, match="ratios"):
         DemoConfig(ratios={"imagenet": 1.0})
     q = DemoConfig.quick_config("x")
-    assert q.quick and q.data_scale < 0.1 and "max_steps=6" in q.pretrain_overrides
-    assert "exit_after_minutes=6" in DemoConfig().pretrain_overrides
+    assert q.quick and q.data_scale < 0.1 and q.train_tokens == 6 * 2048
+    with pytest.raises(ValueError, match="exit_after_minutes"):
+        DemoConfig(pretrain_overrides=("exit_after_minutes=6",))
+    with pytest.raises(ValueError, match="sweep_widths"):
+        DemoConfig(sweep_widths=(64,))

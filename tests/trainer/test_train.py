@@ -111,12 +111,26 @@ def test_init_from_loads_weights_for_a_new_stage(tmp_path):
     train(load_config("tiny", QUIET + ["max_steps=2", "global_batch=2", "micro_batch=2"]), "fake", tmp_path / "a",
           loader_factory=factory())
     stage2 = load_config("tiny", QUIET + ["max_steps=1", "warmup_steps=0", "global_batch=2", "micro_batch=2", "model.rope_theta=50000",
-                                          f"init_from={tmp_path / 'a'}"])
+                                          f"init_from={tmp_path / 'a'}", "val_every=1", "val_batches=1",
+                                          "position_loss=false"])
     train(stage2, "fake", tmp_path / "b", loader_factory=factory(seq_len=64))
-    a, _ = ck.load_model(tmp_path / "a")
+    a, meta_a = ck.load_model(tmp_path / "a")
     b, meta = ck.load_model(tmp_path / "b")
     assert meta["model_config"]["rope_theta"] == 50000 and meta["model_config"]["max_seq_len"] == 64
     assert meta["init_from"] == str(tmp_path / "a")
+    # The second stage's counters continue the first's: its tokens and FLOPs (at its own FLOPs per token).
+    fpt_a = json.loads((tmp_path / "a" / "config.json").read_text())["flops_per_token"]
+    fpt_b = json.loads((tmp_path / "b" / "config.json").read_text())["flops_per_token"]
+    seq_a = meta_a["seq_len"]
+    assert meta_a["tokens_seen"] == 2 * 2 * seq_a and meta_a["flops_seen"] == pytest.approx(4 * seq_a * fpt_a)
+    assert meta["tokens_seen"] == 4 * seq_a + 2 * 64
+    assert meta["flops_seen"] == pytest.approx(4 * seq_a * fpt_a + 2 * 64 * fpt_b)
+    assert json.loads((tmp_path / "b" / "metrics.jsonl").read_text())["tokens_seen"] == 4 * seq_a + 2 * 64
+    # ... and so does the scaling command's compute for that run (MACs = FLOPs / 2).
+    from trainer.evals.scaling import read_run_points
+
+    (pt,) = read_run_points(str(tmp_path / "b"))
+    assert pt["macs"] == pytest.approx(meta["flops_seen"] / 2)
     # One small step away from the initial weights, not a fresh init.
     diff = (a.tok_embeddings.weight - b.tok_embeddings.weight).abs().max().item()
     assert 0 < diff < 0.01

@@ -8,5 +8,6 @@ Modules
 - jf, davis:     DAVIS-2017 reading and J / F / J&F scoring
 - position_loss: next-token loss by position and frame within a clip
 - scaling:       L(C) = a·C^b on the compute-optimal frontier
-- report:        markdown reports with plots, our numbers beside the paper's (paper.py)
+- data_checks:   what a token dataset carries before training (bag-of-tokens baseline, predictability)
+- report:        markdown reports with plots, our numbers beside the paper's (paper.py); paired s.e.
 """

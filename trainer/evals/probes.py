@@ -114,6 +114,9 @@ class ProbeResult:
     train_loss: list[float] = field(default_factory=list)  # mean loss per epoch
     num_train: int = 0
     num_eval: int = 0  # samples (or groups) scored
+    # Top-1 right (1) or wrong (0) per scored sample (groups in sorted order): pairs two heads'
+    # scores on the same validation set (paired tests, trainer.evals.stats).
+    correct: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -122,6 +125,7 @@ class ProbeResult:
             "train_loss": self.train_loss,
             "num_train": self.num_train,
             "num_eval": self.num_eval,
+            "correct": self.correct,
         }
 
 
@@ -236,8 +240,8 @@ def _predict(head: nn.Module, feats: torch.Tensor, batch_size: int) -> torch.Ten
     return torch.cat(out)  # (N, C)
 
 
-def evaluate_probe(head: nn.Module, data: FeatureSet, batch_size: int = 256) -> tuple[float, float, int]:
-    """(top-1 %, top-5 %, number scored); clip probabilities averaged per group when groups exist."""
+def _scored(head: nn.Module, data: FeatureSet, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities (M, C), labels (M,)) of what is scored: samples, or groups averaged."""
     probs = _predict(head, data.feats, batch_size)
     labels = data.labels
     if data.groups is not None:
@@ -249,6 +253,12 @@ def evaluate_probe(head: nn.Module, data: FeatureSet, batch_size: int = 256) -> 
         glabels = torch.full((len(order),), -1, dtype=torch.long)
         glabels[gid] = labels
         probs, labels = summed / counts[:, None], glabels
+    return probs, labels
+
+
+def evaluate_probe(head: nn.Module, data: FeatureSet, batch_size: int = 256) -> tuple[float, float, int]:
+    """(top-1 %, top-5 %, number scored); clip probabilities averaged per group when groups exist."""
+    probs, labels = _scored(head, data, batch_size)
     return topk_accuracy(probs, labels, 1), topk_accuracy(probs, labels, 5), int(labels.shape[0])
 
 
@@ -315,8 +325,10 @@ def _train_probe(train: FeatureSet, val: FeatureSet, cfg: ProbeConfig) -> tuple[
             epoch_loss += loss.item() * idx.numel()
             seen += idx.numel()
         losses.append(epoch_loss / max(1, seen))
-    top1, top5, scored = evaluate_probe(head, val, batch_size=max(cfg.batch_size, 256))
-    return ProbeResult(top1=top1, top5=top5, train_loss=losses, num_train=n, num_eval=scored), head
+    probs, labels = _scored(head, val, max(cfg.batch_size, 256))
+    correct = (probs.argmax(dim=1) == labels).int().tolist()
+    return ProbeResult(top1=topk_accuracy(probs, labels, 1), top5=topk_accuracy(probs, labels, 5), train_loss=losses,
+                       num_train=n, num_eval=int(labels.shape[0]), correct=correct), head
 
 
 def labels_to_ids(labels: list[str], classes: list[str] | None = None) -> tuple[torch.Tensor, list[str]]:

@@ -6,16 +6,24 @@ import math
 import os
 from dataclasses import dataclass, field
 
-__all__ = ["Finding", "Report", "fmt", "significant", "accuracy_diff_se"]
+__all__ = ["Finding", "Report", "fmt", "significant", "paired_accuracy_diff"]
 
 NOISE_Z = 2.0  # a difference counts when it exceeds two standard errors (about 95% two-sided)
 
 
-def accuracy_diff_se(p1: float, p2: float, n: int) -> float:
-    """Standard error (in points) of the difference of two accuracies (percent) over n scored samples,
-    treating the two as independent binomials (conservative for paired probes on one val set)."""
-    a, b = p1 / 100.0, p2 / 100.0
-    return 100.0 * math.sqrt((a * (1 - a) + b * (1 - b)) / max(1, n))
+def paired_accuracy_diff(correct_a: list[int], correct_b: list[int]) -> dict:
+    """Two heads scored on the same samples (top-1 right = 1): the accuracy difference a − b in points
+    and its paired standard error, from the discordant pairs as in McNemar's test:
+    b = a right and b wrong, c = the reverse; diff = (b − c)/n; se = sqrt(b + c − (b − c)²/n)/n."""
+    if len(correct_a) != len(correct_b) or not correct_a:
+        raise ValueError(f"paired scores need the same samples: got {len(correct_a)} and {len(correct_b)}")
+    a, b = [int(x) for x in correct_a], [int(x) for x in correct_b]
+    n = len(a)
+    only_a = sum(x and not y for x, y in zip(a, b, strict=True))
+    only_b = sum(y and not x for x, y in zip(a, b, strict=True))
+    var = max(0.0, only_a + only_b - (only_a - only_b) ** 2 / n)
+    return {"diff": 100.0 * (only_a - only_b) / n, "se": 100.0 * math.sqrt(var) / n, "only_a": only_a,
+            "only_b": only_b, "n": n}
 
 
 def significant(diff: float, se: float) -> bool | None:
@@ -90,7 +98,8 @@ class Report:
         if self.findings:
             out.append("## Findings at a glance\n")
             out.append(f"A finding is marked inconclusive when our difference is within {NOISE_Z:g} standard errors "
-                       "(binomial for accuracies over the scored samples; paired over clips for losses).\n")
+                       "(paired over the same scored samples for accuracies, McNemar's discordant pairs; paired over clips "
+                       "for losses).\n")
             lines = ["| paper's finding | paper | ours | verdict |", "|---|---|---|---|"]
             lines += [f"| {f.name} | {f.paper} | {f.ours} | **{f.verdict}** |" for f in self.findings]
             out.append("\n".join(lines) + "\n")

@@ -134,12 +134,13 @@ def power_law_with_ci(macs: np.ndarray, loss: np.ndarray, level: float = 0.95) -
     a, b, r2 = fit_power_law(macs, loss)
     x, y = np.log(np.asarray(macs, np.float64)), np.log(np.asarray(loss, np.float64))
     n = x.size
-    out = {"a": a, "b": b, "r2": r2, "a_ci": None, "b_ci": None, "level": level}
+    out = {"a": a, "b": b, "r2": r2, "a_ci": None, "b_ci": None, "b_se": None, "level": level}
     if n > 2:
         resid = y - (math.log(a) + b * x)
         s2 = float((resid**2).sum()) / (n - 2)
         sxx = float(((x - x.mean()) ** 2).sum())
         se_b = math.sqrt(s2 / sxx)
+        out["b_se"] = se_b  # least-squares standard error of b (the demo study's verdict uses 2 of them)
         se_loga = math.sqrt(s2 * (1.0 / n + x.mean() ** 2 / sxx))
         q = _t_quantile(level, n - 2)
         out["b_ci"] = [b - q * se_b, b + q * se_b]

@@ -23,10 +23,10 @@ import torch
 from trainer.evals import paper
 from trainer.evals.position_loss import plot_position_loss, summarize_position_loss, token_losses
 from trainer.evals.probes import ProbeConfig
-from trainer.evals.report import Report, accuracy_diff_se, fmt, significant
+from trainer.evals.report import Report, fmt, paired_accuracy_diff, significant
 from trainer.evals.run import ProbeJob, default_track_layer, load_labelled, probe_job, track_job
 
-__all__ = ["StudyConfig", "TaskData", "run_study", "middle_beats_last", "attention_beats_average"]
+__all__ = ["StudyConfig", "TaskData", "run_study", "named_middle_block", "compare_poolings", "compare_blocks"]
 
 
 def _log(msg: str) -> None:
@@ -85,24 +85,33 @@ class StudyConfig:
             raise ValueError(f"StudyConfig.loss_frames={self.loss_frames!r} is invalid: use >= 2 (or None)")
 
 
-def attention_beats_average(doc: dict) -> tuple[bool, float, float]:
-    """Best attention top-1 over layers vs best average top-1 over layers (the paper compares at one
-    layer; we compare each pooling at its own best layer, and list the per-layer table too)."""
-    att = doc["best"]["attention"]["top1"]
-    avg = doc["best"]["average"]["top1"]
-    return att > avg, att, avg
+def named_middle_block(n_layers: int) -> int:
+    """The block findings 1 and 2 are read at, named before any number is seen: the middle
+    (round(n/2), the paper's best depth of ~50%), not the best of several blocks."""
+    if n_layers < 2:
+        raise ValueError("a one-block model has no middle block to compare with the last")
+    return default_track_layer(n_layers)
 
 
-def middle_beats_last(doc: dict, pooling: str = "attention") -> tuple[bool, dict, float]:
-    """Whether some block before the last probes strictly better than the last block."""
-    rows = [r for r in doc["results"] if r["pooling"] == pooling]
-    n = doc["n_layers"]
-    last = next(r["top1"] for r in rows if r["layer"] == n)
-    earlier = [r for r in rows if r["layer"] < n]
-    if not earlier:
-        raise ValueError("a one-block model has no middle layer to compare with the last")
-    best = max(earlier, key=lambda r: (r["top1"], -r["layer"]))
-    return best["top1"] > last, best, last
+def _row(doc: dict, layer: int, pooling: str) -> dict:
+    for r in doc["results"]:
+        if r["layer"] == layer and r["pooling"] == pooling:
+            return r
+    raise ValueError(f"the sweep has no {pooling} probe at block {layer}")
+
+
+def compare_poolings(doc: dict, layer: int) -> dict:
+    """Finding 1 at one block: attention − average top-1, paired over the same scored samples."""
+    att, avg = _row(doc, layer, "attention"), _row(doc, layer, "average")
+    return dict(paired_accuracy_diff(att["correct"], avg["correct"]), layer=layer, a=att["top1"], b=avg["top1"])
+
+
+def compare_blocks(doc: dict, layer: int, pooling: str = "attention") -> dict:
+    """Finding 2: the named middle block − the last block, same pooling, paired over the same samples."""
+    last = int(doc["n_layers"])
+    mid, end = _row(doc, layer, pooling), _row(doc, last, pooling)
+    return dict(paired_accuracy_diff(mid["correct"], end["correct"]), layer=layer, last=last, a=mid["top1"],
+                b=end["top1"])
 
 
 def clip_token_losses(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int = 8) -> np.ndarray:
@@ -156,36 +165,83 @@ def _pixel_features(down: int) -> Callable[[np.ndarray], torch.Tensor]:
     return fn
 
 
-def _pretraining_section(report: Report, meta: dict, out_dir: str) -> None:
-    """Validation loss against training compute for this one run, with the paper's law for scale."""
-    from pipeline.storage import write_json
-    from trainer.evals.scaling import scaling_study
+def _data_checks_section(report: Report, checks: dict) -> None:
+    """The report's first section: what the tokens carry before any model sees them."""
+    from trainer.evals import data_checks as dc
 
-    run_dir = os.path.dirname(str(meta.get("step_dir", "")).rstrip("/"))
-    report.section("Pre-training: validation loss against compute")
+    report.section(
+        "Data checks (from the tokens, before training)",
+        "Each finding needs a property of the data; these are measured on the token datasets the model trains "
+        f"and is probed on, fitted on train and scored on val (`trainer.evals.data_checks`: logistic regression "
+        f"C = {dc.LOGREG_C:g} on token frequencies; conditional smoothing α = {dc.ALPHA:g}).",
+    )
+    rows = []
+    for key, name in (("image", "image task"), ("video", "video task")):
+        c = checks.get(key)
+        if not c:
+            continue
+        b = c["bag_of_tokens"]
+        rows.append((f"{name}: bag-of-tokens logistic regression, top-1 (chance)",
+                     f"{b['top1']:.1f}% ± {b['se']:.1f} ({b['chance']:.1f}%), {b['classes']} classes, "
+                     f"{b['n_train']} train / {b['n_val']} val",
+                     "labels decodable from the tokens" + ("" if b["carried"] else ": NOT above chance"),
+                     "findings 1, 2, 5: a probe has something to read"))
+    if checks.get("object_area") is not None:
+        rows.append(("share of the frame the labelled object covers", f"{100 * checks['object_area']:.0f}%",
+                     "a minority of the tokens", "finding 1: attention can pick the object's tokens, the mean dilutes them"))
+    pred = (checks.get("video") or {}).get("predictability")
+    if pred:
+        rows.append(("video tokens, bits per token: unigram vs given the previous frame's token at the same position",
+                     f"{pred['unigram_bits']:.2f} vs {pred['conditional_bits']:.2f} (×{pred['ratio']:.2f}); "
+                     f"{100 * pred['repeat_rate']:.0f}% repeat",
+                     "later frames predictable from earlier ones" + ("" if pred["ratio"] < 0.8 else ": only weakly"),
+                     "finding 3: the first frame has no previous frame"))
+    report.table(["check", "measured", "property", "why"], [list(r) for r in rows])
+
+
+def _scaling_section(report: Report, run_dirs: list[str], out_dir: str) -> dict | None:
+    """Finding 4: validation loss against training compute over the size sweep, L = a·C^b fitted on the
+    compute-optimal frontier; the exponent counts as negative when b + 2 s.e. < 0."""
+    from pipeline.storage import write_json
+    from trainer.evals.scaling import plot_scaling, scaling_study
+
+    report.section("Scaling: validation loss against compute")
     try:
-        doc = scaling_study([run_dir])
+        doc = scaling_study(run_dirs)
     except ValueError as e:
         report.parts.append(f"No fit: {e}\n")
-        return
-    from trainer.evals.scaling import plot_scaling
-
+        report.finding("validation loss falls as a power law of compute", f"b = {paper.SCALING_LAW[1]}",
+                       f"no fit ({e})", None)
+        return None
     write_json(os.path.join(out_dir, "scaling.json"), doc, "scaling_fit")
     png = plot_scaling(doc, os.path.join(out_dir, "scaling.png"))
     f = doc["fit"]
-    last = doc["points"][-1]
+    se = f.get("b_se")
+    holds = None if se is None else significant(-f["b"], se)
+    runs = sorted({p["run"] for p in doc["points"]})
+    report.finding("validation loss falls as a power law of compute", f"L = 7.32·C^{paper.SCALING_LAW[1]}",
+                   f"b = {f['b']:.4f} ± {se if se is not None else float('nan'):.4f}, r² = {f['r2']:.3f} "
+                   f"({len(doc['frontier'])} frontier points, {len(runs)} runs)", holds)
     report.parts.append(
-        "One run's validation losses against its training compute (MACs). This is a training curve, not the "
-        "compute-optimal frontier over model sizes that the paper fits (`toto-train scaling RUN ...` fits that "
-        "across several runs); it is shown with the paper's law only to place our scale.\n"
+        f"Validation losses along each run of the size sweep ({', '.join(runs)}) against training compute "
+        "(MACs = FLOPs / 2, the paper's unit). The compute-optimal frontier is the lower envelope over all "
+        "points; L = a·C^b is fitted on it by least squares in log-log space.\n"
     )
+    last = doc["frontier"][-1]
     report.comparison([
-        ("validation loss at the end", f"{last['loss']:.3f} at {last['macs']:.2e} MACs",
+        ("exponent b of L = a·C^b (± s.e.)", f"{f['b']:.4f} ± {se if se is not None else float('nan'):.4f}",
+         f"{paper.SCALING_LAW[1]}", "other tokenizer, data and scale: the sign, not the value"),
+        ("r² of the fit on the frontier", f"{f['r2']:.3f}", "—", f"{len(doc['frontier'])} points"),
+        ("loss at the frontier's end", f"{last['loss']:.3f} at {last['macs']:.2e} MACs",
          f"{paper.SCALING_LAW[0] * last['macs'] ** paper.SCALING_LAW[1]:.3f} (law at that compute)",
-         "other tokenizer and data: not comparable in level"),
-        ("exponent b of L = a·C^b", f"{f['b']:.4f} (one run's curve)", f"{paper.SCALING_LAW[1]} (frontier)", ""),
+         "not comparable in level"),
     ])
-    report.figure(png, "validation loss against training compute, with the paper's 7.32·C^-0.0378")
+    report.table(["run", "points", "final validation loss", "compute (MACs)"], [
+        [r, str(len(pts)), f"{pts[-1]['loss']:.3f}", f"{pts[-1]['macs']:.2e}"]
+        for r in runs for pts in [sorted((p for p in doc["points"] if p["run"] == r), key=lambda p: p["macs"])]
+    ])
+    report.figure(png, "validation loss against training compute, every run, our fit and the paper's 7.32·C^-0.0378")
+    return {"b": f["b"], "b_se": se, "r2": f["r2"], "a": f["a"], "holds": holds}
 
 
 def run_study(
@@ -201,13 +257,17 @@ def run_study(
     cfg: StudyConfig | None = None,
     intro: str = "",
     extra_sections: list[tuple[str, str]] | None = None,
+    data_checks: dict | None = None,
+    scaling_runs: list[str] | None = None,
     log: Callable[[str], None] = _log,
 ) -> str:
     """Evaluate a checkpoint the way the paper does, in miniature; return the report's path.
 
     ``tokenize`` (frames -> tokens, the checkpoint's tokenizer) and ``resolution`` are needed for
     label propagation on ``davis_root``; ``generate(model, meta, out_dir) -> png path`` adds a
-    generation figure. Every section is always present: a stage that cannot run says why.
+    generation figure. ``data_checks`` (`trainer.evals.data_checks` results per task, measured
+    before training) opens the report; ``scaling_runs`` (run directories of a size sweep; default the
+    checkpoint's own run) give finding 4. Every section is always present: a stage that cannot run says why.
     """
     cfg = cfg or StudyConfig()
     from trainer.evals.probes import torch_threads
@@ -215,11 +275,11 @@ def run_study(
     with torch_threads(cfg.threads):
         return _run_study(ckpt, image_task=image_task, video_task=video_task, out_dir=out_dir, davis_root=davis_root,
                           tokenize=tokenize, resolution=resolution, generate=generate, cfg=cfg, intro=intro,
-                          extra_sections=extra_sections, log=log)
+                          extra_sections=extra_sections, data_checks=data_checks, scaling_runs=scaling_runs, log=log)
 
 
 def _run_study(ckpt, *, image_task, video_task, out_dir, davis_root, tokenize, resolution, generate, cfg, intro,
-               extra_sections, log) -> str:
+               extra_sections, data_checks, scaling_runs, log) -> str:
     from trainer.checkpoint import load_model
 
     os.makedirs(out_dir, exist_ok=True)
@@ -231,6 +291,9 @@ def _run_study(ckpt, *, image_task, video_task, out_dir, davis_root, tokenize, r
     results: dict[str, object] = {"schema": "demo_results", "version": 1,
                                   "checkpoint": str(meta.get("step_dir", ckpt)), "n_layers": n_layers}
     n_params = sum(p.numel() for p in model.parameters())
+    if data_checks:
+        _data_checks_section(report, data_checks)
+        results["data_checks"] = data_checks
     report.section(
         "Setup",
         f"Checkpoint `{meta.get('step_dir', ckpt)}` (step {meta.get('step')}): {n_layers} blocks, width "
@@ -258,17 +321,20 @@ def _run_study(ckpt, *, image_task, video_task, out_dir, davis_root, tokenize, r
         doc, _, png = probe_job(model, meta, job, probe_cfg, out_dir, log=log)
         sweeps[key] = doc
         timings[f"probe_{key}"] = time.time() - t0
-        _, att, avg = attention_beats_average(doc)
-        _, best_mid, last = middle_beats_last(doc)
-        n_eval = doc["results"][0]["num_eval"]
-        holds_att = significant(att - avg, accuracy_diff_se(att, avg, n_eval))
-        holds_mid = significant(best_mid["top1"] - last, accuracy_diff_se(best_mid["top1"], last, n_eval))
+        mid = named_middle_block(n_layers)
+        pool_cmp = compare_poolings(doc, mid)
+        block_cmp = compare_blocks(doc, mid)
+        n_eval = pool_cmp["n"]
+        holds_att = significant(pool_cmp["diff"], pool_cmp["se"])
+        holds_mid = significant(block_cmp["diff"], block_cmp["se"])
+        att, avg = doc["best"]["attention"]["top1"], doc["best"]["average"]["top1"]
         pa, pv = paper.POOLING_TOP1["attention"], paper.POOLING_TOP1["average"]
         report.finding(f"attention pooling beats average pooling ({key} task)", f"{pa} vs {pv} top-1 (ImageNet)",
-                       f"{att:.1f} vs {avg:.1f} top-1 (n={n_eval})", holds_att)
-        report.finding(f"a middle layer probes better than the last ({key} task)", "best at ~50% depth",
-                       f"block {best_mid['layer']}/{n_layers}: {best_mid['top1']:.1f} vs last {last:.1f} (n={n_eval})",
-                       holds_mid)
+                       f"block {mid}/{n_layers}: {pool_cmp['a']:.1f} vs {pool_cmp['b']:.1f} top-1, "
+                       f"{pool_cmp['diff']:+.1f} ± {pool_cmp['se']:.1f} (n={n_eval})", holds_att)
+        report.finding(f"a middle block probes better than the last ({key} task)", "best at ~50% depth",
+                       f"block {mid}/{n_layers}: {block_cmp['a']:.1f} vs last {block_cmp['b']:.1f}, "
+                       f"{block_cmp['diff']:+.1f} ± {block_cmp['se']:.1f} (n={n_eval})", holds_mid)
         report.section(
             f"Probes: {task.name}",
             f"{len(doc['classes'])} classes; probes trained on frozen features of every block for "
@@ -282,7 +348,11 @@ def _run_study(ckpt, *, image_task, video_task, out_dir, davis_root, tokenize, r
             ("attention probe, best block", f"{att:.1f}% (block {doc['best']['attention']['layer']})",
              f"{paper_ref}% ({paper_task})", "different task and scale: direction only"),
             ("average probe, best block", f"{avg:.1f}% (block {doc['best']['average']['layer']})", "—", ""),
-            ("attention − average", f"{att - avg:+.1f}", f"{pa - pv:+.1f} (ImageNet, large, layer 9)", ""),
+            (f"attention − average at block {mid} (± paired s.e.)", f"{pool_cmp['diff']:+.1f} ± {pool_cmp['se']:.1f}",
+             f"{pa - pv:+.1f} (ImageNet, large, layer 9)", f"discordant samples {pool_cmp['only_a']} / "
+             f"{pool_cmp['only_b']}"),
+            (f"block {mid} − last block, attention (± paired s.e.)", f"{block_cmp['diff']:+.1f} ± {block_cmp['se']:.1f}",
+             "> 0 (best at ~50% depth)", f"discordant samples {block_cmp['only_a']} / {block_cmp['only_b']}"),
             ("best block, relative depth (attention)", f"{doc['best']['attention']['relative_depth']:.2f}",
              f"~{paper.BEST_PROBE_RELATIVE_DEPTH}", ""),
         ])
@@ -298,7 +368,9 @@ def _run_study(ckpt, *, image_task, video_task, out_dir, davis_root, tokenize, r
         ])
         report.figure(png, f"{task.name}: top-1 by relative depth")
         results[f"probe_{key}"] = {"best": doc["best"], "attention_beats_average": holds_att,
-                                   "middle_beats_last": holds_mid}
+                                   "middle_beats_last": holds_mid, "named_block": mid,
+                                   "attention_minus_average": {k: pool_cmp[k] for k in ("diff", "se", "n")},
+                                   "middle_minus_last": {k: block_cmp[k] for k in ("diff", "se", "n")}}
 
     t0 = time.time()
     log("loss by position over video clips")
@@ -364,7 +436,8 @@ def _run_study(ckpt, *, image_task, video_task, out_dir, davis_root, tokenize, r
     ])
     results["track"] = dict(s, baseline_JF_mean=b["JF_mean"])
 
-    _pretraining_section(report, meta, out_dir)
+    own_run = os.path.dirname(str(meta.get("step_dir", "")).rstrip("/"))
+    results["scaling"] = _scaling_section(report, scaling_runs or [own_run], out_dir)
 
     report.section("Generation")
     if generate is None:

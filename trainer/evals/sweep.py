@@ -48,6 +48,7 @@ def layer_sweep(
                     "final_train_loss": res.train_loss[-1] if res.train_loss else None,
                     "num_train": res.num_train,
                     "num_eval": res.num_eval,
+                    "correct": res.correct,  # per scored sample, for paired comparisons
                 }
             )
             if progress is not None:

@@ -25,11 +25,17 @@ def test_report_renders_findings_tables_and_figures(tmp_path):
 
 
 def test_significance_and_inconclusive_verdict(tmp_path):
-    from trainer.evals.report import accuracy_diff_se, significant
+    from trainer.evals.report import paired_accuracy_diff, significant
 
-    # 60% vs 50% over 100 samples: se = 100*sqrt((.24+.25)/100) = 7.0 -> a 10-point gap is within 2 se.
-    se = accuracy_diff_se(60.0, 50.0, 100)
-    assert se == pytest.approx(7.0)
+    # 100 samples, 20 right only under a, 10 only under b: diff 10 points, se = sqrt(30 - 1)/100 = 5.39
+    # points, so the gap is within 2 se; the same 10 points from 10 vs 0 discordant pairs is not.
+    a = [1] * 20 + [0] * 10 + [1] * 40 + [0] * 30
+    b = [0] * 20 + [1] * 10 + [1] * 40 + [0] * 30
+    d = paired_accuracy_diff(a, b)
+    assert (d["diff"], d["only_a"], d["only_b"]) == (10.0, 20, 10) and d["se"] == pytest.approx(29 ** 0.5)
+    se = d["se"]
+    tight = paired_accuracy_diff([1] * 10 + [0] * 90, [0] * 100)
+    assert significant(tight["diff"], tight["se"]) is True and tight["se"] == pytest.approx(3.0)
     assert significant(10.0, se) is None
     assert significant(15.0, se) is True and significant(-15.0, se) is False
     assert significant(0.0, 0.0) is None  # a tie is never a finding

@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 
 from schemas import validate
-from trainer.evals.scaling import fit_power_law, frontier, plot_scaling, read_run_points, scaling_study
+from trainer.evals.scaling import (
+    fit_power_law,
+    frontier,
+    plot_scaling,
+    power_law_with_ci,
+    read_run_points,
+    scaling_study,
+)
 
 
 def _write_run(path, rows):
@@ -19,6 +26,14 @@ def test_fit_recovers_known_law():
     c = np.geomspace(1e15, 1e20, 12)
     a, b, r2 = fit_power_law(c, 7.32 * c**-0.0378)
     assert a == pytest.approx(7.32, rel=1e-9) and b == pytest.approx(-0.0378, rel=1e-9) and r2 == pytest.approx(1.0)
+    assert power_law_with_ci(c, 7.32 * c**-0.0378)["b_se"] == pytest.approx(0.0, abs=1e-9)
+    # Noise of 1% in the loss: the slope's standard error is the textbook sigma / sqrt(Sxx) in log space.
+    noise = np.where(np.arange(12) % 2, 1.01, 1 / 1.01)
+    x = np.log(c)
+    resid = np.log(noise) - np.polyval(np.polyfit(x, np.log(noise), 1), x)
+    want = np.sqrt((resid**2).sum() / 10 / ((x - x.mean()) ** 2).sum())
+    assert power_law_with_ci(c, 7.32 * c**-0.0378 * noise)["b_se"] == pytest.approx(want, rel=1e-6) and want > 0
+    assert power_law_with_ci(c[:2], c[:2] ** -0.1)["b_se"] is None
 
 
 def test_frontier_keeps_lower_envelope_and_study_fits_it(tmp_path):

@@ -8,12 +8,20 @@ import os
 import re
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from pipeline.shards import ShardWriter, write_manifest
 from schemas import validate
-from trainer.evals.study import StudyConfig, TaskData, middle_beats_last, run_study
+from trainer.evals.study import (
+    StudyConfig,
+    TaskData,
+    compare_blocks,
+    compare_poolings,
+    named_middle_block,
+    run_study,
+)
 
 CODEBOOK = 32
 TOK = {"id": "test-colour", "sha256": "0" * 64, "vocab_size": CODEBOOK, "downsample": 8}
@@ -101,13 +109,13 @@ def test_study_writes_every_section_with_numbers(tmp_path):
     text = open(path).read()
     for heading in ("## Findings at a glance", "## Setup", "## Probes: image: toy classes", "## Probes: video: toy motion",
                     "## Loss by position within a clip", "## Label propagation (DAVIS protocol)",
-                    "## Pre-training: validation loss against compute", "## Generation",
+                    "## Scaling: validation loss against compute", "## Generation",
                     "## Timings"):
         assert heading in text, heading
-    # Five verdicts (two probe findings per task + the first-frame finding), each stated either way.
-    assert len(re.findall(r"\*\*(holds|does not hold|inconclusive \(within noise\))\*\*", text)) == 5
+    # Six verdicts (two probe findings per task, the first-frame finding, scaling), each stated either way.
+    assert len(re.findall(r"\*\*(holds|does not hold|inconclusive \(within noise\))\*\*", text)) == 6
     assert re.search(r"\| J&F mean \| \d+\.\d \| 42\.0", text)
-    assert re.search(r"\| attention − average \| [+-]\d+\.\d \| \+7\.9", text)
+    assert re.search(r"\| attention − average at block 2 \(± paired s\.e\.\) \| [+-]\d+\.\d ± \d+\.\d \| \+7\.9", text)
     for png in ("probe-image.png", "probe-video.png", "position-loss.png", "generation.png"):
         assert f"]({png})" in text and os.path.getsize(os.path.join(out, png)) > 0
     res = validate(json.loads(open(os.path.join(out, "results.json")).read()), "demo_results")
@@ -118,13 +126,38 @@ def test_study_writes_every_section_with_numbers(tmp_path):
     assert re.search(r"\| first − later \(± s\.e\., paired over clips\) \| [+-]\d\.\d{3} ± \d\.\d{3} \|", text)
 
 
-def test_middle_beats_last_compares_with_last_block():
-    doc = {"n_layers": 3, "results": [
-        {"layer": 1, "pooling": "attention", "top1": 50.0},
-        {"layer": 2, "pooling": "attention", "top1": 70.0},
-        {"layer": 3, "pooling": "attention", "top1": 60.0},
-    ]}
-    holds, best, last = middle_beats_last(doc)
-    assert holds and best["layer"] == 2 and last == 60.0
-    doc["results"][2]["top1"] = 70.0
-    assert not middle_beats_last(doc)[0]  # a tie is not "better"
+def test_named_block_comparisons_are_paired_over_the_same_samples():
+    # Block 2 of 3 is named in advance; block 1 being better changes nothing (not the best of several).
+    rows = [
+        {"layer": 1, "pooling": "attention", "top1": 100.0, "correct": [1, 1, 1, 1]},
+        {"layer": 2, "pooling": "attention", "top1": 75.0, "correct": [1, 1, 1, 0]},
+        {"layer": 3, "pooling": "attention", "top1": 50.0, "correct": [1, 0, 0, 1]},
+        {"layer": 2, "pooling": "average", "top1": 25.0, "correct": [0, 0, 1, 0]},
+    ]
+    doc = {"n_layers": 3, "results": rows}
+    assert named_middle_block(3) == 2
+    blocks = compare_blocks(doc, named_middle_block(3))
+    # Discordant pairs: block 2 alone right on samples 2, 3; the last alone on sample 4.
+    assert (blocks["only_a"], blocks["only_b"], blocks["n"], blocks["last"]) == (2, 1, 4, 3)
+    assert blocks["diff"] == 25.0 and blocks["se"] == pytest.approx(100 * (3 - 1 / 4) ** 0.5 / 4)
+    pools = compare_poolings(doc, 2)
+    assert (pools["only_a"], pools["only_b"], pools["diff"]) == (2, 0, 50.0)
+
+
+def test_data_checks_known_answers(tmp_path):
+    from trainer.evals.data_checks import check_dataset, token_predictability
+
+    _dataset(str(tmp_path / "img"), video=False, per_class=8, seed=0)
+    _dataset(str(tmp_path / "vid"), video=True, per_class=6, seed=1)
+    # Image classes use disjoint token ranges (8c..8c+7): a bag of tokens separates them perfectly.
+    img = check_dataset(str(tmp_path / "img"), video=False)["bag_of_tokens"]
+    assert img["top1"] == 100.0 and img["chance"] == pytest.approx(100 / 3) and img["carried"]
+    # Video tokens are independent draws from 0..7 (plus one moving token 30): the previous frame
+    # tells nothing, so the conditional cross-entropy is no lower than the unigram's (~3.3 bits).
+    vid = check_dataset(str(tmp_path / "vid"), video=True, frames=4, stride=2)["predictability"]
+    assert 3.0 < vid["unigram_bits"] < 3.6 and vid["ratio"] > 0.95
+    # A copy of the previous frame is predictable: conditional bits far below the unigram's.
+    rng = np.random.default_rng(0)
+    still = np.repeat(rng.integers(0, 64, size=(40, 1, 16)), 4, axis=1)  # (clips, frames, tokens)
+    p = token_predictability(still[:30], still[30:], vocab=64)
+    assert p["repeat_rate"] == 1.0 and p["conditional_bits"] < 0.5 * p["unigram_bits"]
