@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -84,6 +86,15 @@ def test_a_lost_writer_makes_the_job_say_rerun(ray_local, tmp_path):
     w = _writer(ray, str(tmp_path / "out"), sids=(0,))
     ray.get(w.add.remote([_row(0, "a", 1)], "n", "cpu"))  # rows held, shard not complete
     ray.kill(w)
+    # ray.kill is asynchronous: a call sent right after it may still be served. Wait until calls fail.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            ray.get(w.poll.remote(False), timeout=10)
+        except ray.exceptions.RayActorError:
+            break
+        assert time.monotonic() < deadline, "the killed writer kept answering for 60 s"
+        time.sleep(0.1)
     drv = _Driver(ray, [w], _plan(1), Progress(total_shards=1, done=[], enabled=False))
     drv.poll()
     assert "shard writer actor was lost" in drv.failure() and "rerun the same command to resume" in drv.failure()
