@@ -109,12 +109,7 @@ class GPT2(CausalLM):
 
     def _trunk(self, tokens: torch.Tensor, keep: set[int], cache: KVCache | None, stop_after: int | None):
         B, T = tokens.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.cfg.max_seq_len:
-            raise ValueError(
-                f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len} (GPT-2 learns one "
-                "position per slot); raise ModelConfig.max_seq_len or shorten the input"
-            )
+        start = self._start(T, cache, " (GPT-2 learns one position per slot)")
         pos = torch.arange(start, start + T, device=tokens.device)
         h = self.tok_embeddings(tokens) + self.pos_embeddings(pos)  # (B, T, D)
         h, hidden = self._run_blocks(h, keep, stop_after, cache is not None, lambda block, x, i: block(x, cache, i))
@@ -222,12 +217,7 @@ class Mamba(CausalLM):
 
     def _trunk(self, tokens: torch.Tensor, keep: set[int], cache: MambaState | None, stop_after: int | None):
         B, T = tokens.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.cfg.max_seq_len:
-            raise ValueError(
-                f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}; "
-                "raise ModelConfig.max_seq_len or shorten the input"
-            )
+        start = self._start(T, cache)
         if cache is not None and start > 0 and T > 1:
             # transformers' full-sequence scan starts from a zero state: only a prefill may be longer than 1.
             raise ValueError("a Mamba state continues one token at a time after its first call; feed tokens singly")

@@ -17,6 +17,7 @@ Layout choices that matter beyond this file:
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -324,7 +325,7 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-class CausalLM(nn.Module):
+class CausalLM(nn.Module, abc.ABC):
     """What every backbone offers the trainer, probes, generation and export.
 
     A subclass sets `cfg`, `tok_embeddings` (V, D), `layers` (the blocks: FSDP shards each), `norm`,
@@ -344,13 +345,25 @@ class CausalLM(nn.Module):
         n -= (self.cfg.padded_vocab_size - self.cfg.vocab_size) * self.cfg.dim
         return n if include_embedding else n - self.tok_embeddings.weight.numel()
 
+    @abc.abstractmethod
     def new_cache(self, batch: int, max_len: int, device, dtype=torch.float32):
         """Incremental-decoding state for up to `max_len` positions (KV cache or recurrent state)."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement new_cache")
 
+    @abc.abstractmethod
     def _trunk(self, tokens: torch.Tensor, keep: set[int], cache, stop_after: int | None):
-        """(B, T) tokens -> final residual stream (B, T, D) and {block: (B, T, D)} for blocks in `keep`."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement _trunk")
+        """(B, T) tokens -> final residual stream (B, T, D) and {block: (B, T, D)} for blocks in `keep`.
+
+        Advances `cache.pos` by T when a cache is given."""
+
+    def _start(self, T: int, cache, why: str = "") -> int:
+        """The position the T new tokens start at (the cache's, else 0), checked against max_seq_len."""
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}{why}; "
+                "raise ModelConfig.max_seq_len or shorten the input"
+            )
+        return start
 
     def _run_blocks(self, h: torch.Tensor, keep: set[int], stop_after: int | None, cached: bool, step):
         """h (B, T, D) through the blocks as `step(block, h, i)`; returns the last stream and the kept ones.
@@ -446,12 +459,7 @@ class Transformer(CausalLM):
 
     def _trunk(self, tokens: torch.Tensor, keep: set[int], cache: KVCache | None, stop_after: int | None):
         B, T = tokens.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.cfg.max_seq_len:
-            raise ValueError(
-                f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}; "
-                "raise ModelConfig.max_seq_len or shorten the input"
-            )
+        start = self._start(T, cache)
         cos = self.rope_cos[start : start + T]  # (T, hd)
         sin = self.rope_sin[start : start + T]
         h = self.tok_embeddings(tokens)  # (B, T, D)
