@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import posixpath
 import tarfile
 from typing import Any
@@ -88,18 +89,53 @@ def split_member(name: str) -> tuple[str, str]:
     return (posixpath.join(d, stem) if d else stem), ext
 
 
+class _LocalRanges:
+    """The part of the fsspec interface TarShardReader uses (size, cat_file, cat_ranges), over one
+    file descriptor kept open with os.pread: fsspec's local cat_file opens and closes the file on
+    every call, and a shard's index reads one header per member."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def size(self, path: str) -> int:
+        return os.fstat(self.fd).st_size
+
+    def cat_file(self, path: str, start: int = 0, end: int | None = None) -> bytes:
+        end = self.size(path) if end is None else end
+        return os.pread(self.fd, max(0, end - start), start)
+
+    def cat_ranges(self, paths: list[str], starts: list[int], ends: list[int], on_error: str = "raise") -> list[bytes]:
+        return [self.cat_file(p, s, e) for p, s, e in zip(paths, starts, ends, strict=True)]
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class TarShardReader:
     """Rows of a WebDataset tar shard, by index.
 
     Member offsets come from the 512-byte headers alone (:func:`pipeline.sources.tar_index.index_tar`)
     and every member is read with one explicit byte range (``fs.cat_file(path, start, end)``): no
-    stream is opened, so on an object store no read-ahead pulls in the rest of the archive.
+    stream is opened, so on an object store no read-ahead pulls in the rest of the archive. A local
+    shard is read the same way through one open file descriptor (:class:`_LocalRanges`).
     ``bytes_fetched`` counts what this reader fetched.
     """
 
     def __init__(self, url: str, storage_options: dict | None = None):
         self.url = url
-        self._fs, self._path = storage.url_to_fs(url, storage_options)
+        if storage.is_local(url):
+            self._path = storage.local_path(url)
+            self._fs = _LocalRanges(self._path)
+        else:
+            self._fs, self._path = storage.url_to_fs(url, storage_options)
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> None:
+        url = self.url
         idx = index_tar(self._fs, self._path)
         if idx.rejected:
             raise ValueError(
@@ -168,4 +204,7 @@ class TarShardReader:
         return [m[name] for m in self._metas()]
 
     def close(self) -> None:
-        """Nothing to release: no file stays open between reads."""
+        """Closes a local shard's descriptor (remote shards keep nothing open between reads)."""
+        if isinstance(self._fs, _LocalRanges) and self._fs.fd >= 0:
+            self._fs.close()
+            self._fs.fd = -1
