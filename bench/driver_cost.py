@@ -47,9 +47,11 @@ import time
 
 import numpy as np
 
+from pipeline.jobs.ray_job import POLL_S
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H100_TOKENS_PER_S = 1.7e6
-POLL_HZ = 4.0  # = 1 / pipeline.jobs.ray_job.POLL_S
+POLL_HZ = 1.0 / POLL_S
 # (label, --decode-block-mb, rows per tokenizer call, frames per forward pass) per row kind.
 JOBS = {
     "images": [("small blocks", 0.25, 8, 8), ("large blocks", 32, 256, 256)],

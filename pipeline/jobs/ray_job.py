@@ -45,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.jobs.config import TokenizeConfig
+from pipeline.jobs.config import CPU_DECODE_BLOCK_BYTES, TokenizeConfig
 from pipeline.jobs.plan import RUN_SUMMARY, JobError, JobPlan, prepare
 from pipeline.jobs.progress import Progress
 from pipeline.jobs.steps import (
@@ -130,7 +130,7 @@ def _node_id() -> str:
 class DecodeStage:
     """Ray Data actor: decode the input shards of a batch (one per call), streaming blocks."""
 
-    def __init__(self, decode_cfg: dict, storage_options: dict | None, block_bytes: int = 32 << 20) -> None:
+    def __init__(self, decode_cfg: dict, storage_options: dict | None, block_bytes: int = CPU_DECODE_BLOCK_BYTES) -> None:
         from pipeline.decode import DecodeConfig
 
         self.worker = new_decode_worker(DecodeConfig.from_dict(decode_cfg), storage_options)
@@ -238,7 +238,7 @@ class ShardWriterActor:
 
     def _new(self) -> None:
         """Start a new report: what happened since the last poll."""
-        self.report: dict[str, Any] = {"sidecars": [], "rows": 0, "frames": 0, "tokens": 0, "calls": 0,
+        self.report: dict[str, Any] = {"sidecars": [], "rows": 0, "frames": 0, "tokens": 0, "adds": 0,
                                        "decode_blocks": 0, "tokenize": {}, "devices": {}, "decode": {},
                                        "commit_cpu_s": 0.0}
 
@@ -248,7 +248,7 @@ class ShardWriterActor:
             if self.error:
                 raise RuntimeError(f"shard writer on node {self.node} stopped after a failed commit: {self.error}")
             rep = self.report
-            rep["calls"] += 1
+            rep["adds"] += 1
             touched: set[int] = set()
             for r in records:
                 touched.add(int(r["shard_id"]))
@@ -299,8 +299,7 @@ class ShardWriterActor:
                 self.idle.wait_for(lambda: self.queued == 0)
             rep = self.report
             self._new()
-            return {**rep, "node": self.node, "queued": self.queued, "in_flight": self.buffer.in_flight(),
-                    "error": self.error}
+            return {**rep, "node": self.node, "error": self.error}
 
 
 def job_precision(cfg: TokenizeConfig) -> str:
@@ -425,7 +424,7 @@ class _Driver:
         self.committed: set[int] = set()
         self.error: str | None = None
         self.lost: str | None = None
-        self.stats = {"polls": 0, "poll_cpu_s": 0.0, "commit_cpu_s": 0.0, "tokenizer_calls": 0, "decode_blocks": 0}
+        self.stats = {"polls": 0, "poll_cpu_s": 0.0, "commit_cpu_s": 0.0, "writer_adds": 0, "decode_blocks": 0}
 
     def poll(self, drain: bool = False) -> None:
         """Ask every writer what happened since the last poll (`drain`: after its queued commits)."""
@@ -444,7 +443,7 @@ class _Driver:
             self.stats["poll_cpu_s"] += time.thread_time() - c0
 
     def _apply(self, rep: dict) -> None:
-        if rep["calls"]:
+        if rep["adds"]:
             self.progress.counts(rep["rows"], rep["frames"], rep["tokens"])
         for key in ("tokenize", "decode"):
             for node, n in rep[key].items():
@@ -460,7 +459,8 @@ class _Driver:
             self.progress.committed(side)
         if rep["sidecars"]:
             self.placement["write"][rep["node"]] = self.placement["write"].get(rep["node"], 0) + len(rep["sidecars"])
-        self.stats["tokenizer_calls"] += rep["calls"]
+        # One per (tokenizer call, writer it fed): the tokenizer calls themselves are the driver's "blocks".
+        self.stats["writer_adds"] += rep["adds"]
         self.stats["decode_blocks"] += rep["decode_blocks"]
         self.stats["commit_cpu_s"] += rep["commit_cpu_s"]
         if rep["error"] and not self.error:
@@ -541,7 +541,12 @@ def _execute(ray, cfg: TokenizeConfig, plan: JobPlan, sizes: dict, progress: Pro
     def poller() -> None:
         # Cost per wall second × writers, whatever the token rate.
         while not stop.wait(POLL_S):
-            state.poll()
+            try:
+                state.poll()
+            except Exception as e:  # noqa: BLE001 - a dead poller would freeze progress and hide failures
+                with state.lock:
+                    state.error = state.error or f"polling the shard writers failed: {type(e).__name__}: {e}"
+                return
 
     # The driver's own CPU (this process, all threads), and the parts spent in this loop's thread
     # (taking the stage's output blocks without fetching them) and in the poller: what

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.decode import DecodeConfig, DecodeWorker
+from pipeline.jobs.config import CPU_DECODE_BLOCK_BYTES
 from pipeline.shards import ShardWriter
 
 ROW_META = ("key", "dataset", "split", "video_id", "label", "chunk", "t_start", "fps", "num_frames")
@@ -52,7 +53,7 @@ def decode_input_shard(
     items: Iterable[dict],
     worker: DecodeWorker,
     *,
-    max_block_bytes: int = 32 << 20,
+    max_block_bytes: int = CPU_DECODE_BLOCK_BYTES,
 ) -> Iterator[list[dict]]:
     """Decode one input shard's items; yield lists of chunk records, the last list ending with the
     shard's end record.

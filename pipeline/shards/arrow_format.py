@@ -341,6 +341,11 @@ class ArrowFileWriter:
             pass
 
 
+def _bad_frame_indices(values: np.ndarray, want: np.ndarray, hw: int) -> np.ndarray:
+    """Indices of the frames (runs of `hw` tokens of `values`) whose checksum is not `want`'s."""
+    return np.flatnonzero(frame_sums(values.reshape(-1, hw)) != want)
+
+
 class ArrowShardReader:
     """Random access to rows of an Arrow IPC token shard."""
 
@@ -401,8 +406,7 @@ class ArrowShardReader:
         return got
 
     def _check_frames(self, b: int, batch: pa.RecordBatch, values: np.ndarray, hw: int) -> None:
-        want = batch.column("frame_sums").values.to_numpy(zero_copy_only=False)
-        bad = np.flatnonzero(frame_sums(values.reshape(-1, hw)) != want)
+        bad = _bad_frame_indices(values, batch.column("frame_sums").values.to_numpy(zero_copy_only=False), hw)
         if bad.size:
             raise ValueError(
                 f"{self.url}: record batch {b}: {bad.size} frame(s) fail their checksum (the first is frame "
@@ -429,7 +433,7 @@ class ArrowShardReader:
                 hw = batch.column("grid_h")[0].as_py() * batch.column("grid_w")[0].as_py()
                 if hw <= 0 or len(values) != len(want) * hw:
                     raise ValueError(f"record batch {b}: {len(values)} tokens are not {len(want)} frames of {hw}")
-                for k in np.flatnonzero(frame_sums(values.reshape(-1, hw)) != want).tolist():
+                for k in _bad_frame_indices(values, want, hw).tolist():
                     r = int(np.searchsorted(frame_offsets, k, side="right")) - 1
                     bad.append((row0 + r, k - int(frame_offsets[r])))
             row0 += batch.num_rows

@@ -155,12 +155,8 @@ class ShardWriter:
         errors: list[dict[str, Any]] | None = None,
         timings: dict[str, float] | None = None,
         counts: dict[str, int] | None = None,
-        write_sidecar: bool = True,
     ) -> dict[str, Any]:
-        """Write the data file, then the sidecar; returns the sidecar.
-
-        ``write_sidecar=False`` stops after the data file and returns the sidecar unwritten: the
-        caller commits the shard by writing it (pipeline.jobs lets its driver do that)."""
+        """Write the data file, then the sidecar; returns the sidecar."""
         if self._done:
             raise RuntimeError(f"{self.name} is already committed or aborted")
         t0 = time.perf_counter()
@@ -202,8 +198,7 @@ class ShardWriter:
             # The data file holds a checksum per frame (column frame_sums): readers that fetch
             # single frames by range check what they read against it (no whole-file download).
             sidecar["checksums"] = {"frames": FRAME_SUM, "column": "frame_sums"}
-        if write_sidecar:
-            storage.write_json(self.sidecar_url, sidecar, "shard_sidecar", self.storage_options)
+        storage.write_json(self.sidecar_url, sidecar, "shard_sidecar", self.storage_options)
         return sidecar
 
 

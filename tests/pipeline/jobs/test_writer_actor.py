@@ -53,7 +53,7 @@ def test_writer_commits_each_shard_once_and_the_driver_learns_it_by_polling(ray_
     assert [s["shard_id"] for s in plan.committed] == [0] and drv.committed == {0}
     # Counts are what the tokenizer calls handed over (repeats included: the sidecars are the truth).
     assert (progress.rows, progress.frames, progress.tokens) == (5, 10, 40)
-    assert drv.stats["tokenizer_calls"] == 3 and drv.stats["decode_blocks"] == 1
+    assert drv.stats["writer_adds"] == 3 and drv.stats["decode_blocks"] == 1
     assert drv.placement["decode"] == {"dec-node": 1} and drv.placement["tokenize"] == {"tok-node": 4}
     assert sum(drv.placement["write"].values()) == 1 and drv.devices == {"cpu": 4}
     [side] = committed_shards(out)  # the sidecar is on storage, written by the writer, valid
