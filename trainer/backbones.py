@@ -104,17 +104,12 @@ class GPT2(CausalLM):
         n = super().num_params(include_embedding)
         return n if include_embedding else n - self.pos_embeddings.weight.numel()
 
-    def new_cache(self, batch: int, max_len: int, device, dtype=torch.float32) -> KVCache:
-        return KVCache(self.cfg, batch, max_len, device, dtype)
-
     def _trunk(self, tokens: torch.Tensor, keep: set[int], cache: KVCache | None, stop_after: int | None):
-        B, T = tokens.shape
+        T = tokens.shape[1]
         start = self._start(T, cache, " (GPT-2 learns one position per slot)")
         pos = torch.arange(start, start + T, device=tokens.device)
         h = self.tok_embeddings(tokens) + self.pos_embeddings(pos)  # (B, T, D)
         h, hidden = self._run_blocks(h, keep, stop_after, cache is not None, lambda block, x, i: block(x, cache, i))
-        if cache is not None:
-            cache.pos += T
         return h, hidden
 
 
@@ -216,7 +211,7 @@ class Mamba(CausalLM):
         return MambaState(self.hf_config, max_len)
 
     def _trunk(self, tokens: torch.Tensor, keep: set[int], cache: MambaState | None, stop_after: int | None):
-        B, T = tokens.shape
+        T = tokens.shape[1]
         start = self._start(T, cache)
         if cache is not None and start > 0 and T > 1:
             # transformers' full-sequence scan starts from a zero state: only a prefill may be longer than 1.
@@ -226,8 +221,6 @@ class Mamba(CausalLM):
         # Each block: (B, T, D) -> (B, T, D), its residual kept in fp32 (residual_in_fp32).
         h, hidden = self._run_blocks(h, keep, stop_after, cache is not None,
                                      lambda block, x, i: block(x, cache=hf_cache))
-        if cache is not None:
-            cache.pos += T
         return h, hidden
 
 

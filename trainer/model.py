@@ -345,19 +345,24 @@ class CausalLM(nn.Module, abc.ABC):
         n -= (self.cfg.padded_vocab_size - self.cfg.vocab_size) * self.cfg.dim
         return n if include_embedding else n - self.tok_embeddings.weight.numel()
 
-    @abc.abstractmethod
     def new_cache(self, batch: int, max_len: int, device, dtype=torch.float32):
-        """Incremental-decoding state for up to `max_len` positions (KV cache or recurrent state)."""
+        """Incremental-decoding state for up to `max_len` positions: a KV cache (attention
+        backbones); a recurrent backbone overrides it."""
+        return KVCache(self.cfg, batch, max_len, device, dtype)
 
     @abc.abstractmethod
     def _trunk(self, tokens: torch.Tensor, keep: set[int], cache, stop_after: int | None):
         """(B, T) tokens -> final residual stream (B, T, D) and {block: (B, T, D)} for blocks in `keep`.
 
-        Advances `cache.pos` by T when a cache is given."""
+        Reads `cache.pos` (via `_start`) but does not advance it: `forward` does, once."""
 
     def _start(self, T: int, cache, why: str = "") -> int:
-        """The position the T new tokens start at (the cache's, else 0), checked against max_seq_len."""
+        """The position the T new tokens start at (the cache's, else 0), checked against the cache's
+        max_len or, without a cache, max_seq_len."""
         start = cache.pos if cache is not None else 0
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"{start + T} positions exceed the cache's max_len={cache.max_len}; "
+                             "make the cache with new_cache(batch, max_len) for the whole sequence")
         if start + T > self.cfg.max_seq_len:
             raise ValueError(
                 f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}{why}; "
@@ -398,6 +403,8 @@ class CausalLM(nn.Module, abc.ABC):
         """tokens (B, T) int64 -> logits (B, T, V) [, list of (B, T, D) after the given 1-based blocks]."""
         layers = self._check_layers(return_hidden or [])
         h, hidden = self._trunk(tokens, set(layers), cache, None)
+        if cache is not None:
+            cache.pos += tokens.shape[1]
         # (B, T, V_pad) -> (B, T, V): the padding columns are dropped before anything sees them.
         logits = self.output(self.norm(h))[..., : self.cfg.vocab_size]
         if self.cfg.mup_base_dim is not None:
@@ -454,19 +461,14 @@ class Transformer(CausalLM):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def new_cache(self, batch: int, max_len: int, device, dtype=torch.float32) -> KVCache:
-        return KVCache(self.cfg, batch, max_len, device, dtype)
-
     def _trunk(self, tokens: torch.Tensor, keep: set[int], cache: KVCache | None, stop_after: int | None):
-        B, T = tokens.shape
+        T = tokens.shape[1]
         start = self._start(T, cache)
         cos = self.rope_cos[start : start + T]  # (T, hd)
         sin = self.rope_sin[start : start + T]
         h = self.tok_embeddings(tokens)  # (B, T, D)
         h, hidden = self._run_blocks(h, keep, stop_after, cache is not None,
                                      lambda block, x, i: block(x, cos, sin, cache, i))
-        if cache is not None:
-            cache.pos += T
         return h, hidden
 
 

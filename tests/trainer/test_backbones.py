@@ -84,6 +84,18 @@ def test_cache_decoding_equals_the_full_forward_and_greedy_generation(arch):
     assert torch.equal(got, seq[:, 7:])
 
 
+@pytest.mark.parametrize("arch", ("llama", *ARCHS))
+def test_a_cache_refuses_more_positions_than_it_was_made_for(arch):
+    m = build_model(small(arch)).eval()
+    cache = m.new_cache(1, 8, "cpu")
+    with torch.no_grad():
+        m(torch.zeros(1, 8, dtype=torch.long), cache=cache)
+        assert cache.pos == 8
+        with pytest.raises(ValueError, match=r"9 positions exceed the cache's max_len=8"):
+            m(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+    assert cache.pos == 8  # a refused call does not move the cache
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_sizes_flops_and_mup_groups(arch):
     cfg = small(arch, dim=64, mup_base_dim=32)
