@@ -254,14 +254,14 @@ def count_params(cfg: ModelConfig, include_embedding: bool = True) -> int:
 def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int | None = None) -> float:
     """Training FLOPs per token (forward + backward = 3 x forward).
 
-    gpt2: 6·N + 12·L·d·T as for LLaMA. `n_params` is what the trainer passes (all parameters but the
-    token embedding); the learned positions in it are a lookup and are taken out here.
+    gpt2: 6·N + 12·L·d·T as for LLaMA; `n_params` is `model.num_params(include_embedding=False)`, which
+    leaves out the learned positions as well as the token embedding (both are lookups).
     mamba: 6·N + 27·L·E·S: the selective scan is ~9·E·S FLOPs per token and layer forward
     (discretise exp(ΔA) and ΔB·x, the state update, the C·h readout; Gu & Dao's count), E the inner
     width and S the state size; the depthwise conv is in 6·N with its weights.
     """
     if cfg.arch == "gpt2":
-        n = count_params(cfg, False) if n_params is None else n_params - cfg.max_seq_len * cfg.dim
+        n = count_params(cfg, False) if n_params is None else n_params
         return 6.0 * n + 12.0 * cfg.n_layers * cfg.dim * seq_len
     if cfg.arch == "mamba":
         n = count_params(cfg, False) if n_params is None else n_params

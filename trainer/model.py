@@ -160,7 +160,8 @@ for _name, (_dim, _layers) in SWEEP_SIZES.items():
 def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int | None = None) -> float:
     """Training FLOPs per token: 6·N (forward + backward matmuls) + 12·L·d·T (attention scores).
 
-    N counts the non-embedding parameters plus the output head (the input embedding is a lookup).
+    N counts the non-embedding parameters plus the output head (the input embedding is a lookup):
+    `n_params` is `model.num_params(include_embedding=False)` for every backbone (None: from the config).
     Other backbones: trainer.backbones.flops_per_token (GPT-2 adds nothing for its learned positions,
     Mamba replaces the attention term by its selective scan's).
     """

@@ -590,8 +590,7 @@ def _train(cfg, data, out: str, factory, d: _Dist, on_log, so: dict | None, outp
         if flops_seen is None:  # a first stage written before flops_seen: its own FLOPs per token throughout
             icfg = init_model.cfg
             flops_seen = tokens_seen * flops_per_token(
-                icfg, int(init_meta.get("seq_len") or icfg.max_seq_len),
-                init_model.num_params() - icfg.vocab_size * icfg.dim)
+                icfg, int(init_meta.get("seq_len") or icfg.max_seq_len), init_model.num_params(include_embedding=False))
         del init_model
         shapes = {k: tuple(v.shape) for k, v in raw.state_dict().items()}
         wrong = [k for k, v in init_sd.items() if shapes.get(k) != tuple(v.shape)]
@@ -640,8 +639,8 @@ def _train(cfg, data, out: str, factory, d: _Dist, on_log, so: dict | None, outp
         model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
 
     n_params = raw.num_params()  # global sizes under FSDP2 too; lm-head padding not counted
-    # 6N counts every matmul weight: all parameters except the input embedding (a lookup).
-    fpt = flops_per_token(mcfg, seq_len, n_params - mcfg.vocab_size * mcfg.dim)
+    # 6N counts every matmul weight: all parameters except the lookups (input embedding, learned positions).
+    fpt = flops_per_token(mcfg, seq_len, raw.num_params(include_embedding=False))
     peak = peak_flops_for(device, cfg.peak_flops)
     flops_seen = float(tokens_seen * fpt if flops_seen is None else flops_seen)
 
