@@ -4,7 +4,8 @@
     summary = make_demo_data(DemoDataConfig(out="demo/data", seed=0, scale=1.0))
 
 Sources (no downloads): the photos shipped in scikit-image's data folder and scikit-learn's
-sample photos (china.jpg, flower.jpg), and scikit-learn's 8×8 digits (shapes of the DAVIS objects).
+sample photos (china.jpg, flower.jpg), and scikit-learn's 8×8 digits (the shapes of the DAVIS-style
+objects only).
 
 Designed so each of the paper's findings has something to find at 64 px with 8×8-pixel tokens
 (the study measures these properties from the tokens before training, `trainer.evals.data_checks`):
@@ -59,6 +60,7 @@ OBJECT_WNIDS = tuple(f"n{d:08d}" for d in range(len(OBJECT_CLASSES)))
 OBJECT_SIZE = (32, 41)  # disc diameter in px at 64 px: [low, high)
 OBJECT_DRIFT = (8.0, 16.0)  # px the object moves over a clip
 BACKGROUND_PAN = (0.0, 8.0)  # px the background moves over a clip
+MIN_FRAME = 48  # smallest frame side (even, a multiple of 8) that holds the largest object
 
 _SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
                    "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "color.png", "brick.png", "grass.png",
@@ -99,10 +101,14 @@ class DemoDataConfig:
         for name in ("images", "val_images", "videos", "val_videos", "davis"):
             if getattr(self, name) < 0:
                 bad(name, getattr(self, name), "use a count >= 0")
-        if not 32 <= self.image_size <= 512:
-            bad("image_size", self.image_size, "use a side in [32, 512], e.g. 64")
-        if not 32 <= self.video_size <= 512 or self.video_size % 2:
-            bad("video_size", self.video_size, "use an even side in [32, 512], e.g. 64")
+        # The object is OBJECT_SIZE px across whatever the frame, so a frame must hold the largest one.
+        lo = MIN_FRAME
+        if not lo <= self.image_size <= 512:
+            bad("image_size", self.image_size, f"use a side in [{lo}, 512] (the objects are up to "
+                f"{OBJECT_SIZE[1] - 1} px across), e.g. 64")
+        if not lo <= self.video_size <= 512 or self.video_size % 2:
+            bad("video_size", self.video_size, f"use an even side in [{lo}, 512] (the objects are up to "
+                f"{OBJECT_SIZE[1] - 1} px across), e.g. 64")
         if not 1 <= self.fps <= 60:
             bad("fps", self.fps, "use a rate in [1, 60], e.g. 16")
         if not 0.25 <= self.clip_seconds <= 30:

@@ -15,6 +15,7 @@ from PIL import Image
 
 from pipeline.decode import DecodeConfig, decode_item
 from pipeline.demo_data import (
+    MIN_FRAME,
     OBJECT_CLASSES,
     OBJECT_DRIFT,
     DemoDataConfig,
@@ -118,6 +119,16 @@ def test_object_covers_a_minority_and_clips_move_slowly():
         # Between consecutive frames the object moves at most about half a pixel.
         assert max(np.hypot(a[0] - b[0], a[1] - b[1]) for a, b in zip(corners, corners[1:], strict=False)) <= 1.5
     assert max(moved) <= OBJECT_DRIFT[1] + 1 and np.median(moved) >= OBJECT_DRIFT[0] - 2
+
+
+def test_frames_must_hold_the_largest_object():
+    for j in range(40):  # every draw of the object fits the smallest accepted frame
+        assert render_object_image(np.random.default_rng(j), MIN_FRAME)[0].shape == (MIN_FRAME, MIN_FRAME, 3)
+        frames, _ = object_clip_frames(np.random.default_rng(j), j % 10, MIN_FRAME, 4)
+        assert frames[-1].shape == (MIN_FRAME, MIN_FRAME, 3)
+    for field in ("image_size", "video_size"):
+        with pytest.raises(ValueError, match=rf"DemoDataConfig.{field}=40 is invalid: use .*\[{MIN_FRAME}, 512\]"):
+            DemoDataConfig(out="x", **{field: 40})
 
 
 def test_cli_tiny_set(tmp_path):
