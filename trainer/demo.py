@@ -334,8 +334,8 @@ def run_demo(cfg: DemoConfig, until: str = "study") -> str:
            if cfg.quick else "")
     )
     path = run_study(
-        run, image_task=TaskData("image: digit identity", tokens["imagenet"]),
-        video_task=TaskData("video: motion class", tokens["kinetics"]), out_dir=os.path.abspath(cfg.out),
+        run, image_task=TaskData("image: object class", tokens["imagenet"]),
+        video_task=TaskData("video: object class", tokens["kinetics"]), out_dir=os.path.abspath(cfg.out),
         davis_root=_p(cfg, "data", "davis"), tokenize=encode, resolution=cfg.resolution, generate=generate, cfg=scfg,
         intro="The paper's evaluations run end to end on the embedded demo data on a CPU. Each qualitative "
               "finding of the paper is checked and stated as it came out; nothing is tuned to make it hold.",

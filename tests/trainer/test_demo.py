@@ -19,8 +19,8 @@ from schemas import validate
 from trainer.demo import DemoConfig, run_demo
 
 SECTIONS = (
-    "## Findings at a glance", "## Data checks (from the tokens, before training)", "## Setup", "## Pipeline", "## Probes: image: digit identity",
-    "## Probes: video: motion class", "## Loss by position within a clip", "## Label propagation (DAVIS protocol)",
+    "## Findings at a glance", "## Data checks (from the tokens, before training)", "## Setup", "## Pipeline", "## Probes: image: object class",
+    "## Probes: video: object class", "## Loss by position within a clip", "## Label propagation (DAVIS protocol)",
     "## Scaling: validation loss against compute", "## Generation", "## Timings",
 )
 

@@ -1,7 +1,7 @@
 """The evaluation half of the demo study: probes, loss by position, label propagation, report.
 
-`run_study` takes a trained checkpoint and the demo's token datasets (image task: digit
-identity; video task: motion class) plus DAVIS-style sequences, runs every evaluation of the
+`run_study` takes a trained checkpoint and the demo's token datasets (image task: the
+object's class; video task: the moving object's class) plus DAVIS-style sequences, runs every evaluation of the
 paper in miniature, and writes `report.md` with PNG plots, each of our numbers beside the
 paper's, and an honest verdict on each qualitative finding. Nothing here tunes towards the
 paper's findings: settings are fixed before the numbers are seen (StudyConfig).
@@ -37,7 +37,7 @@ def _log(msg: str) -> None:
 class TaskData:
     """One probe task: a labelled token dataset and the splits to train and score on."""
 
-    name: str  # e.g. "image: digit identity"
+    name: str  # e.g. "image: object class"
     url: str
     train_split: str | None = "train"
     val_split: str | None = "val"
