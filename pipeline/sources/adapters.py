@@ -30,6 +30,7 @@ from pipeline.sources.items import (
     DEFAULT_CHUNK_SECONDS,
     DEFAULT_MAX_ITEM_SECONDS,
     IMAGE_EXTS,
+    URI_PARTS,
     VIDEO_EXTS,
     WORKLIST_POOL,
     WORKLIST_SCHEMA,
@@ -767,7 +768,7 @@ def _folder_rows(media: pa.Array, root: str, dataset: str) -> pa.Table:
     for start in range(0, len(media), _BATCH):
         rel = media.slice(start, _BATCH)
         n = len(rel)
-        parts = pc.extract_regex(rel, r"^(?P<dir>.*/)?(?P<name>[^/]*)$", memory_pool=pool)
+        parts = pc.extract_regex(rel, URI_PARTS, memory_pool=pool)
         folder = pc.binary_join_element_wise(pa.scalar(root + "/"), pc.struct_field(parts, [0]), empty,
                                              memory_pool=pool)
         vid = pc.replace_substring(pc.replace_substring_regex(rel, r"\.[^./]+$", "", memory_pool=pool), "/", "__",

@@ -71,6 +71,9 @@ ARROW_SCHEMA = pa.schema(
 assert tuple(ARROW_SCHEMA.names) == ITEM_FIELDS
 
 _DICT = pa.dictionary(pa.int32(), pa.string())
+# A uri as dir + name: dir keeps the last '/', so uri == dir + name exactly (a uri without '/' has
+# dir ""). (?s): '.' also matches a newline, which POSIX and S3 names may hold.
+URI_PARTS = r"(?s)^(?P<dir>.*/)?(?P<name>[^/]*)$"
 # A work list's rows in memory (version 2): sorted by key; uri = dir + name. Dictionary columns are
 # written to Parquet as plain strings (WORKLIST_FILE_SCHEMA: the file's bytes, so its sha256, then
 # do not depend on how dictionaries were built) and read back dictionary-encoded.
@@ -209,8 +212,9 @@ def compact_items(items: pa.Table | pa.RecordBatch) -> pa.Table:
             raise ValueError(f"work item {t['key'][i].as_py()!r} has dataset/video_id/chunk giving key "
                              f"{want[i].as_py()!r}; build items with make_item / ItemColumns.add")
         del chunk, want, bad
-    # dir keeps the last '/', so uri == dir + name exactly (a uri without '/' has dir "").
-    parts = pc.extract_regex(t["uri"], r"^(?P<dir>.*/)?(?P<name>[^/]*)$", memory_pool=pool)
+    parts = pc.extract_regex(t["uri"], URI_PARTS, memory_pool=pool)
+    if parts.null_count:  # cannot match nothing; a null here would freeze an item without its uri
+        raise ValueError(f"{parts.null_count} uris could not be split into folder and name")
     cols = {
         "key": t["key"],
         "dir": pc.dictionary_encode(pc.struct_field(parts, [0]), memory_pool=pool),

@@ -144,11 +144,6 @@ def table_to_parquet_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def items_to_parquet_bytes(items: list[dict] | pa.Table) -> bytes:
-    """Deterministic Parquet bytes (version 2) for sorted items (dicts or a table)."""
-    return table_to_parquet_bytes(items_to_table(items))
-
-
 @dataclass
 class WorkList:
     """A frozen work list: items sorted by key as a WORKLIST_SCHEMA table, and the sha256 of its

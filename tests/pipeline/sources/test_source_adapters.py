@@ -282,12 +282,12 @@ def test_folder_rows_computed_in_arrow_equal_make_item_for_odd_names(tmp_path):
     from pipeline.sources.items import make_item, media_kind
 
     rels = ["a/b.jpg", "A-b_9/c.JPG", "clip.1.mp4", "sp ace/é.png", ".hidden.mkv", "deep/er/x.WebM", "v.MOV",
-            "n01440764/n01440764_10026.JPEG", "x.tar.gz", "notes.md"]
+            "n01440764/n01440764_10026.JPEG", "x.tar.gz", "notes.md", "new\nline/d.jpg"]
     for rel in rels:
         touch(str(tmp_path / rel))
     items, _ = list_items("folder", str(tmp_path), probe=False)
     want = sorted((make_item(uri=f"{tmp_path}/{rel}", dataset="folder", split="train", label=None,
                              video_id=_folder_video_id(rel), kind=media_kind(rel))
                    for rel in rels if media_kind(rel)), key=lambda i: i["key"])
-    assert items == want and len(items) == 8
+    assert items == want and len(items) == 9
     assert {i["video_id"] for i in items} >= {"a__b", "A-b_9__c", "deep__er__x", "v", "n01440764__n01440764_10026"}

@@ -189,6 +189,8 @@ def test_compact_rows_are_smaller_and_a_key_that_disagrees_is_refused():
     items = pa.Table.from_pylist(sorted(_golden_items(2000), key=lambda i: i["key"]), schema=ARROW_SCHEMA)
     rows = compact_items(items)
     assert expand_items(rows).equals(items)
+    odd = pa.Table.from_pylist([{**items.slice(0, 1).to_pylist()[0], "uri": "/d/we\nird/a.jpg"}], schema=ARROW_SCHEMA)
+    assert expand_items(compact_items(odd))["uri"].to_pylist() == ["/d/we\nird/a.jpg"]  # newline in a folder
     assert rows.nbytes < 0.7 * items.nbytes  # here 81 vs 122 bytes per item
     bad = items.set_column(0, "key", pa.array(["ds/other/00000"] + items["key"].to_pylist()[1:]))
     with pytest.raises(ValueError, match="'ds/other/00000' has dataset/video_id/chunk giving key 'ds/v00000/00000'"):
