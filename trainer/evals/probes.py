@@ -115,7 +115,7 @@ class ProbeResult:
     num_train: int = 0
     num_eval: int = 0  # samples (or groups) scored
     # Top-1 right (1) or wrong (0) per scored sample (groups in sorted order): pairs two heads'
-    # scores on the same validation set (paired tests, trainer.evals.stats).
+    # scores on the same validation set (paired tests, trainer.evals.report.paired_accuracy_diff).
     correct: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -326,7 +326,8 @@ def _train_probe(train: FeatureSet, val: FeatureSet, cfg: ProbeConfig) -> tuple[
             seen += idx.numel()
         losses.append(epoch_loss / max(1, seen))
     probs, labels = _scored(head, val, max(cfg.batch_size, 256))
-    correct = (probs.argmax(dim=1) == labels).int().tolist()
+    # The paired tests read `correct`; it is top-1 as topk_accuracy scores it, so ties break the same way.
+    correct = (probs.topk(1, dim=1).indices[:, 0] == labels).int().tolist()
     return ProbeResult(top1=topk_accuracy(probs, labels, 1), top5=topk_accuracy(probs, labels, 5), train_loss=losses,
                        num_train=n, num_eval=int(labels.shape[0]), correct=correct), head
 

@@ -217,15 +217,19 @@ def _scaling_section(report: Report, run_dirs: list[str], out_dir: str) -> dict 
     png = plot_scaling(doc, os.path.join(out_dir, "scaling.png"))
     f = doc["fit"]
     se = f.get("b_se")
-    holds = None if se is None else significant(-f["b"], se)
     runs = sorted({p["run"] for p in doc["points"]})
+    # One run's validation curve is not a compute frontier across model sizes: no verdict from it.
+    holds = None if se is None or len(runs) < 2 else significant(-f["b"], se)
     report.finding("validation loss falls as a power law of compute", f"L = 7.32·C^{paper.SCALING_LAW[1]}",
                    f"b = {f['b']:.4f} ± {se if se is not None else float('nan'):.4f}, r² = {f['r2']:.3f} "
                    f"({len(doc['frontier'])} frontier points, {len(runs)} runs)", holds)
+    what = (f"each run of the size sweep ({', '.join(runs)})" if len(runs) > 1 else
+            f"one run ({runs[0]}): its training curve, not a frontier across model sizes, so no verdict")
     report.parts.append(
-        f"Validation losses along each run of the size sweep ({', '.join(runs)}) against training compute "
+        f"Validation losses along {what} against training compute "
         "(MACs = FLOPs / 2, the paper's unit). The compute-optimal frontier is the lower envelope over all "
-        "points; L = a·C^b is fitted on it by least squares in log-log space.\n"
+        "points; L = a·C^b is fitted on it by least squares in log-log space. Points along one run are "
+        "not independent, so the standard error of b is optimistic.\n"
     )
     last = doc["frontier"][-1]
     report.comparison([

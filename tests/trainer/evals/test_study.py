@@ -161,3 +161,23 @@ def test_data_checks_known_answers(tmp_path):
     still = np.repeat(rng.integers(0, 64, size=(40, 1, 16)), 4, axis=1)  # (clips, frames, tokens)
     p = token_predictability(still[:30], still[30:], vocab=64)
     assert p["repeat_rate"] == 1.0 and p["conditional_bits"] < 0.5 * p["unigram_bits"]
+
+
+def test_scaling_verdict_needs_a_sweep_not_one_runs_curve(tmp_path):
+    from trainer.evals.report import Report
+    from trainer.evals.study import _scaling_section
+
+    runs = []
+    for i, n in enumerate((1, 2, 4)):  # three sizes on the law L = 5 C^-0.05, four points each
+        d = tmp_path / f"w{i}"
+        d.mkdir()
+        rows = [{"step": k, "train_loss": 9.9, "macs": float(c), "val_loss": float(5 * c**-0.05 * (1 + 0.01 * k))}
+                for k, c in enumerate(np.geomspace(1e15 * n, 1e16 * n, 4))]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs.append(str(d))
+    one = Report("t", str(tmp_path))
+    got = _scaling_section(one, runs[:1], str(tmp_path))
+    assert got["holds"] is None and "its training curve, not a frontier across model sizes" in "".join(one.parts)
+    sweep = Report("t", str(tmp_path))
+    got = _scaling_section(sweep, runs, str(tmp_path))
+    assert got["holds"] is True and got["b"] < 0 and "each run of the size sweep" in "".join(sweep.parts)
