@@ -66,8 +66,12 @@ def sweep_configs(config: str, widths: list[int], lrs: list[float], overrides: l
                 cfg = load_config(config, extra)
             except ValueError as e:
                 raise ValueError(f"width {width}, lr {lr:g}: {e}") from e
-            if cfg.val_every == 0 or cfg.val_every > cfg.max_steps:
-                cfg = load_config(config, [*extra, f"val_every={cfg.max_steps}"])
+            if cfg.val_every == 0 or cfg.max_steps % cfg.val_every:
+                # The last step must be validated: the largest cadence <= val_every that divides max_steps.
+                every = cfg.val_every if 0 < cfg.val_every <= cfg.max_steps else cfg.max_steps
+                while cfg.max_steps % every:
+                    every -= 1
+                cfg = load_config(config, [*extra, f"val_every={every}"])
             out.append((_run_name(width, lr), width, lr, cfg))
     return out
 
@@ -83,8 +87,13 @@ def best_val_loss(run_dir: str) -> float | None:
 
 
 def _train_one(cfg: TrainConfig, data: str, run_dir: str, loader_factory=None) -> dict:
+    from trainer.checkpoint import latest_checkpoint, read_meta
     from trainer.train import NonFiniteLossError, train
 
+    done = latest_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+    if done is not None and int(read_meta(done)["step"]) >= cfg.max_steps:
+        # Finished: its validation losses are on disk; building its model and loaders is not needed.
+        return {"diverged": False, "best_val_loss": best_val_loss(run_dir)}
     try:
         train(cfg, data, run_dir, loader_factory=loader_factory)
         diverged = False

@@ -33,6 +33,8 @@ def test_grid_configs_set_width_lr_and_validation():
         ("w256-lr2^-8", 256, 8, 6, 256, 2.0**-8), ("w512-lr2^-8", 512, 8, 6, 256, 2.0**-8)]
     sp = sweep_configs("a2", [256], [1e-3], ["max_steps=10", "warmup_steps=2", "val_every=0"], sp=True)[0][3]
     assert sp.model.mup_base_dim is None and sp.val_every == 10  # validation forced on, at the end
+    odd = sweep_configs("a2", [256], [1e-3], ["max_steps=1800", "val_every=500"])[0][3]
+    assert odd.val_every == 450  # the largest cadence <= 500 that validates step 1800
     with pytest.raises(ValueError, match="width 100.*n_heads"):
         sweep_configs("a2", [100], [1e-3])
 
@@ -55,7 +57,11 @@ def test_sweep_runs_the_grid_records_best_val_loss_and_resumes(tmp_path):
     assert (tmp_path / "lr_sweep.png").stat().st_size > 0
     # Re-running finds every run finished: nothing is trained again, the same document comes out.
     before = (tmp_path / "w32-lr2^-8" / "metrics.jsonl").read_text()
-    again = run_sweep("tiny", "fake", str(tmp_path), widths, lrs, overrides=TINY, loader_factory=factory())
+
+    def no_loader(*a, **k):
+        raise AssertionError("a finished run was set up again")
+
+    again = run_sweep("tiny", "fake", str(tmp_path), widths, lrs, overrides=TINY, loader_factory=no_loader)
     assert again["points"] == doc["points"] and (tmp_path / "w32-lr2^-8" / "metrics.jsonl").read_text() == before
 
 
