@@ -79,9 +79,15 @@ class DemoConfig:
             raise ValueError(f"DemoConfig.data_scale={self.data_scale!r} is invalid: use a positive factor such as 1.0")
         if self.resolution % 8 or self.resolution < 16:
             raise ValueError(f"DemoConfig.resolution={self.resolution!r} is invalid: use a multiple of 8 >= 16, e.g. 64")
-        if any(w % 40 or w < 40 for w in self.sweep_widths):
-            raise ValueError(f"DemoConfig.sweep_widths={self.sweep_widths!r} is invalid: use multiples of 40 "
-                             "(5 heads of an even width, as the demo model's), e.g. (40, 80, 120)")
+        from trainer.config import load_config
+
+        main = load_config(self.preset, list(self.pretrain_overrides)).model
+        for w in self.sweep_widths:  # the model config says what a width must satisfy (heads, head width)
+            try:
+                load_config(self.preset, [*self.pretrain_overrides, *sweep_overrides(w, main)])
+            except ValueError as e:
+                raise ValueError(f"DemoConfig.sweep_widths={self.sweep_widths!r}: width {w} is invalid "
+                                 f"({e}); use multiples of {2 * main.n_heads}, e.g. (40, 80, 120)") from None
         if any("exit_after_minutes" in o for o in self.pretrain_overrides):
             raise ValueError("DemoConfig.pretrain_overrides must not set exit_after_minutes: the study trains fixed "
                              "token budgets (train_tokens, sweep_tokens) so every machine trains the same models")
@@ -168,10 +174,11 @@ def _train_config(cfg: DemoConfig, tokens: int, extra: tuple[str, ...] = ()):
     return tcfg
 
 
-def _main_width(cfg: DemoConfig) -> int:
+def _main_model(cfg: DemoConfig):
+    """The main run's ModelConfig (the sweep's widths are relative to it)."""
     from trainer.config import load_config
 
-    return int(load_config(cfg.preset, list(cfg.pretrain_overrides)).model.dim)
+    return load_config(cfg.preset, list(cfg.pretrain_overrides)).model
 
 
 def _train_once(tcfg, mix: str, run: str) -> str:
@@ -192,23 +199,24 @@ def _train_once(tcfg, mix: str, run: str) -> str:
 
 def stage_pretrain(cfg: DemoConfig, mix: str) -> str:
     # muP relative to the main width: at dim == mup_base_dim the model is the standard one.
-    mup = (f"model.mup_base_dim={_main_width(cfg)}",)
+    mup = (f"model.mup_base_dim={_main_model(cfg).dim}",)
     return _train_once(_train_config(cfg, cfg.train_tokens, mup), mix, _p(cfg, "run"))
 
 
-def sweep_overrides(width: int, base: int) -> tuple[str, ...]:
-    """Model overrides of one sweep width: the main model's heads (wider with width), SwiGLU 3.2 x width,
-    muP relative to ``base``."""
-    return (f"model.dim={width}", f"model.mlp_hidden={round(3.2 * width / 16) * 16}", f"model.mup_base_dim={base}")
+def sweep_overrides(width: int, main) -> tuple[str, ...]:
+    """Model overrides of one sweep width: the main model's (`main`, a ModelConfig) heads (wider with
+    width) and MLP ratio, muP relative to its width."""
+    ratio = main.ffn_dim / main.dim
+    return (f"model.dim={width}", f"model.mlp_hidden={round(ratio * width / 16) * 16}", f"model.mup_base_dim={main.dim}")
 
 
 def stage_sweep(cfg: DemoConfig, mix: str) -> list[str]:
     """The size sweep: the other widths, each a fixed token budget, validated along the way."""
-    base = _main_width(cfg)
+    main = _main_model(cfg)
     runs = []
     for w in cfg.sweep_widths:
-        _log(f"sweep: width {w} ({cfg.sweep_tokens} tokens, muP base {base})")
-        runs.append(_train_once(_train_config(cfg, cfg.sweep_tokens, sweep_overrides(w, base)), mix,
+        _log(f"sweep: width {w} ({cfg.sweep_tokens} tokens, muP base {main.dim})")
+        runs.append(_train_once(_train_config(cfg, cfg.sweep_tokens, sweep_overrides(w, main)), mix,
                                 _p(cfg, "sweep", f"w{w:03d}")))
     return runs
 
@@ -329,7 +337,7 @@ def run_demo(cfg: DemoConfig, until: str = "study") -> str:
         f"{cfg.images_per_seq} images per image sequence; pre-training preset `{cfg.preset}` "
         f"{' '.join(cfg.pretrain_overrides)}, {cfg.train_tokens:,} training tokens (a fixed budget, not a time "
         f"limit); size sweep widths {', '.join(map(str, cfg.sweep_widths))} besides the main width "
-        f"{_main_width(cfg)}, {cfg.sweep_tokens:,} tokens each, muP with one learning rate."
+        f"{_main_model(cfg).dim}, {cfg.sweep_tokens:,} tokens each, muP with one learning rate."
         + (" QUICK MODE: tiny data and a handful of steps; the numbers below only show that every stage runs."
            if cfg.quick else "")
     )

@@ -83,5 +83,6 @@ def test_demo_config_validation():
     assert q.quick and q.data_scale < 0.1 and q.train_tokens == 6 * 2048
     with pytest.raises(ValueError, match="exit_after_minutes"):
         DemoConfig(pretrain_overrides=("exit_after_minutes=6",))
-    with pytest.raises(ValueError, match="sweep_widths"):
-        DemoConfig(sweep_widths=(64,))
+    with pytest.raises(ValueError, match=r"sweep_widths=\(64,\): width 64 is invalid \(ModelConfig.*multiples of 10"):
+        DemoConfig(sweep_widths=(64,))  # 5 heads do not divide 64
+    assert DemoConfig(sweep_widths=(50,)).sweep_widths == (50,)  # 5 heads of 10: what the model allows
