@@ -312,6 +312,7 @@ def _run_study(ckpt, *, image_task, video_task, out_dir, davis_root, tokenize, r
     probe_cfg = ProbeConfig(epochs=cfg.probe_epochs, lr=cfg.probe_lr, batch_size=cfg.probe_batch_size,
                             num_heads=cfg.probe_heads, seed=cfg.seed)
     sweeps = {}
+    mid = named_middle_block(n_layers)  # fixed before any probe runs (and a one-block model fails now)
     for key, task, video in (("image", image_task, False), ("video", video_task, True)):
         t0 = time.time()
         log(f"probes on the {task.name} task (every layer, attention and average pooling)")
@@ -325,7 +326,6 @@ def _run_study(ckpt, *, image_task, video_task, out_dir, davis_root, tokenize, r
         doc, _, png = probe_job(model, meta, job, probe_cfg, out_dir, log=log)
         sweeps[key] = doc
         timings[f"probe_{key}"] = time.time() - t0
-        mid = named_middle_block(n_layers)
         pool_cmp = compare_poolings(doc, mid)
         block_cmp = compare_blocks(doc, mid)
         n_eval = pool_cmp["n"]
