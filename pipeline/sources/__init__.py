@@ -21,7 +21,7 @@ listing to input shard (ItemColumns in the adapters, never a dict per item); an 
 expands its own rows to ARROW_SCHEMA items (expand_items); `list_items` and `WorkList.items` give
 dicts for small lists.
 
-Datasets (ADAPTERS): kinetics400, kinetics600, kinetics700, ego4d, howto100m, imagenet, folder.
+Datasets (ADAPTERS): kinetics400, kinetics600, kinetics700, ego4d, howto100m, imagenet, folder, cater.
 Layouts: docs/datasets.md. Work-item fields: pipeline.sources.items (module docstring).
 `chunk_seconds` must equal the decoder's `DecodeConfig.chunk_seconds` (chunk_frames / max_fps) so
 the chunks of a long video's items number consecutively.

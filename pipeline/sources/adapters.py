@@ -820,6 +820,101 @@ def _drop_duplicate_ids(table: pa.Table, root: str, report: ListReport) -> pa.Ta
     return table.filter(pc.invert(dup))
 
 
+# --------------------------------------------------------------------------------------------
+# CATER (snitch localisation lists)
+# --------------------------------------------------------------------------------------------
+
+# CATER's localisation lists -> grid side: `lists/localize/` is the 6x6 grid of the table (36
+# classes); `localize_4x4` and `localize_8x8` are the CATER paper's grid-size ablations (16 and 64
+# classes over the same table).
+CATER_TASKS = {"localize": 6, "localize_4x4": 4, "localize_8x8": 8}
+CATER_SPLIT_FILES = {"train": "train.txt", "val": "val.txt"}
+
+
+def list_cater(
+    root: str,
+    *,
+    dataset: str = "cater",
+    storage_options: dict | None = None,
+    splits: Iterable[str] | None = None,
+    task: str = "localize",
+    listing: str | None = None,
+    **_: Any,
+) -> tuple[pa.Table, ListReport]:
+    """CATER as released (`all_actions/`): `videos/*.avi` + `lists/{task}/{train,val}.txt`, one
+    `VIDEO_NAME CLASS` per line (CATER's gen_train_test.py writes `'{} {}'.format(video, label)`;
+    a comma between them is accepted too). The class of `localize` is the snitch's final cell on
+    the 6x6 grid of the table: `y * 6 + x` with `x, y = floor(pos) + 3` of its last (x, y) location.
+
+    label = the class as a string ("0".."35"), split = the list's name (train, val); video_id = the
+    file stem (`CLEVR_new_000001`). A listed video found nowhere under ROOT is a `missing_file`;
+    a class outside the grid or an unparsable line a `bad_row`.
+    """
+    if task not in CATER_TASKS:
+        raise ValueError(f"CATER task={task!r} is not a localisation list; use one of {sorted(CATER_TASKS)} "
+                         "(the folders under ROOT/lists/)")
+    n_classes = CATER_TASKS[task] ** 2
+    report = ListReport(dataset=dataset, root=root)
+    _, _, files = _list_files(root, storage_options, listing)
+    videos = [r for r in files if r.lower().endswith(VIDEO_EXTS)]
+    report.num_files = len(videos)
+    by_name: dict[str, str] = {}
+    for r in videos:  # the first path in sorted order wins; `videos/` sorts before most other folders
+        base = r.rsplit("/", 1)[-1]
+        by_name.setdefault(base, r)
+        by_name.setdefault(os.path.splitext(base)[0], r)
+    want = list(CATER_SPLIT_FILES) if splits is None else [_split_name(s) for s in splits]
+    unknown = [s for s in want if s not in CATER_SPLIT_FILES]
+    if unknown:
+        raise ValueError(f"CATER splits {unknown} are not released; use {sorted(CATER_SPLIT_FILES)}")
+    items = ItemColumns()
+    used: set[str] = set()
+    seen: dict[str, str] = {}
+    for split in want:
+        rel_list = f"lists/{task}/{CATER_SPLIT_FILES[split]}"
+        url = _url(root, rel_list)
+        fs, path = url_to_fs(url, storage_options)
+        if not fs.isfile(path):
+            raise ValueError(
+                f"CATER list {url} is missing: unpack the release's lists.zip into {root}/lists/ so that "
+                f"{rel_list} holds one 'VIDEO_NAME CLASS' per line (see docs/datasets.md), or pass splits=[...]"
+            )
+        for line_no, line in enumerate(_read_text(url, storage_options).splitlines(), start=1):
+            parts = line.replace(",", " ").split()
+            if not parts:
+                continue
+            try:
+                name, cls = parts[0].rsplit("/", 1)[-1], int(parts[1])
+                if len(parts) != 2 or not 0 <= cls < n_classes:
+                    raise ValueError
+            except (ValueError, IndexError):
+                report.add("bad_row", f"{rel_list}:{line_no}: {line.strip()[:80]!r} (want 'VIDEO_NAME CLASS', "
+                                      f"CLASS in 0..{n_classes - 1})")
+                continue
+            video_id = safe_video_id(os.path.splitext(name)[0])
+            if video_id in seen:
+                report.add("duplicate_row", f"{rel_list}:{line_no}: {name} (already in {seen[video_id]})")
+                continue
+            rel = by_name.get(name) or by_name.get(os.path.splitext(name)[0])
+            if rel is None:
+                report.add("missing_file", f"videos/{name} (listed in {rel_list}:{line_no}, class {cls})")
+                continue
+            seen[video_id] = rel_list
+            used.add(rel)
+            items.add(uri=_url(root, rel), dataset=dataset, split=split, label=str(cls), video_id=video_id,
+                      kind="video")
+    if len(items) == 0 and report.problems.get("missing_file"):
+        raise ValueError(
+            f"none of the videos listed in {root}/lists/{task}/ is under {root}: unpack the release's "
+            f"videos.zip into {root}/videos/ (e.g. {report.examples['missing_file'][0].split(' ')[0]})"
+        )
+    for r in videos:
+        if r not in used:
+            report.add("unmatched_file", r)
+    report.num_items = len(items)
+    return items.table(), report
+
+
 ADAPTERS: dict[str, Callable[..., tuple[pa.Table, ListReport]]] = {
     "kinetics400": _kinetics_adapter("kinetics400"),
     "kinetics600": _kinetics_adapter("kinetics600"),
@@ -828,6 +923,7 @@ ADAPTERS: dict[str, Callable[..., tuple[pa.Table, ListReport]]] = {
     "howto100m": list_howto100m,
     "imagenet": list_imagenet,
     "folder": list_folder,
+    "cater": list_cater,
 }
 
 
@@ -837,7 +933,7 @@ def list_table(
     """List a dataset: `(items sorted by key as a table of items.WORKLIST_SCHEMA, report)`
     (`items.expand_items(table)` gives them as ARROW_SCHEMA items).
 
-    dataset: one of ADAPTERS (kinetics400/600/700, ego4d, howto100m, imagenet, folder).
+    dataset: one of ADAPTERS (kinetics400/600/700, ego4d, howto100m, imagenet, folder, cater).
     root: local folder or s3://bucket/prefix. options: adapter options (splits=[...],
     max_item_seconds, chunk_seconds, index= and pattern= for folder, probe=False to skip
     duration probes, probe_threads / tar_threads, listing= a file of relative paths used instead
