@@ -25,8 +25,9 @@ def _fail(e: Exception) -> None:
 @click.option("--layers", default="all", show_default=True,
               help="'all' sweeps every block (accuracy by relative depth, JSON + PNG); a block number such as 6; "
                    "a comma list such as 2,4,6; 'half' for the middle block.")
-@click.option("--pooling", default="attention", show_default=True,
-              type=click.Choice([*POOLINGS, "both"]), help="Probe head; 'both' = attention and average.")
+@click.option("--pooling", "--head", "pooling", default="attention", show_default=True,
+              type=click.Choice([*POOLINGS, "both"]),
+              help="Probe head (cross-attn-mlp: the paper's Table 16 head); 'both' = attention and average.")
 @click.option("--clips", default=4, show_default=True, type=int,
               help="Clips per video; the clips of one validation video are averaged. Ignored for images.")
 @click.option("--frames", default=16, show_default=True, type=int, help="Frames per video clip (the paper: 16).")
@@ -44,23 +45,40 @@ def _fail(e: Exception) -> None:
 @click.option("--device", default="cpu", show_default=True, help="Device for feature extraction (cpu, cuda).")
 @click.option("--threads", default=None, type=int,
               help="Torch intra-op threads on CPU (default: torch's). 1 is much faster on a busy machine.")
+@click.option("--features", "features_mode", default="auto", show_default=True,
+              type=click.Choice(["stream", "cache", "auto"]),
+              help="stream: run the backbone on every batch of every epoch (memory of a batch); cache: compute "
+                   "every layer's features once into fp16 files under OUT/probe-work; auto: cache when they fit "
+                   "--cache-limit-gb.")
+@click.option("--cache-limit-gb", default=4.0, show_default=True, type=float,
+              help="Disk the feature cache may take in auto mode.")
+@click.option("--checkpoint-every", default=500, show_default=True, type=int,
+              help="Save the heads, optimizer and data position every N steps (a rerun resumes); 0: at the end only.")
 def probe(ckpt, train_url, val_url, train_split, val_split, layers, pooling, clips, frames, stride, max_samples,
-          pool_tokens, epochs, lr, batch_size, weight_decay, heads, out_dir, task, device, threads) -> None:
+          pool_tokens, epochs, lr, batch_size, weight_decay, heads, out_dir, task, device, threads, features_mode,
+          cache_limit_gb, checkpoint_every) -> None:
     """Train probes on a frozen checkpoint's features and report top-1 / top-5.
 
     CKPT is a checkpoint directory (step-NNNNNNNN) or a run directory (its newest checkpoint).
-    Images are single-frame sequences; videos are FRAMES-frame clips at STRIDE. Features are
-    extracted once per layer; probes train on them with AdamW + cosine.
+    Images are single-frame sequences; videos are FRAMES-frame clips at STRIDE. Every (layer,
+    pooling) head trains at once from one backbone pass per batch (AdamW + cosine); a rerun with
+    the same OUT resumes. Under torchrun the ranks split every batch (gloo on CPU, nccl on CUDA).
 
     Example:
 
     \b
         toto-train probe runs/demo --train data/digits --val data/digits --layers all --pooling both
+        torchrun --nproc_per_node 8 -m trainer.cli probe runs/base --train tok/in1k --val tok/in1k \
+            --layers 6 --head cross-attn-mlp --features stream --device cuda
     """
     from trainer.checkpoint import load_model
     from trainer.evals.run import ProbeJob, probe_job
+    from trainer.evals.stream_probe import Dist
 
     try:
+        dist = Dist.init_from_env()
+        if dist.world > 1 and device == "cuda":
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
         model, meta = load_model(ckpt, device=device)
         job = ProbeJob(
             train=train_url, val=val_url, layers=layers,
@@ -68,12 +86,15 @@ def probe(ckpt, train_url, val_url, train_split, val_split, layers, pooling, cli
             train_split=None if train_split == "all" else train_split,
             val_split=None if val_split == "all" else val_split,
             frames=frames, stride=stride, clips=clips, max_samples=max_samples, pool_tokens=pool_tokens, task=task,
+            features=features_mode, cache_limit_gb=cache_limit_gb, checkpoint_every=checkpoint_every,
         )
         cfg = ProbeConfig(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, num_heads=heads)
         with torch_threads(threads):
             doc, json_path, png_path = probe_job(model, meta, job, cfg, out_dir)
     except ValueError as e:
         _fail(e)
+    if dist.rank != 0:
+        return
     for r in doc["results"]:
         click.echo(f"layer {r['layer']:>3} ({r['relative_depth']:.2f})  {r['pooling']:<9}  "
                    f"top-1 {r['top1']:5.1f}  top-5 {r['top5']:5.1f}")

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trainer.evals.features import extract_features, stack_clips
+from trainer.evals.features import stack_clips
 from trainer.evals.probes import POOLINGS, ProbeConfig, labels_to_ids
-from trainer.evals.sweep import layer_sweep, write_sweep
+from trainer.evals.sweep import write_sweep
 
 __all__ = ["ProbeJob", "parse_layers", "load_labelled", "probe_job", "default_track_layer"]
 
@@ -60,8 +60,11 @@ class ProbeJob:
     clips: int = 4  # clips per video; val clips of one video are averaged
     max_samples: int | None = None  # per split, for quick runs
     pool_tokens: int = 1
-    batch_size: int = 16  # feature extraction
+    batch_size: int = 16  # backbone batch of the feature cache and of validation
     task: str = "probe"
+    features: str = "auto"  # stream | cache | auto (cache when the fp16 features fit cache_limit_gb)
+    cache_limit_gb: float = 4.0
+    checkpoint_every: int = 500  # optimizer steps between saved probe states (0: only at the end)
 
     def __post_init__(self) -> None:
         for p in self.poolings:
@@ -71,6 +74,13 @@ class ProbeJob:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"ProbeJob.{name}={v!r} is invalid: use a positive integer")
+        from trainer.evals.stream_probe import FEATURE_MODES
+
+        if self.features not in FEATURE_MODES:
+            raise ValueError(f"ProbeJob.features={self.features!r} is invalid: use one of {', '.join(FEATURE_MODES)}")
+        if not self.cache_limit_gb >= 0 or self.checkpoint_every < 0:
+            raise ValueError(f"ProbeJob.cache_limit_gb={self.cache_limit_gb!r} and checkpoint_every="
+                             f"{self.checkpoint_every!r} must be >= 0")
         if self.max_samples is not None and self.max_samples < 2:
             raise ValueError(f"ProbeJob.max_samples={self.max_samples!r} is invalid: use at least 2 (or None for all)")
 
@@ -106,20 +116,60 @@ def load_labelled(
                 f"{max_seq_len}; pass fewer --frames"
             )
         items.append(c)
-    if max_samples is not None and len(items) > max_samples:
-        # Datasets are stored class by class: a prefix would hold a few classes only. Take a seeded
-        # random subset of whole videos (all clips of a chosen video, so per-video averaging holds).
-        videos = sorted({c["video_id"] for c in items})
-        order = np.random.default_rng(seed).permutation(len(videos))
-        per_video = max(1, len(items) // len(videos))
-        keep = {videos[i] for i in order[: max(1, max_samples // per_video)]}
-        items = [c for c in items if c["video_id"] in keep]
+    keep = subset_rows([c["video_id"] for c in items], max_samples, seed)
+    items = [items[i] for i in keep]
     if not items:
         raise ValueError(
             f"{url} (split {split or 'all'}) has no labelled samples to probe (videos shorter than one clip of "
             f"{frames} frames at stride {stride} are skipped)"
         )
     return stack_clips(items)
+
+
+def subset_rows(video_ids: list[str], max_samples: int | None, seed: int = 0) -> list[int]:
+    """Rows kept by ``max_samples``: all, or a seeded random subset of whole videos of about that many.
+
+    Datasets are stored class by class: a prefix would hold a few classes only. All clips of a
+    chosen video are kept, so per-video averaging holds."""
+    if max_samples is None or len(video_ids) <= max_samples:
+        return list(range(len(video_ids)))
+    videos = sorted(set(video_ids))
+    order = np.random.default_rng(seed).permutation(len(videos))
+    per_video = max(1, len(video_ids) // len(videos))
+    keep = {videos[i] for i in order[: max(1, max_samples // per_video)]}
+    return [i for i, v in enumerate(video_ids) if v in keep]
+
+
+def _token_file(url: str, split: str | None, work: str, job: ProbeJob, specials: dict, max_seq_len: int,
+                storage_options: dict | None, dist) -> tuple[dict, np.ndarray, np.ndarray]:
+    """The token sequences of one dataset split on disk (rank 0 writes, the others wait and read)."""
+    import json
+    import shutil
+
+    from trainer.data import iter_clips
+    from trainer.evals.stream_probe import build_token_file, open_token_file
+
+    key = {"url": url, "split": split, "frames": job.frames, "stride": job.stride, "clips": job.clips}
+    if dist.rank == 0:
+        index = os.path.join(work, "index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                if json.load(f).get("key") != key:  # another dataset or clip layout: rebuild
+                    shutil.rmtree(work)
+        clips = iter_clips(url, frames=job.frames, stride=job.stride, images_per_seq=1, clips_per_video=job.clips,
+                           specials=specials, split=split, storage_options=storage_options)
+        info = build_token_file(clips, work, max_seq_len=max_seq_len, what=url, key=key)
+    dist.barrier()
+    if dist.rank != 0:
+        with open(os.path.join(work, "index.json")) as f:
+            info = json.load(f)
+    if info["n"] == 0:
+        raise ValueError(
+            f"{url} (split {split or 'all'}) has no labelled samples to probe (videos shorter than one clip of "
+            f"{job.frames} frames at stride {job.stride} are skipped)"
+        )
+    tok, fi = open_token_file(work, info)
+    return info, tok, fi
 
 
 def probe_job(
@@ -132,31 +182,77 @@ def probe_job(
     storage_options: dict | None = None,
     log: Callable[[str], None] = _log,
 ) -> tuple[dict, str, str]:
-    """Extract features once per layer, train every (layer, pooling) probe; write JSON + PNG."""
+    """Train every (layer, pooling) probe at once on the frozen model's features; write JSON + PNG.
+
+    Token sequences go to OUT/probe-work/TASK/ once; features are streamed from the backbone every
+    epoch or cached there (``job.features``); the probe state there makes a rerun resume. Under
+    torch.distributed each rank does its share and rank 0 writes (OUT must be shared by the ranks)."""
+    from trainer.evals.stream_probe import (
+        CacheSource,
+        Dist,
+        TokenSource,
+        build_feature_cache,
+        cache_bytes,
+        train_heads,
+    )
+    from trainer.evals.sweep import sweep_doc, sweep_specs
+
+    dist = Dist()
     n_layers = int(model.cfg.n_layers)
     layers = parse_layers(job.layers, n_layers)
-    specials = meta["specials"]
-    common = dict(specials=specials, frames=job.frames, stride=job.stride, clips=job.clips,
-                  max_samples=job.max_samples, max_seq_len=int(model.cfg.max_seq_len), storage_options=storage_options)
-    tr_tok, tr_fi, tr_lab, _ = load_labelled(job.train, split=job.train_split, **common)
-    va_tok, va_fi, va_lab, va_vid = load_labelled(job.val, split=job.val_split, **common)
+    specs = sweep_specs(layers, list(job.poolings), n_layers)
+    work = os.path.join(out_dir, "probe-work", job.task)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    args = dict(job=job, specials=meta["specials"], max_seq_len=int(model.cfg.max_seq_len),
+                storage_options=storage_options, dist=dist)
+    tr_info, tr_tok, tr_fi = _token_file(job.train, job.train_split, os.path.join(work, "train"), **args)
+    va_info, va_tok, va_fi = _token_file(job.val, job.val_split, os.path.join(work, "val"), **args)
+    tr_rows = subset_rows(tr_info["video_ids"], job.max_samples)
+    va_rows = subset_rows(va_info["video_ids"], job.max_samples)
+    tr_lab = [tr_info["labels"][i] for i in tr_rows]
     train_y, classes = labels_to_ids(tr_lab)
-    val_keep = [i for i, lab in enumerate(va_lab) if lab in set(classes)]
-    if len(val_keep) < len(va_lab):
-        log(f"{len(va_lab) - len(val_keep)} validation samples have labels unseen in training; they are not scored")
-    if not val_keep:
+    known = set(classes)
+    va_all = len(va_rows)
+    va_rows = [i for i in va_rows if va_info["labels"][i] in known]
+    if len(va_rows) < va_all:
+        log(f"{va_all - len(va_rows)} validation samples have labels unseen in training; they are not scored")
+    if not va_rows:
         raise ValueError("no validation label occurs in the training set; probe train and val on the same classes")
-    va_tok, va_fi = va_tok[val_keep], va_fi[val_keep]
-    va_lab, va_vid = [va_lab[i] for i in val_keep], [va_vid[i] for i in val_keep]
-    val_y, _ = labels_to_ids(va_lab, classes)
-    is_video = bool((tr_fi.max(dim=1).values > 0).any())
-    log(f"features: {len(tr_lab)} train / {len(va_lab)} val samples, {len(classes)} classes, layers {layers}")
-    tr_f = extract_features(model, tr_tok, tr_fi, layers, batch_size=job.batch_size, pool_tokens=job.pool_tokens)
-    va_f = extract_features(model, va_tok, va_fi, layers, batch_size=job.batch_size, pool_tokens=job.pool_tokens)
-    doc = layer_sweep(tr_f, va_f, train_y, val_y, classes, n_layers=n_layers, poolings=list(job.poolings), cfg=cfg,
-                      task=job.task, val_groups=va_vid if is_video else None, progress=log)
+    val_y, _ = labels_to_ids([va_info["labels"][i] for i in va_rows], classes)
+    va_vid = [va_info["video_ids"][i] for i in va_rows]
+    is_video = bool(np.asarray(tr_fi[0]).max() > 0)
+    train_src = TokenSource(model, tr_tok, tr_fi, layers, rows=np.asarray(tr_rows), pool_tokens=job.pool_tokens)
+    val_src = TokenSource(model, va_tok, va_fi, layers, rows=np.asarray(va_rows), pool_tokens=job.pool_tokens)
+    mode = job.features
+    size = cache_bytes(train_src.n + val_src.n, train_src.tokens, train_src.dim, len(layers))
+    if mode == "auto":
+        mode = "cache" if size <= job.cache_limit_gb * 2**30 else "stream"
+    log(f"probes: {train_src.n} train / {val_src.n} val samples, {len(classes)} classes, layers {layers}, "
+        f"{len(specs)} heads, features {mode} ({size / 2**30:.2f} GiB as an fp16 cache), {dist.world} process(es)")
+    if mode == "cache":
+        # The whole token file is cached (rows select the subset), so a cache serves any --max-samples.
+        sources = []
+        for name, src in (("train", train_src), ("val", val_src)):
+            full = TokenSource(model, src.tok, src.fi, layers, pool_tokens=job.pool_tokens)
+            # Inside the token file's folder: a rebuilt token file (other data) takes its caches with it.
+            cdir = os.path.join(work, name, f"cache-pool{job.pool_tokens}-layers{'-'.join(map(str, layers))}")
+            build_feature_cache(full, cdir, batch_size=job.batch_size, dist=dist, log=log)
+            sources.append(CacheSource(cdir, layers, rows=src.rows))
+        train_src, val_src = sources
+    trained = train_heads(train_src, train_y, val_src, val_y, specs, classes, cfg,
+                          val_groups=va_vid if is_video else None, eval_batch_size=max(job.batch_size, 2),
+                          state_path=os.path.join(work, f"state-{mode}.pt"), checkpoint_every=job.checkpoint_every,
+                          dist=dist, log=log)
+    doc = sweep_doc(specs, [r for r, _ in trained], n_layers=n_layers, classes=classes, cfg=cfg, task=job.task,
+                    progress=log if dist.rank == 0 else None,
+                    extra_config={"features": mode, "world_size": dist.world, "pool_tokens": job.pool_tokens})
     doc["checkpoint"] = str(meta.get("step_dir", ""))
-    json_path, png_path = write_sweep(doc, out_dir, name=f"probe-{job.task}")
+    name = f"probe-{job.task}"
+    if dist.rank != 0:
+        return doc, os.path.join(out_dir, f"{name}.json"), os.path.join(out_dir, f"{name}.png")
+    json_path, png_path = write_sweep(doc, out_dir, name=name)
     return doc, json_path, png_path
 
 
