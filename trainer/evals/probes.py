@@ -263,7 +263,10 @@ class CrossAttentionMLPHead(nn.Module):
         self.norm = ProbeNorm(dim)
         self.query = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
+        # No key bias: the softmax over keys cancels it, so its gradient is rounding noise that
+        # AdamW would amplify into steps of size lr (harmless, but not reproducible across ranks).
+        self.k = nn.Linear(dim, dim, bias=False)
+        self.v = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
         self.mlp_norm = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
@@ -276,7 +279,8 @@ class CrossAttentionMLPHead(nn.Module):
         x = self.norm(x.reshape(B * T, D)).reshape(B, T, D)
         query = self.query.expand(B, 1, D)  # (B, 1, D)
         q = self.q(query).reshape(B, 1, H, D // H).transpose(1, 2)  # (B, H, 1, hd)
-        k, v = self.kv(x).reshape(B, T, 2, H, D // H).permute(2, 0, 3, 1, 4)  # each (B, H, T, hd)
+        k = self.k(x).reshape(B, T, H, D // H).transpose(1, 2)  # (B, H, T, hd)
+        v = self.v(x).reshape(B, T, H, D // H).transpose(1, 2)  # (B, H, T, hd)
         pooled = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, D)  # (B, D)
         h = query[:, 0] + self.proj(pooled)  # residual around the cross-attention
         h = h + self.mlp(self.mlp_norm(h))  # residual MLP block

@@ -383,10 +383,13 @@ def train_heads(
             torch.stack(per_head).sum().backward()
             loss_vec = torch.stack([x.detach() for x in per_head]).double()
             if dist.world > 1:
-                flat = torch.cat([p.grad.reshape(-1).double() for p in params] + [loss_vec])
+                # Parameters the loss does not reach (the attention probe's key bias, which the softmax
+                # cancels) have no gradient on any rank and stay untouched, as in one process.
+                graded = [p for p in params if p.grad is not None]
+                flat = torch.cat([p.grad.reshape(-1).double() for p in graded] + [loss_vec])
                 dist.all_reduce_(flat)
                 off = 0
-                for p in params:
+                for p in graded:
                     p.grad.copy_(flat[off : off + p.numel()].view_as(p.grad))
                     off += p.numel()
                 loss_vec = flat[off:]
