@@ -54,9 +54,19 @@ def _fail(e: Exception) -> None:
               help="Disk the feature cache may take in auto mode.")
 @click.option("--checkpoint-every", default=500, show_default=True, type=int,
               help="Save the heads, optimizer and data position every N steps (a rerun resumes); 0: at the end only.")
+@click.option("--train-images", default=None,
+              help="Raw training images (ImageNet layout train/WNID/*.JPEG) to probe on with the paper's augmentation: "
+                   "a random resized crop + flip every epoch, re-tokenized with --tokenizer. --train is then unused.")
+@click.option("--images-layout", default="imagenet", show_default=True,
+              help="pipeline.sources.adapters layout of --train-images (imagenet, folder).")
+@click.option("--tokenizer", "tokenizer_spec", default=None,
+              help="With --train-images: load_tokenizer spec of the checkpoint's tokenizer (dalle:DIR, vqgan:DIR, "
+                   "dvae:DIR, demo); its id must match the checkpoint's.")
+@click.option("--resolution", default=None, type=int,
+              help="With --train-images: crop size fed to the tokenizer. Default: the checkpoint's training resolution.")
 def probe(ckpt, train_url, val_url, train_split, val_split, layers, pooling, clips, frames, stride, max_samples,
           pool_tokens, epochs, lr, batch_size, weight_decay, heads, out_dir, task, device, threads, features_mode,
-          cache_limit_gb, checkpoint_every) -> None:
+          cache_limit_gb, checkpoint_every, train_images, images_layout, tokenizer_spec, resolution) -> None:
     """Train probes on a frozen checkpoint's features and report top-1 / top-5.
 
     CKPT is a checkpoint directory (step-NNNNNNNN) or a run directory (its newest checkpoint).
@@ -72,7 +82,7 @@ def probe(ckpt, train_url, val_url, train_split, val_split, layers, pooling, cli
             --layers 6 --head cross-attn-mlp --features stream --device cuda
     """
     from trainer.checkpoint import load_model
-    from trainer.evals.run import ProbeJob, probe_job
+    from trainer.evals.run import ProbeJob, frame_tokenizer_from_meta, probe_job
     from trainer.evals.stream_probe import Dist
 
     try:
@@ -87,11 +97,14 @@ def probe(ckpt, train_url, val_url, train_split, val_split, layers, pooling, cli
             val_split=None if val_split == "all" else val_split,
             frames=frames, stride=stride, clips=clips, max_samples=max_samples, pool_tokens=pool_tokens, task=task,
             features=features_mode, cache_limit_gb=cache_limit_gb, checkpoint_every=checkpoint_every,
+            train_images=train_images, images_layout=images_layout,
         )
         cfg = ProbeConfig(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, num_heads=heads)
+        tokenize = frame_tokenizer_from_meta(meta, tokenizer_spec) if train_images else None
         with torch_threads(threads):
-            doc, json_path, png_path = probe_job(model, meta, job, cfg, out_dir)
-    except ValueError as e:
+            doc, json_path, png_path = probe_job(model, meta, job, cfg, out_dir, tokenize=tokenize,
+                                                 resolution=resolution)
+    except (ValueError, RuntimeError) as e:
         _fail(e)
     if dist.rank != 0:
         return

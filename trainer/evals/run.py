@@ -65,6 +65,10 @@ class ProbeJob:
     features: str = "auto"  # stream | cache | auto (cache when the fp16 features fit cache_limit_gb)
     cache_limit_gb: float = 4.0
     checkpoint_every: int = 500  # optimizer steps between saved probe states (0: only at the end)
+    # Raw training images (e.g. ImageNet's train/{wnid}/*.JPEG) re-tokenized every epoch after a random
+    # resized crop + flip (trainer.evals.augment); None: train on the token dataset `train` as it is.
+    train_images: str | None = None
+    images_layout: str = "imagenet"  # pipeline.sources.adapters layout of train_images
 
     def __post_init__(self) -> None:
         for p in self.poolings:
@@ -180,13 +184,17 @@ def probe_job(
     out_dir: str,
     *,
     storage_options: dict | None = None,
+    tokenize: Callable[[np.ndarray], np.ndarray] | None = None,
+    resolution: int | None = None,
     log: Callable[[str], None] = _log,
 ) -> tuple[dict, str, str]:
     """Train every (layer, pooling) probe at once on the frozen model's features; write JSON + PNG.
 
     Token sequences go to OUT/probe-work/TASK/ once; features are streamed from the backbone every
     epoch or cached there (``job.features``); the probe state there makes a rerun resume. Under
-    torch.distributed each rank does its share and rank 0 writes (OUT must be shared by the ranks)."""
+    torch.distributed each rank does its share and rank 0 writes (OUT must be shared by the ranks).
+    With ``job.train_images`` the heads train on those raw images, augmented and re-tokenized with
+    ``tokenize`` (the checkpoint's tokenizer) at ``resolution`` (default: the checkpoint's)."""
     from trainer.evals.stream_probe import (
         CacheSource,
         Dist,
@@ -207,11 +215,27 @@ def probe_job(
         p.requires_grad_(False)
     args = dict(job=job, specials=meta["specials"], max_seq_len=int(model.cfg.max_seq_len),
                 storage_options=storage_options, dist=dist)
-    tr_info, tr_tok, tr_fi = _token_file(job.train, job.train_split, os.path.join(work, "train"), **args)
     va_info, va_tok, va_fi = _token_file(job.val, job.val_split, os.path.join(work, "val"), **args)
-    tr_rows = subset_rows(tr_info["video_ids"], job.max_samples)
+    if job.train_images is not None:
+        from trainer.evals.augment import ImageSource, list_probe_images
+
+        if tokenize is None:
+            raise ValueError("probing on raw images needs the checkpoint's tokenizer: pass --tokenizer SPEC")
+        if job.features == "cache":
+            raise ValueError("augmented images are new crops every epoch and cannot be cached: use --features stream")
+        items = list_probe_images(job.train_images, job.images_layout, job.train_split, storage_options)
+        items = [items[i] for i in subset_rows([it["video_id"] for it in items], job.max_samples)]
+        tr_lab = [it["label"] for it in items]
+        train_src = ImageSource(model, items, tokenize, bos=int(meta["specials"]["bos_image"]), layers=layers,
+                                resolution=resolution or resolution_from_meta(meta), seed=cfg.seed,
+                                pool_tokens=job.pool_tokens, storage_options=storage_options)
+    else:
+        tr_info, tr_tok, tr_fi = _token_file(job.train, job.train_split, os.path.join(work, "train"), **args)
+        tr_rows = subset_rows(tr_info["video_ids"], job.max_samples)
+        tr_lab = [tr_info["labels"][i] for i in tr_rows]
+        train_src = TokenSource(model, tr_tok, tr_fi, layers, rows=np.asarray(tr_rows), pool_tokens=job.pool_tokens)
+    is_video = bool(np.asarray(va_fi[0]).max() > 0)  # clips of one validation video are averaged
     va_rows = subset_rows(va_info["video_ids"], job.max_samples)
-    tr_lab = [tr_info["labels"][i] for i in tr_rows]
     train_y, classes = labels_to_ids(tr_lab)
     known = set(classes)
     va_all = len(va_rows)
@@ -222,25 +246,21 @@ def probe_job(
         raise ValueError("no validation label occurs in the training set; probe train and val on the same classes")
     val_y, _ = labels_to_ids([va_info["labels"][i] for i in va_rows], classes)
     va_vid = [va_info["video_ids"][i] for i in va_rows]
-    is_video = bool(np.asarray(tr_fi[0]).max() > 0)
-    train_src = TokenSource(model, tr_tok, tr_fi, layers, rows=np.asarray(tr_rows), pool_tokens=job.pool_tokens)
+    # Validation is read once (at the end), so it always streams; only training epochs re-read.
     val_src = TokenSource(model, va_tok, va_fi, layers, rows=np.asarray(va_rows), pool_tokens=job.pool_tokens)
-    mode = job.features
-    size = cache_bytes(train_src.n + val_src.n, train_src.tokens, train_src.dim, len(layers))
+    mode = "stream" if job.train_images is not None else job.features
+    size = cache_bytes(train_src.n, train_src.tokens, train_src.dim, len(layers))
     if mode == "auto":
-        mode = "cache" if size <= job.cache_limit_gb * 2**30 else "stream"
+        mode = "cache" if size <= job.cache_limit_gb * 2**30 and cfg.epochs > 1 else "stream"
     log(f"probes: {train_src.n} train / {val_src.n} val samples, {len(classes)} classes, layers {layers}, "
         f"{len(specs)} heads, features {mode} ({size / 2**30:.2f} GiB as an fp16 cache), {dist.world} process(es)")
     if mode == "cache":
-        # The whole token file is cached (rows select the subset), so a cache serves any --max-samples.
-        sources = []
-        for name, src in (("train", train_src), ("val", val_src)):
-            full = TokenSource(model, src.tok, src.fi, layers, pool_tokens=job.pool_tokens)
-            # Inside the token file's folder: a rebuilt token file (other data) takes its caches with it.
-            cdir = os.path.join(work, name, f"cache-pool{job.pool_tokens}-layers{'-'.join(map(str, layers))}")
-            build_feature_cache(full, cdir, batch_size=job.batch_size, dist=dist, log=log)
-            sources.append(CacheSource(cdir, layers, rows=src.rows))
-        train_src, val_src = sources
+        # The whole token file is cached (rows select the subset), so a cache serves any --max-samples;
+        # it lives in the token file's folder, so a rebuilt token file (other data) takes it along.
+        full = TokenSource(model, train_src.tok, train_src.fi, layers, pool_tokens=job.pool_tokens)
+        cdir = os.path.join(work, "train", f"cache-pool{job.pool_tokens}-layers{'-'.join(map(str, layers))}")
+        build_feature_cache(full, cdir, batch_size=job.batch_size, dist=dist, log=log)
+        train_src = CacheSource(cdir, layers, rows=train_src.rows)
     trained = train_heads(train_src, train_y, val_src, val_y, specs, classes, cfg,
                           val_groups=va_vid if is_video else None, eval_batch_size=max(job.batch_size, 2),
                           state_path=os.path.join(work, f"state-{mode}.pt"), checkpoint_every=job.checkpoint_every,

@@ -106,6 +106,30 @@ def test_probe_rejects_clips_longer_than_context(setup):
     assert res.exit_code != 0 and "context" in res.output
 
 
+def test_probe_stream_and_cache_agree_and_a_rerun_resumes(setup):
+    data = str(setup["root"] / "images")
+    common = ["--train", data, "--val", data, "--layers", "1,3", "--pooling", "cross-attn-mlp", "--epochs", "10",
+              "--lr", "1e-2", "--batch-size", "12", "--heads", "2", "--checkpoint-every", "2"]
+    docs = {}
+    for mode in ("stream", "cache"):
+        out = setup["root"] / f"probe-{mode}"
+        res = CliRunner().invoke(main, ["probe", setup["ckpt"], *common, "--features", mode, "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        docs[mode] = validate(json.loads((out / "probe-probe.json").read_text()), "probe_sweep")
+        assert docs[mode]["probe_config"]["features"] == mode
+        assert os.path.exists(out / "probe-work" / "probe" / f"state-{mode}.pt")
+    rows = [[(r["layer"], r["pooling"], r["top1"], r["correct"]) for r in docs[m]["results"]] for m in docs]
+    assert rows[0] == rows[1] and [r[:2] for r in rows[0]] == [(1, "cross-attn-mlp"), (3, "cross-attn-mlp")]
+    assert all(r[2] >= 90.0 for r in rows[0])
+    # A rerun finds the finished state: it trains nothing and reports the same scores.
+    out = setup["root"] / "probe-stream"
+    res = CliRunner().invoke(main, ["probe", setup["ckpt"], *common, "--features", "stream", "--out", str(out)])
+    assert res.exit_code == 0 and "resuming probes at epoch 10" in res.output
+    again = json.loads((out / "probe-probe.json").read_text())
+    assert [(r["top1"], r["correct"], r["final_train_loss"]) for r in again["results"]] == [
+        (r["top1"], r["correct"], r["final_train_loss"]) for r in docs["stream"]["results"]]
+
+
 def test_scaling_command(tmp_path):
     runs = []
     for i, opt in enumerate([1e12, 1e13]):
