@@ -18,7 +18,8 @@ def _fail(e: Exception) -> None:
 
 @click.command("probe")
 @click.argument("ckpt")
-@click.option("--train", "train_url", required=True, help="Labelled token dataset (dir or s3:// URL) to train the probe on.")
+@click.option("--train", "train_url", default=None,
+              help="Labelled token dataset (dir or s3:// URL) to train the probe on (required unless --train-images).")
 @click.option("--val", "val_url", required=True, help="Labelled token dataset to score the probe on (may equal --train with other splits).")
 @click.option("--train-split", default="train", show_default=True, help="Split of --train to use; 'all' for every split.")
 @click.option("--val-split", default="val", show_default=True, help="Split of --val to use; 'all' for every split.")
@@ -78,20 +79,22 @@ def probe(ckpt, train_url, val_url, train_split, val_split, layers, pooling, cli
 
     \b
         toto-train probe runs/demo --train data/digits --val data/digits --layers all --pooling both
-        torchrun --nproc_per_node 8 -m trainer.cli probe runs/base --train tok/in1k --val tok/in1k \
-            --layers 6 --head cross-attn-mlp --features stream --device cuda
+        torchrun --nproc_per_node 8 -m trainer.cli probe runs/base --train tok/in1k --val tok/in1k --device cuda
+        toto-train probe runs/base --train-images in1k-raw --tokenizer demo --val tok/in1k --head cross-attn-mlp
     """
     from trainer.checkpoint import load_model
     from trainer.evals.run import ProbeJob, frame_tokenizer_from_meta, probe_job
     from trainer.evals.stream_probe import Dist
 
+    if not train_url and not train_images:
+        raise click.UsageError("pass --train TOKEN_DATASET (or --train-images RAW_IMAGES with --tokenizer)")
     try:
         dist = Dist.init_from_env()
         if dist.world > 1 and device == "cuda":
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
         model, meta = load_model(ckpt, device=device)
         job = ProbeJob(
-            train=train_url, val=val_url, layers=layers,
+            train=train_url or train_images, val=val_url, layers=layers,
             poolings=("attention", "average") if pooling == "both" else (pooling,),
             train_split=None if train_split == "all" else train_split,
             val_split=None if val_split == "all" else val_split,

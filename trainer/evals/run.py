@@ -264,6 +264,10 @@ def probe_job(
     trained = train_heads(train_src, train_y, val_src, val_y, specs, classes, cfg,
                           val_groups=va_vid if is_video else None, eval_batch_size=max(job.batch_size, 2),
                           state_path=os.path.join(work, f"state-{mode}.pt"), checkpoint_every=job.checkpoint_every,
+                          state_key={"train": job.train_images or job.train, "split": job.train_split,
+                                     "frames": job.frames, "stride": job.stride, "clips": job.clips,
+                                     "max_samples": job.max_samples, "pool_tokens": job.pool_tokens,
+                                     "images": job.train_images is not None},
                           dist=dist, log=log)
     doc = sweep_doc(specs, [r for r, _ in trained], n_layers=n_layers, classes=classes, cfg=cfg, task=job.task,
                     progress=log if dist.rank == 0 else None,

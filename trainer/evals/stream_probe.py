@@ -284,9 +284,10 @@ def _steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, n // batch_size if n % batch_size == 1 else math.ceil(n / batch_size))
 
 
-def _fingerprint(specs, cfg: ProbeConfig, n_train: int, n_val: int, classes: list[str], world: int) -> dict:
+def _fingerprint(specs, cfg: ProbeConfig, n_train: int, n_val: int, classes: list[str], world: int,
+                 extra: dict | None) -> dict:
     return {"version": STATE_VERSION, "specs": [[s.layer, s.pooling] for s in specs], "cfg": asdict(cfg),
-            "n_train": n_train, "n_val": n_val, "classes": list(classes), "world": world}
+            "n_train": n_train, "n_val": n_val, "classes": list(classes), "world": world, "data": extra}
 
 
 def _save_state(path: str, state: dict) -> None:
@@ -310,6 +311,7 @@ def train_heads(
     eval_batch_size: int | None = None,
     state_path: str | None = None,
     checkpoint_every: int = 0,
+    state_key: dict | None = None,
     on_step: Callable[[int], None] | None = None,
     dist: Dist | None = None,
     log: Callable[[str], None] | None = None,
@@ -318,6 +320,8 @@ def train_heads(
 
     labels (N,) int64 class ids; ``val_groups`` (one name per val sample) averages class
     probabilities per group (clips of one video) and scores each group once, in sorted order.
+    ``state_key`` (what the training data is: dataset, split, clip layout) joins the heads, config,
+    sizes and world size in the fingerprint a saved state must match to be resumed.
     ``on_step(step)`` runs after every optimizer step (a test stops a run there)."""
     dist = dist or Dist()
     n = train.n
@@ -337,7 +341,7 @@ def train_heads(
     steps = _steps_per_epoch(n, cfg.batch_size)
     total, warmup = steps * cfg.epochs, int(round(cfg.warmup_epochs * steps))
     min_batch = max(2, dist.world)  # BatchNorm needs 2 samples, and every rank at least one
-    fp = _fingerprint(specs, cfg, n, val.n, classes, dist.world)
+    fp = _fingerprint(specs, cfg, n, val.n, classes, dist.world, state_key)
     epoch, batch, step = 0, 0, 0
     losses: list[list[float]] = [[] for _ in heads]
     acc, seen = torch.zeros(len(heads), dtype=torch.float64), 0
