@@ -268,6 +268,7 @@ def probe_job(
                                      "frames": job.frames, "stride": job.stride, "clips": job.clips,
                                      "max_samples": job.max_samples, "pool_tokens": job.pool_tokens,
                                      "images": job.train_images is not None},
+                          restart_other=True,  # a rerun with other settings (a demo rerun) starts afresh
                           dist=dist, log=log)
     doc = sweep_doc(specs, [r for r, _ in trained], n_layers=n_layers, classes=classes, cfg=cfg, task=job.task,
                     progress=log if dist.rank == 0 else None,

@@ -312,6 +312,7 @@ def train_heads(
     state_path: str | None = None,
     checkpoint_every: int = 0,
     state_key: dict | None = None,
+    restart_other: bool = False,
     on_step: Callable[[int], None] | None = None,
     dist: Dist | None = None,
     log: Callable[[str], None] | None = None,
@@ -321,7 +322,8 @@ def train_heads(
     labels (N,) int64 class ids; ``val_groups`` (one name per val sample) averages class
     probabilities per group (clips of one video) and scores each group once, in sorted order.
     ``state_key`` (what the training data is: dataset, split, clip layout) joins the heads, config,
-    sizes and world size in the fingerprint a saved state must match to be resumed.
+    sizes and world size in the fingerprint a saved state must match to be resumed; a state that
+    does not match is refused, or with ``restart_other`` ignored and overwritten.
     ``on_step(step)`` runs after every optimizer step (a test stops a run there)."""
     dist = dist or Dist()
     n = train.n
@@ -345,11 +347,18 @@ def train_heads(
     epoch, batch, step = 0, 0, 0
     losses: list[list[float]] = [[] for _ in heads]
     acc, seen = torch.zeros(len(heads), dtype=torch.float64), 0
+    st = None
     if state_path and os.path.exists(state_path):
         st = torch.load(state_path, map_location="cpu", weights_only=False)
-        if st["fingerprint"] != fp:
+    if st is not None and st["fingerprint"] != fp:
+        if not restart_other:
             raise ValueError(f"{state_path} is the state of another probe run (heads, config, data or world size "
                              "differ); delete it or pass another --out to start afresh")
+        if log is not None:
+            log(f"{state_path} is the state of another probe run (heads, config, data or world size differ): "
+                "starting afresh; it is overwritten")
+        st = None
+    if st is not None:
         for h, sd in zip(heads, st["heads"], strict=True):
             h.load_state_dict(sd)
         opt.load_state_dict(st["optimizer"])

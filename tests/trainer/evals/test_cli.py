@@ -128,6 +128,10 @@ def test_probe_stream_and_cache_agree_and_a_rerun_resumes(setup):
     again = json.loads((out / "probe-probe.json").read_text())
     assert [(r["top1"], r["correct"], r["final_train_loss"]) for r in again["results"]] == [
         (r["top1"], r["correct"], r["final_train_loss"]) for r in docs["stream"]["results"]]
+    # Other settings in the same OUT: the old state is not resumed, the run starts afresh.
+    other = [("2e-2" if a == "1e-2" else a) for a in common]  # another learning rate
+    res = CliRunner().invoke(main, ["probe", setup["ckpt"], *other, "--features", "stream", "--out", str(out)])
+    assert res.exit_code == 0 and "starting afresh" in res.output and "resuming" not in res.output
 
 
 def test_scaling_command(tmp_path):
