@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from trainer.evals.context import CONTEXT_RULES
 from trainer.evals.probes import POOLINGS, ProbeConfig, torch_threads
 
 __all__ = ["probe", "track", "scaling"]
@@ -41,11 +42,15 @@ def _fail(e: Exception) -> None:
 @click.option("--heads", default=4, show_default=True, type=int, help="Heads of the attention-pooling probe.")
 @click.option("--out", "out_dir", default="probe-out", show_default=True, help="Output directory.")
 @click.option("--task", default="probe", show_default=True, help="Name used in file names and plots.")
+@click.option("--context", "context_rule", default="auto", show_default=True, type=click.Choice(CONTEXT_RULES),
+              help="Clips longer than the trained context: auto extends it (LLaMA rope_base, GPT-2 pos_interp), "
+                   "drop_bos leaves bos out (16x256 = 4096 tokens fit), none refuses (docs/evaluation.md#context).")
 @click.option("--device", default="cpu", show_default=True, help="Device for feature extraction (cpu, cuda).")
 @click.option("--threads", default=None, type=int,
               help="Torch intra-op threads on CPU (default: torch's). 1 is much faster on a busy machine.")
 def probe(ckpt, train_url, val_url, train_split, val_split, layers, pooling, clips, frames, stride, max_samples,
-          pool_tokens, epochs, lr, batch_size, weight_decay, heads, out_dir, task, device, threads) -> None:
+          pool_tokens, epochs, lr, batch_size, weight_decay, heads, out_dir, task, device, threads,
+          context_rule) -> None:
     """Train probes on a frozen checkpoint's features and report top-1 / top-5.
 
     CKPT is a checkpoint directory (step-NNNNNNNN) or a run directory (its newest checkpoint).
@@ -68,6 +73,7 @@ def probe(ckpt, train_url, val_url, train_split, val_split, layers, pooling, cli
             train_split=None if train_split == "all" else train_split,
             val_split=None if val_split == "all" else val_split,
             frames=frames, stride=stride, clips=clips, max_samples=max_samples, pool_tokens=pool_tokens, task=task,
+            context=context_rule,
         )
         cfg = ProbeConfig(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, num_heads=heads)
         with torch_threads(threads):

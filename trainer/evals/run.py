@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from trainer.evals.context import context_limit, fit_probe_inputs, uses_bos
 from trainer.evals.features import extract_features, stack_clips
 from trainer.evals.probes import POOLINGS, ProbeConfig, labels_to_ids
 from trainer.evals.sweep import layer_sweep, write_sweep
@@ -62,6 +63,7 @@ class ProbeJob:
     pool_tokens: int = 1
     batch_size: int = 16  # feature extraction
     task: str = "probe"
+    context: str = "auto"  # trainer.evals.context rule for clips longer than the trained context
 
     def __post_init__(self) -> None:
         for p in self.poolings:
@@ -73,6 +75,7 @@ class ProbeJob:
                 raise ValueError(f"ProbeJob.{name}={v!r} is invalid: use a positive integer")
         if self.max_samples is not None and self.max_samples < 2:
             raise ValueError(f"ProbeJob.max_samples={self.max_samples!r} is invalid: use at least 2 (or None for all)")
+        uses_bos(self.context)  # validates the rule name
 
 
 def load_labelled(
@@ -103,7 +106,7 @@ def load_labelled(
         if len(c["tokens"]) > max_seq_len:
             raise ValueError(
                 f"{url}: a clip of {frames} frames is {len(c['tokens'])} tokens, more than the model's context of "
-                f"{max_seq_len}; pass fewer --frames"
+                f"{max_seq_len}; pass fewer --frames or --context auto (extends the context for evaluation)"
             )
         items.append(c)
     if max_samples is not None and len(items) > max_samples:
@@ -137,7 +140,8 @@ def probe_job(
     layers = parse_layers(job.layers, n_layers)
     specials = meta["specials"]
     common = dict(specials=specials, frames=job.frames, stride=job.stride, clips=job.clips,
-                  max_samples=job.max_samples, max_seq_len=int(model.cfg.max_seq_len), storage_options=storage_options)
+                  max_samples=job.max_samples, max_seq_len=context_limit(model, job.context),
+                  storage_options=storage_options)
     tr_tok, tr_fi, tr_lab, _ = load_labelled(job.train, split=job.train_split, **common)
     va_tok, va_fi, va_lab, va_vid = load_labelled(job.val, split=job.val_split, **common)
     train_y, classes = labels_to_ids(tr_lab)
@@ -150,12 +154,15 @@ def probe_job(
     va_lab, va_vid = [va_lab[i] for i in val_keep], [va_vid[i] for i in val_keep]
     val_y, _ = labels_to_ids(va_lab, classes)
     is_video = bool((tr_fi.max(dim=1).values > 0).any())
+    model, context, (tr_tok, tr_fi), (va_tok, va_fi) = fit_probe_inputs(model, job.context, (tr_tok, tr_fi),
+                                                                         (va_tok, va_fi))
     log(f"features: {len(tr_lab)} train / {len(va_lab)} val samples, {len(classes)} classes, layers {layers}")
     tr_f = extract_features(model, tr_tok, tr_fi, layers, batch_size=job.batch_size, pool_tokens=job.pool_tokens)
     va_f = extract_features(model, va_tok, va_fi, layers, batch_size=job.batch_size, pool_tokens=job.pool_tokens)
     doc = layer_sweep(tr_f, va_f, train_y, val_y, classes, n_layers=n_layers, poolings=list(job.poolings), cfg=cfg,
                       task=job.task, val_groups=va_vid if is_video else None, progress=log)
     doc["checkpoint"] = str(meta.get("step_dir", ""))
+    doc["context"] = context
     json_path, png_path = write_sweep(doc, out_dir, name=f"probe-{job.task}")
     return doc, json_path, png_path
 

@@ -102,8 +102,21 @@ def test_probe_videos_averages_clips_per_video(setup):
 def test_probe_rejects_clips_longer_than_context(setup):
     data = str(setup["root"] / "videos")
     res = CliRunner().invoke(main, ["probe", setup["ckpt"], "--train", data, "--val", data, "--frames", "8",
-                                    "--stride", "1", "--out", str(setup["root"] / "x")])
+                                    "--stride", "1", "--context", "none", "--out", str(setup["root"] / "x")])
     assert res.exit_code != 0 and "context" in res.output
+
+
+def test_probe_extends_the_context_for_longer_clips(setup):
+    # 8 frames of 4x4 + bos = 129 tokens against a context of 80: auto changes the rotary base and records it.
+    out = setup["root"] / "probe-long"
+    data = str(setup["root"] / "videos")
+    res = CliRunner().invoke(main, ["probe", setup["ckpt"], "--train", data, "--val", data, "--frames", "8",
+                                    "--stride", "1", "--clips", "1", "--layers", "2", "--epochs", "2",
+                                    "--batch-size", "12", "--heads", "2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = validate(json.loads((out / "probe-probe.json").read_text()), "probe_sweep")
+    assert doc["context"]["rule"] == "rope_base" and doc["context"]["trained_len"] == 80
+    assert doc["context"]["eval_len"] == 129 and doc["context"]["factor"] == pytest.approx(129 / 80)
 
 
 def test_scaling_command(tmp_path):
