@@ -217,14 +217,34 @@ def frame_tokenizer_from_meta(meta: dict, spec: str | None = None) -> Callable[[
 
 
 def features_fn_for(
-    model: torch.nn.Module, meta: dict, layer: int, tokenize: Callable[[np.ndarray], np.ndarray]
-) -> Callable[[np.ndarray], torch.Tensor]:
-    from trainer.evals.davis import model_patch_features
+    model: torch.nn.Module, meta: dict, layer: int, tokenize: Callable[[np.ndarray], np.ndarray], *,
+    layers: list[int] | None = None, context: str = "auto", record: dict | None = None,
+) -> Callable[[np.ndarray], torch.Tensor | dict[int, torch.Tensor]]:
+    """frames (F, R, R, 3) -> features (F, h, w, D) of `layer`, or {layer: ...} for each of `layers`
+    (one backbone pass per window).
 
-    bos = int(meta["specials"]["bos_video"])
+    Windows hold as many whole frames as the trained context does (at least one); when one frame
+    (plus bos) is longer, `context` (trainer.evals.context) fits the model to it, and `record` is
+    updated with what was done.
+    """
+    from trainer.evals.context import fit_context, trained_length, uses_bos
+    from trainer.evals.davis import patch_features
 
-    def fn(frames: np.ndarray) -> torch.Tensor:
-        return model_patch_features(model, tokenize(frames), bos=bos, layer=layer)
+    bos = int(meta["specials"]["bos_video"]) if uses_bos(context) else None
+    trained_grid = tuple(meta["grid"]) if meta.get("grid") else None
+
+    def fn(frames: np.ndarray) -> torch.Tensor | dict[int, torch.Tensor]:
+        tokens = tokenize(frames)  # (F, h, w)
+        _, h, w = tokens.shape
+        head = 0 if bos is None else 1
+        window = max(1, (trained_length(model) - head) // (h * w))
+        fitted, rec = fit_context(model, head + window * h * w, context, grid=(h, w), trained_grid=trained_grid)
+        if record is not None:
+            record.update(rec)
+        # A sweep keeps every layer's features of a sequence: fp16 halves that memory.
+        feats = patch_features(fitted, tokens, bos=bos, layers=layers or [layer], window=window,
+                               dtype=torch.float16 if layers else torch.float32)
+        return feats if layers else feats[layer]
 
     return fn
 
@@ -243,20 +263,40 @@ def track_job(
     sequences: list[str] | None = None,
     cfg=None,
     log: Callable[[str], None] = _log,
+    layers: str | None = None,
+    context: str = "auto",
 ) -> tuple[dict, str]:
-    """Label propagation on a DAVIS-layout root; writes track.json (validated track_result)."""
-    from pipeline.storage import write_json
-    from trainer.evals.davis import list_sequences, load_sequence, track_sequences
+    """Label propagation on a DAVIS-layout root; writes track.json (validated track_result).
 
-    layer = layer or default_track_layer(int(model.cfg.n_layers))
-    parse_layers(str(layer), int(model.cfg.n_layers))
+    `layers` ('all', '2,4,6', ...) sweeps those blocks from one backbone pass per window and reports
+    the peak layer (also as track-layers.png); else `layer` (default: the middle block). `context` is
+    the trainer.evals.context rule for frames longer than the trained context (512 px).
+    """
+    from pipeline.storage import write_json
+    from trainer.evals.davis import list_sequences, load_sequence, plot_track_layers, track_sequences
+
+    n_layers = int(model.cfg.n_layers)
+    if layers is not None and layer is not None:
+        raise ValueError("pass either --layer N or --layers SPEC, not both")
+    sweep = parse_layers(layers, n_layers) if layers is not None else None
+    layer = layer or default_track_layer(n_layers)
+    parse_layers(str(layer), n_layers)
+    down = (meta.get("tokenizer") or {}).get("downsample")
+    if not isinstance(resolution, int) or resolution < 1 or (down and resolution % int(down)):
+        raise ValueError(f"--resolution {resolution!r}: use a positive multiple of the tokenizer's {down} px "
+                         "patches (the paper: 256 or 512)")
     names = sequences or list_sequences(davis_root, split)
     seqs = [load_sequence(davis_root, n, max_frames=max_frames) for n in names]
-    body = track_sequences(seqs, features_fn_for(model, meta, layer, tokenize), resolution=resolution, cfg=cfg,
-                           progress=log)
+    record: dict = {}
+    body = track_sequences(seqs, features_fn_for(model, meta, layer, tokenize, layers=sweep, context=context,
+                                                 record=record),
+                           resolution=resolution, cfg=cfg, progress=log, n_layers=n_layers)
     doc = {"schema": "track_result", "version": 1, "checkpoint": str(meta.get("step_dir", "")),
-           "davis_root": davis_root, "layer": layer, "resolution": resolution, **body}
+           "davis_root": davis_root, "layer": body.get("peak_layer", layer), "resolution": resolution,
+           "context": record, **body}
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "track.json")
     write_json(path, doc, "track_result")
+    if sweep is not None:
+        plot_track_layers(doc, os.path.join(out_dir, "track-layers.png"))
     return doc, path

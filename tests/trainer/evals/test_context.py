@@ -117,3 +117,8 @@ def test_readme_frames_16_clip_runs_through_the_probe_path():
     m, rec, (tok, f) = fit_probe_inputs(model, "drop_bos", (tokens, fi))
     assert rec["bos"] is False and rec["eval_len"] == 64 and torch.equal(tok, tokens[:, 1:])  # 16·4 fits exactly
     assert extract_features(m, tok, f, [1])[1].shape == (3, 64, 32)
+    # CATER's 32 frames: 1 + 32·HW, twice the context.
+    tokens32 = torch.cat([torch.full((2, 1), V - 1), torch.randint(0, V - 4, (2, 128))], dim=1)
+    fi32 = torch.cat([torch.full((2, 1), -1), torch.arange(32).repeat_interleave(4).expand(2, 128)], dim=1)
+    m, rec, (tok, f) = fit_probe_inputs(model, "auto", (tokens32, fi32))
+    assert rec["factor"] == 129 / 64 and extract_features(m, tok, f, [1])[1].shape == (2, 128, 32)
