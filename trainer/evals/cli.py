@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from trainer.evals.context import CONTEXT_RULES
 from trainer.evals.probes import POOLINGS, ProbeConfig, torch_threads
 
 __all__ = ["probe", "track", "scaling"]
@@ -43,6 +44,9 @@ def _fail(e: Exception) -> None:
 @click.option("--heads", default=4, show_default=True, type=int, help="Heads of the attention-pooling probe.")
 @click.option("--out", "out_dir", default="probe-out", show_default=True, help="Output directory.")
 @click.option("--task", default="probe", show_default=True, help="Name used in file names and plots.")
+@click.option("--context", "context_rule", default="auto", show_default=True, type=click.Choice(CONTEXT_RULES),
+              help="Clips longer than the trained context: auto extends it (LLaMA rope_base, GPT-2 pos_interp), "
+                   "drop_bos leaves bos out (16x256 = 4096 tokens fit), none refuses (docs/evaluation.md#context).")
 @click.option("--device", default="cpu", show_default=True, help="Device for feature extraction (cpu, cuda).")
 @click.option("--threads", default=None, type=int,
               help="Torch intra-op threads on CPU (default: torch's). 1 is much faster on a busy machine.")
@@ -67,7 +71,8 @@ def _fail(e: Exception) -> None:
               help="With --train-images: crop size fed to the tokenizer. Default: the checkpoint's training resolution.")
 def probe(ckpt, train_url, val_url, train_split, val_split, layers, pooling, clips, frames, stride, max_samples,
           pool_tokens, epochs, lr, batch_size, weight_decay, heads, out_dir, task, device, threads, features_mode,
-          cache_limit_gb, checkpoint_every, train_images, images_layout, tokenizer_spec, resolution) -> None:
+          cache_limit_gb, checkpoint_every, train_images, images_layout, tokenizer_spec, resolution,
+          context_rule) -> None:
     """Train probes on a frozen checkpoint's features and report top-1 / top-5.
 
     CKPT is a checkpoint directory (step-NNNNNNNN) or a run directory (its newest checkpoint).
@@ -100,7 +105,7 @@ def probe(ckpt, train_url, val_url, train_split, val_split, layers, pooling, cli
             val_split=None if val_split == "all" else val_split,
             frames=frames, stride=stride, clips=clips, max_samples=max_samples, pool_tokens=pool_tokens, task=task,
             features=features_mode, cache_limit_gb=cache_limit_gb, checkpoint_every=checkpoint_every,
-            train_images=train_images, images_layout=images_layout,
+            train_images=train_images, images_layout=images_layout, context=context_rule,
         )
         cfg = ProbeConfig(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, num_heads=heads)
         tokenize = frame_tokenizer_from_meta(meta, tokenizer_spec) if train_images else None
@@ -122,8 +127,15 @@ def probe(ckpt, train_url, val_url, train_split, val_split, layers, pooling, cli
 @click.option("--davis", "davis_root", required=True, help="DAVIS-2017 root (JPEGImages/480p, Annotations/480p).")
 @click.option("--split", default="val", show_default=True, help="ImageSets/2017/<split>.txt; every sequence if absent.")
 @click.option("--layer", default=None, type=int, help="Block whose features are used. Default: the middle block.")
+@click.option("--layers", "layers_spec", default=None,
+              help="Sweep blocks instead of --layer: 'all' (or a comma list) scores every block from one backbone "
+                   "pass per window and reports the peak layer, as the paper does (track.json + track-layers.png).")
 @click.option("--resolution", default=None, type=int,
-              help="Frame size fed to the tokenizer. Default: the checkpoint's training resolution.")
+              help="Square frame size fed to the tokenizer (the paper: 256 or 512; 512 px at 8 px patches is "
+                   "4096 tokens a frame, fitted by --context). Default: the checkpoint's training resolution.")
+@click.option("--context", "context_rule", default="auto", show_default=True, type=click.Choice(CONTEXT_RULES),
+              help="When one frame (+ bos) exceeds the trained context: auto extends it (LLaMA rope_base, GPT-2 "
+                   "pos_interp), rope_pi, drop_bos leaves bos out, none refuses. Recorded in track.json.")
 @click.option("--tokenizer", "tokenizer_spec", default=None,
               help="load_tokenizer spec of the checkpoint's tokenizer (dalle:DIR, vqgan:DIR, dvae:DIR, demo). "
                    "Default: demo for demo-tokenizer checkpoints; its id must match the checkpoint's.")
@@ -131,14 +143,14 @@ def probe(ckpt, train_url, val_url, train_split, val_split, layers, pooling, cli
 @click.option("--topk", default=10, show_default=True, type=int, help="Affinities kept per patch.")
 @click.option("--temperature", default=0.05, show_default=True, type=float, help="Softmax temperature.")
 @click.option("--radius", default=12.0, show_default=True, type=float, help="Spatial radius in feature-grid cells.")
-@click.option("--context", "n_context", default=20, show_default=True, type=int,
-              help="Previous frames in the context (besides the first frame).")
+@click.option("--n-context", "n_context", default=20, show_default=True, type=int,
+              help="Previous frames whose labels propagate (besides the first frame; the paper: 20).")
 @click.option("--out", "out_dir", default="track-out", show_default=True, help="Output directory (track.json).")
 @click.option("--device", default="cpu", show_default=True, help="Device (cpu, cuda).")
 @click.option("--threads", default=None, type=int,
               help="Torch intra-op threads on CPU (default: torch's). 1 is much faster on a busy machine.")
 def track(ckpt, davis_root, split, layer, resolution, tokenizer_spec, max_frames, topk, temperature, radius, n_context, out_dir,
-          device, threads) -> None:
+          device, threads, layers_spec, context_rule) -> None:
     """Semi-supervised video object segmentation by label propagation (DAVIS protocol): J, F, J&F.
 
     The first frame's masks are propagated with the model's per-patch features (Jabri et al.
@@ -149,6 +161,7 @@ def track(ckpt, davis_root, split, layer, resolution, tokenizer_spec, max_frames
 
     \b
         toto-train track runs/demo --davis demo-out/data/davis --layer 3 --out track-out
+        toto-train track runs/large --davis /data/DAVIS --tokenizer dalle:weights/dalle --resolution 512 --layers all
     """
     from trainer.checkpoint import load_model
     from trainer.evals.propagation import PropagationConfig
@@ -161,12 +174,18 @@ def track(ckpt, davis_root, split, layer, resolution, tokenizer_spec, max_frames
         with torch_threads(threads):
             doc, path = track_job(model, meta, davis_root, out_dir,
                                   tokenize=frame_tokenizer_from_meta(meta, tokenizer_spec), resolution=res, layer=layer,
-                                  split=split, max_frames=max_frames, cfg=cfg)
+                                  split=split, max_frames=max_frames, cfg=cfg, layers=layers_spec,
+                                  context=context_rule)
     except (ValueError, RuntimeError) as e:
         _fail(e)
     for r in doc["objects"]:
         click.echo(f"{r['sequence']:<24} object {r['object']:>2}  J {100 * r['J']:5.1f}  F {100 * r['F']:5.1f}  "
                    f"J&F {100 * r['JF']:5.1f}")
+    for r in doc.get("layers", []):
+        click.echo(f"layer {r['layer']:>3} ({r['relative_depth']:.2f})  J {100 * r['J_mean']:5.1f}  "
+                   f"F {100 * r['F_mean']:5.1f}  J&F {100 * r['JF_mean']:5.1f}")
+    if "peak_layer" in doc:
+        click.echo(f"peak layer {doc['peak_layer']} (scores below); plot {os.path.join(out_dir, 'track-layers.png')}")
     s = doc["summary"]
     click.echo(f"overall ({s['objects']} objects): J {100 * s['J_mean']:.1f}  F {100 * s['F_mean']:.1f}  "
                f"J&F {100 * s['JF_mean']:.1f}   wrote {path}")

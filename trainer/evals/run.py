@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from trainer.evals.context import context_limit, fit_probe_inputs, uses_bos
 from trainer.evals.features import stack_clips
 from trainer.evals.probes import POOLINGS, ProbeConfig, labels_to_ids
 from trainer.evals.sweep import write_sweep
@@ -69,6 +70,7 @@ class ProbeJob:
     # resized crop + flip (trainer.evals.augment); None: train on the token dataset `train` as it is.
     train_images: str | None = None
     images_layout: str = "imagenet"  # pipeline.sources.adapters layout of train_images
+    context: str = "auto"  # trainer.evals.context rule for clips longer than the trained context
 
     def __post_init__(self) -> None:
         for p in self.poolings:
@@ -87,6 +89,7 @@ class ProbeJob:
                              f"{self.checkpoint_every!r} must be >= 0")
         if self.max_samples is not None and self.max_samples < 2:
             raise ValueError(f"ProbeJob.max_samples={self.max_samples!r} is invalid: use at least 2 (or None for all)")
+        uses_bos(self.context)  # validates the rule name
 
 
 def load_labelled(
@@ -117,7 +120,7 @@ def load_labelled(
         if len(c["tokens"]) > max_seq_len:
             raise ValueError(
                 f"{url}: a clip of {frames} frames is {len(c['tokens'])} tokens, more than the model's context of "
-                f"{max_seq_len}; pass fewer --frames"
+                f"{max_seq_len}; pass fewer --frames or --context auto (extends the context for evaluation)"
             )
         items.append(c)
     keep = subset_rows([c["video_id"] for c in items], max_samples, seed)
@@ -213,10 +216,15 @@ def probe_job(
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    args = dict(job=job, specials=meta["specials"], max_seq_len=int(model.cfg.max_seq_len),
+    args = dict(job=job, specials=meta["specials"], max_seq_len=context_limit(model, job.context),
                 storage_options=storage_options, dist=dist)
     va_info, va_tok, va_fi = _token_file(job.val, job.val_split, os.path.join(work, "val"), **args)
     if job.train_images is not None:
+        if not uses_bos(job.context):
+            raise ValueError("--context drop_bos does not apply to --train-images (the crops are tokenized with bos); "
+                             "use --context auto")
+        # The crops are single images like the validation set, so fitting the context to it covers them.
+        model, context, (va_tok, va_fi) = fit_probe_inputs(model, job.context, (va_tok, va_fi))
         from trainer.evals.augment import ImageSource, list_probe_images
 
         if tokenize is None:
@@ -231,6 +239,10 @@ def probe_job(
                                 pool_tokens=job.pool_tokens, storage_options=storage_options)
     else:
         tr_info, tr_tok, tr_fi = _token_file(job.train, job.train_split, os.path.join(work, "train"), **args)
+        # Extends the model's context where the clips need it (recorded in the result); drop_bos views
+        # the token files without their first column.
+        model, context, (tr_tok, tr_fi), (va_tok, va_fi) = fit_probe_inputs(model, job.context, (tr_tok, tr_fi),
+                                                                             (va_tok, va_fi))
         tr_rows = subset_rows(tr_info["video_ids"], job.max_samples)
         tr_lab = [tr_info["labels"][i] for i in tr_rows]
         train_src = TokenSource(model, tr_tok, tr_fi, layers, rows=np.asarray(tr_rows), pool_tokens=job.pool_tokens)
@@ -258,7 +270,8 @@ def probe_job(
         # The whole token file is cached (rows select the subset), so a cache serves any --max-samples;
         # it lives in the token file's folder, so a rebuilt token file (other data) takes it along.
         full = TokenSource(model, train_src.tok, train_src.fi, layers, pool_tokens=job.pool_tokens)
-        cdir = os.path.join(work, "train", f"cache-pool{job.pool_tokens}-layers{'-'.join(map(str, layers))}")
+        cdir = os.path.join(work, "train", f"cache-pool{job.pool_tokens}-layers{'-'.join(map(str, layers))}"
+                                           f"-{context['rule']}-{context['eval_len']}")
         build_feature_cache(full, cdir, batch_size=job.batch_size, dist=dist, log=log)
         train_src = CacheSource(cdir, layers, rows=train_src.rows)
     trained = train_heads(train_src, train_y, val_src, val_y, specs, classes, cfg,
@@ -267,13 +280,14 @@ def probe_job(
                           state_key={"train": job.train_images or job.train, "split": job.train_split,
                                      "frames": job.frames, "stride": job.stride, "clips": job.clips,
                                      "max_samples": job.max_samples, "pool_tokens": job.pool_tokens,
-                                     "images": job.train_images is not None},
+                                     "images": job.train_images is not None, "context": context},
                           restart_other=True,  # a rerun with other settings (a demo rerun) starts afresh
                           dist=dist, log=log)
     doc = sweep_doc(specs, [r for r, _ in trained], n_layers=n_layers, classes=classes, cfg=cfg, task=job.task,
                     progress=log if dist.rank == 0 else None,
                     extra_config={"features": mode, "world_size": dist.world, "pool_tokens": job.pool_tokens})
     doc["checkpoint"] = str(meta.get("step_dir", ""))
+    doc["context"] = context
     name = f"probe-{job.task}"
     if dist.rank != 0:
         return doc, os.path.join(out_dir, f"{name}.json"), os.path.join(out_dir, f"{name}.png")
@@ -331,14 +345,34 @@ def frame_tokenizer_from_meta(meta: dict, spec: str | None = None) -> Callable[[
 
 
 def features_fn_for(
-    model: torch.nn.Module, meta: dict, layer: int, tokenize: Callable[[np.ndarray], np.ndarray]
-) -> Callable[[np.ndarray], torch.Tensor]:
-    from trainer.evals.davis import model_patch_features
+    model: torch.nn.Module, meta: dict, layer: int, tokenize: Callable[[np.ndarray], np.ndarray], *,
+    layers: list[int] | None = None, context: str = "auto", record: dict | None = None,
+) -> Callable[[np.ndarray], torch.Tensor | dict[int, torch.Tensor]]:
+    """frames (F, R, R, 3) -> features (F, h, w, D) of `layer`, or {layer: ...} for each of `layers`
+    (one backbone pass per window).
 
-    bos = int(meta["specials"]["bos_video"])
+    Windows hold as many whole frames as the trained context does (at least one); when one frame
+    (plus bos) is longer, `context` (trainer.evals.context) fits the model to it, and `record` is
+    updated with what was done.
+    """
+    from trainer.evals.context import fit_context, trained_length, uses_bos
+    from trainer.evals.davis import patch_features
 
-    def fn(frames: np.ndarray) -> torch.Tensor:
-        return model_patch_features(model, tokenize(frames), bos=bos, layer=layer)
+    bos = int(meta["specials"]["bos_video"]) if uses_bos(context) else None
+    trained_grid = tuple(meta["grid"]) if meta.get("grid") else None
+
+    def fn(frames: np.ndarray) -> torch.Tensor | dict[int, torch.Tensor]:
+        tokens = tokenize(frames)  # (F, h, w)
+        _, h, w = tokens.shape
+        head = 0 if bos is None else 1
+        window = max(1, (trained_length(model) - head) // (h * w))
+        fitted, rec = fit_context(model, head + window * h * w, context, grid=(h, w), trained_grid=trained_grid)
+        if record is not None:
+            record.update(rec)
+        # A sweep keeps every layer's features of a sequence: fp16 halves that memory.
+        feats = patch_features(fitted, tokens, bos=bos, layers=layers or [layer], window=window,
+                               dtype=torch.float16 if layers else torch.float32)
+        return feats if layers else feats[layer]
 
     return fn
 
@@ -357,20 +391,40 @@ def track_job(
     sequences: list[str] | None = None,
     cfg=None,
     log: Callable[[str], None] = _log,
+    layers: str | None = None,
+    context: str = "auto",
 ) -> tuple[dict, str]:
-    """Label propagation on a DAVIS-layout root; writes track.json (validated track_result)."""
-    from pipeline.storage import write_json
-    from trainer.evals.davis import list_sequences, load_sequence, track_sequences
+    """Label propagation on a DAVIS-layout root; writes track.json (validated track_result).
 
-    layer = layer or default_track_layer(int(model.cfg.n_layers))
-    parse_layers(str(layer), int(model.cfg.n_layers))
+    `layers` ('all', '2,4,6', ...) sweeps those blocks from one backbone pass per window and reports
+    the peak layer (also as track-layers.png); else `layer` (default: the middle block). `context` is
+    the trainer.evals.context rule for frames longer than the trained context (512 px).
+    """
+    from pipeline.storage import write_json
+    from trainer.evals.davis import list_sequences, load_sequence, plot_track_layers, track_sequences
+
+    n_layers = int(model.cfg.n_layers)
+    if layers is not None and layer is not None:
+        raise ValueError("pass either --layer N or --layers SPEC, not both")
+    sweep = parse_layers(layers, n_layers) if layers is not None else None
+    layer = layer or default_track_layer(n_layers)
+    parse_layers(str(layer), n_layers)
+    down = (meta.get("tokenizer") or {}).get("downsample")
+    if not isinstance(resolution, int) or resolution < 1 or (down and resolution % int(down)):
+        raise ValueError(f"--resolution {resolution!r}: use a positive multiple of the tokenizer's {down} px "
+                         "patches (the paper: 256 or 512)")
     names = sequences or list_sequences(davis_root, split)
     seqs = [load_sequence(davis_root, n, max_frames=max_frames) for n in names]
-    body = track_sequences(seqs, features_fn_for(model, meta, layer, tokenize), resolution=resolution, cfg=cfg,
-                           progress=log)
+    record: dict = {}
+    body = track_sequences(seqs, features_fn_for(model, meta, layer, tokenize, layers=sweep, context=context,
+                                                 record=record),
+                           resolution=resolution, cfg=cfg, progress=log, n_layers=n_layers)
     doc = {"schema": "track_result", "version": 1, "checkpoint": str(meta.get("step_dir", "")),
-           "davis_root": davis_root, "layer": layer, "resolution": resolution, **body}
+           "davis_root": davis_root, "layer": body.get("peak_layer", layer), "resolution": resolution,
+           "context": record, **body}
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "track.json")
     write_json(path, doc, "track_result")
+    if sweep is not None:
+        plot_track_layers(doc, os.path.join(out_dir, "track-layers.png"))
     return doc, path
