@@ -15,7 +15,11 @@ min_lr; label smoothing 0.1; 50 epochs; global batch 1024 at lr 4e-3 (MAE's base
 have and are not used. bf16 autocast on CUDA.
 
 Distribution and resumption: torchrun (DDP; every rank takes a strided share of each global batch,
-so a global batch is the same at any world size). The order of samples is a pure function of
+so a global batch is the same at any world size; the head's BatchNorm takes its statistics over
+all ranks, `GlobalBatchNorm1d`, so a step equals one process's up to rounding. With --micro-batch
+they are per micro-batch, as gradient accumulation with BatchNorm always is). FSDP is not offered:
+the train loop's FSDP2 path is inline in `trainer.train._train`, and fine-tuning fits DDP up to 1b
+(1.1B parameters + AdamW state ≈ 18 GB per GPU in fp32). The order of samples is a pure function of
 (seed, epoch); a checkpoint (trainer.checkpoint: atomic step-NNNNNNNN/ directories) holds model +
 head + optimizer + RNG and the position (global step), so a rerun after an interruption gives the
 result of an uninterrupted run (bit-for-bit on CPU). Each epoch's top-1/top-5 on --val goes to
@@ -27,6 +31,7 @@ is 1.3 GB); the backbone runs on every batch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -143,6 +148,46 @@ class FinetuneModel(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.backbone.features(tokens, [self.layer])[0]  # (B, T, D); blocks above `layer` never run
         return self.head(h[:, self.visual].float())  # (B, P, D) -> (B, C)
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """The heads' BatchNorm with statistics over the whole global batch under DDP (gloo or NCCL).
+
+    torch's SyncBatchNorm runs on GPUs only; this one all-reduces (sum, sum of squares, count) through
+    the autograd-aware `torch.distributed.nn.functional.all_reduce`, so forward and gradients equal one
+    process on the global batch. One process (or eval mode): plain BatchNorm1d. Same state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C)
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        c = x.shape[1]
+        xf = x.float()
+        stats = torch.cat([xf.sum(0), (xf * xf).sum(0), xf.new_full((1,), float(x.shape[0]))])  # (2C+1,)
+        stats = all_reduce(stats)
+        count = stats[-1]
+        mean = stats[:c] / count
+        var = (stats[c : 2 * c] / count - mean * mean).clamp(min=0)  # biased, as BatchNorm normalises
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(m * mean.detach())
+                self.running_var.mul_(1 - m).add_(m * var.detach() * count / (count - 1).clamp(min=1))
+        y = (xf - mean) / torch.sqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight + self.bias
+        return y.to(x.dtype)
+
+
+def _global_norms(head: nn.Module) -> None:
+    """Swap the head's BatchNorm1d for GlobalBatchNorm1d (same settings and buffers)."""
+    bn = head.norm
+    g = GlobalBatchNorm1d(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                          track_running_stats=bn.track_running_stats)
+    g.load_state_dict(bn.state_dict())
+    head.norm = g
 
 
 def _freeze_unused(backbone: nn.Module, layer: int) -> None:
@@ -352,6 +397,11 @@ def _finetune(ckpt, train_url, val_url, out, cfg: FinetuneConfig, so, log) -> di
         head = AveragePoolingHead(dim, len(train.classes))
     nn.init.trunc_normal_(head.classifier.weight, std=2e-5)  # MAE's fine-tuning head init
     nn.init.zeros_(head.classifier.bias)
+    _global_norms(head)  # DDP: statistics over the global batch, as one process would compute them
+    if isinstance(head, AttentionPoolingHead):
+        # The key bias adds one constant per head to the query's logits, which the softmax cancels: it
+        # never gets a gradient, and DDP would wait for one.
+        head.k.bias.requires_grad_(False)
     _freeze_unused(backbone, layer)
     raw = FinetuneModel(backbone.train(), head, layer, train.visual).to(device)
     groups = layer_decay_groups(raw, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
@@ -432,11 +482,14 @@ def _finetune(ckpt, train_url, val_url, out, cfg: FinetuneConfig, so, log) -> di
         for j in range(0, per_rank, micro):
             idx = mine[j : j + micro]
             x, y = train.tokens[idx].long().to(device), train.labels[idx].to(device)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                logits = model(x)  # (b, C)
-            # Mean over the global batch: each micro-batch's sum / global batch (DDP averages over ranks).
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing, reduction="sum")
-            (loss * world / cfg.global_batch).backward()
+            # Gradients are all-reduced once per step, after the last micro-batch.
+            sync = model.no_sync() if world > 1 and j + micro < per_rank else contextlib.nullcontext()
+            with sync:
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    logits = model(x)  # (b, C)
+                # Mean over the global batch: each micro-batch's sum / global batch (DDP averages over ranks).
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing, reduction="sum")
+                (loss * world / cfg.global_batch).backward()
             step_loss += loss.detach().double().cpu()
         if world > 1:
             dist.all_reduce(step_loss)
