@@ -28,6 +28,9 @@ main.add_command(scaling)
 from trainer.demo import demo  # noqa: E402
 
 main.add_command(demo)
+from trainer.evals.sta import sta_command  # noqa: E402
+
+main.add_command(sta_command)
 
 if __name__ == "__main__":
     main()
