@@ -86,3 +86,22 @@ def make_sta_miniature(root: str, *, train_clips: int = 6, val_clips: int = 3, f
     with open(paths["detections"], "w") as f:
         json.dump(detections, f)
     return paths
+
+
+if __name__ == "__main__":
+    import click
+
+    @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.argument("root")
+    @click.option("--train-clips", default=6, show_default=True, type=int)
+    @click.option("--val-clips", default=3, show_default=True, type=int)
+    @click.option("--seed", default=0, show_default=True, type=int)
+    def _main(root, train_clips, val_clips, seed) -> None:
+        """Write an STA-layout miniature under ROOT.
+
+        Example: python -m trainer.evals.sta_miniature /tmp/sta --train-clips 12 --val-clips 3
+        """
+        p = make_sta_miniature(root, train_clips=train_clips, val_clips=val_clips, seed=seed)
+        click.echo(f"--annotations {p['annotations']} --videos {p['videos']} --detections {p['detections']}")
+
+    _main()
