@@ -130,7 +130,7 @@ def train_heads(x: torch.Tensor, verbs: torch.Tensor, ttcs: torch.Tensor, n_verb
     heads.train()
     for _ in range(cfg.epochs):
         for idx in torch.randperm(len(x), generator=g).split(cfg.batch_size):
-            logits, ttc = heads(x[idx].to(device))
+            logits, ttc = heads(x[idx].to(device).float())
             loss = nn.functional.cross_entropy(logits, verbs[idx].to(device)) + \
                 nn.functional.smooth_l1_loss(ttc, ttcs[idx].to(device))
             opt.zero_grad()
@@ -177,7 +177,8 @@ def sta_job(
                          float).reshape(-1, 4)
         keep = [(i, t) for i, t in enumerate(_targets(boxes, ann, verb_index)) if t is not None]
         if keep:
-            xs.append(roi_features(feats, boxes[[i for i, _ in keep]], width, height))
+            # float16 halves the memory of Ego4D's ~100k training frames' boxes; heads train in float32.
+            xs.append(roi_features(feats, boxes[[i for i, _ in keep]], width, height).half())
             vs += [t[0] for _, t in keep]
             ts += [t[1] for _, t in keep]
         if (k + 1) % 50 == 0:

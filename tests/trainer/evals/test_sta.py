@@ -121,3 +121,21 @@ def test_heads_learn_verbs_and_ttc_from_separable_features():
         logits, ttc = heads(x)
     assert (logits.argmax(1) == verbs).all()
     assert (ttc - ttcs).abs().mean() < 0.1 and (ttc >= 0).all()
+
+
+def test_a_frame_without_detections_costs_its_class_recall(mini, tmp_path):
+    from trainer.checkpoint import load_model
+    from trainer.evals.run import frame_tokenizer_from_meta
+    from trainer.evals.sta import StaConfig, sta_job
+
+    _checkpoint(str(tmp_path / "run"))
+    dets = json.loads(open(mini["detections"]).read())
+    dets["val-clip-00_0000011"] = []  # the one cup of that frame is never proposed
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    model, meta = load_model(str(tmp_path / "run"))
+    doc, _ = sta_job(model, meta, mini["annotations"], mini["videos"], str(tmp_path / "dets.json"),
+                     str(tmp_path / "out"), tokenize=frame_tokenizer_from_meta(meta), resolution=64,
+                     cfg=StaConfig(epochs=2), log=lambda m: None)
+    # Val holds 2 cups, 2 knives, 2 sponges: cup AP = 1/2 (its remaining prediction is right), others 1.
+    assert doc["top5_map"]["noun"] == pytest.approx(100 * (0.5 + 1 + 1) / 3)
+    assert doc["counts"]["val_detections"] == 0 + 2 + 3 + 3  # per frame: its objects' boxes + one false box
