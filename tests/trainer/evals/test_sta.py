@@ -139,3 +139,13 @@ def test_a_frame_without_detections_costs_its_class_recall(mini, tmp_path):
     # Val holds 2 cups, 2 knives, 2 sponges: cup AP = 1/2 (its remaining prediction is right), others 1.
     assert doc["top5_map"]["noun"] == pytest.approx(100 * (0.5 + 1 + 1) / 3)
     assert doc["counts"]["val_detections"] == 0 + 2 + 3 + 3  # per frame: its objects' boxes + one false box
+
+
+def test_frames_past_the_first_second_are_found_after_a_seek(tmp_path):
+    from pipeline.media import write_video
+
+    # Frame i is grey level 2i; keyframes every second, so frame 100 is read after a seek.
+    write_video(str(tmp_path / "c.mp4"), lambda i, t: np.full((32, 32, 3), 2 * i, np.uint8), num_frames=120,
+                fps=30, gop=30)
+    f = read_frames_before(str(tmp_path / "c.mp4"), 100, 4, 5)
+    assert np.abs(f.reshape(4, -1).mean(1) - [170, 180, 190, 200]).max() < 3
