@@ -106,6 +106,9 @@ def test_sta_command_end_to_end(mini, tmp_path):
     p = preds["val-clip-00_0000011"][0]
     assert set(p) == {"box", "noun_category_id", "verb_category_id", "time_to_contact", "score"} and p["score"] <= 0.95
     assert "Top-5 mAP  noun 100.00" in res.output
+    bad = CliRunner().invoke(main, ["sta", str(tmp_path / "run"), "--annotations", str(tmp_path), "--videos",
+                                    mini["videos"], "--detections", mini["detections"], "--out", str(tmp_path / "o2")])
+    assert bad.exit_code != 0 and "fho_sta_train.json" in bad.output and "Traceback" not in bad.output
 
 
 def test_heads_learn_verbs_and_ttc_from_separable_features():
