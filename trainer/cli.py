@@ -35,6 +35,9 @@ from trainer.figures_cli import curves_command, position_loss_command  # noqa: E
 
 main.add_command(curves_command)
 main.add_command(position_loss_command)
+from trainer.evals.sta import sta_command  # noqa: E402
+
+main.add_command(sta_command)
 
 if __name__ == "__main__":
     main()
