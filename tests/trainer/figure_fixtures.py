@@ -1,4 +1,4 @@
-"""Token datasets and checkpoints made at test time for the fine-tuning and figure commands."""
+"""Token datasets and checkpoints made at test time for the evaluation, fine-tuning and figure commands."""
 
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +15,9 @@ from click.testing import CliRunner
 from pipeline.shards import ShardWriter, write_manifest
 from schemas import validate
 from trainer.cli import main
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from figure_fixtures import make_checkpoint  # noqa: E402
 
 CODEBOOK = 64
 TOK = {"id": "test-labelled", "sha256": "0" * 64, "vocab_size": CODEBOOK, "downsample": 8}
@@ -41,31 +46,12 @@ def _write_labelled(out: str, *, video: bool, per_class: int, seed: int) -> None
     write_manifest(out)
 
 
-def _checkpoint(run_dir: str) -> str:
-    from pipeline.mix.sequence import make_specials
-    from trainer import checkpoint as ck
-    from trainer.model import ModelConfig, Transformer
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(dim=32, n_layers=3, n_heads=2, vocab_size=CODEBOOK + 4, max_seq_len=80, mlp_hidden=64)
-    model = Transformer(cfg)
-    w = ck.CheckpointWriter(run_dir, 10)
-    w.write_model(model.state_dict())
-    w.commit({
-        "model_config": cfg.to_dict(), "train_config": {"name": "test"},
-        "scheduler": {"kind": "warmup_cosine", "step": 10},
-        "loader_state": {"version": 1, "mix_hash": "x", "consumed_samples": 40}, "world_size": 1,
-        "specials": make_specials(CODEBOOK), "tokenizer": dict(TOK, resolution=32),
-    })
-    return run_dir
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     _write_labelled(str(root / "images"), video=False, per_class=12, seed=0)
     _write_labelled(str(root / "videos"), video=True, per_class=6, seed=1)
-    return {"root": root, "ckpt": _checkpoint(str(root / "run"))}
+    return {"root": root, "ckpt": make_checkpoint(str(root / "run"), n_layers=3)}
 
 
 def test_probe_images_all_layers_both_poolings(setup):
