@@ -312,8 +312,12 @@ def tokenizer_spec_for(meta: dict, spec: str | None) -> str:
     info = meta.get("tokenizer") or {}
     if info.get("spec"):
         return str(info["spec"])
-    if str(info.get("id", "")).startswith("demo"):
-        return "demo"
+    if info.get("id"):
+        from pipeline.tokenizers import load_tokenizer
+
+        # Only the bundled weights themselves: a user's own dVAE may also be named "demo".
+        if info["id"] == load_tokenizer("demo", device="cpu").id:
+            return "demo"
     raise ValueError(
         f"the checkpoint was trained on tokenizer {info.get('id')!r}; pass --tokenizer SPEC "
         "(dalle:DIR, vqgan:DIR, dvae:DIR or demo) pointing at the same weights"

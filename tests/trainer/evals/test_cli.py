@@ -150,15 +150,18 @@ def test_scaling_command(tmp_path):
 
 
 def test_track_defaults_from_checkpoint_meta():
+    from pipeline.tokenizers import load_tokenizer
     from trainer.evals.run import resolution_from_meta, tokenizer_spec_for
 
-    meta = {"grid": [8, 8], "tokenizer": {"id": "demo-dvae-abc", "downsample": 8}}
+    meta = {"grid": [8, 8], "tokenizer": {"id": load_tokenizer("demo", device="cpu").id, "downsample": 8}}
     assert resolution_from_meta(meta) == 64
     assert resolution_from_meta({"resolution": 128}) == 128
     assert tokenizer_spec_for(meta, None) == "demo"
     assert tokenizer_spec_for(meta, "dalle:w") == "dalle:w"
     with pytest.raises(ValueError, match="--tokenizer"):
         tokenizer_spec_for({"tokenizer": {"id": "dalle-123"}}, None)
+    with pytest.raises(ValueError, match="--tokenizer"):  # another dVAE that is also named demo
+        tokenizer_spec_for({"tokenizer": {"id": "dvae:demo:" + "0" * 64}}, None)
     with pytest.raises(ValueError, match="--resolution"):
         resolution_from_meta({"tokenizer": {"id": "x"}})
 
