@@ -28,6 +28,16 @@ main.add_command(scaling)
 from trainer.demo import demo  # noqa: E402
 
 main.add_command(demo)
+from trainer.finetune_cli import finetune_command  # noqa: E402
+
+main.add_command(finetune_command)
+from trainer.figures_cli import curves_command, position_loss_command  # noqa: E402
+
+main.add_command(curves_command)
+main.add_command(position_loss_command)
+from trainer.evals.sta import sta_command  # noqa: E402
+
+main.add_command(sta_command)
 
 if __name__ == "__main__":
     main()

@@ -206,10 +206,15 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
-def rope_cache(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (max_seq_len, head_dim) in the half-split layout."""
+def rope_cache(head_dim: int, max_seq_len: int, theta: float,
+               position_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (max_seq_len, head_dim) in the half-split layout.
+
+    position_scale < 1 is position interpolation (trainer.evals.context): position t is rotated as t·scale."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     t = torch.arange(max_seq_len, dtype=torch.int64).float()
+    if position_scale != 1.0:
+        t = t * position_scale
     freqs = torch.outer(t, inv_freq)  # (T, hd/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd)
     return emb.cos(), emb.sin()

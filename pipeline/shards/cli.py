@@ -161,14 +161,25 @@ def verify_cmd(out: str, clean: bool, endpoint_url: str | None) -> None:
 @click.command("inspect")
 @click.argument("target")
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
+@click.option("--plot", "plot_path", default=None,
+              help="Write the 1-, 2- and 3-gram rank-frequency plot (Figure 3) to this PNG, and its numbers to the "
+                   ".json beside it.")
+@click.option("--with", "others", multiple=True,
+              help="Another token dataset (e.g. another tokenizer's) on the same --plot; repeatable.")
+@click.option("--ngram-buckets", default=1 << 22, show_default=True, type=int,
+              help="Counters per hashed n-gram order (a power of two; bounds memory): exact below V^n.")
 @endpoint_option
-def inspect_cmd(target: str, as_json: bool, endpoint_url: str | None) -> None:
+def inspect_cmd(target: str, as_json: bool, plot_path: str | None, others: tuple[str, ...], ngram_buckets: int,
+                endpoint_url: str | None) -> None:
     """Statistics of a token dataset directory or one shard file.
 
     \b
     Rows, grid, fps, and the token unigram statistics of the paper's Figure 3: the fraction of the
     codebook in use (coverage) and the entropy in bits (max = log2 codebook size).
+    With --plot: 1-, 2- and 3-gram distributions within frames (rank-frequency, log-log), coverage
+    (fraction of possible n-grams seen) and how many n-grams cover 90%, for TARGET and each --with.
     Example: toto-pipeline inspect tok/k600/shard-000000.arrow
+    Example: toto-pipeline inspect tok/in1k-dalle --with tok/in1k-vqgan --plot ngrams.png
     """
     so = _storage_options(endpoint_url)
     name = storage.basename(target)
@@ -200,6 +211,8 @@ def inspect_cmd(target: str, as_json: bool, endpoint_url: str | None) -> None:
         **stats,
         "top_codes": [[int(c), int(counts[c])] for c in np.argsort(-counts, kind="stable")[:10] if counts[c]],
     }
+    if plot_path:
+        _ngram_plot(out, sides, list(others), plot_path, ngram_buckets, so)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -213,6 +226,32 @@ def inspect_cmd(target: str, as_json: bool, endpoint_url: str | None) -> None:
     Console().print(t)
 
 
+
+
+def _ngram_plot(out: str, sides: list[dict], others: list[str], plot_path: str, buckets: int, so) -> None:
+    """n-gram statistics of `out` (these sidecars) and of each other dataset: PNG + JSON (ngram_stats)."""
+    import os
+
+    from pipeline.shards.ngrams import dataset_ngrams, plot_ngrams
+
+    try:
+        docs = [dataset_ngrams(out, so, buckets=buckets, sidecars=sides)]
+        docs += [dataset_ngrams(o, so, buckets=buckets) for o in others]
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    names = [d["tokenizer"] for d in docs]
+    for d in docs:  # label by tokenizer; by dataset path where two share a tokenizer
+        d["label"] = d["tokenizer"] if names.count(d["tokenizer"]) == 1 else storage.basename(d["target"])
+    if os.path.dirname(plot_path):
+        os.makedirs(os.path.dirname(plot_path), exist_ok=True)
+    plot_ngrams(docs, plot_path)
+    json_path = os.path.splitext(plot_path)[0] + ".json"
+    storage.write_json(json_path, {"schema": "ngram_stats", "version": 1, "datasets": docs}, "ngram_stats")
+    for d in docs:
+        cov = "  ".join(f"{n}-gram coverage {'n/a' if g['coverage'] is None else format(g['coverage'], '.3%')}"
+                        f" ({g['ngrams_for_90pct']:,} cover 90%)" for n, g in d["ngrams"].items())
+        _err.print(f"{d['label']}: {cov}")
+    _err.print(f"wrote {plot_path} and {json_path}")
 
 
 COMMANDS = [status_cmd, verify_cmd, inspect_cmd]

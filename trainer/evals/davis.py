@@ -26,7 +26,8 @@ from trainer.evals.propagation import (
     upsample_to_ids,
 )
 
-__all__ = ["DavisSequence", "list_sequences", "load_sequence", "track_sequences", "model_patch_features"]
+__all__ = ["DavisSequence", "list_sequences", "load_sequence", "track_sequences", "model_patch_features",
+           "patch_features", "plot_track_layers"]
 
 
 @dataclass
@@ -88,80 +89,146 @@ def load_sequence(root: str, name: str, resolution: str = "480p", max_frames: in
     return DavisSequence(name=name, frames=np.stack(frames), masks=masks_arr, object_ids=ids)
 
 
-def model_patch_features(
+def patch_features(
     model: torch.nn.Module,
     frame_tokens: np.ndarray,
     *,
-    bos: int,
-    layer: int,
+    bos: int | None,
+    layers: list[int],
     window: int | None = None,
-) -> torch.Tensor:
-    """Per-patch features of a video from a causal model: (F, h, w) tokens -> (F, h, w, D).
+    dtype: torch.dtype = torch.float32,
+) -> dict[int, torch.Tensor]:
+    """Per-patch features of a video after each of `layers`, from one backbone pass per window:
+    (F, h, w) tokens -> {layer: (F, h, w, D)} in `dtype` on the CPU.
 
-    The clip is fed as ``[bos] + frames`` in raster order, as in training. Clips longer than the
-    model's context are covered by windows of ``window`` frames that overlap by half; each frame
-    takes its features from the window in which it has the most preceding context.
+    The clip is fed as ``[bos] + frames`` in raster order, as in training (``bos=None``: frames
+    only, the drop_bos layout). Clips longer than the model's context are covered by windows of
+    ``window`` frames that overlap by half; each frame takes its features from the window in which
+    it has the most preceding context.
     """
     n, h, w = frame_tokens.shape
     hw = h * w
-    max_frames = (model.cfg.max_seq_len - 1) // hw
+    head = [] if bos is None else [bos]
+    max_frames = (model.cfg.max_seq_len - len(head)) // hw
     window = min(window or max_frames, max_frames)
     if window < 1:
-        raise ValueError(f"one frame of {hw} tokens does not fit the model's context of {model.cfg.max_seq_len}")
+        raise ValueError(
+            f"one frame of {hw} tokens{' plus bos' if head else ''} does not fit the model's context of "
+            f"{model.cfg.max_seq_len}; pass --context auto (extends it) or drop_bos"
+        )
     hop = max(1, window - window // 2)
-    out: list[torch.Tensor | None] = [None] * n
+    out: dict[int, list[torch.Tensor | None]] = {layer: [None] * n for layer in layers}
     device = next(model.parameters()).device
     start = 0
     with torch.no_grad():
         while True:
             end = min(n, start + window)
-            seq = np.concatenate([[bos], frame_tokens[start:end].reshape(-1)]).astype(np.int64)
-            hidden = model.features(torch.from_numpy(seq)[None].to(device), layers=[layer])[0][0]  # (T, D)
-            per_frame = hidden[1:].float().cpu().reshape(end - start, h, w, -1)  # (f, h, w, D)
+            seq = np.concatenate([head, frame_tokens[start:end].reshape(-1)]).astype(np.int64)
+            hidden = model.features(torch.from_numpy(seq)[None].to(device), layers=list(layers))  # [(1, T, D)]
             first_kept = 0 if start == 0 else window // 2
-            for i in range(first_kept, end - start):
-                out[start + i] = per_frame[i]
+            for layer, hid in zip(layers, hidden, strict=True):
+                per_frame = hid[0, len(head):].to("cpu", dtype).reshape(end - start, h, w, -1)  # (f, h, w, D)
+                for i in range(first_kept, end - start):
+                    out[layer][start + i] = per_frame[i]
             if end == n:
                 break
             start += hop
-    assert all(o is not None for o in out)
-    return torch.stack(out)  # (F, h, w, D)
+    assert all(o is not None for frames in out.values() for o in frames)
+    return {layer: torch.stack(frames) for layer, frames in out.items()}  # (F, h, w, D) each
+
+
+def model_patch_features(
+    model: torch.nn.Module,
+    frame_tokens: np.ndarray,
+    *,
+    bos: int | None,
+    layer: int,
+    window: int | None = None,
+) -> torch.Tensor:
+    """`patch_features` for one layer: (F, h, w) tokens -> (F, h, w, D) float32."""
+    return patch_features(model, frame_tokens, bos=bos, layers=[layer], window=window)[layer]
 
 
 def _resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.BILINEAR)) for f in frames])
 
 
+def _score(seq: DavisSequence, feats: torch.Tensor, cfg: PropagationConfig) -> dict[int, dict]:
+    """Propagate one sequence's first-frame masks with features (F, h, w, D) and score them per object."""
+    _, h, w, _ = feats.shape
+    first = downsample_labels(labels_to_onehot(seq.masks[0], seq.object_ids), h, w)  # (K, h, w)
+    soft = propagate(feats, first, cfg)  # (F, K, h, w)
+    H, W = seq.masks.shape[1:]
+    pred = upsample_to_ids(soft, H, W, seq.object_ids)  # (F, H, W)
+    return sequence_scores(pred, seq.masks, seq.object_ids)
+
+
+def _rows(per_seq: dict[str, dict[int, dict]]) -> list[dict]:
+    return [{"sequence": name, "object": obj, "J": s["J"], "F": s["F"], "JF": (s["J"] + s["F"]) / 2}
+            for name, scores in per_seq.items() for obj, s in scores.items()]
+
+
 def track_sequences(
     sequences: list[DavisSequence],
-    features_fn: Callable[[np.ndarray], torch.Tensor],
+    features_fn: Callable[[np.ndarray], torch.Tensor | dict[int, torch.Tensor]],
     *,
     resolution: int,
     cfg: PropagationConfig | None = None,
     progress: Callable[[str], None] | None = None,
+    n_layers: int | None = None,
 ) -> dict:
     """Propagate each sequence's first-frame masks and score them; returns a track_result doc body.
 
     ``features_fn`` maps frames (F, R, R, 3) uint8 (resized to ``resolution`` square) to per-patch
-    features (F, h, w, D). Predictions are upsampled to the original frame size for scoring.
+    features (F, h, w, D), or to {layer: (F, h, w, D)} for a layer sweep: then every layer is scored,
+    the body gains ``layers`` (J/F/J&F per layer, relative depth = layer / ``n_layers``) and
+    ``peak_layer``, and its objects and summary are the peak layer's (the paper reports the best
+    layer). Predictions are upsampled to the original frame size for scoring.
     """
     cfg = cfg or PropagationConfig()
-    per_seq: dict[str, dict[int, dict]] = {}
-    rows = []
+    per_layer: dict[int | None, dict[str, dict[int, dict]]] = {}
     for seq in sequences:
         if not seq.object_ids:
             raise ValueError(f"sequence {seq.name!r}: the first frame's annotation contains no objects")
-        feats = features_fn(_resize_frames(seq.frames, resolution))  # (F, h, w, D)
-        _, h, w, _ = feats.shape
-        first = downsample_labels(labels_to_onehot(seq.masks[0], seq.object_ids), h, w)  # (K, h, w)
-        soft = propagate(feats, first, cfg)  # (F, K, h, w)
-        H, W = seq.masks.shape[1:]
-        pred = upsample_to_ids(soft, H, W, seq.object_ids)  # (F, H, W)
-        scores = sequence_scores(pred, seq.masks, seq.object_ids)
-        per_seq[seq.name] = scores
-        for obj, s in scores.items():
-            rows.append({"sequence": seq.name, "object": obj, "J": s["J"], "F": s["F"], "JF": (s["J"] + s["F"]) / 2})
+        feats = features_fn(_resize_frames(seq.frames, resolution))
+        by_layer = feats if isinstance(feats, dict) else {None: feats}
+        for layer, f in by_layer.items():
+            per_layer.setdefault(layer, {})[seq.name] = _score(seq, f, cfg)
         if progress is not None:
-            jf = np.mean([(s["J"] + s["F"]) / 2 for s in scores.values()])
-            progress(f"{seq.name}: J&F {100 * jf:.1f}")
-    return {"objects": rows, "summary": summarize(per_seq), "propagation": vars(cfg).copy()}
+            jf = max(np.mean([(s["J"] + s["F"]) / 2 for s in per_layer[k][seq.name].values()]) for k in by_layer)
+            progress(f"{seq.name}: J&F {100 * jf:.1f}" + (" (best layer)" if len(by_layer) > 1 else ""))
+    body = {"propagation": vars(cfg).copy()}
+    if None in per_layer:
+        return {"objects": _rows(per_layer[None]), "summary": summarize(per_layer[None]), **body}
+    sweep = [{"layer": int(k), "relative_depth": k / (n_layers or max(per_layer)), **summarize(per_layer[k])}
+             for k in sorted(per_layer)]
+    peak = max(sweep, key=lambda r: r["JF_mean"])["layer"]
+    return {"objects": _rows(per_layer[peak]), "summary": summarize(per_layer[peak]), "layers": sweep,
+            "peak_layer": peak, **body}
+
+
+def plot_track_layers(doc: dict, path: str) -> str:
+    """J&F by relative depth of a track layer sweep (the paper's tracking-by-layer view), peak marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = doc["layers"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r["relative_depth"] for r in rows], [100 * r["JF_mean"] for r in rows], marker="o", label="J&F")
+    ax.plot([r["relative_depth"] for r in rows], [100 * r["J_mean"] for r in rows], ls="--", lw=1, label="J")
+    ax.plot([r["relative_depth"] for r in rows], [100 * r["F_mean"] for r in rows], ls=":", lw=1, label="F")
+    peak = next(r for r in rows if r["layer"] == doc["peak_layer"])
+    ax.annotate(f"peak: layer {peak['layer']} ({100 * peak['JF_mean']:.1f})",
+                (peak["relative_depth"], 100 * peak["JF_mean"]), textcoords="offset points", xytext=(4, 6), fontsize=8)
+    ax.set_xlabel("relative depth (layer / layers)")
+    ax.set_ylabel("DAVIS-2017 score (%)")
+    ax.set_title(f"label propagation by depth at {doc.get('resolution', '?')} px "
+                 f"(paper, large: 44.8 at 256 px, 62.4 at 512 px)", fontsize=8)
+    ax.set_xlim(0, 1.05)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -2,9 +2,12 @@
 
 Conventions follow the DAVIS-2017 semi-supervised benchmark (Pont-Tuset et al. 2017):
 - J of one frame is |pred ∧ gt| / |pred ∨ gt| over non-void pixels; both empty counts as 1.
-- F of one frame compares one-pixel-wide boundaries, each matched to the other's boundary
-  dilated by a disk of radius ceil(0.008 · image diagonal) pixels (the standard tolerance);
-  F = 2PR / (P + R), with both boundaries empty counting as 1 and only one empty as 0.
+- F of one frame compares the toolkit's `seg2bmap` boundaries (`boundary_map`), each matched to
+  the other's boundary dilated by a disk (x² + y² <= r²) of radius r = ceil(0.008 · image diagonal)
+  pixels (the standard tolerance); precision P = matched predicted boundary pixels / predicted
+  ones, recall R likewise for the ground truth, F = 2PR / (P + R); both boundaries empty counts as
+  1, one empty as 0 (P = 1, R = 0 or the reverse), P + R = 0 as 0. Void pixels are cleared from
+  both masks before their boundaries are taken.
 - A sequence's score for an object is the mean over frames, excluding the first frame (its
   mask is the given input) and the last frame, as the official evaluation does.
 - J-mean and F-mean average the per-object scores over all objects of all sequences;
@@ -24,6 +27,7 @@ __all__ = [
     "region_j",
     "boundary_map",
     "boundary_f",
+    "tolerance_px",
     "sequence_scores",
     "summarize",
 ]
@@ -44,14 +48,44 @@ def region_j(pred: np.ndarray, gt: np.ndarray, void: np.ndarray | None = None) -
     return float(np.logical_and(pred, gt).sum() / union)
 
 
-def boundary_map(mask: np.ndarray) -> np.ndarray:
-    """One-pixel inner boundary of a boolean mask (H, W): mask pixels with a 4-neighbour outside
-    the mask (the image border continues the edge pixel, so a mask touching the border gets no
-    boundary along it)."""
+def boundary_map(mask: np.ndarray, height: int | None = None, width: int | None = None) -> np.ndarray:
+    """The DAVIS-2017 toolkit's `seg2bmap` boundary of a boolean mask (H, W) -> bool (height, width).
+
+    A pixel is on the boundary when it differs from its east, south or south-east neighbour; on the
+    last row only the east neighbour is compared, on the last column only the south one, and the
+    bottom-right pixel never is, so a mask gets no boundary along the image border. The boundary is
+    thin and lies on both sides of the edge (a square of side n has 4n boundary pixels: its last row
+    and column inside, the row above and the column left of it outside).
+    A larger (height, width) of the same aspect ratio (within 0.01, as the toolkit asserts) maps
+    boundary pixel (y, x) to (floor(y·height/H), floor(x·width/W)); the evaluation itself always
+    uses the mask's own size.
+    """
     m = mask.astype(bool)
-    p = np.pad(m, 1, mode="edge")  # (H+2, W+2)
-    interior = p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
-    return m & ~interior
+    h, w = m.shape
+    height, width = height or h, width or w
+    if height < h or width < w or abs(width / height - w / h) > 0.01:
+        raise ValueError(f"cannot map a {w}x{h} mask's boundary to {width}x{height}: use a larger size of the same "
+                         "aspect ratio")
+    e, s, se = np.zeros_like(m), np.zeros_like(m), np.zeros_like(m)
+    e[:, :-1] = m[:, 1:]
+    s[:-1, :] = m[1:, :]
+    se[:-1, :-1] = m[1:, 1:]
+    b = (m ^ e) | (m ^ s) | (m ^ se)
+    b[-1, :] = m[-1, :] ^ e[-1, :]
+    b[:, -1] = m[:, -1] ^ s[:, -1]
+    b[-1, -1] = False
+    if (height, width) == (h, w):
+        return b
+    out = np.zeros((height, width), dtype=bool)
+    ys, xs = np.nonzero(b)
+    out[ys * height // h, xs * width // w] = True
+    return out
+
+
+def tolerance_px(height: int, width: int, tolerance: float = BOUNDARY_TOLERANCE) -> int:
+    """Boundary matching radius in pixels: `tolerance` itself when >= 1, else ceil(tolerance · diagonal)
+    (the toolkit's `bound_th`; 480x854 DAVIS frames: 8 px)."""
+    return int(tolerance) if tolerance >= 1 else math.ceil(tolerance * math.hypot(height, width))
 
 
 def _disk(radius: int) -> np.ndarray:
@@ -68,8 +102,7 @@ def boundary_f(
     if void is not None:
         keep = ~void.astype(bool)
         pred, gt = pred & keep, gt & keep
-    h, w = gt.shape
-    radius = tolerance if tolerance >= 1 else math.ceil(tolerance * math.hypot(h, w))
+    radius = tolerance_px(*gt.shape, tolerance)
     pb, gb = boundary_map(pred), boundary_map(gt)
     n_p, n_g = int(pb.sum()), int(gb.sum())
     if n_p == 0 and n_g == 0:

@@ -1,7 +1,8 @@
 """Probe heads trained on frozen features: attention pooling, average pooling, linear on concatenation.
 
-Features are precomputed once per layer (see `trainer.evals.features`), so a probe trains on a
-tensor of shape (N, T, D) and never runs the backbone again: probes train in seconds on a CPU.
+Heads train on frozen features of shape (N, T, D); `trainer.evals.stream_probe` is the engine that
+trains many of them at once from one backbone pass per batch (`train_probe` runs it on in-memory
+features).
 
 Heads
 - ``attention``: as in the paper and AIM (El-Nouby et al. 2024). Non-affine BatchNorm over the
@@ -11,6 +12,12 @@ Heads
   linear classifier.
 - ``linear``: non-affine BatchNorm over the flattened (T·D) features, linear classifier. Only for
   short token sequences (T·D parameters per class).
+- ``cross-attn-mlp``: the paper's Table 16 head (as V-JEPA's attentive probe): non-affine BatchNorm,
+  one learnable query cross-attends over the tokens (query/key/value/output projections, residual),
+  then a residual MLP block (LayerNorm, D -> 4D -> D, GELU) and a LayerNorm + linear classifier.
+
+Every BatchNorm is a `ProbeNorm`: under torch.distributed it normalises with statistics of the whole
+global batch (an all-reduce), so a data-parallel probe trains the same heads as one process.
 
 Training: AdamW, linear warmup then cosine decay to zero, cross-entropy. Evaluation reports top-1
 and top-5 (top-k with k capped at the number of classes); when ``groups`` are given (several
@@ -35,6 +42,8 @@ __all__ = [
     "AttentionPoolingHead",
     "AveragePoolingHead",
     "LinearConcatHead",
+    "CrossAttentionMLPHead",
+    "ProbeNorm",
     "build_head",
     "train_probe",
     "evaluate_probe",
@@ -43,7 +52,7 @@ __all__ = [
     "torch_threads",
 ]
 
-POOLINGS = ("attention", "average", "linear")
+POOLINGS = ("attention", "average", "linear", "cross-attn-mlp")
 
 
 @dataclass
@@ -129,6 +138,44 @@ class ProbeResult:
         }
 
 
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class ProbeNorm(nn.BatchNorm1d):
+    """Non-affine BatchNorm whose training statistics span every data-parallel rank.
+
+    Its input is a frozen feature (no gradient flows into it), so normalising each rank's slice
+    with the global batch's mean and variance is exactly BatchNorm over the global batch: the
+    all-reduced sums of x and x² give them. One process uses torch's BatchNorm unchanged.
+    x (N, C) -> (N, C)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim, affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or _world() == 1:
+            return super().forward(x)
+        import torch.distributed as dist
+
+        xd = x.double()  # sums of squares in fp64: var = E[x²] - E[x]² loses digits in fp32
+        stats = torch.cat([xd.sum(0), (xd * xd).sum(0), xd.new_tensor([x.shape[0]])])
+        dist.all_reduce(stats)
+        c = x.shape[1]
+        count = stats[-1]
+        mean = stats[:c] / count
+        var = (stats[c : 2 * c] / count - mean * mean).clamp(min=0)
+        with torch.no_grad():
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(m * mean.to(self.running_mean.dtype))
+            unbiased = var * count / (count - 1).clamp(min=1)
+            self.running_var.mul_(1 - m).add_(m * unbiased.to(self.running_var.dtype))
+            self.num_batches_tracked.add_(1)
+        return ((x - mean.to(x.dtype)) / torch.sqrt(var.to(x.dtype) + self.eps)).to(x.dtype)
+
+
 class AttentionPoolingHead(nn.Module):
     """One learnable query attends over the tokens; (B, T, D) -> logits (B, C)."""
 
@@ -138,7 +185,7 @@ class AttentionPoolingHead(nn.Module):
             raise ValueError(f"attention probe: num_heads={num_heads} must divide the feature width {dim}")
         self.num_heads = num_heads
         # Non-affine: the probe only re-centres and re-scales features, it learns no shift of its own.
-        self.norm = nn.BatchNorm1d(dim, affine=False)
+        self.norm = ProbeNorm(dim)
         self.query = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
@@ -178,7 +225,7 @@ class AveragePoolingHead(nn.Module):
 
     def __init__(self, dim: int, num_classes: int) -> None:
         super().__init__()
-        self.norm = nn.BatchNorm1d(dim, affine=False)
+        self.norm = ProbeNorm(dim)
         self.classifier = nn.Linear(dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,7 +238,7 @@ class LinearConcatHead(nn.Module):
     def __init__(self, dim: int, tokens: int, num_classes: int) -> None:
         super().__init__()
         self.tokens = tokens
-        self.norm = nn.BatchNorm1d(dim * tokens, affine=False)
+        self.norm = ProbeNorm(dim * tokens)
         self.classifier = nn.Linear(dim * tokens, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,9 +248,50 @@ class LinearConcatHead(nn.Module):
         return self.classifier(self.norm(x.reshape(B, T * D)))  # (B, T·D) -> (B, C)
 
 
+class CrossAttentionMLPHead(nn.Module):
+    """The paper's Table 16 head: a learnable query cross-attends over the tokens, then an MLP block;
+    (B, T, D) -> logits (B, C).
+
+    query (1, 1, D) -> q + Attn(q, BN(x)) -> q + MLP(LN(q)) -> LN -> linear. Unlike the attention
+    probe it has an output projection and a 4x MLP, so it can combine what the heads pooled."""
+
+    def __init__(self, dim: int, num_classes: int, num_heads: int = 4, mlp_ratio: int = 4) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"cross-attn-mlp probe: num_heads={num_heads} must divide the feature width {dim}")
+        self.num_heads = num_heads
+        self.norm = ProbeNorm(dim)
+        self.query = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.q = nn.Linear(dim, dim)
+        # No key bias: the softmax over keys cancels it, so its gradient is rounding noise that
+        # AdamW would amplify into steps of size lr (harmless, but not reproducible across ranks).
+        self.k = nn.Linear(dim, dim, bias=False)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.mlp_norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+        self.out_norm = nn.LayerNorm(dim)
+        self.classifier = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        H = self.num_heads
+        x = self.norm(x.reshape(B * T, D)).reshape(B, T, D)
+        query = self.query.expand(B, 1, D)  # (B, 1, D)
+        q = self.q(query).reshape(B, 1, H, D // H).transpose(1, 2)  # (B, H, 1, hd)
+        k = self.k(x).reshape(B, T, H, D // H).transpose(1, 2)  # (B, H, T, hd)
+        v = self.v(x).reshape(B, T, H, D // H).transpose(1, 2)  # (B, H, T, hd)
+        pooled = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, D)  # (B, D)
+        h = query[:, 0] + self.proj(pooled)  # residual around the cross-attention
+        h = h + self.mlp(self.mlp_norm(h))  # residual MLP block
+        return self.classifier(self.out_norm(h))  # (B, C)
+
+
 def build_head(pooling: str, dim: int, tokens: int, num_classes: int, num_heads: int = 4) -> nn.Module:
-    if pooling == "attention":
-        head: nn.Module = AttentionPoolingHead(dim, num_classes, num_heads)
+    if pooling == "cross-attn-mlp":
+        head: nn.Module = CrossAttentionMLPHead(dim, num_classes, num_heads)
+    elif pooling == "attention":
+        head = AttentionPoolingHead(dim, num_classes, num_heads)
     elif pooling == "average":
         head = AveragePoolingHead(dim, num_classes)
     elif pooling == "linear":
@@ -231,35 +319,21 @@ def topk_accuracy(probs: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     return 100.0 * (top == labels[:, None]).any(dim=1).float().mean().item()
 
 
-def _predict(head: nn.Module, feats: torch.Tensor, batch_size: int) -> torch.Tensor:
-    head.eval()
-    out = []
-    with torch.no_grad():
-        for i in range(0, feats.shape[0], batch_size):
-            out.append(head(feats[i : i + batch_size].float()).softmax(dim=-1))
-    return torch.cat(out)  # (N, C)
-
-
-def _scored(head: nn.Module, data: FeatureSet, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probabilities (M, C), labels (M,)) of what is scored: samples, or groups averaged."""
-    probs = _predict(head, data.feats, batch_size)
-    labels = data.labels
-    if data.groups is not None:
-        order = sorted(set(data.groups))
-        index = {g: i for i, g in enumerate(order)}
-        gid = torch.tensor([index[g] for g in data.groups])
-        summed = torch.zeros(len(order), probs.shape[1]).index_add_(0, gid, probs)
-        counts = torch.bincount(gid, minlength=len(order)).clamp(min=1)
-        glabels = torch.full((len(order),), -1, dtype=torch.long)
-        glabels[gid] = labels
-        probs, labels = summed / counts[:, None], glabels
-    return probs, labels
-
-
 def evaluate_probe(head: nn.Module, data: FeatureSet, batch_size: int = 256) -> tuple[float, float, int]:
     """(top-1 %, top-5 %, number scored); clip probabilities averaged per group when groups exist."""
-    probs, labels = _scored(head, data, batch_size)
-    return topk_accuracy(probs, labels, 1), topk_accuracy(probs, labels, 5), int(labels.shape[0])
+    from trainer.evals.stream_probe import HeadSpec, TensorSource, _evaluate
+
+    [(top1, top5, correct)] = _evaluate([head], [HeadSpec(0, "given")], TensorSource({0: data.feats}), data.labels,
+                                        data.groups, batch_size, _one_process())
+    return top1, top5, len(correct)
+
+
+def _one_process():
+    from trainer.evals.stream_probe import Dist
+
+    d = Dist()
+    d.on, d.rank, d.world = False, 0, 1  # scoring one head here is local even inside a process group
+    return d
 
 
 class torch_threads:
@@ -282,54 +356,22 @@ class torch_threads:
 
 
 def train_probe(train: FeatureSet, val: FeatureSet, cfg: ProbeConfig) -> tuple[ProbeResult, nn.Module]:
-    """Train one head on frozen features and score it on ``val``."""
-    with torch_threads(1):
-        return _train_probe(train, val, cfg)
+    """Train one head on in-memory features and score it on ``val`` (the probe engine,
+    `trainer.evals.stream_probe.train_heads`, with the features given)."""
+    from trainer.evals.stream_probe import HeadSpec, TensorSource, train_heads
 
-
-def _train_probe(train: FeatureSet, val: FeatureSet, cfg: ProbeConfig) -> tuple[ProbeResult, nn.Module]:
-    if train.feats.shape[1:] != val.feats.shape[1:] and cfg.pooling == "linear":
+    if train.feats.shape[2] != val.feats.shape[2]:
+        raise ValueError("train and val features have different widths; extract them from the same layer")
+    if cfg.pooling == "linear" and train.feats.shape[1:] != val.feats.shape[1:]:
         raise ValueError(
             f"linear probe needs equal token counts: train {tuple(train.feats.shape[1:])} vs "
             f"val {tuple(val.feats.shape[1:])}"
         )
-    if train.feats.shape[2] != val.feats.shape[2]:
-        raise ValueError("train and val features have different widths; extract them from the same layer")
-    gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # head initialisation
-    n, t, d = train.feats.shape
-    head = build_head(cfg.pooling, d, t, len(train.classes), cfg.num_heads)
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    # BatchNorm in training mode needs two samples; drop a last batch of one instead of crashing.
-    steps_per_epoch = max(1, n // cfg.batch_size if n % cfg.batch_size == 1 else math.ceil(n / cfg.batch_size))
-    total = steps_per_epoch * cfg.epochs
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    losses: list[float] = []
-    step = 0
-    for _ in range(cfg.epochs):
-        head.train()
-        perm = torch.randperm(n, generator=gen)
-        epoch_loss, seen = 0.0, 0
-        for b in range(steps_per_epoch):
-            idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            if idx.numel() < 2:
-                continue
-            for group in opt.param_groups:
-                group["lr"] = _lr_at(step, total, warmup, cfg.lr)
-            logits = head(train.feats[idx].float())  # (b, C)
-            loss = F.cross_entropy(logits, train.labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            epoch_loss += loss.item() * idx.numel()
-            seen += idx.numel()
-        losses.append(epoch_loss / max(1, seen))
-    probs, labels = _scored(head, val, max(cfg.batch_size, 256))
-    # The paired tests read `correct`; it is top-1 as topk_accuracy scores it, so ties break the same way.
-    correct = (probs.topk(1, dim=1).indices[:, 0] == labels).int().tolist()
-    return ProbeResult(top1=topk_accuracy(probs, labels, 1), top5=topk_accuracy(probs, labels, 5), train_loss=losses,
-                       num_train=n, num_eval=int(labels.shape[0]), correct=correct), head
+    with torch_threads(1):
+        [(res, head)] = train_heads(TensorSource({0: train.feats}), train.labels, TensorSource({0: val.feats}),
+                                    val.labels, [HeadSpec(0, cfg.pooling)], train.classes, cfg, val_groups=val.groups,
+                                    dist=_one_process())
+    return res, head
 
 
 def labels_to_ids(labels: list[str], classes: list[str] | None = None) -> tuple[torch.Tensor, list[str]]:

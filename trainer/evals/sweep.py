@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 import torch
 
-from trainer.evals.probes import FeatureSet, ProbeConfig, train_probe
+from trainer.evals.probes import ProbeConfig, ProbeResult, torch_threads
 
-__all__ = ["layer_sweep", "write_sweep", "plot_sweep", "best_layer"]
+__all__ = ["layer_sweep", "sweep_specs", "sweep_doc", "write_sweep", "plot_sweep", "best_layer"]
 
 
 def layer_sweep(
@@ -27,43 +27,61 @@ def layer_sweep(
     val_groups: list[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Train a probe for every layer in ``train_feats`` and every pooling; return a probe_sweep doc."""
+    """Train a probe for every layer in ``train_feats`` (in-memory (N, P, D) each) and every pooling,
+    all at once (`trainer.evals.stream_probe.train_heads`); return a probe_sweep doc."""
+    from trainer.evals.stream_probe import TensorSource, train_heads
+
     if set(train_feats) != set(val_feats):
         raise ValueError(f"train layers {sorted(train_feats)} and val layers {sorted(val_feats)} differ")
-    results = []
-    for layer in sorted(train_feats):
+    specs = sweep_specs(sorted(train_feats), poolings, n_layers)
+    with torch_threads(1):
+        trained = train_heads(TensorSource(train_feats), train_labels, TensorSource(val_feats), val_labels, specs,
+                              classes, cfg, val_groups=val_groups)
+    return sweep_doc(specs, [r for r, _ in trained], n_layers=n_layers, classes=classes, cfg=cfg, task=task,
+                     progress=progress)
+
+
+def sweep_specs(layers: list[int], poolings: list[str], n_layers: int) -> list:
+    """One head per (layer, pooling), layers ascending, poolings in the order given."""
+    from trainer.evals.stream_probe import HeadSpec
+
+    for layer in layers:
         if not 1 <= layer <= n_layers:
             raise ValueError(f"layer {layer} outside 1..{n_layers}")
-        train = FeatureSet(train_feats[layer], train_labels, classes)
-        val = FeatureSet(val_feats[layer], val_labels, classes, groups=val_groups)
-        for pooling in poolings:
-            res, _ = train_probe(train, val, dataclasses.replace(cfg, pooling=pooling))
-            results.append(
-                {
-                    "layer": layer,
-                    "relative_depth": layer / n_layers,
-                    "pooling": pooling,
-                    "top1": res.top1,
-                    "top5": res.top5,
-                    "final_train_loss": res.train_loss[-1] if res.train_loss else None,
-                    "num_train": res.num_train,
-                    "num_eval": res.num_eval,
-                    "correct": res.correct,  # per scored sample, for paired comparisons
-                }
-            )
-            if progress is not None:
-                progress(f"{task}: layer {layer}/{n_layers} {pooling}: top-1 {res.top1:.1f}%")
-    doc = {
+    return [HeadSpec(layer, pooling) for layer in layers for pooling in poolings]
+
+
+def sweep_doc(specs: list, results: list[ProbeResult], *, n_layers: int, classes: list[str], cfg: ProbeConfig,
+              task: str, progress: Callable[[str], None] | None = None, extra_config: dict | None = None) -> dict:
+    """The probe_sweep document of trained heads: a row per (layer, pooling), the best layer per pooling."""
+    rows = []
+    for spec, res in zip(specs, results, strict=True):
+        rows.append(
+            {
+                "layer": spec.layer,
+                "relative_depth": spec.layer / n_layers,
+                "pooling": spec.pooling,
+                "top1": res.top1,
+                "top5": res.top5,
+                "final_train_loss": res.train_loss[-1] if res.train_loss else None,
+                "num_train": res.num_train,
+                "num_eval": res.num_eval,
+                "correct": res.correct,  # per scored sample, for paired comparisons
+            }
+        )
+        if progress is not None:
+            progress(f"{task}: layer {spec.layer}/{n_layers} {spec.pooling}: top-1 {res.top1:.1f}%")
+    poolings = list(dict.fromkeys(s.pooling for s in specs))
+    return {
         "schema": "probe_sweep",
         "version": 1,
         "task": task,
         "n_layers": n_layers,
         "classes": list(classes),
-        "probe_config": dataclasses.asdict(cfg),
-        "results": results,
-        "best": {p: best_layer(results, p) for p in poolings},
+        "probe_config": {**dataclasses.asdict(cfg), **(extra_config or {})},
+        "results": rows,
+        "best": {p: best_layer(rows, p) for p in poolings},
     }
-    return doc
 
 
 def best_layer(results: list[dict], pooling: str) -> dict:

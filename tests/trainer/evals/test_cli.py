@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +15,9 @@ from click.testing import CliRunner
 from pipeline.shards import ShardWriter, write_manifest
 from schemas import validate
 from trainer.cli import main
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from figure_fixtures import make_checkpoint  # noqa: E402
 
 CODEBOOK = 64
 TOK = {"id": "test-labelled", "sha256": "0" * 64, "vocab_size": CODEBOOK, "downsample": 8}
@@ -41,31 +46,12 @@ def _write_labelled(out: str, *, video: bool, per_class: int, seed: int) -> None
     write_manifest(out)
 
 
-def _checkpoint(run_dir: str) -> str:
-    from pipeline.mix.sequence import make_specials
-    from trainer import checkpoint as ck
-    from trainer.model import ModelConfig, Transformer
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(dim=32, n_layers=3, n_heads=2, vocab_size=CODEBOOK + 4, max_seq_len=80, mlp_hidden=64)
-    model = Transformer(cfg)
-    w = ck.CheckpointWriter(run_dir, 10)
-    w.write_model(model.state_dict())
-    w.commit({
-        "model_config": cfg.to_dict(), "train_config": {"name": "test"},
-        "scheduler": {"kind": "warmup_cosine", "step": 10},
-        "loader_state": {"version": 1, "mix_hash": "x", "consumed_samples": 40}, "world_size": 1,
-        "specials": make_specials(CODEBOOK), "tokenizer": dict(TOK, resolution=32),
-    })
-    return run_dir
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     _write_labelled(str(root / "images"), video=False, per_class=12, seed=0)
     _write_labelled(str(root / "videos"), video=True, per_class=6, seed=1)
-    return {"root": root, "ckpt": _checkpoint(str(root / "run"))}
+    return {"root": root, "ckpt": make_checkpoint(str(root / "run"), n_layers=3)}
 
 
 def test_probe_images_all_layers_both_poolings(setup):
@@ -102,8 +88,49 @@ def test_probe_videos_averages_clips_per_video(setup):
 def test_probe_rejects_clips_longer_than_context(setup):
     data = str(setup["root"] / "videos")
     res = CliRunner().invoke(main, ["probe", setup["ckpt"], "--train", data, "--val", data, "--frames", "8",
-                                    "--stride", "1", "--out", str(setup["root"] / "x")])
+                                    "--stride", "1", "--context", "none", "--out", str(setup["root"] / "x")])
     assert res.exit_code != 0 and "context" in res.output
+
+
+def test_probe_stream_and_cache_agree_and_a_rerun_resumes(setup):
+    data = str(setup["root"] / "images")
+    common = ["--train", data, "--val", data, "--layers", "1,3", "--pooling", "cross-attn-mlp", "--epochs", "10",
+              "--lr", "1e-2", "--batch-size", "12", "--heads", "2", "--checkpoint-every", "2"]
+    docs = {}
+    for mode in ("stream", "cache"):
+        out = setup["root"] / f"probe-{mode}"
+        res = CliRunner().invoke(main, ["probe", setup["ckpt"], *common, "--features", mode, "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        docs[mode] = validate(json.loads((out / "probe-probe.json").read_text()), "probe_sweep")
+        assert docs[mode]["probe_config"]["features"] == mode
+        assert os.path.exists(out / "probe-work" / "probe" / f"state-{mode}.pt")
+    rows = [[(r["layer"], r["pooling"], r["top1"], r["correct"]) for r in docs[m]["results"]] for m in docs]
+    assert rows[0] == rows[1] and [r[:2] for r in rows[0]] == [(1, "cross-attn-mlp"), (3, "cross-attn-mlp")]
+    assert all(r[2] >= 90.0 for r in rows[0])
+    # A rerun finds the finished state: it trains nothing and reports the same scores.
+    out = setup["root"] / "probe-stream"
+    res = CliRunner().invoke(main, ["probe", setup["ckpt"], *common, "--features", "stream", "--out", str(out)])
+    assert res.exit_code == 0 and "resuming probes at epoch 10" in res.output
+    again = json.loads((out / "probe-probe.json").read_text())
+    assert [(r["top1"], r["correct"], r["final_train_loss"]) for r in again["results"]] == [
+        (r["top1"], r["correct"], r["final_train_loss"]) for r in docs["stream"]["results"]]
+    # Other settings in the same OUT: the old state is not resumed, the run starts afresh.
+    other = [("2e-2" if a == "1e-2" else a) for a in common]  # another learning rate
+    res = CliRunner().invoke(main, ["probe", setup["ckpt"], *other, "--features", "stream", "--out", str(out)])
+    assert res.exit_code == 0 and "starting afresh" in res.output and "resuming" not in res.output
+
+
+def test_probe_extends_the_context_for_longer_clips(setup):
+    # 8 frames of 4x4 + bos = 129 tokens against a context of 80: auto changes the rotary base and records it.
+    out = setup["root"] / "probe-long"
+    data = str(setup["root"] / "videos")
+    res = CliRunner().invoke(main, ["probe", setup["ckpt"], "--train", data, "--val", data, "--frames", "8",
+                                    "--stride", "1", "--clips", "1", "--layers", "2", "--epochs", "2",
+                                    "--batch-size", "12", "--heads", "2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = validate(json.loads((out / "probe-probe.json").read_text()), "probe_sweep")
+    assert doc["context"]["rule"] == "rope_base" and doc["context"]["trained_len"] == 80
+    assert doc["context"]["eval_len"] == 129 and doc["context"]["factor"] == pytest.approx(129 / 80)
 
 
 def test_scaling_command(tmp_path):
@@ -123,15 +150,18 @@ def test_scaling_command(tmp_path):
 
 
 def test_track_defaults_from_checkpoint_meta():
+    from pipeline.tokenizers import load_tokenizer
     from trainer.evals.run import resolution_from_meta, tokenizer_spec_for
 
-    meta = {"grid": [8, 8], "tokenizer": {"id": "demo-dvae-abc", "downsample": 8}}
+    meta = {"grid": [8, 8], "tokenizer": {"id": load_tokenizer("demo", device="cpu").id, "downsample": 8}}
     assert resolution_from_meta(meta) == 64
     assert resolution_from_meta({"resolution": 128}) == 128
     assert tokenizer_spec_for(meta, None) == "demo"
     assert tokenizer_spec_for(meta, "dalle:w") == "dalle:w"
     with pytest.raises(ValueError, match="--tokenizer"):
         tokenizer_spec_for({"tokenizer": {"id": "dalle-123"}}, None)
+    with pytest.raises(ValueError, match="--tokenizer"):  # another dVAE that is also named demo
+        tokenizer_spec_for({"tokenizer": {"id": "dvae:demo:" + "0" * 64}}, None)
     with pytest.raises(ValueError, match="--resolution"):
         resolution_from_meta({"tokenizer": {"id": "x"}})
 
@@ -150,44 +180,13 @@ def test_max_samples_takes_a_seeded_subset_across_classes(setup):
     assert len(vvid) == 4 and all(vvid.count(v) == 2 for v in vvid)  # whole videos: both clips kept
 
 
-def test_track_command_with_a_dvae_tokenizer(tmp_path):
+def test_track_command_with_a_dvae_tokenizer(tmp_path, make_track_setup):
     """`toto-train track` on DAVIS-layout sequences with a (random) dVAE: J/F/J&F written and printed."""
-    from PIL import Image
+    from pipeline.tokenizers.base import build_modules, save_tokenizer, state_dict_of
 
-    from pipeline.mix.sequence import make_specials
-    from pipeline.tokenizers import load_tokenizer
-    from pipeline.tokenizers.base import build_modules, make_config, save_tokenizer, state_dict_of
-    from pipeline.tokenizers.dalle import DVAEArch
-    from trainer import checkpoint as ck
-    from trainer.model import ModelConfig, Transformer
-
-    torch.manual_seed(0)
-    tcfg = make_config("dvae", "t", DVAEArch(vocab_size=CODEBOOK, n_hid=16, n_blk_per_group=1, n_init=8),
-                       resolution=32, has_decoder=False, source={"test": True})
-    enc, _ = build_modules(tcfg)
-    save_tokenizer(str(tmp_path / "tok"), tcfg, state_dict_of(enc, None, "dvae"))
-    tok_id = load_tokenizer(f"dvae:{tmp_path / 'tok'}").id
-    cfg = ModelConfig(dim=32, n_layers=2, n_heads=2, vocab_size=CODEBOOK + 4, max_seq_len=80, mlp_hidden=64)
-    w = ck.CheckpointWriter(str(tmp_path / "run"), 1)
-    w.write_model(Transformer(cfg).state_dict())
-    w.commit({"model_config": cfg.to_dict(), "train_config": {}, "scheduler": {"kind": "warmup_cosine", "step": 1},
-              "loader_state": {"version": 1, "mix_hash": "x", "consumed_samples": 1}, "world_size": 1,
-              "specials": make_specials(CODEBOOK), "tokenizer": {"id": tok_id, "downsample": 8}, "grid": [4, 4]})
-    root = tmp_path / "davis"
-    for d in ("JPEGImages/480p/s", "Annotations/480p/s"):
-        (root / d).mkdir(parents=True)
-    for t in range(5):
-        img = np.full((48, 64, 3), 60, dtype=np.uint8)
-        m = np.zeros((48, 64), dtype=np.uint8)
-        img[8:40, 10 + 2 * t : 40 + 2 * t] = (230, 30, 30)
-        m[8:40, 10 + 2 * t : 40 + 2 * t] = 1
-        Image.fromarray(img).save(root / "JPEGImages/480p/s" / f"{t:05d}.jpg")
-        p = Image.fromarray(m, mode="P")
-        p.putpalette([0, 0, 0, 200, 0, 0] + [0] * 762)
-        p.save(root / "Annotations/480p/s" / f"{t:05d}.png")
-    spec = f"dvae:{tmp_path / 'tok'}"
-    res = CliRunner().invoke(main, ["track", str(tmp_path / "run"), "--davis", str(root), "--tokenizer", spec,
-                                    "--out", str(tmp_path / "out"), "--threads", "1"])
+    ws = make_track_setup(tmp_path, max_seq_len=80, codebook=CODEBOOK, n_hid=16)
+    tcfg, root = ws["tcfg"], ws["davis"]
+    res = CliRunner().invoke(main, [*ws["args"], "--out", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
     doc = validate(json.loads((tmp_path / "out" / "track.json").read_text()), "track_result")
     assert doc["resolution"] == 32 and doc["layer"] == 1  # grid 4 x downsample 8; the middle of 2 blocks

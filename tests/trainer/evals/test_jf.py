@@ -1,7 +1,15 @@
 import numpy as np
 import pytest
 
-from trainer.evals.jf import VOID, boundary_f, boundary_map, region_j, sequence_scores, summarize
+from trainer.evals.jf import (
+    VOID,
+    boundary_f,
+    boundary_map,
+    region_j,
+    sequence_scores,
+    summarize,
+    tolerance_px,
+)
 
 
 def _square(h, w, y, x, size):
@@ -45,12 +53,57 @@ def test_boundary_f_tolerance():
     assert boundary_f(_square(100, 100, 0, 0, 10), _square(100, 100, 80, 80, 10)) == 0.0
 
 
-def test_boundary_map_is_one_pixel_inner_contour():
-    m = _square(10, 10, 2, 2, 4)
-    b = boundary_map(m)
-    assert b.sum() == 4 * 4 - 2 * 2  # the ring of a 4x4 square
-    assert not b[3:5, 3:5].any()
-    assert not b[~m].any()
+def test_boundary_map_is_the_toolkits_seg2bmap():
+    # A 4x4 square at rows/cols 2..5: its last row and column inside, the row above and the column to
+    # the left of it outside (pixels whose E, S or SE neighbour differs) -> 4n = 16 pixels.
+    want = np.zeros((10, 10), dtype=bool)
+    want[1, 1:6] = True  # outer top row, from the SE-corner pixel (1, 1)
+    want[2:6, 1] = True  # outer left column
+    want[5, 2:6] = True  # inner bottom row
+    want[2:6, 5] = True  # inner right column
+    assert np.array_equal(boundary_map(_square(10, 10, 2, 2, 4)), want) and want.sum() == 16
+    # One pixel: the 2x2 block ending at it.
+    one = np.zeros((6, 6), dtype=bool)
+    one[3, 3] = True
+    assert sorted(zip(*np.nonzero(boundary_map(one)), strict=True)) == [(2, 2), (2, 3), (3, 2), (3, 3)]
+    # No boundary along the image border: the whole image has none, the right half only its left edge.
+    assert not boundary_map(np.ones((5, 7), dtype=bool)).any()
+    half = np.zeros((5, 8), dtype=bool)
+    half[:, 4:] = True
+    b = boundary_map(half)
+    assert b[:, 3].all() and b.sum() == 5
+    # Mapped to twice the size: boundary pixel (y, x) -> (2y, 2x); a smaller or other-aspect size is refused.
+    up = boundary_map(one, 12, 12)
+    assert sorted(zip(*np.nonzero(up), strict=True)) == [(4, 4), (4, 6), (6, 4), (6, 6)]
+    with pytest.raises(ValueError, match="aspect"):
+        boundary_map(one, 6, 12)
+
+
+def test_boundary_f_matches_the_toolkits_formulas_on_hand_computed_cases():
+    assert tolerance_px(480, 854) == 8 and tolerance_px(100, 100) == 2 and tolerance_px(10, 10, 3) == 3
+    # Two single pixels 2 px apart, radius 1 (a plus-shaped disk): their 2x2 boundaries touch on one
+    # side, so 2 of 4 pixels match each way: P = R = 1/2 (an inner-contour boundary would give 0).
+    a, b = np.zeros((12, 12), dtype=bool), np.zeros((12, 12), dtype=bool)
+    a[5, 5], b[5, 7] = True, True
+    assert boundary_f(b, a, tolerance=1) == pytest.approx(0.5)
+    # A 4x4 square shifted right by 1 px: every boundary pixel has its twin 1 px away -> F = 1.
+    gt = _square(12, 12, 2, 2, 4)
+    assert boundary_f(_square(12, 12, 2, 3, 4), gt, tolerance=1) == 1.0
+    # Shifted by 2 px: 10 of the 16 boundary pixels are within 1 px of the other boundary, each way.
+    assert boundary_f(_square(12, 12, 2, 4, 4), gt, tolerance=1) == pytest.approx(10 / 16)
+    # Empty masks: both -> 1, one -> 0 (P = 1, R = 0 and the reverse).
+    empty = np.zeros_like(gt)
+    assert boundary_f(empty, empty) == 1.0 and boundary_f(empty, gt) == 0.0 and boundary_f(gt, empty) == 0.0
+    # Void pixels are cleared from both masks first: a prediction that differs only on void scores 1,
+    # and J counts neither the void pixels of the prediction nor of the truth.
+    void = np.zeros_like(gt)
+    void[2:6, 6:8] = True
+    pred = gt | void
+    assert boundary_f(pred, gt, void, tolerance=1) == 1.0 and region_j(pred, gt, void) == 1.0
+    pred2 = gt.copy()
+    pred2[2:4, 6:8] = True  # 4 extra pixels, all on void: not counted
+    pred2[6, 2:4] = True  # 2 extra pixels off the void: union 18
+    assert region_j(pred2, gt, void) == pytest.approx(16 / 18)
 
 
 def test_void_pixels_are_ignored():

@@ -23,7 +23,7 @@ def _toy(n: int, seed: int, tokens: int = 6, dim: int = 8, classes: int = 3) -> 
     return FeatureSet(feats, labels, [f"c{i}" for i in range(classes)])
 
 
-@pytest.mark.parametrize("pooling", ["attention", "average", "linear"])
+@pytest.mark.parametrize("pooling", ["attention", "average", "linear", "cross-attn-mlp"])
 def test_each_head_learns_separable_toy(pooling):
     cfg = ProbeConfig(pooling=pooling, epochs=20, batch_size=32, lr=1e-2, num_heads=2)
     res, _ = train_probe(_toy(192, 0), _toy(96, 1), cfg)
