@@ -32,5 +32,9 @@ for _cmd in (demo_data, worklist, *_job_commands, convert_tokenizer_cmd, train_t
              *_shard_commands):
     main.add_command(_cmd)
 
+from pipeline.demo_data.cater import demo_cater  # noqa: E402
+
+main.add_command(demo_cater)
+
 if __name__ == "__main__":
     main()
