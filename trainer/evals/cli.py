@@ -43,7 +43,10 @@ def _fail(e: Exception) -> None:
 @click.option("--weight-decay", default=0.05, show_default=True, type=float, help="AdamW weight decay.")
 @click.option("--heads", default=4, show_default=True, type=int, help="Heads of the attention-pooling probe.")
 @click.option("--out", "out_dir", default="probe-out", show_default=True, help="Output directory.")
-@click.option("--task", default="probe", show_default=True, help="Name used in file names and plots.")
+@click.option("--task", default="probe", show_default=True,
+              help="Name used in file names and plots. A preset name sets the paper's settings for that task "
+                   "(options given explicitly win): cater = 16-frame clips at stride 18 (32 at 9 with --frames 32), "
+                   "one clip per video, attention pooling, top-1/top-5 over the 36 grid cells.")
 @click.option("--context", "context_rule", default="auto", show_default=True, type=click.Choice(CONTEXT_RULES),
               help="Clips longer than the trained context: auto extends it (LLaMA rope_base, GPT-2 pos_interp), "
                    "drop_bos leaves bos out (16x256 = 4096 tokens fit), none refuses (docs/evaluation.md#context).")
@@ -86,6 +89,7 @@ def probe(ckpt, train_url, val_url, train_split, val_split, layers, pooling, cli
         toto-train probe runs/demo --train data/digits --val data/digits --layers all --pooling both
         torchrun --nproc_per_node 8 -m trainer.cli probe runs/base --train tok/in1k --val tok/in1k --device cuda
         toto-train probe runs/base --train-images in1k-raw --tokenizer demo --val tok/in1k --head cross-attn-mlp
+        toto-train probe runs/base --task cater --train tok/cater --val tok/cater --layers half --device cuda
     """
     from trainer.checkpoint import load_model
     from trainer.evals.run import ProbeJob, frame_tokenizer_from_meta, probe_job
@@ -98,6 +102,11 @@ def probe(ckpt, train_url, val_url, train_split, val_split, layers, pooling, cli
         if dist.world > 1 and device == "cuda":
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
         model, meta = load_model(ckpt, device=device)
+        preset = _task_preset(task, frames)
+        if preset:  # the preset replaces the defaults, not values given on the command line
+            frames, stride, clips = (preset[k] if _default(k) else v
+                                     for k, v in (("frames", frames), ("stride", stride), ("clips", clips)))
+            pooling = preset["poolings"][0] if _default("pooling") else pooling
         job = ProbeJob(
             train=train_url or train_images, val=val_url, layers=layers,
             poolings=("attention", "average") if pooling == "both" else (pooling,),
@@ -106,6 +115,7 @@ def probe(ckpt, train_url, val_url, train_split, val_split, layers, pooling, cli
             frames=frames, stride=stride, clips=clips, max_samples=max_samples, pool_tokens=pool_tokens, task=task,
             features=features_mode, cache_limit_gb=cache_limit_gb, checkpoint_every=checkpoint_every,
             train_images=train_images, images_layout=images_layout, context=context_rule,
+            classes=preset.get("classes"),
         )
         cfg = ProbeConfig(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, num_heads=heads)
         tokenize = frame_tokenizer_from_meta(meta, tokenizer_spec) if train_images else None
@@ -120,6 +130,17 @@ def probe(ckpt, train_url, val_url, train_split, val_split, layers, pooling, cli
         click.echo(f"layer {r['layer']:>3} ({r['relative_depth']:.2f})  {r['pooling']:<9}  "
                    f"top-1 {r['top1']:5.1f}  top-5 {r['top5']:5.1f}")
     click.echo(f"wrote {json_path} and {png_path}")
+
+
+def _task_preset(task: str, frames: int) -> dict:
+    from trainer.evals.run import preset_settings
+
+    return preset_settings(task, None if _default("frames") else frames)
+
+
+def _default(param: str) -> bool:
+    """Whether a probe option was left at its default (not given on the command line)."""
+    return click.get_current_context().get_parameter_source(param) == click.core.ParameterSource.DEFAULT
 
 
 @click.command("track")

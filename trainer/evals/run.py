@@ -17,7 +17,7 @@ from trainer.evals.features import stack_clips
 from trainer.evals.probes import POOLINGS, ProbeConfig, labels_to_ids
 from trainer.evals.sweep import write_sweep
 
-__all__ = ["ProbeJob", "parse_layers", "load_labelled", "probe_job", "default_track_layer"]
+__all__ = ["ProbeJob", "TASK_PRESETS", "preset_settings", "parse_layers", "load_labelled", "probe_job", "default_track_layer"]
 
 
 def _log(msg: str) -> None:
@@ -71,6 +71,7 @@ class ProbeJob:
     train_images: str | None = None
     images_layout: str = "imagenet"  # pipeline.sources.adapters layout of train_images
     context: str = "auto"  # trainer.evals.context rule for clips longer than the trained context
+    classes: tuple[str, ...] | None = None  # a fixed class list (a task preset's); None: the training labels
 
     def __post_init__(self) -> None:
         for p in self.poolings:
@@ -90,6 +91,30 @@ class ProbeJob:
         if self.max_samples is not None and self.max_samples < 2:
             raise ValueError(f"ProbeJob.max_samples={self.max_samples!r} is invalid: use at least 2 (or None for all)")
         uses_bos(self.context)  # validates the rule name
+
+
+# `toto-train probe --task NAME`: the paper's evaluation settings for a named task. They are that
+# task's defaults; options given explicitly win (trainer/evals/cli.py). docs/evaluation.md#cater.
+TASK_PRESETS: dict[str, dict] = {
+    # CATER snitch localisation (Table 12): 16- and 32-frame clips, attention pooling, top-1 / top-5 over
+    # the 36 cells of the 6x6 grid (a fixed class list, so a cell absent from training is still a class).
+    # The label is where the snitch is at the END of the 300-frame video, so one clip spans (nearly) the
+    # whole video: stride 18 for 16 frames (271 frames), 9 for 32 (280); other frame counts 288 // frames.
+    "cater": {"frames": 16, "strides": {16: 18, 32: 9}, "stride_span": 288, "clips": 1,
+              "poolings": ("attention",), "classes": tuple(str(c) for c in range(36)),
+              "paper": {"model": "large", "top1": {"16": 62.8, "32": 72.9}}},
+}
+
+
+def preset_settings(task: str, frames: int | None = None) -> dict:
+    """The preset's frames, stride, clips, poolings and classes for `task` ({} for a task without a
+    preset); ``frames`` given explicitly picks the stride for that many frames."""
+    p = TASK_PRESETS.get(task)
+    if p is None:
+        return {}
+    f = frames or p["frames"]
+    stride = p["strides"].get(f, max(1, p["stride_span"] // f))
+    return {"frames": f, "stride": stride, "clips": p["clips"], "poolings": p["poolings"], "classes": p["classes"]}
 
 
 def load_labelled(
@@ -248,7 +273,7 @@ def probe_job(
         train_src = TokenSource(model, tr_tok, tr_fi, layers, rows=np.asarray(tr_rows), pool_tokens=job.pool_tokens)
     is_video = bool(np.asarray(va_fi[0]).max() > 0)  # clips of one validation video are averaged
     va_rows = subset_rows(va_info["video_ids"], job.max_samples)
-    train_y, classes = labels_to_ids(tr_lab)
+    train_y, classes = labels_to_ids(tr_lab, list(job.classes) if job.classes else None)
     known = set(classes)
     va_all = len(va_rows)
     va_rows = [i for i in va_rows if va_info["labels"][i] in known]
@@ -288,6 +313,10 @@ def probe_job(
                     extra_config={"features": mode, "world_size": dist.world, "pool_tokens": job.pool_tokens})
     doc["checkpoint"] = str(meta.get("step_dir", ""))
     doc["context"] = context
+    if job.task in TASK_PRESETS:  # what the preset ran with, beside the paper's numbers
+        doc["task_preset"] = {"task": job.task, "frames": job.frames, "stride": job.stride, "clips": job.clips,
+                              "poolings": list(job.poolings), "classes": len(classes),
+                              "paper": TASK_PRESETS[job.task]["paper"]}
     name = f"probe-{job.task}"
     if dist.rank != 0:
         return doc, os.path.join(out_dir, f"{name}.json"), os.path.join(out_dir, f"{name}.png")
