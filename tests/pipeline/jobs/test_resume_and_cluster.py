@@ -83,10 +83,12 @@ def test_sigkill_at_random_points_then_rerun_equals_uninterrupted(ray_local, tmp
                                                                        for n in os.listdir(out))):
         time.sleep(0.05)
     os.kill(p.pid, signal.SIGKILL)  # the driver only; its embedded Ray shares its fate
-    time.sleep(0.5)
-    _kill_group(p)
+    # Counted at the kill: writer actors may commit the shards they hold while the embedded Ray
+    # winds down, and on a loaded machine that can be all of them.
     first = len(committed_shards(out))
     assert 1 <= first < 10
+    time.sleep(0.5)
+    _kill_group(p)
     # Kill 2: at a random instant of the resumed run (start-up, listing, decoding or committing).
     p = _start_job(args)
     time.sleep(rng.uniform(1.0, 12.0))
