@@ -14,7 +14,7 @@ from pipeline.sources import load_worklist
 from pipeline.tokenizers.patch import patchify
 
 SMALL = dict(resolution=64, max_fps=10.0, chunk_frames=4, num_cpus=2, decode_cpus=0.5, tokenizer_cpus=1.0,
-             batch_size=8, rows_per_batch=4, progress=False, items_per_shard=2)
+             batch_size=8, rows_per_batch=4, progress=False, items_per_shard=1, limit=2)
 
 
 def _rows(out: str) -> dict[str, np.ndarray]:
@@ -31,13 +31,13 @@ def test_patch_job_writes_the_frames_patches(ray_local, tmp_path, make_layout):
     cfg = TokenizeConfig(dataset="kinetics600", input=lay["root"], output=px_out, tokenizer="patch:8", **SMALL)
     run_tokenize(cfg)
     px = _rows(px_out)
-    want = {rec["key"]: rec["frames"] for item in load_worklist(storage.join(px_out, "worklist")).items
+    want = {rec["key"]: rec["frames"] for item in load_worklist(storage.join(px_out, "worklist")).items[: cfg.limit]
             for rec in decode_item(item, cfg.decode_config()) if rec["type"] == "chunk"}
     for k, frames in want.items():
         assert px[k].shape == (len(frames), 8, 8 * 192)
         np.testing.assert_array_equal(px[k].reshape(len(frames), 8, 8, 192), patchify(frames, 8), err_msg=k)
     man = read_manifest(px_out)
     assert man["grid"] == [8, 8 * 192] and man["tokenizer"]["values_per_token"] == 192
-    assert sorted(px) == sorted(want) and len(px) >= 3
+    assert sorted(px) == sorted(want) and len(px) >= 2
     assert man["tokenizer"]["precision"] == "fp32" and man["resolution"] == 64
     assert all(verify_shard(px_out, s) == [] for s in committed_shards(px_out))
