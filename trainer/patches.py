@@ -212,3 +212,66 @@ def count_params(cfg: ModelConfig, include_embedding: bool = True) -> int:
     if cfg.target == "pixels":
         n += d * pd + pd - v * d
     return n
+
+
+# ----------------------------------------------------------------------------------------- generation
+class PatchSampler:
+    """A patch -> dVAE model as `trainer.generate.sample_tokens` drives it: codes in, code logits out.
+
+    The model reads pixels, but sampling yields codes, so each sampled code is turned into the pixels
+    the model reads next with the tokenizer's decoder: the frame being generated is kept as a code
+    grid (started from the previous frame's codes), the new code is written at its position, the grid
+    decoded and the patch at that position cut out. The prompt is read as its real pixels. A decoded
+    patch depends on its neighbours' codes (the decoder is convolutional), so the later codes of the
+    frame are the previous frame's until they are generated; that is the closest the model's input
+    can come to the pixels it was trained on without a pixel-space sampler.
+    """
+
+    def __init__(self, model, tokenizer, frames: np.ndarray, codes: np.ndarray) -> None:
+        cfg = model.cfg
+        if cfg.target == "pixels":
+            raise ValueError("a patch -> patch model regresses the next patch's per-patch-normalised pixels (MSE): "
+                             "it has no distribution to sample and the normalisation drops each patch's mean and "
+                             "contrast, so it cannot continue a video; generate with the patch -> dVAE arm instead")
+        if not hasattr(tokenizer, "decode"):
+            raise ValueError(f"tokenizer {tokenizer.id} has no decoder: a patch-input model reads pixels, so every "
+                             "generated code must be decoded to its patch before the model can read it; pass a "
+                             "tokenizer with a decoder (--tokenizer)")
+        p = cfg.patch_size
+        if int(tokenizer.downsample) != p:
+            raise ValueError(f"tokenizer {tokenizer.id} downsamples by {tokenizer.downsample} but the model reads "
+                             f"{p}x{p} patches; pass the tokenizer the training data was made with")
+        from pipeline.tokenizers.patch import patchify
+
+        self.model, self.tokenizer, self.cfg, self.p = model, tokenizer, cfg, p
+        self._patchify = patchify
+        n, gh, gw = codes.shape
+        self.hw = gh * gw
+        # The prompt: bos, then every frame's patches in raster order (1, 1 + n*hw, P*P*3).
+        body = patchify(np.asarray(frames), p).reshape(1, n * self.hw, -1)
+        self.prompt = np.concatenate([np.zeros_like(body[:, :1]), body], axis=1)
+        self.canvas = np.asarray(codes[-1:], dtype=np.int64).copy()  # (1, gh, gw) codes of the frame in progress
+        self.made = 0  # codes generated so far
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def new_cache(self, *a, **kw):
+        return self.model.new_cache(*a, **kw)
+
+    def __call__(self, tokens: torch.Tensor, cache=None) -> torch.Tensor:
+        b, t = tokens.shape
+        if self.made == 0 and t == self.prompt.shape[1]:
+            px = np.repeat(self.prompt, b, axis=0)  # (B, T0, P*P*3)
+        elif t == 1:
+            if b != 1:
+                raise ValueError("PatchSampler decodes one sequence at a time; sample with batch 1")
+            k = self.made % self.hw
+            self.canvas.reshape(-1)[k] = int(tokens[0, 0])
+            frame = np.asarray(self.tokenizer.decode(self.canvas))  # (1, H, W, 3)
+            px = self._patchify(frame, self.p).reshape(1, self.hw, -1)[:, k : k + 1]  # (1, 1, P*P*3)
+            self.made += 1
+        else:
+            raise ValueError(f"PatchSampler got {t} tokens after the prompt; it continues one code at a time")
+        x = torch.from_numpy(pack_inputs(tokens.cpu().numpy(), px)).to(tokens.device)
+        return self.model(x, cache=cache)

@@ -77,7 +77,11 @@ def test_pixel_loss_is_mse_on_per_patch_normalised_next_patches():
     assert float(pixel_losses(torch.from_numpy(norm[None, None].repeat(3, 1)).float(), y)[0, 0]) < 1e-10
 
 
-def test_config_refuses_arms_that_do_not_exist():
+def test_config_refuses_arms_that_do_not_exist(tmp_path):
+    from trainer.export import export_hf
+
+    with pytest.raises(ValueError, match="no equivalent to export"):
+        export_hf(build_model(_cfg("tiny", "tokens")), tmp_path / "hf")
     with pytest.raises(ValueError, match="model.input=patches"):
         ModelConfig(target="pixels")
     with pytest.raises(ValueError, match="ModelConfig.input='pixels'"):
@@ -157,3 +161,54 @@ def test_both_arms_train_validate_by_position_and_resume_exactly(pair, tmp_path,
         # Left after 2 steps and restarted: the same losses (model, optimizer, loader position, RNG).
         _run(pair, arm, tmp_path / "split", "exit_after_steps=2")
         assert _run(pair, arm, tmp_path / "split") == full
+
+
+class FirstPixelTokenizer:
+    """The synthetic data's tokenizer (patch_data): a patch's code is its first pixel value; a code
+    decodes to a patch of that value everywhere."""
+
+    id, vocab_size, downsample = "first-pixel", 512, 4
+
+    def encode(self, frames):
+        from pipeline.tokenizers.patch import patchify
+
+        return patchify(np.asarray(frames), 4)[..., 0].astype(np.uint16)
+
+    def decode(self, codes):
+        c = np.minimum(np.asarray(codes), 255).astype(np.uint8)
+        return np.repeat(np.repeat(c, 4, axis=1), 4, axis=2)[..., None].repeat(3, axis=3)
+
+
+def test_generate_with_patch_input_decodes_each_sampled_code_to_the_pixels_it_reads_next():
+    from trainer.generate import continue_frames
+
+    torch.manual_seed(0)
+    model = build_model(_cfg("tiny", "tokens", vocab_size=516, n_layers=1)).eval()
+    meta = {"specials": {"bos_video": 512, "bos_image": 513, "eos": 514, "pad": 515}, "codebook_size": 512,
+            "grid": [2, 2]}
+    frames = np.random.default_rng(3).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    tok = FirstPixelTokenizer()
+    res = continue_frames(model, meta, tok, frames, 2, temperature=0)
+    new = res["new_tokens"].reshape(-1).astype(np.int64)  # (8,) codes, greedy
+    assert res["new_tokens"].shape == (2, 2, 2) and res["generated"].shape == (2, 8, 8, 3)
+    # Without a cache: the prompt's real patches, then each generated code as its decoded patch
+    # (this decoder has no spatial context, so a code's patch is just that value).
+    from pipeline.tokenizers.patch import patchify
+
+    toks = np.concatenate([[512], tok.encode(frames).reshape(-1), new])[None]  # (1, 1 + 8 + 8)
+    px = np.concatenate([np.zeros((1, 1, 48), np.uint8), patchify(frames, 4).reshape(1, 8, 48),
+                         np.minimum(new, 255).astype(np.uint8)[None, :, None].repeat(48, axis=2)], axis=1)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(pack_inputs(toks, px)))[0, 8:-1, :512]  # predictions of the 8 new codes
+    assert logits.argmax(-1).tolist() == new.tolist()
+
+    pixel_model = build_model(_cfg("tiny", "pixels", vocab_size=516, n_layers=1))
+    with pytest.raises(ValueError, match="no distribution to sample"):
+        continue_frames(pixel_model, meta, tok, frames, 1)
+
+    class EncoderOnly:  # a tokenizer converted without its decoder
+        id, vocab_size, downsample = "first-pixel", 512, 4
+        encode = FirstPixelTokenizer.encode
+
+    with pytest.raises(ValueError, match="must be decoded to its patch"):
+        continue_frames(model, meta, EncoderOnly(), frames, 1)
