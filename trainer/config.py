@@ -79,6 +79,9 @@ class TrainConfig:
     # Leave early with a checkpoint (for time-limited allocations); re-running continues the schedule.
     exit_after_steps: int | None = None  # steps run by this invocation
     exit_after_minutes: float | None = None  # wall-clock minutes of this invocation
+    # Patch models (model.input=patches, Table 3): the pixel datasets beside the mix's token datasets,
+    # NAME=DIR[,NAME=DIR] per mix source (or DIR for one source); see trainer/data/pixels.py.
+    pixels: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -182,6 +185,12 @@ for _arch in ("gpt2", "mamba"):
     for _size in ("tiny", "demo"):
         PRESETS[f"{_size}-{_arch}"] = dataclasses.replace(
             PRESETS[_size], name=f"{_size}-{_arch}", model=dataclasses.replace(MODEL_PRESETS[f"{_size}-{_arch}"]))
+# Tokenizer ablation (Table 3): the large / tiny / demo recipes with patch input (trainer/patches.py); the
+# run also needs pixels=... (the pixel datasets beside the mix's token datasets, trainer/data/pixels.py).
+for _size in ("tiny", "demo", "large"):
+    for _arm in ("patch", "patch-dvae"):
+        PRESETS[f"{_size}-{_arm}"] = dataclasses.replace(
+            PRESETS[_size], name=f"{_size}-{_arm}", model=dataclasses.replace(MODEL_PRESETS[f"{_size}-{_arm}"]))
 # Width/depth sweep under μP (Figures 9, 11): the paper's optimum lr 2^-7 at every width, ~0.5M tokens a step.
 for _name in SWEEP_SIZES:
     PRESETS[_name] = _preset(

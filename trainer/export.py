@@ -150,6 +150,10 @@ def to_hf_state_dict(model: CausalLM) -> dict[str, torch.Tensor]:
 def export_hf(model: CausalLM, out_dir: str | os.PathLike, specials: dict | None = None) -> Path:
     """Write config.json + model.safetensors that `LlamaForCausalLM` / `GPT2LMHeadModel` /
     `MambaForCausalLM.from_pretrained(out_dir)` loads (by the model's arch)."""
+    if model.cfg.input != "tokens" or model.cfg.target != "tokens":
+        raise ValueError(f"model.input={model.cfg.input}, model.target={model.cfg.target}: transformers' causal LMs "
+                         "embed token ids and predict a vocabulary, so a patch model (Table 3) has no equivalent to "
+                         "export to; load its checkpoint with trainer.checkpoint.load_model instead")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(to_hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -113,6 +113,10 @@ def continue_frames(
         torch.from_numpy(toks.astype(np.int64)).reshape(-1),
     ])[None].to(device)  # (1, 1 + P*h*w)
     gen = torch.Generator(device=device).manual_seed(seed)
+    if model.cfg.input == "patches":  # patch -> dVAE (Table 3): the model reads pixels; codes are decoded to them
+        from trainer.patches import PatchSampler
+
+        model = PatchSampler(model, tokenizer, frames, toks)
     new = sample_tokens(model, prefix, num_new * h * w, temperature=temperature, top_k=top_k, allowed=codebook,
                         generator=gen)
     new_tokens = new.view(num_new, h, w).cpu().numpy().astype(np.uint16)

@@ -56,6 +56,12 @@ class ModelConfig:
     mamba_d_state: int = 16  # SSM state size N per channel
     mamba_expand: int = 2  # inner width = expand * dim
     mamba_d_conv: int = 4  # causal depthwise conv kernel
+    # Tokenizer ablation (Table 3, trainer/patches.py): input=patches reads each position's P x P pixel
+    # patch through a linear embedding (bos/specials: learned vectors); target=pixels predicts the next
+    # patch's per-patch-normalised pixels with an MSE loss, target=tokens its dVAE code (cross-entropy).
+    input: str = "tokens"
+    target: str = "tokens"
+    patch_size: int = 8  # P: must equal the token grid's downsampling (the dVAE's 8)
     extra: dict = field(default_factory=dict)  # free-form notes carried into checkpoints
 
     def __post_init__(self) -> None:
@@ -89,6 +95,14 @@ class ModelConfig:
             raise bad("init_std", "use a positive standard deviation such as 0.02")
         if self.mup_base_dim is not None and (not isinstance(self.mup_base_dim, int) or self.mup_base_dim <= 0):
             raise bad("mup_base_dim", "use a positive width (e.g. 256) or None to disable μP")
+        if self.input not in ("tokens", "patches"):
+            raise bad("input", "choose tokens (dVAE codes) or patches (pixel patches: model.input=patches)")
+        if self.target not in ("tokens", "pixels"):
+            raise bad("target", "choose tokens (the next dVAE code) or pixels (the next patch, MSE)")
+        if self.target == "pixels" and self.input != "patches":
+            raise bad("target", "pixel targets are the patch -> patch arm: also set model.input=patches")
+        if not isinstance(self.patch_size, int) or isinstance(self.patch_size, bool) or self.patch_size < 1:
+            raise bad("patch_size", "use the patch side in pixels, e.g. 8 (the dVAE's token grid)")
 
     @property
     def head_dim(self) -> int:
@@ -149,6 +163,12 @@ PRESETS: dict[str, ModelConfig] = {
                              mlp_hidden=512),
     "demo-mamba": ModelConfig(arch="mamba", dim=160, n_layers=10, n_heads=5, vocab_size=516, max_seq_len=1024),
 }
+# The tokenizer ablation (Table 3, trainer/patches.py) at the paper's large size and the tiny/demo ones:
+# `-patch` is patch -> patch (8x8 pixel patches in, the next patch's normalised pixels out, MSE),
+# `-patch-dvae` is patch -> dVAE (patches in, the next patch's dVAE code out, cross-entropy).
+for _size in ("tiny", "demo", "large"):
+    PRESETS[f"{_size}-patch"] = dataclasses.replace(PRESETS[_size], input="patches", target="pixels", patch_size=8)
+    PRESETS[f"{_size}-patch-dvae"] = dataclasses.replace(PRESETS[_size], input="patches", target="tokens", patch_size=8)
 # The width/depth sweep (Figures 9 and 11): heads fixed at 8, width and depth growing together, μP
 # relative to one base width (a1's 256), so one learning rate serves every size.
 SWEEP_SIZES = {"a1": (256, 4), "a2": (384, 6), "a3": (512, 8), "a4": (640, 10), "a5": (768, 12), "a6": (1024, 16)}
@@ -177,6 +197,10 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int | None = None)
 def count_params(cfg: ModelConfig, include_embedding: bool = True) -> int:
     """Parameters of the model `cfg` describes (lm-head padding excluded); without the input embedding
     when include_embedding is False."""
+    if cfg.input != "tokens" or cfg.target != "tokens":
+        from trainer.patches import count_params as patch_params
+
+        return patch_params(cfg, include_embedding)
     if cfg.arch != "llama":
         from trainer.backbones import count_params as other
 
@@ -479,7 +503,11 @@ class Transformer(CausalLM):
 
 
 def build_model(cfg: ModelConfig) -> CausalLM:
-    """The backbone `cfg.arch` names, freshly initialised."""
+    """The backbone `cfg.arch` names, freshly initialised (with patch input / pixel head: trainer/patches.py)."""
+    if cfg.input != "tokens" or cfg.target != "tokens":
+        from trainer.patches import build_patch_model
+
+        return build_patch_model(cfg)
     if cfg.arch == "llama":
         return Transformer(cfg)
     from trainer.backbones import BACKBONES

@@ -48,6 +48,7 @@ from trainer import checkpoint as ck
 from trainer.config import TrainConfig, config_to_dict
 from trainer.evals.position_loss import target_frames, token_losses
 from trainer.model import CausalLM, ModelConfig, build_model, flops_per_token, param_groups
+from trainer.patches import pixel_losses, target_ids
 
 __all__ = ["train", "lr_at", "peak_flops_for", "PEAK_FLOPS", "LoaderFactory", "NonFiniteLossError", "ray_train_loop",
            "DeviceFeed", "RunOutputs"]
@@ -94,9 +95,18 @@ LoaderFactory = Callable[..., LoaderLike]
 
 
 def mix_loader_factory(data: str, *, global_batch: int, rank: int, world: int, split: str,
-                       num_workers: int = 0, verify: str = "auto") -> LoaderLike:
-    """The production loader: trainer.data.MixLoader over a mix manifest (``verify``: TrainConfig.data_verify)."""
+                       num_workers: int = 0, verify: str = "auto", model: ModelConfig | None = None,
+                       pixels: str | None = None) -> LoaderLike:
+    """The production loader: trainer.data.MixLoader over a mix manifest (``verify``: TrainConfig.data_verify);
+    for a patch-input `model`, trainer.data.pixels.PixelMixLoader with the `pixels` datasets (TrainConfig.pixels)."""
     from trainer.data import MixLoader
+
+    if model is not None and model.input == "patches":
+        from trainer.data.pixels import PixelMixLoader
+
+        return PixelMixLoader(data, pixels=pixels, patch_size=model.patch_size, target=model.target,
+                              global_batch=global_batch, rank=rank, world=world, num_workers=num_workers, split=split,
+                              verify=verify)
 
     return MixLoader(data, global_batch=global_batch, rank=rank, world=world, num_workers=num_workers, split=split,
                      verify=verify)
@@ -414,7 +424,7 @@ class DeviceFeed:
         self.wait_s += time.perf_counter() - t0
         state = self.loader.state_dict()
         x, y = batch["inputs"], batch["targets"]
-        n_valid = int((y != IGNORE_INDEX).sum())
+        n_valid = int((target_ids(y) != IGNORE_INDEX).sum())  # positions, also for packed pixel targets
         if not self.cuda:
             return _FedBatch(x.to(self.device), y.to(self.device), batch, n_valid, state)
         # Pinned pages let the copy run asynchronously (DMA) on the side stream.
@@ -481,7 +491,8 @@ def train(
     from OUT's newest complete checkpoint: model, optimizer, schedule, RNG and loader position, so
     the per-step losses equal an uninterrupted run's.
     """
-    factory = loader_factory or functools.partial(mix_loader_factory, verify=cfg.data_verify)
+    factory = loader_factory or functools.partial(mix_loader_factory, verify=cfg.data_verify, model=cfg.model,
+                                                  pixels=cfg.pixels)
     out = _out_url(out)
     devkind = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     d = _setup_dist(devkind)
@@ -563,7 +574,7 @@ def _train(cfg, data, out: str, factory, d: _Dist, on_log, so: dict | None, outp
         if resume_fmt == "full" and (not fsdp or d.rank == 0):
             model_sd, opt_sd, _ = ck.load_state(resume_dir, so)
             rows = model_sd["output.weight"].shape[0]
-            if rows != mcfg.padded_vocab_size:
+            if rows != raw.output.weight.shape[0]:  # padded vocabulary (P*P*3 for a pixel head)
                 raise ValueError(
                     f"cannot resume {resume_dir}: its lm-head has {rows} rows, this code pads the vocabulary "
                     f"to {mcfg.padded_vocab_size}; start a new --out with init_from={resume_dir} (weights only)"
@@ -724,8 +735,8 @@ def _train(cfg, data, out: str, factory, d: _Dist, on_log, so: dict | None, outp
                 x, y = b["inputs"].to(device), b["targets"].to(device)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     logits = raw(x)  # (b, T, V); no DDP wrapper needed without gradients
-                tok = token_losses(logits, y).double().cpu()  # (B, T)
-                valid = (y != IGNORE_INDEX).cpu()
+                tok = (pixel_losses(logits, y) if y.ndim == 3 else token_losses(logits, y)).double().cpu()  # (B, T)
+                valid = (target_ids(y) != IGNORE_INDEX).cpu()
                 pos_sum += (tok * valid).sum(0)
                 pos_cnt += valid.sum(0)
                 if n_frames:
@@ -768,7 +779,7 @@ def _train(cfg, data, out: str, factory, d: _Dist, on_log, so: dict | None, outp
         fed = feed.next()
         state_now = fed.state
         inputs, targets = fed.inputs, fed.targets  # (B_rank, T), on the device
-        if inputs.shape != (global_batch // d.world, seq_len):
+        if inputs.shape[:2] != (global_batch // d.world, seq_len):  # (B, T[, 1 + P*P*3 packed patches])
             raise RuntimeError(
                 f"loader gave inputs of shape {tuple(inputs.shape)}, expected {(global_batch // d.world, seq_len)}"
             )
@@ -789,8 +800,11 @@ def _train(cfg, data, out: str, factory, d: _Dist, on_log, so: dict | None, outp
             with sync:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     logits = model(x)  # (b, T, V)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
-                                       reduction="sum")
+                if y.ndim == 3:  # patch -> patch: MSE on the next patch's normalised pixels (trainer.patches)
+                    loss = pixel_losses(logits, y).sum()
+                else:
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
+                                           reduction="sum")
                 (loss * scale).backward()
             loss_acc += loss.detach().double()
         feed.prefetch()  # the next batch's loading and copy overlap this step's queued kernels

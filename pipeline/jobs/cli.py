@@ -20,7 +20,8 @@ def _storage_options(endpoint_url: str | None) -> dict | None:
 @click.option("--output", required=True, metavar="URI",
               help="Output location (local or s3://). Holds the shards and all job state; rerun into it to resume.")
 @click.option("--tokenizer", default="demo", show_default=True,
-              help="Tokenizer spec: demo (bundled), dalle:DIR, vqgan:DIR or dvae:DIR.")
+              help="Tokenizer spec: demo (bundled), dalle:DIR, vqgan:DIR, dvae:DIR, or patch:8 (the frames' 8x8 pixel "
+                   "patches at the token grid, for the patch models of Table 3: docs/training.md).")
 @click.option("--resolution", default=128, show_default=True, type=int, help="Frame side in px (short-side resize + centre crop).")
 @click.option("--fps", default=None, type=float, help="Output frame rate. Default: each video's native rate, capped at --max-fps.")
 @click.option("--max-fps", default=30.0, show_default=True, type=float, help="Cap on the frame rate; also sets the chunk window.")

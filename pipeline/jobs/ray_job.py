@@ -53,6 +53,7 @@ from pipeline.jobs.steps import (
     ShardBuffer,
     decode_input_shard,
     new_decode_worker,
+    token_grid,
     tokenize_records,
     torch_threads,
     write_shard,
@@ -503,7 +504,7 @@ def _execute(ray, cfg: TokenizeConfig, plan: JobPlan, sizes: dict, progress: Pro
     kw = dict(codebook_size=plan.codebook_size, tokenizer=plan.tokenizer, resolution=cfg.resolution,
               format=cfg.format, compression=cfg.compression, settings=cfg.settings(),
               storage_options=cfg.storage_options)
-    grid = (cfg.resolution // plan.tokenizer["downsample"],) * 2
+    grid = token_grid(plan.tokenizer, cfg.resolution)
     wr = sizes["write"]
     # Writers are the only holders of rows in flight: a restarted writer would have lost them, so
     # it is not restarted; its shards stay uncommitted and the job says to rerun (exactly-once

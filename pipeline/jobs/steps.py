@@ -44,8 +44,19 @@ def tokenizer_info(tok: Any, precision: str | None = None) -> dict[str, Any]:
         if not hexes:
             raise ValueError(f"tokenizer id {tid!r} carries no weights sha256; cannot record which weights made the shards")
         sha = hexes[-1]
-    return {"id": tid, "sha256": str(sha), "vocab_size": int(tok.vocab_size), "downsample": int(tok.downsample),
+    info = {"id": tid, "sha256": str(sha), "vocab_size": int(tok.vocab_size), "downsample": int(tok.downsample),
             "precision": str(precision or getattr(tok, "precision", "fp32"))}
+    vpt = int(getattr(tok, "values_per_token", 1))
+    if vpt > 1:  # the patch tokenizer: P*P*3 values per grid cell, copied exactly (no precision applies)
+        info.update(values_per_token=vpt, precision="fp32")
+    return info
+
+
+def token_grid(info: dict[str, Any], resolution: int) -> tuple[int, int]:
+    """The (grid_h, grid_w) the rows of a job at `resolution` have: its tokenizer's grid, each cell
+    `values_per_token` values wide (1 for codes; P*P*3 for the patch tokenizer)."""
+    g = resolution // int(info["downsample"])
+    return g, g * int(info.get("values_per_token", 1))
 
 
 def decode_input_shard(

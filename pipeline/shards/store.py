@@ -88,8 +88,10 @@ class ShardWriter:
         self.name = shard_name(shard_id)
         self.format = format
         self.codebook_size = codebook_size
-        # precision (fp32 | tf32 | bf16): recorded when the caller knows it (the tokenize job always does).
-        self.tokenizer = {k: tokenizer[k] for k in ("id", "sha256", "vocab_size", "downsample", "precision")
+        # precision (fp32 | tf32 | bf16): recorded when the caller knows it (the tokenize job always does);
+        # values_per_token: P*P*3 for the patch tokenizer's pixel rows (pipeline/tokenizers/patch.py).
+        self.tokenizer = {k: tokenizer[k] for k in ("id", "sha256", "vocab_size", "downsample", "precision",
+                                                 "values_per_token")
                           if k in tokenizer}
         self.resolution = int(resolution)
         self.row_group_size = row_group_size

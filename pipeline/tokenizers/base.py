@@ -464,15 +464,20 @@ def _load_strict(module: nn.Module, sd: dict[str, torch.Tensor], where: str, pre
 
 
 def load_tokenizer(spec: str, device: str | torch.device = "cpu") -> VisualTokenizer:
-    """`dalle:DIR`, `vqgan:DIR`, `dvae:DIR` (a folder made by convert-tokenizer / train-tokenizer) or
-    `demo` (the small dVAE bundled in the package: 64 px frames → 8×8 codes of 512)."""
+    """`dalle:DIR`, `vqgan:DIR`, `dvae:DIR` (a folder made by convert-tokenizer / train-tokenizer),
+    `demo` (the small dVAE bundled in the package: 64 px frames → 8×8 codes of 512) or `patch:P`
+    (P x P pixel patches, no weights: pipeline/tokenizers/patch.py)."""
+    if spec.startswith("patch:"):  # pixels at the patch grid (Table 3's patch arms): pipeline/tokenizers/patch.py
+        from pipeline.tokenizers.patch import load_patch_tokenizer
+
+        return load_patch_tokenizer(spec)  # type: ignore[return-value]
     if spec == "demo":
         if not os.path.isfile(DEMO_CONFIG):
             raise RuntimeError(f"the bundled demo tokenizer is missing ({DEMO_CONFIG}); reinstall toto")
         return load_tokenizer_files(DEMO_CONFIG, device)
     kind, sep, path = spec.partition(":")
     if not sep or kind not in KINDS or not path:
-        raise ValueError(f"tokenizer spec {spec!r} is not one of dalle:DIR, vqgan:DIR, dvae:DIR or demo")
+        raise ValueError(f"tokenizer spec {spec!r} is not one of dalle:DIR, vqgan:DIR, dvae:DIR, demo or patch:8")
     config_path = os.path.join(os.path.expanduser(path), CONFIG_FILE)
     config = load_config(config_path)
     if config["kind"] != kind:
