@@ -6,7 +6,8 @@ per-patch features at one block are the input. As in the FRCNN+SlowFast baseline
 StillFast), boxes and nouns come from the detector: each detected box gets RoI features (the mean
 of the patch features under the box on the token grid, with the frame's mean and the box geometry)
 and small MLP heads predict its verb and its time to contact. The detector's noun is kept (not
-re-scored) and the final score is detector score × verb probability, as the baseline does.
+re-scored) and the final score is detector score × verb probability (our choice: the baseline ranks by the
+detector score alone).
 Training boxes are the training split's detections plus its ground-truth boxes (the baseline's
 PROPOSAL_APPEND_GT); a box takes the verb and TTC of the ground truth it overlaps (IoU > 0.5).
 """
