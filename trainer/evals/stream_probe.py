@@ -349,7 +349,7 @@ def train_heads(
     acc, seen = torch.zeros(len(heads), dtype=torch.float64), 0
     st = None
     if state_path and os.path.exists(state_path):
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
     if st is not None and st["fingerprint"] != fp:
         if not restart_other:
             raise ValueError(f"{state_path} is the state of another probe run (heads, config, data or world size "

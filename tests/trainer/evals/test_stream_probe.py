@@ -88,7 +88,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
 
     with pytest.raises(Stop):
         train_heads(*args, val_groups=groups, state_path=state, checkpoint_every=4, on_step=crash)
-    assert torch.load(state, weights_only=False)["step"] == 8
+    assert torch.load(state, weights_only=True)["step"] == 8
     resumed = train_heads(*args, val_groups=groups, state_path=state, checkpoint_every=4)
     for (ra, _), (rb, _) in zip(whole, resumed, strict=True):
         assert (ra.top1, ra.top5, ra.correct, ra.train_loss) == (rb.top1, rb.top5, rb.correct, rb.train_loss)
@@ -136,7 +136,7 @@ def test_two_gloo_processes_train_the_heads_one_process_trains(tmp_path):
                               env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                                    "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}) for r in range(2)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
-    two = torch.load(tmp_path / "out.pt", weights_only=False)
+    two = torch.load(tmp_path / "out.pt", weights_only=True)
     one = train_heads(TensorSource(tr), ty, TensorSource(va), vy, [HeadSpec(*s) for s in specs], ["a", "b", "c"],
                       cfg, val_groups=groups)
     for (t1, correct, loss, sd), (r, h) in zip(two, one, strict=True):
