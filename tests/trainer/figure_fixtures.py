@@ -33,8 +33,8 @@ def write_labelled(out: str, *, video: bool, per_class: int, seed: int, classes:
     return out
 
 
-def make_checkpoint(run_dir: str, *, n_layers: int = 2, max_seq_len: int = 80) -> str:
-    """A randomly initialised dim-32 Transformer saved as a pre-training checkpoint (step 10)."""
+def make_checkpoint(run_dir: str, *, n_layers: int = 2, max_seq_len: int = 80, step: int = 10) -> str:
+    """A randomly initialised dim-32 Transformer saved as a pre-training checkpoint (at `step`)."""
     from pipeline.mix.sequence import make_specials
     from trainer import checkpoint as ck
     from trainer.model import ModelConfig, Transformer
@@ -43,11 +43,11 @@ def make_checkpoint(run_dir: str, *, n_layers: int = 2, max_seq_len: int = 80) -
     cfg = ModelConfig(dim=32, n_layers=n_layers, n_heads=2, vocab_size=CODEBOOK + 4, max_seq_len=max_seq_len,
                       mlp_hidden=64)
     model = Transformer(cfg)
-    w = ck.CheckpointWriter(run_dir, 10)
+    w = ck.CheckpointWriter(run_dir, step)
     w.write_model(model.state_dict())
     w.commit({
         "model_config": cfg.to_dict(), "train_config": {"name": "test"},
-        "scheduler": {"kind": "warmup_cosine", "step": 10},
+        "scheduler": {"kind": "warmup_cosine", "step": step},
         "loader_state": {"version": 1, "mix_hash": "x", "consumed_samples": 40}, "world_size": 1,
         "specials": make_specials(CODEBOOK), "tokenizer": dict(TOK, resolution=32), "grid": [4, 4],
     })

@@ -32,6 +32,7 @@ sequence, another rule) starts from the trained state again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 
@@ -39,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CONTEXT_RULES", "fit_context", "trained_length", "context_limit", "uses_bos", "fit_probe_inputs"]
+__all__ = ["CONTEXT_RULES", "fit_context", "trained_context", "trained_length", "context_limit", "uses_bos",
+           "fit_probe_inputs"]
 
 CONTEXT_RULES = ("auto", "rope_base", "rope_pi", "pos_interp", "drop_bos", "none")
 _ARCH_RULES = {"llama": ("rope_base", "rope_pi"), "gpt2": ("pos_interp",), "mamba": ()}
@@ -75,6 +77,16 @@ def context_limit(model: nn.Module, rule: str) -> int:
     if rule == "none":
         return n
     return n + 1 if rule == "drop_bos" else sys.maxsize
+
+
+@contextlib.contextmanager
+def trained_context(model: nn.Module):
+    """Within the block `fit_context` may extend `model`; on leaving it (also on an error) the model is
+    as trained again, so a later evaluation on the same object does not inherit another's extension."""
+    try:
+        yield model
+    finally:
+        _restore(model)
 
 
 def _check_rule(rule: str) -> None:

@@ -4,6 +4,7 @@ validated JSON + PNG out."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trainer.evals.context import context_limit, fit_probe_inputs, uses_bos
+from trainer.evals.context import context_limit, fit_probe_inputs, trained_context, uses_bos
 from trainer.evals.features import stack_clips
 from trainer.evals.probes import POOLINGS, ProbeConfig, labels_to_ids
 from trainer.evals.sweep import write_sweep
@@ -241,87 +242,94 @@ def probe_job(
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    args = dict(job=job, specials=meta["specials"], max_seq_len=context_limit(model, job.context),
-                storage_options=storage_options, dist=dist)
-    va_info, va_tok, va_fi = _token_file(job.val, job.val_split, os.path.join(work, "val"), **args)
-    if job.train_images is not None:
-        if not uses_bos(job.context):
-            raise ValueError("--context drop_bos does not apply to --train-images (the crops are tokenized with bos); "
-                             "use --context auto")
-        # The crops are single images like the validation set, so fitting the context to it covers them.
-        model, context, (va_tok, va_fi) = fit_probe_inputs(model, job.context, (va_tok, va_fi))
-        from trainer.evals.augment import ImageSource, list_probe_images
+    # The checkpoint the features come from: the probe state and feature cache are keyed by it.
+    ckpt_id = hashlib.sha256(f"{meta.get('step_dir', '')}|{meta.get('step', '')}".encode()).hexdigest()[:12]
+    with trained_context(model):  # the caller's model is as trained again afterwards
+        args = dict(job=job, specials=meta["specials"], max_seq_len=context_limit(model, job.context),
+                    storage_options=storage_options, dist=dist)
+        va_info, va_tok, va_fi = _token_file(job.val, job.val_split, os.path.join(work, "val"), **args)
+        if job.train_images is not None:
+            if not uses_bos(job.context):
+                raise ValueError("--context drop_bos does not apply to --train-images (the crops are tokenized with bos); "
+                                 "use --context auto")
+            # The crops are single images like the validation set, so fitting the context to it covers them.
+            model, context, (va_tok, va_fi) = fit_probe_inputs(model, job.context, (va_tok, va_fi))
+            from trainer.evals.augment import ImageSource, list_probe_images
 
-        if tokenize is None:
-            raise ValueError("probing on raw images needs the checkpoint's tokenizer: pass --tokenizer SPEC")
-        if job.features == "cache":
-            raise ValueError("augmented images are new crops every epoch and cannot be cached: use --features stream")
-        items = list_probe_images(job.train_images, job.images_layout, job.train_split, storage_options)
-        items = [items[i] for i in subset_rows([it["video_id"] for it in items], job.max_samples)]
-        tr_lab = [it["label"] for it in items]
-        train_src = ImageSource(model, items, tokenize, bos=int(meta["specials"]["bos_image"]), layers=layers,
-                                resolution=resolution or resolution_from_meta(meta), seed=cfg.seed,
-                                pool_tokens=job.pool_tokens, storage_options=storage_options)
-    else:
-        tr_info, tr_tok, tr_fi = _token_file(job.train, job.train_split, os.path.join(work, "train"), **args)
-        # Extends the model's context where the clips need it (recorded in the result); drop_bos views
-        # the token files without their first column.
-        model, context, (tr_tok, tr_fi), (va_tok, va_fi) = fit_probe_inputs(model, job.context, (tr_tok, tr_fi),
-                                                                             (va_tok, va_fi))
-        tr_rows = subset_rows(tr_info["video_ids"], job.max_samples)
-        tr_lab = [tr_info["labels"][i] for i in tr_rows]
-        train_src = TokenSource(model, tr_tok, tr_fi, layers, rows=np.asarray(tr_rows), pool_tokens=job.pool_tokens)
-    is_video = bool(np.asarray(va_fi[0]).max() > 0)  # clips of one validation video are averaged
-    va_rows = subset_rows(va_info["video_ids"], job.max_samples)
-    train_y, classes = labels_to_ids(tr_lab, list(job.classes) if job.classes else None)
-    known = set(classes)
-    va_all = len(va_rows)
-    va_rows = [i for i in va_rows if va_info["labels"][i] in known]
-    if len(va_rows) < va_all:
-        log(f"{va_all - len(va_rows)} validation samples have labels unseen in training; they are not scored")
-    if not va_rows:
-        raise ValueError("no validation label occurs in the training set; probe train and val on the same classes")
-    val_y, _ = labels_to_ids([va_info["labels"][i] for i in va_rows], classes)
-    va_vid = [va_info["video_ids"][i] for i in va_rows]
-    # Validation is read once (at the end), so it always streams; only training epochs re-read.
-    val_src = TokenSource(model, va_tok, va_fi, layers, rows=np.asarray(va_rows), pool_tokens=job.pool_tokens)
-    mode = "stream" if job.train_images is not None else job.features
-    size = cache_bytes(train_src.n, train_src.tokens, train_src.dim, len(layers))
-    if mode == "auto":
-        mode = "cache" if size <= job.cache_limit_gb * 2**30 and cfg.epochs > 1 else "stream"
-    log(f"probes: {train_src.n} train / {val_src.n} val samples, {len(classes)} classes, layers {layers}, "
-        f"{len(specs)} heads, features {mode} ({size / 2**30:.2f} GiB as an fp16 cache), {dist.world} process(es)")
-    if mode == "cache":
-        # The whole token file is cached (rows select the subset), so a cache serves any --max-samples;
-        # it lives in the token file's folder, so a rebuilt token file (other data) takes it along.
-        full = TokenSource(model, train_src.tok, train_src.fi, layers, pool_tokens=job.pool_tokens)
-        cdir = os.path.join(work, "train", f"cache-pool{job.pool_tokens}-layers{'-'.join(map(str, layers))}"
-                                           f"-{context['rule']}-{context['eval_len']}")
-        build_feature_cache(full, cdir, batch_size=job.batch_size, dist=dist, log=log)
-        train_src = CacheSource(cdir, layers, rows=train_src.rows)
-    trained = train_heads(train_src, train_y, val_src, val_y, specs, classes, cfg,
-                          val_groups=va_vid if is_video else None, eval_batch_size=max(job.batch_size, 2),
-                          state_path=os.path.join(work, f"state-{mode}.pt"), checkpoint_every=job.checkpoint_every,
-                          state_key={"train": job.train_images or job.train, "split": job.train_split,
-                                     "frames": job.frames, "stride": job.stride, "clips": job.clips,
-                                     "max_samples": job.max_samples, "pool_tokens": job.pool_tokens,
-                                     "images": job.train_images is not None, "context": context},
-                          restart_other=True,  # a rerun with other settings (a demo rerun) starts afresh
-                          dist=dist, log=log)
-    doc = sweep_doc(specs, [r for r, _ in trained], n_layers=n_layers, classes=classes, cfg=cfg, task=job.task,
-                    progress=log if dist.rank == 0 else None,
-                    extra_config={"features": mode, "world_size": dist.world, "pool_tokens": job.pool_tokens})
-    doc["checkpoint"] = str(meta.get("step_dir", ""))
-    doc["context"] = context
-    if job.task in TASK_PRESETS:  # what the preset ran with, beside the paper's numbers
-        doc["task_preset"] = {"task": job.task, "frames": job.frames, "stride": job.stride, "clips": job.clips,
-                              "poolings": list(job.poolings), "classes": len(classes),
-                              "paper": TASK_PRESETS[job.task]["paper"]}
-    name = f"probe-{job.task}"
-    if dist.rank != 0:
-        return doc, os.path.join(out_dir, f"{name}.json"), os.path.join(out_dir, f"{name}.png")
-    json_path, png_path = write_sweep(doc, out_dir, name=name)
-    return doc, json_path, png_path
+            if tokenize is None:
+                raise ValueError("probing on raw images needs the checkpoint's tokenizer: pass --tokenizer SPEC")
+            if job.features == "cache":
+                raise ValueError("augmented images are new crops every epoch and cannot be cached: use --features stream")
+            items = list_probe_images(job.train_images, job.images_layout, job.train_split, storage_options)
+            items = [items[i] for i in subset_rows([it["video_id"] for it in items], job.max_samples)]
+            tr_lab = [it["label"] for it in items]
+            train_src = ImageSource(model, items, tokenize, bos=int(meta["specials"]["bos_image"]), layers=layers,
+                                    resolution=resolution or resolution_from_meta(meta), seed=cfg.seed,
+                                    pool_tokens=job.pool_tokens, storage_options=storage_options)
+        else:
+            tr_info, tr_tok, tr_fi = _token_file(job.train, job.train_split, os.path.join(work, "train"), **args)
+            # Extends the model's context where the clips need it (recorded in the result); drop_bos views
+            # the token files without their first column.
+            model, context, (tr_tok, tr_fi), (va_tok, va_fi) = fit_probe_inputs(model, job.context, (tr_tok, tr_fi),
+                                                                                 (va_tok, va_fi))
+            tr_rows = subset_rows(tr_info["video_ids"], job.max_samples)
+            tr_lab = [tr_info["labels"][i] for i in tr_rows]
+            train_src = TokenSource(model, tr_tok, tr_fi, layers, rows=np.asarray(tr_rows), pool_tokens=job.pool_tokens)
+        is_video = bool(np.asarray(va_fi[0]).max() > 0)  # clips of one validation video are averaged
+        va_rows = subset_rows(va_info["video_ids"], job.max_samples)
+        train_y, classes = labels_to_ids(tr_lab, list(job.classes) if job.classes else None)
+        known = set(classes)
+        va_all = len(va_rows)
+        va_rows = [i for i in va_rows if va_info["labels"][i] in known]
+        if len(va_rows) < va_all:
+            log(f"{va_all - len(va_rows)} validation samples have labels unseen in training; they are not scored")
+        if not va_rows:
+            raise ValueError("no validation label occurs in the training set; probe train and val on the same classes")
+        val_y, _ = labels_to_ids([va_info["labels"][i] for i in va_rows], classes)
+        va_vid = [va_info["video_ids"][i] for i in va_rows]
+        # Validation is read once (at the end), so it always streams; only training epochs re-read.
+        val_src = TokenSource(model, va_tok, va_fi, layers, rows=np.asarray(va_rows), pool_tokens=job.pool_tokens)
+        mode = "stream" if job.train_images is not None else job.features
+        # The cache holds the whole token file (below), so that is what must fit, not the --max-samples subset.
+        cached_n = train_src.n if job.train_images is not None else int(train_src.tok.shape[0])
+        size = cache_bytes(cached_n, train_src.tokens, train_src.dim, len(layers))
+        if mode == "auto":
+            mode = "cache" if size <= job.cache_limit_gb * 2**30 and cfg.epochs > 1 else "stream"
+        log(f"probes: {train_src.n} train / {val_src.n} val samples, {len(classes)} classes, layers {layers}, "
+            f"{len(specs)} heads, features {mode} ({size / 2**30:.2f} GiB as an fp16 cache), {dist.world} process(es)")
+        if mode == "cache":
+            # The whole token file is cached (rows select the subset), so a cache serves any --max-samples;
+            # it lives in the token file's folder, so a rebuilt token file (other data) takes it along.
+            full = TokenSource(model, train_src.tok, train_src.fi, layers, pool_tokens=job.pool_tokens)
+            # Keyed by the checkpoint too: features of another step (a run trained further) are not reused.
+            cdir = os.path.join(work, "train", f"cache-pool{job.pool_tokens}-layers{'-'.join(map(str, layers))}"
+                                               f"-{context['rule']}-{context['eval_len']}-{ckpt_id}")
+            build_feature_cache(full, cdir, batch_size=job.batch_size, dist=dist, log=log)
+            train_src = CacheSource(cdir, layers, rows=train_src.rows)
+        trained = train_heads(train_src, train_y, val_src, val_y, specs, classes, cfg,
+                              val_groups=va_vid if is_video else None, eval_batch_size=max(job.batch_size, 2),
+                              state_path=os.path.join(work, f"state-{mode}.pt"), checkpoint_every=job.checkpoint_every,
+                              state_key={"train": job.train_images or job.train, "split": job.train_split,
+                                         "frames": job.frames, "stride": job.stride, "clips": job.clips,
+                                         "max_samples": job.max_samples, "pool_tokens": job.pool_tokens,
+                                         "images": job.train_images is not None, "context": context,
+                                         "checkpoint": ckpt_id},
+                              restart_other=True,  # a rerun with other settings (a demo rerun) starts afresh
+                              dist=dist, log=log)
+        doc = sweep_doc(specs, [r for r, _ in trained], n_layers=n_layers, classes=classes, cfg=cfg, task=job.task,
+                        progress=log if dist.rank == 0 else None,
+                        extra_config={"features": mode, "world_size": dist.world, "pool_tokens": job.pool_tokens})
+        doc["checkpoint"] = str(meta.get("step_dir", ""))
+        doc["context"] = context
+        if job.task in TASK_PRESETS:  # what the preset ran with, beside the paper's numbers
+            doc["task_preset"] = {"task": job.task, "frames": job.frames, "stride": job.stride, "clips": job.clips,
+                                  "poolings": list(job.poolings), "classes": len(classes),
+                                  "paper": TASK_PRESETS[job.task]["paper"]}
+        name = f"probe-{job.task}"
+        if dist.rank != 0:
+            return doc, os.path.join(out_dir, f"{name}.json"), os.path.join(out_dir, f"{name}.png")
+        json_path, png_path = write_sweep(doc, out_dir, name=name)
+        return doc, json_path, png_path
 
 
 def resolution_from_meta(meta: dict) -> int:
@@ -449,9 +457,10 @@ def track_job(
     names = sequences or list_sequences(davis_root, split)
     seqs = [load_sequence(davis_root, n, max_frames=max_frames) for n in names]
     record: dict = {}
-    body = track_sequences(seqs, features_fn_for(model, meta, layer, tokenize, layers=sweep, context=context,
-                                                 record=record),
-                           resolution=resolution, cfg=cfg, progress=log, n_layers=n_layers)
+    with trained_context(model):  # windows may extend the context; the caller's model is as trained afterwards
+        body = track_sequences(seqs, features_fn_for(model, meta, layer, tokenize, layers=sweep, context=context,
+                                                     record=record),
+                               resolution=resolution, cfg=cfg, progress=log, n_layers=n_layers)
     doc = {"schema": "track_result", "version": 1, "checkpoint": str(meta.get("step_dir", "")),
            "davis_root": davis_root, "layer": body.get("peak_layer", layer), "resolution": resolution,
            "context": record, **body}

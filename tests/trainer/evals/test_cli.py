@@ -120,6 +120,37 @@ def test_probe_stream_and_cache_agree_and_a_rerun_resumes(setup):
     assert res.exit_code == 0 and "starting afresh" in res.output and "resuming" not in res.output
 
 
+def test_probe_state_of_an_older_checkpoint_is_not_resumed(setup, tmp_path):
+    # The same command after the run trained further (a newer step in the run dir) starts afresh.
+    data = str(setup["root"] / "images")
+    run, out = str(tmp_path / "run"), str(tmp_path / "out")
+    cmd = ["probe", run, "--train", data, "--val", data, "--layers", "1", "--pooling", "average", "--epochs", "2",
+           "--batch-size", "12", "--features", "cache", "--out", out]
+    make_checkpoint(run, step=10)
+    assert CliRunner().invoke(main, cmd).exit_code == 0
+    res = CliRunner().invoke(main, cmd)
+    assert res.exit_code == 0 and "resuming probes at epoch 2" in res.output
+    make_checkpoint(run, step=20)
+    res = CliRunner().invoke(main, cmd)
+    assert res.exit_code == 0 and "starting afresh" in res.output and "resuming" not in res.output
+    caches = sorted(os.listdir(os.path.join(out, "probe-work", "probe", "train")))
+    assert len([c for c in caches if c.startswith("cache-")]) == 2  # one feature cache per checkpoint
+
+
+def test_probe_auto_sizes_the_cache_it_would_build_not_the_subset(setup, tmp_path):
+    # The cache holds the whole train split: 36 images x 16 tokens x 32 dims x 1 layer x 2 bytes = 36 864 B,
+    # while --max-samples 6 is 6 144 B. A 20 000 B limit must stream; a 40 000 B limit caches.
+    data = str(setup["root"] / "images")
+    for limit, want in ((20_000, "stream"), (40_000, "cache")):
+        out = tmp_path / want
+        res = CliRunner().invoke(main, ["probe", setup["ckpt"], "--train", data, "--val", data, "--layers", "1",
+                                        "--pooling", "average", "--epochs", "2", "--batch-size", "4",
+                                        "--max-samples", "6", "--features", "auto",
+                                        "--cache-limit-gb", str(limit / 2**30), "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        assert json.loads((out / "probe-probe.json").read_text())["probe_config"]["features"] == want
+
+
 def test_probe_extends_the_context_for_longer_clips(setup):
     # 8 frames of 4x4 + bos = 129 tokens against a context of 80: auto changes the rotary base and records it.
     out = setup["root"] / "probe-long"

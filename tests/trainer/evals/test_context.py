@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.evals.context import context_limit, fit_context, fit_probe_inputs, trained_length
+from trainer.evals.context import (
+    context_limit,
+    fit_context,
+    fit_probe_inputs,
+    trained_context,
+    trained_length,
+)
 from trainer.evals.features import extract_features
 from trainer.model import ModelConfig, build_model, rope_cache
 
@@ -51,6 +57,21 @@ def test_llama_rope_rules_run_longer_sequences_and_factor_one_is_exact():
     assert rec["rule"] == "none" and torch.equal(m(x), ref) and m.cfg.max_seq_len == 64
     _, rec = fit_context(model, 65, "auto")
     assert rec["rule"] == "rope_base"
+
+
+@torch.no_grad()
+def test_trained_context_restores_the_model_on_leaving_even_after_an_error():
+    model = _model("llama")
+    x = torch.randint(0, V, (1, 64))
+    ref = model(x)
+    with trained_context(model):
+        fit_context(model, 128, "rope_base")
+        assert model.cfg.max_seq_len == 128
+    assert model.cfg.max_seq_len == 64 and torch.equal(model(x), ref)
+    with pytest.raises(RuntimeError, match="boom"), trained_context(model):
+        fit_context(model, 128, "rope_pi")
+        raise RuntimeError("boom")
+    assert model.cfg.max_seq_len == 64 and torch.equal(model(x), ref)
 
 
 def test_none_and_drop_bos_refuse_what_does_not_fit():
