@@ -20,7 +20,7 @@ def main() -> None:
 
 
 # Each step's commands live beside its code; this group only collects them.
-from pipeline.demo_data.cli import demo_data  # noqa: E402
+from pipeline.demo_data.cli import demo_cater, demo_data  # noqa: E402
 from pipeline.jobs.cli import COMMANDS as _job_commands  # noqa: E402
 from pipeline.mix.cli import mix_command  # noqa: E402
 from pipeline.shards.cli import COMMANDS as _shard_commands  # noqa: E402
@@ -28,13 +28,10 @@ from pipeline.sources.cli import worklist  # noqa: E402
 from pipeline.tokenizers.convert import convert_tokenizer_cmd  # noqa: E402
 from pipeline.tokenizers.train import train_tokenizer_cmd  # noqa: E402
 
-for _cmd in (demo_data, worklist, *_job_commands, convert_tokenizer_cmd, train_tokenizer_cmd, mix_command,
+for _cmd in (demo_data, demo_cater, worklist, *_job_commands, convert_tokenizer_cmd, train_tokenizer_cmd, mix_command,
              *_shard_commands):
     main.add_command(_cmd)
 
-from pipeline.demo_data.cater import demo_cater  # noqa: E402
-
-main.add_command(demo_cater)
 
 if __name__ == "__main__":
     main()

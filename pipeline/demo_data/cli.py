@@ -8,6 +8,7 @@ import time
 import click
 
 from pipeline.demo_data import DemoDataConfig, make_demo_data
+from pipeline.demo_data.cater import KINDS, CaterConfig, make_cater
 
 
 @click.command("demo-data")
@@ -53,3 +54,35 @@ def demo_data(out: str, seed: int, scale: float, images: int, val_images: int, v
         f"wrote {out}: imagenet {i['train']}+{i['val']} images, kinetics {k['train']}+{k['validate']} clips, "
         f"davis {d['sequences']} sequences in {dt:.1f} s"
     )
+
+
+@click.command("demo-cater")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (files in it are overwritten).")
+@click.option("--seed", default=0, show_default=True, help="Everything generated is a function of the seed.")
+@click.option("--train", default=48, show_default=True, help="Videos in lists/localize/train.txt.")
+@click.option("--val", default=16, show_default=True, help="Videos in lists/localize/val.txt.")
+@click.option("--frames", default=300, show_default=True, help="Frames per video (CATER: 300).")
+@click.option("--fps", default=24, show_default=True, help="Frame rate (CATER: 24).")
+@click.option("--size", default=96, show_default=True, help="Frame side in px (square).")
+@click.option("--workers", default=1, show_default=True, help="Processes (the output does not depend on it).")
+def demo_cater(out, seed, train, val, frames, fps, size, workers) -> None:
+    """Make a CATER-like miniature for snitch localisation in CATER's release layout.
+
+    Objects (cones, cubes) slide on a table seen from above; a gold snitch is sometimes covered by
+    a cone and carried; the label is the snitch's final cell on the 6x6 grid (0..35). Read it with
+    the `cater` adapter; the probe preset is `toto-train probe ... --task cater`.
+
+    \b
+    Example:
+      toto-pipeline demo-cater --out demo/cater
+      toto-pipeline tokenize --dataset cater --input demo/cater --output tok/cater
+    """
+    try:
+        cfg = CaterConfig(out=out, seed=seed, train=train, val=val, frames=frames, fps=fps, size=size,
+                          workers=workers)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    s = make_cater(cfg)
+    click.echo(f"wrote {out}: " + ", ".join(
+        f"{sp} {s[sp]['videos']} videos ({s[sp]['classes']} cells; " +
+        " / ".join(f"{s[sp][k]} {k}" for k in KINDS) + ")" for sp in ("train", "val")))

@@ -17,10 +17,10 @@ from pipeline.demo_data.cater import (
     SNITCH_RGB,
     CaterConfig,
     cell_of,
-    demo_cater,
     localize_from_frames,
     make_cater,
 )
+from pipeline.demo_data.cli import demo_cater
 from pipeline.sources import list_items
 
 SMALL = dict(train=6, val=3, frames=24, size=64)
