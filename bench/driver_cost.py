@@ -53,9 +53,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H100_TOKENS_PER_S = 1.7e6
 POLL_HZ = 1.0 / POLL_S
 # (label, --decode-block-mb, rows per tokenizer call, frames per forward pass) per row kind.
+# The last of each kind runs with two executor actors: the driver only coordinates (polls the
+# writers, waits for the executors), which is what its own CPU then measures.
 JOBS = {
-    "images": [("small blocks", 0.25, 8, 8), ("large blocks", 32, 256, 256)],
-    "video": [("small blocks", 0.25, 1, 1), ("large blocks", 32, 16, 256)],
+    "images": [("small blocks", 0.25, 8, 8, 1), ("large blocks", 32, 256, 256, 1), ("2 executors", 32, 256, 256, 2)],
+    "video": [("small blocks", 0.25, 1, 1, 1), ("large blocks", 32, 16, 256, 1), ("2 executors", 32, 16, 256, 2)],
 }
 def _port() -> int:
     with socket.socket() as s:
@@ -149,8 +151,8 @@ def thread_groups(before: dict, after: dict) -> dict[str, float]:
     return dict(sorted(((k, v) for k, v in groups.items() if v > 0.005), key=lambda kv: -kv[1]))
 
 
-def run_job(kind: str, label: str, block_mb: float, rows_per_batch: int, batch_size: int, data: str, out: str,
-            tok: str, so: dict, args, limit: int) -> dict:
+def run_job(kind: str, label: str, block_mb: float, rows_per_batch: int, batch_size: int, executors: int, data: str,
+            out: str, tok: str, so: dict, args, limit: int) -> dict:
     from pipeline.jobs import TokenizeConfig, run_tokenize
 
     if kind == "images":
@@ -159,7 +161,8 @@ def run_job(kind: str, label: str, block_mb: float, rows_per_batch: int, batch_s
         kw = dict(dataset="folder", items_per_shard=args.video_items_per_shard)
     cfg = TokenizeConfig(input=data, output=out, tokenizer=tok, resolution=128, max_fps=30.0, chunk_frames=64,
                          batch_size=batch_size, rows_per_batch=rows_per_batch, num_cpus=args.cpus, decode_cpus=0.5,
-                         decode_block_mb=block_mb, progress=False, storage_options=so, limit=limit, **kw)
+                         decode_block_mb=block_mb, progress=False, storage_options=so, limit=limit,
+                         executors=executors, cpu_actors=executors, tokenizer_cpus=1.0 / executors, **kw)
     th0, ru0 = thread_cpu(), resource.getrusage(resource.RUSAGE_SELF)
     s = run_tokenize(cfg)
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -179,8 +182,19 @@ def run_job(kind: str, label: str, block_mb: float, rows_per_batch: int, batch_s
         "wall_s": d["wall_s"], "driver_cpu_s": d["cpu_s"], "startup_cpu_s": d["cpu_s"] - d["steady_cpu_s"],
         "steady_cpu_s": d["steady_cpu_s"], "steady_wall_s": d["steady_wall_s"], "loop_cpu_s": d["steady_loop_cpu_s"],
         "cpu_s_per_1e9": per_1e9, "gpus_per_driver": 1e9 / per_1e9 / H100_TOKENS_PER_S,
-        "tokens_per_s": tokens / d["wall_s"], "threads": threads,
+        "tokens_per_s": tokens / d["wall_s"], "threads": threads, "executors": executors,
+        "executor_cpu_s": [x["cpu_s"] for x in d.get("executors", [])],
+        "executor_blocks": [x["blocks"] + x["input_blocks"] for x in d.get("executors", [])],
     }
+
+
+def coordinator_fit(results: list[dict]) -> dict:
+    """Least squares over the jobs with executor actors: driver CPU-s = a + c × wall-s (the driver
+    runs no Ray Data: it polls the writers and waits for the executors)."""
+    x = np.array([[1.0, r["wall_s"]] for r in results])
+    y = np.array([r["driver_cpu_s"] for r in results])
+    (a, c), *_ = np.linalg.lstsq(x, y, rcond=None)
+    return {"a_s": float(a), "c_cpu_per_wall_s": float(c), "residuals_s": [float(v) for v in y - x @ np.array([a, c])]}
 
 
 def fit(results: list[dict]) -> dict:
@@ -254,9 +268,9 @@ def main() -> None:
         for _ in range(args.repeat):
             for kind, jobs in JOBS.items():
                 data, n = ("img", args.images) if kind == "images" else ("vid", args.videos)
-                for label, block_mb, rows, bs in jobs:
+                for label, block_mb, rows, bs, n_exec in jobs:
                     k += 1
-                    results.append(run_job(kind, label, block_mb, rows, bs, os.path.join(tmp, data),
+                    results.append(run_job(kind, label, block_mb, rows, bs, n_exec, os.path.join(tmp, data),
                                            f"s3://bench/{data}{k}", tok, so, args, n))
                     report(results[-1])
     finally:
@@ -264,25 +278,40 @@ def main() -> None:
             ray.shutdown()
         moto.kill()
         moto.wait()
-    f = fit(results)
+    single = [r for r in results if r["executors"] == 1]
+    multi = [r for r in results if r["executors"] > 1]
+    f = fit(single)
     poll_ms = float(np.median([r["poll_ms"] for r in results]))
-    print(f"fit over {len(results)} jobs: driver CPU-s = {f['a_s']:.2f} + {f['b_ms_per_block']:.2f} ms × blocks"
-          f" + {f['c_cpu_per_wall_s']:.3f} × wall-s (residuals {', '.join(f'{v:+.2f}' for v in f['residuals_s'])} s);"
-          f" poll {poll_ms:.2f} ms per writer")
+    print(f"executor in the driver, fit over {len(single)} jobs: CPU-s = {f['a_s']:.2f} + {f['b_ms_per_block']:.2f} ms"
+          f" × blocks + {f['c_cpu_per_wall_s']:.3f} × wall-s (residuals {', '.join(f'{v:+.2f}' for v in f['residuals_s'])}"
+          f" s); poll {poll_ms:.2f} ms per writer")
+    cf = coordinator_fit(multi) if len(multi) >= 2 else None
+    g_driver = None
+    if cf:
+        # The coordinator's cost per GPU is the writers' poll (one writer per 8 GPUs); its own
+        # per-wall-second cost (waits, Ray's threads, one writer's poll) is what is left of a core.
+        g_driver = max(0.0, 1.0 - cf["c_cpu_per_wall_s"]) / (POLL_HZ * poll_ms * 1e-3 / 8)
+        print(f"driver with executor actors, fit over {len(multi)} jobs: CPU-s = {cf['a_s']:.2f} +"
+              f" {cf['c_cpu_per_wall_s']:.3f} × wall-s (residuals {', '.join(f'{v:+.2f}' for v in cf['residuals_s'])} s)"
+              f" → one driver core coordinates {g_driver:,.0f} H100s (one writer per 8, polled at {POLL_HZ:.0f} Hz)")
     proj = []
-    # The defaults (--items-per-shard 64, --decode-block-mb 256 on GPUs), then larger shards and blocks.
-    for kind, ips, mb in (("images", 64, None), ("images", 16384, None), ("images", 16384, 512),
+    # The defaults (--items-per-shard 16384 for images, 64 for video; --decode-block-mb 256 on
+    # GPUs), then other shard and block sizes.
+    for kind, ips, mb in (("images", 16384, None), ("images", 64, None), ("images", 16384, 512),
                           ("video", 64, None), ("video", 256, None), ("video", 64, 512)):
         b = blocks_per_token(kind, ips, mb)
         g = project(f, poll_ms, b["blocks_per_token"])
-        proj.append({"kind": kind, **b, "gpus_per_driver_core": g})
+        execs_256 = math.ceil(256 / g) if g > 0 else None
+        proj.append({"kind": kind, **b, "gpus_per_executor_core": g, "executors_for_256": execs_256})
         print(f"projected, GPU job, {kind} ({'1 frame per item' if kind == 'images' else '10 s clips'}),"
               f" --items-per-shard {ips} --decode-block-mb {b['decode_block_mb']}: {b['shard_tokens']:,} tokens and"
               f" {b['decode_blocks_per_shard']} decode blocks per shard, {b['call_frames']:,} frames per tokenizer call"
-              f" → {b['blocks_per_token'] * 1e6:.3f} blocks per 1e6 tokens → {g:,.0f} H100s per driver core")
+              f" → {b['blocks_per_token'] * 1e6:.3f} blocks per 1e6 tokens → {g:,.0f} H100s per executor core;"
+              f" 256 H100s need {execs_256} executors (default --executors at 256 GPUs: 4)")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"jobs": results, "fit": f, "poll_ms": poll_ms, "projection": proj}, fh, indent=2)
+            json.dump({"jobs": results, "fit": f, "coordinator_fit": cf, "gpus_per_driver": g_driver, "poll_ms": poll_ms,
+                       "projection": proj}, fh, indent=2)
 
 
 def report(r: dict) -> None:
@@ -290,6 +319,9 @@ def report(r: dict) -> None:
           f" blocks {r['blocks']:>4} = {r['input_blocks']} in + {r['decode_blocks']} decode + {r['tokenizer_calls']} calls;"
           f" wall {r['wall_s']:5.1f} s ({r['tokens_per_s']:,.0f} tok/s)")
     top = ", ".join(f"{k} {v:.2f}" for k, v in list(r["threads"].items())[:5])
+    if r["executors"] > 1:
+        print(f"       {r['executors']} executor actors: CPU {', '.join(f'{c:.2f}' for c in r['executor_cpu_s'])} s over"
+              f" {', '.join(str(b) for b in r['executor_blocks'])} blocks")
     print(f"       driver CPU {r['driver_cpu_s']:5.2f} s (start-up {r['startup_cpu_s']:.2f}; steady {r['steady_cpu_s']:.2f}"
           f" over {r['steady_wall_s']:.1f} s; loop thread {r['loop_cpu_s']:.2f}; {r['polls']} polls at {r['poll_ms']:.2f} ms)"
           f" | whole job {r['cpu_s_per_1e9']:,.0f} CPU-s per 1e9 tokens → {r['gpus_per_driver']:.2f} H100s"

@@ -131,6 +131,11 @@ def stage_data(cfg: DemoConfig) -> dict:
 ADAPTER = {"imagenet": "imagenet", "kinetics": "kinetics600"}  # mix source name -> pipeline.sources adapter
 
 
+# Small shards on 2 cores: decode actors share the work and a rerun resumes at a fine grain (the
+# job's image default, 16 384 per shard, is sized for GPU clusters).
+DEMO_ITEMS_PER_SHARD = 64
+
+
 def stage_tokenize(cfg: DemoConfig) -> dict[str, str]:
     """Tokenize both demo data sets with the bundled tokenizer on embedded Ray. Reruns skip done shards."""
     from pipeline.jobs import TokenizeConfig, run_tokenize
@@ -145,7 +150,7 @@ def stage_tokenize(cfg: DemoConfig) -> dict[str, str]:
         # 2 cores: half a core per decode actor, one tokenizer actor with one core.
         run_tokenize(TokenizeConfig(dataset=adapter, input=_p(cfg, "data", name), output=dst, tokenizer=cfg.tokenizer,
                                     resolution=cfg.resolution, num_cpus=2, decode_cpus=0.5, tokenizer_cpus=1.0,
-                                    cpu_actors=1, batch_size=64))
+                                    cpu_actors=1, batch_size=64, items_per_shard=DEMO_ITEMS_PER_SHARD))
     return out
 
 

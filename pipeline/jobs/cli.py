@@ -29,8 +29,9 @@ def _storage_options(endpoint_url: str | None) -> dict | None:
 @click.option("--format", "fmt", default="arrow", show_default=True, type=click.Choice(["arrow", "webdataset"]),
               help="Shard format: Arrow IPC or WebDataset tar.")
 @click.option("--compression", default=None, type=click.Choice(["zstd"]), help="Arrow buffer compression (default: none).")
-@click.option("--items-per-shard", default=64, show_default=True, type=int,
-              help="Work items per input shard (= per output shard shard-NNNNNN).")
+@click.option("--items-per-shard", default=None, type=int,
+              help="Work items per input shard (= per output shard shard-NNNNNN). Default: 16384 for imagenet "
+                   "(one image per item), 64 otherwise (docs/cluster.md).")
 @click.option("--limit", default=None, type=int, help="Only the first N work items (sorted by key). Default: all.")
 @click.option("--split", "splits", multiple=True, help="Only these splits (repeatable). Default: all.")
 @click.option("--listing", default=None, metavar="PATH",
@@ -57,6 +58,9 @@ def _storage_options(endpoint_url: str | None) -> dict | None:
               help="Shard writer actors (encode, hash, upload). Default: one per 8 tokenizer actors.")
 @click.option("--writer-cpus", default=0.0, show_default=True, type=float,
               help="CPUs reserved per writer actor (0: they may share any node, the head included).")
+@click.option("--executors", default=None, type=int,
+              help="Ray Data executors the shards are split across (1 = in the driver; more = executor actors, "
+                   "1 CPU each on a cluster, feeding the same writers). Default: one per 64 tokenizer GPUs.")
 @click.option("--batch-size", default=64, show_default=True, type=int, help="Frames per tokenizer forward pass (raise on GPUs, e.g. 512).")
 @click.option("--rows-per-batch", default=16, show_default=True, type=int,
               help="Token rows per tokenizer-stage batch, at least (raised to hold one forward pass of frames).")
@@ -74,7 +78,7 @@ def _storage_options(endpoint_url: str | None) -> dict | None:
 @click.option("--no-progress", is_flag=True, help="No live progress display.")
 def tokenize_cmd(dataset, input_, output, tokenizer, resolution, fps, max_fps, chunk_frames, fmt, compression,
                  items_per_shard, limit, splits, listing, ray_address, num_cpus, num_gpus, decode_concurrency, decode_cpus,
-                 decode_threads, tokenizer_cpus, cpu_actors, writers, writer_cpus, batch_size, rows_per_batch, decode_block_mb,
+                 decode_threads, tokenizer_cpus, cpu_actors, writers, writer_cpus, executors, batch_size, rows_per_batch, decode_block_mb,
                  precision, decode_timeout, endpoint_url, no_progress) -> None:
     """Decode and tokenize a dataset into token shards, exactly once per input shard.
 
@@ -102,7 +106,7 @@ def tokenize_cmd(dataset, input_, output, tokenizer, resolution, fps, max_fps, c
             items_per_shard=items_per_shard, limit=limit, splits=tuple(splits) or None, listing=listing,
             ray_address=ray_address,
             num_cpus=num_cpus, num_gpus=num_gpus, decode_concurrency=decode_concurrency, decode_cpus=decode_cpus, decode_threads=decode_threads,
-            tokenizer_cpus=tokenizer_cpus, cpu_actors=cpu_actors, writers=writers, writer_cpus=writer_cpus,
+            tokenizer_cpus=tokenizer_cpus, cpu_actors=cpu_actors, writers=writers, writer_cpus=writer_cpus, executors=executors,
             batch_size=batch_size, rows_per_batch=rows_per_batch, decode_block_mb=decode_block_mb, precision=precision,
             decode_timeout_s=decode_timeout,
             progress=not no_progress,

@@ -13,6 +13,12 @@ PRECISIONS = ("fp32", "tf32", "bf16")  # = pipeline.tokenizers.numerics.PRECISIO
 # Datasets whose rows may hold a single frame each (images); the tokenizer stage asks Ray for enough
 # of their rows to fill a forward pass.
 SINGLE_FRAME_DATASETS = ("imagenet", "folder")
+# Work items per input (= output) shard when not given. An input shard is one event for Ray Data's
+# executor and one output file: 64 ten-second clips are ~5e6 tokens at 128 px, 64 images only
+# 16 384, so image datasets get shards of 16 384 items (~4e6 tokens, ~8 MB of uint16).
+DEFAULT_ITEMS_PER_SHARD = 64
+IMAGE_ITEMS_PER_SHARD = 16384
+IMAGE_DATASETS = ("imagenet",)
 GPU_MIN_FORWARD = 256  # = VisualTokenizer.GPU_MIN_FORWARD: frames per forward on a GPU at least
 # Every block and every tokenizer call is an event for Ray Data's executor, which runs in the
 # driver process: its cost per token falls with the frames an event carries (BENCHMARKS.md "driver
@@ -23,6 +29,10 @@ GPU_MIN_FORWARD = 256  # = VisualTokenizer.GPU_MIN_FORWARD: frames per forward o
 GPU_DECODE_BLOCK_BYTES = 256 << 20  # decode output block: ≈ 5 500 frames at 128 px
 CPU_DECODE_BLOCK_BYTES = 32 << 20
 GPU_CALL_BYTES = 1 << 30            # frames per GPU tokenizer call: ≈ 21 800 at 128 px (≈ 3 s of an H100)
+# Tokenizer GPUs per Ray Data executor when `executors` is not given. One executor's cost is per
+# block it moves; at the GPU defaults one core keeps up with ~95-240 H100s (BENCHMARKS.md "driver
+# cost per token"), so 64 leaves it at most ~2/3 busy on a slow head or worker core.
+EXECUTOR_GPUS = 64
 
 
 @dataclass(frozen=True)
@@ -39,7 +49,8 @@ class TokenizeConfig:
     max_fps:          cap on the output rate (also fixes the chunk window chunk_frames / max_fps).
     chunk_frames:     most frames in one token row.
     format:           "arrow" (Arrow IPC) or "webdataset" (tar).
-    items_per_shard:  work items per input shard = per output shard.
+    items_per_shard:  work items per input shard = per output shard; None = IMAGE_ITEMS_PER_SHARD
+                      (16 384) for image datasets (imagenet), DEFAULT_ITEMS_PER_SHARD (64) otherwise.
     limit:            process only the first N work items (sorted by key); None = all.
     splits:           restrict the listing to these splits (None = all the adapter finds).
     listing:          a text file (local or s3://, .gz/.zst accepted) of paths relative to `input`,
@@ -64,6 +75,11 @@ class TokenizeConfig:
     writers:          shard writer actors (hold the tokens of the shards in flight, encode, hash and
                       upload data files); None = one per 8 tokenizer actors (at least one).
     writer_cpus:      CPUs reserved per writer actor (0 lets them share any node, the head included).
+    executors:        Ray Data streaming executors the pending shards are split across (each runs
+                      its own decode and tokenizer pools over every executors-th shard; all feed the
+                      same writers). 1 runs it in the driver process; more run in executor actors
+                      (1 CPU each on a cluster) so that no one process pays Ray Data's cost per block
+                      for the whole cluster. None = one per EXECUTOR_GPUS tokenizer GPUs (at least 1).
     batch_size:       frames per tokenizer forward pass (at least GPU_MIN_FORWARD on a GPU).
     rows_per_batch:   token rows (chunks) per tokenizer-stage batch handed over by Ray Data, at least;
                       raised so that a batch holds a forward pass of frames (tokenizer_batch_rows).
@@ -87,7 +103,7 @@ class TokenizeConfig:
     max_fps: float = 30.0
     chunk_frames: int = 64
     format: str = "arrow"
-    items_per_shard: int = 64
+    items_per_shard: int | None = None
     limit: int | None = None
     splits: tuple[str, ...] | None = None
     listing: str | None = None
@@ -101,6 +117,7 @@ class TokenizeConfig:
     cpu_actors: int = 1
     writers: int | None = None
     writer_cpus: float = 0.0
+    executors: int | None = None
     batch_size: int = 64
     rows_per_batch: int = 16
     decode_block_mb: float | None = None
@@ -126,6 +143,9 @@ class TokenizeConfig:
             bad("resolution", self.resolution, "use an int in [8, 4096], e.g. 128")
         if not isinstance(self.chunk_frames, int) or self.chunk_frames < 1:
             bad("chunk_frames", self.chunk_frames, "use an int >= 1, e.g. 64")
+        if self.items_per_shard is None:
+            object.__setattr__(self, "items_per_shard", IMAGE_ITEMS_PER_SHARD if self.dataset in IMAGE_DATASETS
+                               else DEFAULT_ITEMS_PER_SHARD)
         if not isinstance(self.items_per_shard, int) or self.items_per_shard < 1:
             bad("items_per_shard", self.items_per_shard, "use an int >= 1, e.g. 64")
         if self.listing is not None and (not isinstance(self.listing, str) or not self.listing.strip()):
@@ -143,6 +163,8 @@ class TokenizeConfig:
                 bad(name, getattr(self, name), "use a positive number of CPUs, e.g. 1 or 0.5")
         if self.writers is not None and (not isinstance(self.writers, int) or not 1 <= self.writers <= 4096):
             bad("writers", self.writers, "use None (one per 8 tokenizer actors) or an int in [1, 4096]")
+        if self.executors is not None and (not isinstance(self.executors, int) or not 1 <= self.executors <= 1024):
+            bad("executors", self.executors, f"use None (one per {EXECUTOR_GPUS} tokenizer GPUs) or an int in [1, 1024]")
         if not 0 <= self.writer_cpus <= 256:
             bad("writer_cpus", self.writer_cpus, "use a number of CPUs >= 0, e.g. 0 or 1")
         for name in ("cpu_actors", "batch_size", "rows_per_batch"):

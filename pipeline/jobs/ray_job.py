@@ -39,13 +39,14 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.jobs.config import CPU_DECODE_BLOCK_BYTES, TokenizeConfig
+from pipeline.jobs.config import CPU_DECODE_BLOCK_BYTES, EXECUTOR_GPUS, TokenizeConfig
 from pipeline.jobs.plan import RUN_SUMMARY, JobError, JobPlan, prepare
 from pipeline.jobs.progress import Progress
 from pipeline.jobs.steps import (
@@ -360,20 +361,42 @@ def stage_sizes(cfg: TokenizeConfig, cluster: dict[str, float], *, fixed: bool) 
         tok = {"min": 1, "max": cfg.cpu_actors, "num_gpus": 0, "num_cpus": cfg.tokenizer_cpus}
     n_writers = cfg.writers if cfg.writers is not None else max(1, math.ceil(tok["max"] / 8))
     write = {"actors": n_writers, "num_cpus": cfg.writer_cpus}
+    n_exec = cfg.executors if cfg.executors is not None else max(1, math.ceil(n_gpu / EXECUTOR_GPUS))
+    if n_exec > tok["max"]:
+        raise RuntimeError(f"--executors {n_exec} needs at least {n_exec} tokenizer actors (each executor runs its own "
+                           f"pool) but the job has {tok['max']}; lower --executors or raise "
+                           f"{'--num-gpus' if n_gpu else '--cpu-actors'}")
+    # An executor actor is a driver's worth of Ray Data work: on a cluster it reserves a core (on
+    # a CPU node: the launcher's head has none); embedded, it is not counted, as the driver is not.
+    execs = {"count": n_exec, "num_cpus": 0.0 if (fixed or n_exec == 1) else 1.0}
     dec_cpus = cfg.decode_cpus
     if not fixed:
         dec = {"min": 1, "max": cfg.decode_concurrency, "num_cpus": dec_cpus}
-        return {"decode": dec, "tokenize": tok, "write": write}
+        return {"decode": dec, "tokenize": tok, "write": write, "executors": execs}
     left = float(cluster.get("CPU", 1)) - tok["max"] * tok["num_cpus"] - n_writers * cfg.writer_cpus
     if cfg.decode_concurrency is not None:
         n_dec = cfg.decode_concurrency
     else:
         n_dec = max(1, math.floor(left / dec_cpus + 1e-9))
+    n_dec = max(n_dec, n_exec)
     if n_dec * dec_cpus > left + 1e-9:
         # Fit the decode actors into what the tokenizer leaves (they mostly wait on their subprocess).
         dec_cpus = max(0.05, left / n_dec) if left > 0 else 0.05
     tok = {**tok, "min": tok["max"]}
-    return {"decode": {"min": n_dec, "max": n_dec, "num_cpus": dec_cpus}, "tokenize": tok, "write": write}
+    return {"decode": {"min": n_dec, "max": n_dec, "num_cpus": dec_cpus}, "tokenize": tok, "write": write,
+            "executors": execs}
+
+
+def executor_share(sizes: dict, k: int) -> dict:
+    """Executor k's part of the job's pools: the bounds split as evenly as integers allow (each at
+    least one actor; an unbounded maximum stays unbounded)."""
+    n = sizes["executors"]["count"]
+
+    def part(v: int | None) -> int | None:
+        return None if v is None else max(1, v // n + (k < v % n))
+
+    return {**sizes, **{st: {**sizes[st], "min": part(sizes[st]["min"]), "max": part(sizes[st]["max"])}
+                        for st in ("decode", "tokenize")}}
 
 
 def run_tokenize(cfg: TokenizeConfig, *, out=None) -> dict[str, Any]:
@@ -476,10 +499,16 @@ class _Driver:
             return None
 
 
-def _execute(ray, cfg: TokenizeConfig, plan: JobPlan, sizes: dict, progress: Progress) -> dict[str, Any]:
-    """Stream the pending shards through the stages; returns where each stage ran."""
-    import threading
+def _rusage_cpu(a, b) -> float:
+    return (b.ru_utime - a.ru_utime) + (b.ru_stime - a.ru_stime)
 
+
+def _stream(ray, cfg: TokenizeConfig, rows: list[dict], writers: list, sizes: dict, precision: str,
+            stop: Callable[[], bool]) -> dict[str, Any]:
+    """Build the decode → tokenize dataset over `rows` (pending input shards) and run Ray Data's
+    streaming executor over it in this process, taking the stage's output blocks without fetching
+    them, until it ends or `stop()` says so. Returns this process's costs (what
+    bench/driver_cost.py turns into "GPUs one executor can feed")."""
     from ray.data import DataContext
 
     # Ray Data logs every execution plan at INFO on the console; the job's own progress line and
@@ -500,20 +529,7 @@ def _execute(ray, cfg: TokenizeConfig, plan: JobPlan, sizes: dict, progress: Pro
     # slices only blocks 1.5x past the target), and the shard's last one when its call ends.
     ctx.target_max_block_size = block_bytes
 
-    descriptors = {s.id: s.descriptor() for s in plan.pending}
-    kw = dict(codebook_size=plan.codebook_size, tokenizer=plan.tokenizer, resolution=cfg.resolution,
-              format=cfg.format, compression=cfg.compression, settings=cfg.settings(),
-              storage_options=cfg.storage_options)
-    grid = token_grid(plan.tokenizer, cfg.resolution)
-    wr = sizes["write"]
-    # Writers are the only holders of rows in flight: a restarted writer would have lost them, so
-    # it is not restarted; its shards stay uncommitted and the job says to rerun (exactly-once
-    # holds: nothing half-made is ever committed).
-    writer_cls = ray.remote(ShardWriterActor).options(num_cpus=wr["num_cpus"], max_concurrency=16, max_restarts=0)
-    writers = [writer_cls.remote(cfg.output, {k: v for k, v in descriptors.items() if k % wr["actors"] == w}, grid, kw)
-               for w in range(wr["actors"])]
-
-    rows = [{"shard_id": s.id, "items": s.items_json()} for s in plan.pending]
+    ru0, loop0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.thread_time(), time.perf_counter()
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     ds = ds.map_batches(
         DecodeStage,
@@ -528,14 +544,64 @@ def _execute(ray, cfg: TokenizeConfig, plan: JobPlan, sizes: dict, progress: Pro
     ds = ds.map_batches(
         TokenizeStage,
         fn_constructor_kwargs={"spec": cfg.tokenizer, "batch_size": cfg.batch_size, "cpus": tok["num_cpus"],
-                               "precision": plan.tokenizer["precision"], "writers": writers},
+                               "precision": precision, "writers": writers},
         batch_size=cfg.tokenizer_batch_rows(gpu_actors=gpu),
         batch_format="pyarrow",
         compute=_pool(tok),
         num_cpus=tok["num_cpus"],
         **tok_args,
     )
+    stats: dict[str, Any] = {"blocks": 0, "input_blocks": len(rows)}
+    steady0: tuple = ()
+    for bundle in ds.iter_internal_ref_bundles():
+        if not stats["blocks"]:
+            # Everything before the first output is start-up (planning the dataset, creating the
+            # actors); from here on the executor runs in its steady state.
+            steady0 = (resource.getrusage(resource.RUSAGE_SELF), time.thread_time(), time.perf_counter())
+        stats["blocks"] += len(bundle.blocks)
+        if stop():
+            break
+    ru1, loop1, wall1 = resource.getrusage(resource.RUSAGE_SELF), time.thread_time(), time.perf_counter()
+    stats.update(cpu_s=_rusage_cpu(ru0, ru1), loop_cpu_s=loop1 - loop0, wall_s=wall1 - wall0)
+    if steady0:
+        stats.update(steady_cpu_s=_rusage_cpu(steady0[0], ru1), steady_loop_cpu_s=loop1 - steady0[1],
+                     steady_wall_s=wall1 - steady0[2])
+    return stats
 
+
+class StreamExecutor:
+    """An actor running one Ray Data streaming executor (`_stream`) over its part of the pending
+    shards, when the job has more than one. Its pools and their actors are its own (they end with
+    it); the writers are the job's. Not restarted: a lost executor fails the job, and a rerun
+    resumes from what the writers committed."""
+
+    def run(self, cfg: TokenizeConfig, rows: list[dict], writers: list, sizes: dict, precision: str) -> dict:
+        import ray
+
+        return {**_stream(ray, cfg, rows, writers, sizes, precision, stop=lambda: False), "node": _node_id()}
+
+
+def _execute(ray, cfg: TokenizeConfig, plan: JobPlan, sizes: dict, progress: Progress) -> dict[str, Any]:
+    """Stream the pending shards through the stages; returns where each stage ran."""
+    import threading
+
+    descriptors = {s.id: s.descriptor() for s in plan.pending}
+    kw = dict(codebook_size=plan.codebook_size, tokenizer=plan.tokenizer, resolution=cfg.resolution,
+              format=cfg.format, compression=cfg.compression, settings=cfg.settings(),
+              storage_options=cfg.storage_options)
+    grid = token_grid(plan.tokenizer, cfg.resolution)
+    wr = sizes["write"]
+    # Writers are the only holders of rows in flight: a restarted writer would have lost them, so
+    # it is not restarted; its shards stay uncommitted and the job says to rerun (exactly-once
+    # holds: nothing half-made is ever committed).
+    writer_cls = ray.remote(ShardWriterActor).options(num_cpus=wr["num_cpus"], max_concurrency=16, max_restarts=0)
+    writers = [writer_cls.remote(cfg.output, {k: v for k, v in descriptors.items() if k % wr["actors"] == w}, grid, kw)
+               for w in range(wr["actors"])]
+
+    rows = [{"shard_id": s.id, "items": s.items_json()} for s in plan.pending]
+    precision = plan.tokenizer["precision"]
+    n_exec = min(sizes["executors"]["count"], len(rows))
+    sizes = {**sizes, "executors": {**sizes["executors"], "count": n_exec}}  # no executor without shards
     state = _Driver(ray, writers, plan, progress)
     stop = threading.Event()
 
@@ -549,52 +615,76 @@ def _execute(ray, cfg: TokenizeConfig, plan: JobPlan, sizes: dict, progress: Pro
                     state.error = state.error or f"polling the shard writers failed: {type(e).__name__}: {e}"
                 return
 
-    # The driver's own CPU (this process, all threads), and the parts spent in this loop's thread
-    # (taking the stage's output blocks without fetching them) and in the poller: what
-    # bench/driver_cost.py turns into "GPUs one driver can feed".
-    driver: dict[str, Any] = {"blocks": 0}
-    steady0: tuple = ()
+    # The driver's own CPU (this process, all threads) over the streaming phase, and each
+    # executor's (in the driver itself when there is one): bench/driver_cost.py reads them.
     ru0, loop0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.thread_time(), time.perf_counter()
     progress.start()
     thread = threading.Thread(target=poller, name="toto-poll", daemon=True)
     thread.start()
+    execs: list = []
     try:
-        for bundle in ds.iter_internal_ref_bundles():
-            if not driver["blocks"]:
-                # Everything before the first output is the job's start-up (planning the dataset,
-                # creating the actors); from here on the driver runs in its steady state.
-                steady0 = (resource.getrusage(resource.RUSAGE_SELF), time.thread_time(), time.perf_counter())
-            driver["blocks"] += len(bundle.blocks)
-            if state.failure():
-                break
+        if n_exec == 1:
+            executors = [_stream(ray, cfg, rows, writers, sizes, precision, stop=lambda: state.failure() is not None)]
+        else:
+            ex_cls = ray.remote(StreamExecutor).options(num_cpus=sizes["executors"]["num_cpus"], max_restarts=0,
+                                                        scheduling_strategy="SPREAD")
+            execs = [ex_cls.remote() for _ in range(n_exec)]
+            # Shard k goes to executor k % n: each sees the plan's order, and their shards interleave.
+            waiting = {e.run.remote(cfg, rows[k::n_exec], writers, executor_share(sizes, k), precision): k
+                       for k, e in enumerate(execs)}
+            done_stats: dict[int, dict] = {}
+            while waiting and state.failure() is None:
+                ready, _ = ray.wait(list(waiting), num_returns=1, timeout=POLL_S)
+                for ref in ready:
+                    done_stats[waiting.pop(ref)] = ray.get(ref)
+            executors = [done_stats[k] for k in sorted(done_stats)]
     except Exception as e:
         stop.set()
         thread.join()
+        _kill(ray, execs)
         state.poll()
         why = state.failure()
         if why:
             raise RuntimeError(why) from e
+        if isinstance(e, ray.exceptions.RayActorError):
+            raise RuntimeError(f"a stream executor actor was lost ({type(e).__name__}); rerun the same command "
+                               "to resume") from e
         raise
     stop.set()
     thread.join()
+    _kill(ray, execs)  # after a failure, the others' pools stop with them
     state.poll(drain=True)  # every record is with its writer: wait for the commits they queued
     ru1, loop1, wall1 = resource.getrusage(resource.RUSAGE_SELF), time.thread_time(), time.perf_counter()
     why = state.failure()
     if why:
         raise RuntimeError(why)
 
-    def cpu(a, b) -> float:
-        return (b.ru_utime - a.ru_utime) + (b.ru_stime - a.ru_stime)
-
-    driver.update(state.stats, cpu_s=cpu(ru0, ru1), loop_cpu_s=loop1 - loop0, wall_s=wall1 - wall0,
-                  shards=len(state.committed), input_blocks=len(rows))
-    if driver["blocks"]:
-        driver.update(steady_cpu_s=cpu(steady0[0], ru1), steady_loop_cpu_s=loop1 - steady0[1],
-                      steady_wall_s=wall1 - steady0[2])
+    driver: dict[str, Any] = {**state.stats, "cpu_s": _rusage_cpu(ru0, ru1), "loop_cpu_s": loop1 - loop0,
+                              "wall_s": wall1 - wall0, "shards": len(state.committed), "input_blocks": len(rows),
+                              "blocks": sum(x["blocks"] for x in executors)}
+    if n_exec == 1:
+        # The executor's start-up (building the dataset, creating the actors) ran in this process.
+        ex = executors[0]
+        if "steady_cpu_s" in ex:
+            driver.update(steady_cpu_s=driver["cpu_s"] - (ex["cpu_s"] - ex["steady_cpu_s"]),
+                          steady_loop_cpu_s=driver["loop_cpu_s"] - (ex["loop_cpu_s"] - ex["steady_loop_cpu_s"]),
+                          steady_wall_s=driver["wall_s"] - (ex["wall_s"] - ex["steady_wall_s"]))
+    else:
+        # The driver only polls and waits: its steady state is the whole phase.
+        driver.update(steady_cpu_s=driver["cpu_s"], steady_loop_cpu_s=driver["loop_cpu_s"],
+                      steady_wall_s=driver["wall_s"], executors=executors)
     left = len(plan.pending) - len(state.committed)
     if left:
         raise RuntimeError(f"{left} input shards did not complete; rerun the same command to resume")
     return {**_describe_placement(ray, state.placement, state.devices), "driver": driver}
+
+
+def _kill(ray, actors: list) -> None:
+    for a in actors:
+        try:
+            ray.kill(a)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
 
 
 def _describe_placement(ray, placement: dict[str, dict[str, int]], devices: dict[str, int]) -> dict[str, Any]:

@@ -239,7 +239,7 @@ def _uncommitted(out: str) -> list[str]:
 def test_process_group_kills_at_30_55_80_percent_with_commits_in_flight(ray_local, tmp_path, tok_spec):
     """Issue 14 point 6, as reported: a Kinetics-style job with many small input shards
     (--items-per-shard 2), its whole process group SIGKILLed at ~30%, 55% and 80% of an
-    uninterrupted run's time — each kill moved to the first instant after that point at which a
+    uninterrupted run's time (with --executors 2) — each kill moved to the first instant after that point at which a
     data file is on disk without its sidecar (commits in flight), when that comes soon — then rerun
     to the end: the committed shards equal the uninterrupted run's byte for byte."""
     root = str(tmp_path / "k600")
@@ -255,7 +255,9 @@ def test_process_group_kills_at_30_55_80_percent_with_commits_in_flight(ray_loca
     assert len(want) == 8
 
     for frac in (0.30, 0.55, 0.80):
-        p = _start_job([*base, "--output", out])
+        # Killed while split over two executor actors (each its own Ray Data stream and pools, one
+        # set of writers); the reference and the final rerun stream in the driver.
+        p = _start_job([*base, "--output", out, "--executors", "2", "--cpu-actors", "2", "--tokenizer-cpus", "0.5"])
         t_kill = time.time() + frac * total
         while time.time() < t_kill and p.poll() is None:
             time.sleep(0.01)

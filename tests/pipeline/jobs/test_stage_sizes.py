@@ -68,3 +68,37 @@ def test_buffer_reports_a_complete_shard_again_until_it_is_taken():
     assert buf.add(row) is None and buf.in_flight() == 0  # after the write: ignored
     with pytest.raises(RuntimeError, match="did not plan"):
         buf.add({**row, "shard_id": 4})
+
+
+def test_executors_one_per_64_gpus_and_their_shares_of_the_pools():
+    from pipeline.jobs.ray_job import executor_share
+
+    sizes = stage_sizes(TokenizeConfig(**BASE, ray_address="auto", num_gpus=200), {"CPU": 0.0}, fixed=False)
+    assert sizes["executors"] == {"count": 4, "num_cpus": 1.0}  # ceil(200 / 64), a core each on a cluster
+    shares = [executor_share(sizes, k) for k in range(4)]
+    assert [s["tokenize"]["max"] for s in shares] == [50, 50, 50, 50]
+    assert all(s["tokenize"]["min"] == 1 and s["decode"] == {"min": 1, "max": None, "num_cpus": 1.0} for s in shares)
+    assert all(s["write"] == sizes["write"] for s in shares)  # the writers are the job's, shared
+    one = stage_sizes(TokenizeConfig(**BASE, ray_address="auto", num_gpus=64), {"CPU": 0.0}, fixed=False)
+    assert one["executors"] == {"count": 1, "num_cpus": 0.0}  # in the driver
+    # Embedded, fixed pools: 7 decode actors over 2 executors -> 4 + 3; the executors take no CPU.
+    emb = stage_sizes(TokenizeConfig(**BASE, num_cpus=5, decode_cpus=0.5, cpu_actors=2, executors=2), {"CPU": 5.0},
+                      fixed=True)
+    assert emb["executors"] == {"count": 2, "num_cpus": 0.0} and emb["decode"]["max"] == 6
+    assert [executor_share(emb, k)["decode"]["max"] for k in (0, 1)] == [3, 3]
+    assert [executor_share(emb, k)["tokenize"]["max"] for k in (0, 1)] == [1, 1]
+    odd = {**emb, "decode": {"min": 7, "max": 7, "num_cpus": 0.5}}
+    assert [executor_share(odd, k)["decode"]["min"] for k in (0, 1)] == [4, 3]
+    with pytest.raises(RuntimeError, match="--executors 3 needs at least 3 tokenizer actors"):
+        stage_sizes(TokenizeConfig(**BASE, num_cpus=5, cpu_actors=2, executors=3), {"CPU": 5.0}, fixed=True)
+    with pytest.raises(ValueError, match="TokenizeConfig.executors=0"):
+        TokenizeConfig(**BASE, executors=0)
+
+
+def test_image_datasets_default_to_large_shards():
+    # 64 images are 16 384 tokens at 128 px: one executor event (and one output file) each; ImageNet
+    # shards default to 16 384 images, video datasets to 64 clips. An explicit value wins.
+    assert TokenizeConfig(**{**BASE, "dataset": "imagenet"}).items_per_shard == 16384
+    assert TokenizeConfig(**BASE).items_per_shard == 64
+    assert TokenizeConfig(**{**BASE, "dataset": "kinetics600"}).items_per_shard == 64
+    assert TokenizeConfig(**{**BASE, "dataset": "imagenet"}, items_per_shard=8).settings()["items_per_shard"] == 8
