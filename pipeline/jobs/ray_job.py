@@ -14,13 +14,16 @@
                        rows (deduplicated by key) and, once the shard is complete, commits it itself,
                        exactly once, on its own threads: sorts, encodes, hashes and uploads the data
                        file under its final name, then writes the sidecar (the commit point)
-      → driver         runs Ray Data's executor and takes the stage's output blocks without fetching
-                       them; a poller thread asks the writers 4 times per second what they committed
-                       (sidecars, counts, where the work ran)
+      → driver         runs Ray Data's streaming executor (`--executors 1`) or waits for K
+                       StreamExecutor actors, each running one over every K-th pending shard with
+                       its own pools (the default: one per EXECUTOR_GPUS tokenizer GPUs); the stage's
+                       output blocks are taken without fetching them; a poller thread asks the
+                       writers 4 times per second what they committed (sidecars, counts, placement)
       → manifest.json, then run_summary.json (with where each stage ran)
 
-No token and no commit passes through the driver: its cost is per block Ray Data moves and per
-wall second (× writers for the poll), not per token or per shard (bench/driver_cost.py). A SIGKILL
+No token and no commit passes through the driver: an executor's cost is per block Ray Data moves
+and per wall second, the driver's per wall second × writers (the poll), not per token or per
+shard (bench/driver_cost.py). A SIGKILL
 at any instant leaves at worst data files without sidecars (debris, cleaned by the next run),
 never a partial shard.
 
