@@ -16,7 +16,7 @@ have and are not used. bf16 autocast on CUDA.
 
 Distribution and resumption: torchrun (DDP; every rank takes a strided share of each global batch,
 so a global batch is the same at any world size; the head's BatchNorm takes its statistics over
-all ranks, `GlobalBatchNorm1d`, so a step equals one process's up to rounding. With --micro-batch
+all ranks (the probes' `trainer.evals.probes.GlobalBatchNorm1d`), so a step equals one process's up to rounding. With --micro-batch
 they are per micro-batch, as gradient accumulation with BatchNorm always is). FSDP is not offered:
 the train loop's FSDP2 path is inline in `trainer.train._train`, and fine-tuning fits DDP up to 1b
 (1.1B parameters + AdamW state ≈ 18 GB per GPU in fp32). The order of samples is a pure function of
@@ -148,46 +148,6 @@ class FinetuneModel(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.backbone.features(tokens, [self.layer])[0]  # (B, T, D); blocks above `layer` never run
         return self.head(h[:, self.visual].float())  # (B, P, D) -> (B, C)
-
-
-class GlobalBatchNorm1d(nn.BatchNorm1d):
-    """The heads' BatchNorm with statistics over the whole global batch under DDP (gloo or NCCL).
-
-    torch's SyncBatchNorm runs on GPUs only; this one all-reduces (sum, sum of squares, count) through
-    the autograd-aware `torch.distributed.nn.functional.all_reduce`, so forward and gradients equal one
-    process on the global batch. One process (or eval mode): plain BatchNorm1d. Same state dict."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C)
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
-        c = x.shape[1]
-        xf = x.float()
-        stats = torch.cat([xf.sum(0), (xf * xf).sum(0), xf.new_full((1,), float(x.shape[0]))])  # (2C+1,)
-        stats = all_reduce(stats)
-        count = stats[-1]
-        mean = stats[:c] / count
-        var = (stats[c : 2 * c] / count - mean * mean).clamp(min=0)  # biased, as BatchNorm normalises
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked += 1
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.mul_(1 - m).add_(m * mean.detach())
-                self.running_var.mul_(1 - m).add_(m * var.detach() * count / (count - 1).clamp(min=1))
-        y = (xf - mean) / torch.sqrt(var + self.eps)
-        if self.affine:
-            y = y * self.weight + self.bias
-        return y.to(x.dtype)
-
-
-def _global_norms(head: nn.Module) -> None:
-    """Swap the head's BatchNorm1d for GlobalBatchNorm1d (same settings and buffers)."""
-    bn = head.norm
-    g = GlobalBatchNorm1d(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                          track_running_stats=bn.track_running_stats)
-    g.load_state_dict(bn.state_dict())
-    head.norm = g
 
 
 def _freeze_unused(backbone: nn.Module, layer: int) -> None:
@@ -348,8 +308,9 @@ def finetune(ckpt: str, train_url: str, val_url: str, out: str, cfg: FinetuneCon
     Under torchrun (WORLD_SIZE > 1) the process group is set up here (NCCL on CUDA, gloo on CPU)."""
     owns = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        kind = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+        from trainer.process_group import init_process_group
+
+        init_process_group(cfg.device)
         owns = True
     try:
         return _finetune(ckpt, train_url, val_url, out, cfg, storage_options, log)
@@ -397,7 +358,6 @@ def _finetune(ckpt, train_url, val_url, out, cfg: FinetuneConfig, so, log) -> di
         head = AveragePoolingHead(dim, len(train.classes))
     nn.init.trunc_normal_(head.classifier.weight, std=2e-5)  # MAE's fine-tuning head init
     nn.init.zeros_(head.classifier.bias)
-    _global_norms(head)  # DDP: statistics over the global batch, as one process would compute them
     if isinstance(head, AttentionPoolingHead):
         # The key bias adds one constant per head to the query's logits, which the softmax cancels: it
         # never gets a gradient, and DDP would wait for one.

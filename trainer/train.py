@@ -49,6 +49,7 @@ from trainer.config import TrainConfig, config_to_dict
 from trainer.evals.position_loss import target_frames, token_losses
 from trainer.model import CausalLM, ModelConfig, build_model, flops_per_token, param_groups
 from trainer.patches import pixel_losses, target_ids
+from trainer.process_group import init_process_group
 
 __all__ = ["train", "lr_at", "peak_flops_for", "PEAK_FLOPS", "LoaderFactory", "NonFiniteLossError", "ray_train_loop",
            "DeviceFeed", "RunOutputs"]
@@ -153,8 +154,7 @@ def _setup_dist(device_kind: str) -> _Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return _Dist()
-    backend = "nccl" if device_kind == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, timeout=_dt.timedelta(minutes=30))
+    init_process_group(device_kind)
     return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), True)
 
 

@@ -72,7 +72,8 @@ def list_probe_images(root: str, layout: str, split: str | None, storage_options
 
 class ImageSource:
     """A feature source over raw images: decode, crop (augmented in training epochs), tokenize,
-    run the backbone. Returns {layer: (b, P, D) float32}, rounded to fp16 like the other sources."""
+    run the backbone. Returns {layer: (b, P, D) float32} on the model's device, rounded to fp16 like
+    the other sources."""
 
     def __init__(self, model, items: list[dict], tokenize: Callable[[np.ndarray], np.ndarray], *, bos: int,
                  layers: list[int], resolution: int, seed: int = 0, augment: bool = True, pool_tokens: int = 1,
@@ -111,4 +112,4 @@ class ImageSource:
         fi = torch.zeros_like(tokens)
         fi[:, 0] = -1  # the start token is not a visual position
         feats = backbone_features(self.model, tokens, fi, self.layers, pool_tokens=self.pool_tokens)
-        return {layer: f.to(torch.float16).float().cpu() for layer, f in feats.items()}
+        return {layer: f.to(torch.float16).float() for layer, f in feats.items()}

@@ -98,7 +98,7 @@ def probe(ckpt, train_url, val_url, train_split, val_split, layers, pooling, cli
     if not train_url and not train_images:
         raise click.UsageError("pass --train TOKEN_DATASET (or --train-images RAW_IMAGES with --tokenizer)")
     try:
-        dist = Dist.init_from_env()
+        dist = Dist.init_from_env(device)
         if dist.world > 1 and device == "cuda":
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
         model, meta = load_model(ckpt, device=device)

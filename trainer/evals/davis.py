@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from trainer.evals.features import backbone_features
 from trainer.evals.jf import VOID, sequence_scores, summarize
 from trainer.evals.propagation import (
     PropagationConfig,
@@ -104,7 +105,9 @@ def patch_features(
     The clip is fed as ``[bos] + frames`` in raster order, as in training (``bos=None``: frames
     only, the drop_bos layout). Clips longer than the model's context are covered by windows of
     ``window`` frames that overlap by half; each frame takes its features from the window in which
-    it has the most preceding context.
+    it has the most preceding context. The backbone runs through
+    `trainer.evals.features.backbone_features` (bf16 autocast on CUDA, as for the probes); STA's
+    features come from here too.
     """
     n, h, w = frame_tokens.shape
     hw = h * w
@@ -118,21 +121,22 @@ def patch_features(
         )
     hop = max(1, window - window // 2)
     out: dict[int, list[torch.Tensor | None]] = {layer: [None] * n for layer in layers}
-    device = next(model.parameters()).device
     start = 0
-    with torch.no_grad():
-        while True:
-            end = min(n, start + window)
-            seq = np.concatenate([head, frame_tokens[start:end].reshape(-1)]).astype(np.int64)
-            hidden = model.features(torch.from_numpy(seq)[None].to(device), layers=list(layers))  # [(1, T, D)]
-            first_kept = 0 if start == 0 else window // 2
-            for layer, hid in zip(layers, hidden, strict=True):
-                per_frame = hid[0, len(head):].to("cpu", dtype).reshape(end - start, h, w, -1)  # (f, h, w, D)
-                for i in range(first_kept, end - start):
-                    out[layer][start + i] = per_frame[i]
-            if end == n:
-                break
-            start += hop
+    while True:
+        end = min(n, start + window)
+        seq = np.concatenate([head, frame_tokens[start:end].reshape(-1)]).astype(np.int64)  # (T,)
+        fi = np.zeros_like(seq)
+        fi[: len(head)] = -1  # bos is not a visual position
+        # The evaluations' one backbone pass (no grad; bf16 autocast on CUDA, as the probes run it).
+        feats = backbone_features(model, torch.from_numpy(seq)[None], torch.from_numpy(fi)[None], list(layers))
+        first_kept = 0 if start == 0 else window // 2
+        for layer in layers:
+            per_frame = feats[layer][0].to("cpu", dtype).reshape(end - start, h, w, -1)  # (f·h·w, D) -> (f, h, w, D)
+            for i in range(first_kept, end - start):
+                out[layer][start + i] = per_frame[i]
+        if end == n:
+            break
+        start += hop
     assert all(o is not None for frames in out.values() for o in frames)
     return {layer: torch.stack(frames) for layer, frames in out.items()}  # (F, h, w, D) each
 

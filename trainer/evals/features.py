@@ -26,7 +26,8 @@ def backbone_features(
     model: nn.Module, tokens: torch.Tensor, frame_index: torch.Tensor, layers: list[int], *, pool_tokens: int = 1
 ) -> dict[int, torch.Tensor]:
     """The one place evaluations run the frozen backbone on token sequences (probes, the feature
-    cache, `extract_features`): a longer-context wrapper (RoPE extension) plugs in here.
+    cache, `extract_features`, the patch features of tracking and STA, `trainer.evals.davis`): a
+    longer-context wrapper (RoPE extension) plugs in here.
 
     tokens (b, T) int64 and frame_index (b, T) on any device; returns {layer: (b, P, D) float32}
     on the model's device, P = visual tokens / pool_tokens. On CUDA the backbone runs under bf16

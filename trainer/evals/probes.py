@@ -16,8 +16,9 @@ Heads
   one learnable query cross-attends over the tokens (query/key/value/output projections, residual),
   then a residual MLP block (LayerNorm, D -> 4D -> D, GELU) and a LayerNorm + linear classifier.
 
-Every BatchNorm is a `ProbeNorm`: under torch.distributed it normalises with statistics of the whole
-global batch (an all-reduce), so a data-parallel probe trains the same heads as one process.
+Every BatchNorm is a non-affine `GlobalBatchNorm1d`: under torch.distributed it normalises with
+statistics of the whole global batch (an all-reduce on the features' device), so a data-parallel
+probe trains the same heads as one process.
 
 Training: AdamW, linear warmup then cosine decay to zero, cross-entropy. Evaluation reports top-1
 and top-5 (top-k with k capped at the number of classes); when ``groups`` are given (several
@@ -43,7 +44,7 @@ __all__ = [
     "AveragePoolingHead",
     "LinearConcatHead",
     "CrossAttentionMLPHead",
-    "ProbeNorm",
+    "GlobalBatchNorm1d",
     "build_head",
     "train_probe",
     "evaluate_probe",
@@ -144,36 +145,42 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-class ProbeNorm(nn.BatchNorm1d):
-    """Non-affine BatchNorm whose training statistics span every data-parallel rank.
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics span every data-parallel rank (the probes' heads and
+    the fine-tuned head, `trainer.finetune`); x (N, C) -> (N, C).
 
-    Its input is a frozen feature (no gradient flows into it), so normalising each rank's slice
-    with the global batch's mean and variance is exactly BatchNorm over the global batch: the
-    all-reduced sums of x and x² give them. One process uses torch's BatchNorm unchanged.
-    x (N, C) -> (N, C)."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__(dim, affine=False)
+    Under torch.distributed (gloo or NCCL) the sums of x and x² and the count are all-reduced, so
+    each rank normalises its slice with the global batch's mean and variance: exactly BatchNorm
+    over the global batch. The all-reduce is the autograd-aware one, so when gradients flow into x
+    (fine-tuning) they are those of one process on the global batch too; frozen features (probes)
+    have none and it is a plain sum. It runs on x.device: NCCL reduces only CUDA tensors, so the
+    module and its input must be on the rank's GPU there. torch's SyncBatchNorm is GPU-only, hence
+    this. One process (or eval mode): torch's BatchNorm1d unchanged. Same state dict."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or _world() == 1:
             return super().forward(x)
-        import torch.distributed as dist
+        from torch.distributed.nn.functional import all_reduce
 
-        xd = x.double()  # sums of squares in fp64: var = E[x²] - E[x]² loses digits in fp32
-        stats = torch.cat([xd.sum(0), (xd * xd).sum(0), xd.new_tensor([x.shape[0]])])
-        dist.all_reduce(stats)
         c = x.shape[1]
+        xd = x.double()  # sums of squares in fp64: var = E[x²] - E[x]² loses digits in fp32
+        stats = torch.cat([xd.sum(0), (xd * xd).sum(0), xd.new_full((1,), float(x.shape[0]))])  # (2C+1,) on x.device
+        stats = all_reduce(stats)
         count = stats[-1]
         mean = stats[:c] / count
-        var = (stats[c : 2 * c] / count - mean * mean).clamp(min=0)
-        with torch.no_grad():
-            m = self.momentum
-            self.running_mean.mul_(1 - m).add_(m * mean.to(self.running_mean.dtype))
-            unbiased = var * count / (count - 1).clamp(min=1)
-            self.running_var.mul_(1 - m).add_(m * unbiased.to(self.running_var.dtype))
-            self.num_batches_tracked.add_(1)
-        return ((x - mean.to(x.dtype)) / torch.sqrt(var.to(x.dtype) + self.eps)).to(x.dtype)
+        var = (stats[c : 2 * c] / count - mean * mean).clamp(min=0)  # biased, as BatchNorm normalises
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(m * mean.to(self.running_mean.dtype))
+                unbiased = var * count / (count - 1).clamp(min=1)
+                self.running_var.mul_(1 - m).add_(m * unbiased.to(self.running_var.dtype))
+        xf = x.float()
+        y = (xf - mean.float()) / torch.sqrt(var.float() + self.eps)
+        if self.affine:
+            y = y * self.weight + self.bias
+        return y.to(x.dtype)
 
 
 class AttentionPoolingHead(nn.Module):
@@ -185,7 +192,7 @@ class AttentionPoolingHead(nn.Module):
             raise ValueError(f"attention probe: num_heads={num_heads} must divide the feature width {dim}")
         self.num_heads = num_heads
         # Non-affine: the probe only re-centres and re-scales features, it learns no shift of its own.
-        self.norm = ProbeNorm(dim)
+        self.norm = GlobalBatchNorm1d(dim, affine=False)
         self.query = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
@@ -225,7 +232,7 @@ class AveragePoolingHead(nn.Module):
 
     def __init__(self, dim: int, num_classes: int) -> None:
         super().__init__()
-        self.norm = ProbeNorm(dim)
+        self.norm = GlobalBatchNorm1d(dim, affine=False)
         self.classifier = nn.Linear(dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -238,7 +245,7 @@ class LinearConcatHead(nn.Module):
     def __init__(self, dim: int, tokens: int, num_classes: int) -> None:
         super().__init__()
         self.tokens = tokens
-        self.norm = ProbeNorm(dim * tokens)
+        self.norm = GlobalBatchNorm1d(dim * tokens, affine=False)
         self.classifier = nn.Linear(dim * tokens, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -260,7 +267,7 @@ class CrossAttentionMLPHead(nn.Module):
         if dim % num_heads:
             raise ValueError(f"cross-attn-mlp probe: num_heads={num_heads} must divide the feature width {dim}")
         self.num_heads = num_heads
-        self.norm = ProbeNorm(dim)
+        self.norm = GlobalBatchNorm1d(dim, affine=False)
         self.query = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.q = nn.Linear(dim, dim)
         # No key bias: the softmax over keys cancels it, so its gradient is rounding noise that

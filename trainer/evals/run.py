@@ -315,7 +315,7 @@ def probe_job(
                                          "images": job.train_images is not None, "context": context,
                                          "checkpoint": ckpt_id},
                               restart_other=True,  # a rerun with other settings (a demo rerun) starts afresh
-                              dist=dist, log=log)
+                              dist=dist, device=next(model.parameters()).device, log=log)
         doc = sweep_doc(specs, [r for r, _ in trained], n_layers=n_layers, classes=classes, cfg=cfg, task=job.task,
                         progress=log if dist.rank == 0 else None,
                         extra_config={"features": mode, "world_size": dist.world, "pool_tokens": job.pool_tokens})

@@ -80,15 +80,19 @@ class Dist:
             self.device = torch.device("cuda", torch.cuda.current_device())
 
     @staticmethod
-    def init_from_env() -> Dist:
-        """Join the process group torchrun describes (WORLD_SIZE > 1), else run alone."""
+    def init_from_env(device: str | torch.device) -> Dist:
+        """Join the process group torchrun describes (WORLD_SIZE > 1), else run alone.
+
+        The backend follows ``device``, the device the probe runs on (NCCL for cuda, gloo for cpu):
+        NCCL cannot reduce the CPU tensors of a ``--device cpu`` probe on a machine that has GPUs."""
         import torch.distributed as dist
 
+        from trainer.process_group import backend_for, init_process_group
+
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            if backend == "nccl":
+            if backend_for(device) == "nccl":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group(backend)
+            init_process_group(device)
         return Dist()
 
     def mine(self, idx: np.ndarray) -> np.ndarray:
@@ -144,7 +148,7 @@ class TokenSource:
     """Runs the frozen backbone on a batch of token sequences read from a token file (stream mode).
 
     tokens (N, T) int32 and frame_index (N, T) int16 (np.memmap or arrays); ``rows`` maps sample
-    i to its row (a subset of the file). Returns {layer: (b, P, D) float32 on the CPU}."""
+    i to its row (a subset of the file). Returns {layer: (b, P, D) float32 on the model's device}."""
 
     def __init__(self, model: nn.Module, tokens: np.ndarray, frame_index: np.ndarray, layers: list[int], *,
                  rows: np.ndarray | None = None, pool_tokens: int = 1) -> None:
@@ -165,7 +169,7 @@ class TokenSource:
         fi[order] = self.fi[rows[order]]
         feats = backbone_features(self.model, torch.from_numpy(tok), torch.from_numpy(fi), self.layers,
                                   pool_tokens=self.pool_tokens)
-        return {layer: f.to(torch.float16).float().cpu() for layer, f in feats.items()}
+        return {layer: f.to(torch.float16).float() for layer, f in feats.items()}
 
 
 class CacheSource:
@@ -249,7 +253,7 @@ def build_feature_cache(source: TokenSource, cache_dir: str, *, batch_size: int,
             continue
         idx = np.arange(s, min(source.n, s + batch_size))
         for layer, f in source.features(idx, -1).items():
-            arrays[layer][s : s + len(idx)] = f.numpy().astype(np.float16)
+            arrays[layer][s : s + len(idx)] = f.cpu().numpy().astype(np.float16)
     for a in arrays.values():
         a.flush()
     dist.barrier()
@@ -315,6 +319,7 @@ def train_heads(
     restart_other: bool = False,
     on_step: Callable[[int], None] | None = None,
     dist: Dist | None = None,
+    device: str | torch.device = "cpu",
     log: Callable[[str], None] | None = None,
 ) -> list[tuple[ProbeResult, nn.Module]]:
     """Train one head per spec on ``train`` and score each on ``val``; one result per spec.
@@ -324,8 +329,12 @@ def train_heads(
     ``state_key`` (what the training data is: dataset, split, clip layout) joins the heads, config,
     sizes and world size in the fingerprint a saved state must match to be resumed; a state that
     does not match is refused, or with ``restart_other`` ignored and overwritten.
-    ``on_step(step)`` runs after every optimizer step (a test stops a run there)."""
+    ``on_step(step)`` runs after every optimizer step (a test stops a run there).
+    The heads, their BatchNorm statistics and the optimizer live on ``device`` (the backbone's, so
+    streamed features stay where they were computed); every batch of features and labels is moved
+    there, whichever device its source yields it on (a cache's are on the CPU)."""
     dist = dist or Dist()
+    device = torch.device(device)
     n = train.n
     if n < 2:
         raise ValueError(f"a probe needs at least 2 training samples, got {n}")
@@ -337,7 +346,8 @@ def train_heads(
     heads = []
     for s in specs:
         torch.manual_seed(cfg.seed)  # every head starts as it would trained alone
-        heads.append(build_head(s.pooling, train.dim, train.tokens, len(classes), cfg.num_heads))
+        # Built on the CPU (the same initial weights on any device), then moved.
+        heads.append(build_head(s.pooling, train.dim, train.tokens, len(classes), cfg.num_heads).to(device))
     params = [p for h in heads for p in h.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = _steps_per_epoch(n, cfg.batch_size)
@@ -346,7 +356,7 @@ def train_heads(
     fp = _fingerprint(specs, cfg, n, val.n, classes, dist.world, state_key)
     epoch, batch, step = 0, 0, 0
     losses: list[list[float]] = [[] for _ in heads]
-    acc, seen = torch.zeros(len(heads), dtype=torch.float64), 0
+    acc, seen = torch.zeros(len(heads), dtype=torch.float64, device=device), 0  # summed loss per head
     st = None
     if state_path and os.path.exists(state_path):
         st = torch.load(state_path, map_location="cpu", weights_only=True)
@@ -363,7 +373,7 @@ def train_heads(
             h.load_state_dict(sd)
         opt.load_state_dict(st["optimizer"])
         epoch, batch, step, losses, seen = st["epoch"], st["batch"], st["step"], st["losses"], st["seen"]
-        acc = st["acc"]
+        acc = st["acc"].to(device)
         if log is not None:
             log(f"resuming probes at epoch {epoch}, batch {batch} (step {step}) from {state_path}")
 
@@ -373,7 +383,7 @@ def train_heads(
                                      "optimizer": opt.state_dict(), "epoch": epoch, "batch": batch, "step": step,
                                      "losses": losses, "acc": acc, "seen": seen})
 
-    ys = train_labels.long()
+    ys = train_labels.long().to(device)
     while epoch < cfg.epochs:
         order = _epoch_order(n, cfg.seed, epoch)
         for h in heads:
@@ -387,8 +397,8 @@ def train_heads(
             for g in opt.param_groups:
                 g["lr"] = lr
             mine = dist.mine(idx)
-            feats = train.features(mine, epoch)
-            y = ys[torch.from_numpy(mine)]
+            feats = {layer: f.to(device, non_blocking=True) for layer, f in train.features(mine, epoch).items()}
+            y = ys[torch.from_numpy(mine).to(device)]
             # Summed over this rank's slice, divided by the global batch: the all-reduced sum is the mean.
             per_head = [F.cross_entropy(h(feats[s.layer]), y, reduction="sum") / len(idx)
                         for h, s in zip(heads, specs, strict=True)]
@@ -416,7 +426,7 @@ def train_heads(
                 on_step(step)
         for i in range(len(heads)):
             losses[i].append(float(acc[i] / max(1, seen)))
-        acc, seen = torch.zeros(len(heads), dtype=torch.float64), 0
+        acc, seen = torch.zeros(len(heads), dtype=torch.float64, device=device), 0
         epoch, batch = epoch + 1, 0
         if log is not None:
             log(f"probe epoch {epoch}/{cfg.epochs}: mean loss over heads {np.mean([v[-1] for v in losses]):.4f}")
@@ -433,7 +443,9 @@ def _evaluate(heads, specs, val, labels: torch.Tensor, groups: list[str] | None,
 
     Without groups every sample is scored (in order); with groups, a group's probabilities are
     summed until its last sample has been seen, then averaged and scored (groups in sorted order).
-    Memory: a batch of probabilities plus the open groups (clips of a video are consecutive)."""
+    Memory: a batch of probabilities plus the open groups (clips of a video are consecutive).
+    Features go to the heads' device; probabilities are scored on the CPU."""
+    device = next(heads[0].parameters()).device
     for h in heads:
         h.eval()
     n, n_heads = val.n, len(heads)
@@ -451,10 +463,11 @@ def _evaluate(heads, specs, val, labels: torch.Tensor, groups: list[str] | None,
             mine = dist.mine(idx)
             if len(mine):
                 feats = val.features(mine, -1)
-                probs = torch.stack([h(feats[sp.layer]).softmax(dim=-1) for h, sp in zip(heads, specs, strict=True)])
+                probs = torch.stack([h(feats[sp.layer].to(device)).softmax(dim=-1)
+                                     for h, sp in zip(heads, specs, strict=True)])  # (H, m, C)
             else:
-                probs = torch.zeros(n_heads, 0, len(heads[0].classifier.bias))
-            probs = dist.gather_rows(probs, sizes)  # (H, b, C) in sample order
+                probs = torch.zeros(n_heads, 0, len(heads[0].classifier.bias), device=device)
+            probs = dist.gather_rows(probs, sizes).cpu()  # (H, b, C) in sample order
             k = min(5, probs.shape[2])
             for j, i in enumerate(idx.tolist()):
                 if groups is None:

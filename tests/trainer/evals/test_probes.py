@@ -106,3 +106,56 @@ def test_attention_head_fast_form_equals_plain_attention():
     g2 = torch.autograd.grad(head.forward_reference(x).square().sum(), [x, head.k.weight, head.v.weight, head.query])
     for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def _norm_rank(rank: int, port: int, x: torch.Tensor, w: torch.Tensor, out: str) -> None:
+    """One gloo rank in a forked child: the probes' head norm and an affine one on this rank's half of x."""
+    import os
+
+    import torch.distributed as dist
+
+    from trainer.evals.probes import GlobalBatchNorm1d, build_head
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    got = {}
+    for name, norm in (("head", build_head("average", x.shape[1], 1, 3).norm),
+                       ("affine", GlobalBatchNorm1d(x.shape[1], momentum=None))):
+        xr = x.chunk(2)[rank].clone().requires_grad_(True)
+        y = norm.train()(xr)
+        (y * w.chunk(2)[rank]).sum().backward()  # rank r's share of the global loss sum(y * w)
+        got[name] = {"y": y.detach(), "grad": xr.grad, "mean": norm.running_mean, "var": norm.running_var}
+    torch.save(got, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_global_batchnorm_over_two_ranks_equals_batchnorm_of_the_global_batch(tmp_path):
+    """The one global BatchNorm (probe heads, non-affine; fine-tuning, gradients into its input): two
+    gloo ranks with half a batch each give torch's BatchNorm1d on the whole batch, outputs, input
+    gradients and running statistics (the probes' norm used to skip the all-reduce in backward)."""
+    import multiprocessing
+    import socket
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(10, 4, generator=g) * 3 + 1, torch.randn(10, 4, generator=g)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_norm_rank, args=(r, port, x, w, str(tmp_path / "out"))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    ranks = [torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(2)]
+    for name, ref in (("head", torch.nn.BatchNorm1d(4, affine=False)), ("affine", torch.nn.BatchNorm1d(4, momentum=None))):
+        xg = x.clone().requires_grad_(True)
+        y = ref.train()(xg)
+        (y * w).sum().backward()
+        torch.testing.assert_close(torch.cat([r[name]["y"] for r in ranks]), y.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.cat([r[name]["grad"] for r in ranks]), xg.grad, atol=1e-5, rtol=1e-5)
+        for r in ranks:
+            torch.testing.assert_close(r[name]["mean"], ref.running_mean)
+            torch.testing.assert_close(r[name]["var"], ref.running_var)

@@ -143,3 +143,27 @@ def test_model_patch_features_windows_cover_every_frame():
     # The first window's frames see the same context in both.
     torch.testing.assert_close(feats[:4], ref[:4])
     assert not torch.allclose(feats[9], ref[9])  # later frames see a shorter, windowed context
+
+
+def test_patch_features_run_the_backbone_under_the_evaluations_autocast(monkeypatch):
+    """Tracking and STA features come from the one backbone pass of the probes
+    (`backbone_features`): no grad, and torch.autocast (bf16, enabled on CUDA only) around it."""
+    seen = []
+    real = torch.autocast
+
+    def spy(device_type, dtype=None, enabled=True, **kw):
+        seen.append((device_type, dtype, enabled))
+        return real(device_type, dtype=dtype, enabled=enabled, **kw)
+
+    class Recording(_Causal):
+        def features(self, tokens, layers):
+            seen.append(("grad", torch.is_grad_enabled()))
+            return super().features(tokens, layers)
+
+    monkeypatch.setattr(torch, "autocast", spy)
+    tokens = np.arange(3 * 4).reshape(3, 2, 2) % 15
+    feats = model_patch_features(Recording(max_seq_len=1 + 3 * 4), tokens, bos=15, layer=1)
+    assert seen == [("cpu", torch.bfloat16, False), ("grad", False)]
+    e = Recording(max_seq_len=13).emb[torch.tensor([15, *range(12)])]  # the one window: [bos] + 3 frames
+    want = (e.cumsum(0) / torch.arange(1, 14)[:, None])[1:].reshape(3, 2, 2, 16)
+    torch.testing.assert_close(feats, want.detach())

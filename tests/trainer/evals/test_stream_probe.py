@@ -146,3 +146,50 @@ def test_two_gloo_processes_train_the_heads_one_process_trains(tmp_path):
         np.testing.assert_allclose(loss, r.train_loss, rtol=1e-5)
         for k, v in h.state_dict().items():
             torch.testing.assert_close(sd[k].float(), v.float(), atol=1e-5, rtol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize("device,backend", [("cpu", "gloo"), ("cuda", "nccl"), ("cuda:1", "nccl")])
+def test_probe_process_group_backend_follows_the_device_and_has_the_train_timeout(monkeypatch, device, backend):
+    """`--device cpu` under torchrun joins over gloo even where CUDA is visible (NCCL cannot reduce the
+    CPU heads' tensors), cuda over NCCL; with the timeout pre-training's group has."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from trainer import train
+    from trainer.evals.stream_probe import Dist
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.append(("init", kw)))
+    d = Dist.init_from_env(device)
+    assert d.world == 1  # the stubbed group never started
+    want = [("set_device", 1)] if backend == "nccl" else []
+    assert calls == want + [("init", {"backend": backend, "timeout": datetime.timedelta(minutes=30)})]
+    calls.clear()
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    train._setup_dist(torch.device(device).type)  # pre-training joins the same way
+    assert calls == [("init", {"backend": backend, "timeout": datetime.timedelta(minutes=30)})]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_heads_train_on_the_device_of_the_features(toy_backbone, tmp_path):
+    """`--device cuda`: streamed features stay on the GPU and the heads (and their BatchNorm statistics)
+    train there; CPU features (a cache) are moved to the heads' device batch by batch."""
+    tr_tok, tr_fi, tr_y = _token_set(48, 0)
+    va_tok, va_fi, va_y = _token_set(20, 1)
+    model = toy_backbone.cuda()
+    stream_tr, stream_va = TokenSource(model, tr_tok, tr_fi, [1, 3]), TokenSource(model, va_tok, va_fi, [1, 3])
+    assert stream_tr.features(np.arange(2), 0)[1].device.type == "cuda"
+    build_feature_cache(stream_tr, str(tmp_path / "tr"), batch_size=7)
+    cache_tr = CacheSource(str(tmp_path / "tr"), [1, 3])
+    for src in (stream_tr, cache_tr):
+        out = train_heads(src, tr_y, stream_va, va_y, SPECS, ["lo", "hi"], CFG, device="cuda")
+        for r, h in out:
+            assert r.top1 >= 85.0
+            assert all(t.device.type == "cuda" for t in [*h.parameters(), *h.buffers()])
