@@ -18,6 +18,7 @@ from trainer.evals.study import (
     StudyConfig,
     TaskData,
     compare_blocks,
+    compare_models,
     compare_poolings,
     named_middle_block,
     run_study,
@@ -142,6 +143,23 @@ def test_named_block_comparisons_are_paired_over_the_same_samples():
     assert blocks["diff"] == 25.0 and blocks["se"] == pytest.approx(100 * (3 - 1 / 4) ** 0.5 / 4)
     pools = compare_poolings(doc, 2)
     assert (pools["only_a"], pools["only_b"], pools["diff"]) == (2, 0, 50.0)
+
+
+def test_model_comparison_is_paired_at_the_named_block():
+    # Finding 5: the same probe (attention, block 2) of two models on the same four samples.
+    def doc(correct2: list[int], classes=("a", "b")) -> dict:
+        return {"n_layers": 3, "classes": list(classes), "results": [
+            {"layer": 1, "pooling": "attention", "top1": 100.0, "correct": [1, 1, 1, 1]},
+            {"layer": 2, "pooling": "attention", "top1": 25.0 * sum(correct2), "correct": correct2}]}
+
+    c = compare_models(doc([1, 1, 1, 0]), doc([0, 0, 1, 1]), named_middle_block(3))
+    # Block 1 (all right in both) plays no part; at block 2: a alone right on samples 1, 2, b alone on 4.
+    assert (c["only_a"], c["only_b"], c["n"], c["a"], c["b"], c["layer"]) == (2, 1, 4, 75.0, 50.0, 2)
+    assert c["diff"] == 25.0 and c["se"] == pytest.approx(100 * (3 - 1 / 4) ** 0.5 / 4)
+    with pytest.raises(ValueError, match="cannot be paired"):
+        compare_models(doc([1, 1, 1, 0]), doc([1, 1, 1, 0], classes=("a", "c")), 2)
+    with pytest.raises(ValueError, match="paired scores need the same samples"):
+        compare_models(doc([1, 1, 1, 0]), doc([1, 1, 0]), 2)
 
 
 def test_data_checks_known_answers(tmp_path):
