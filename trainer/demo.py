@@ -163,20 +163,21 @@ DEMO_ITEMS_PER_SHARD = 64
 def stage_tokenize(cfg: DemoConfig, resolution: int | None = None, root: str = "tokens") -> dict[str, str]:
     """Tokenize both demo data sets with the bundled tokenizer on embedded Ray at ``resolution`` (default
     the demo's) into OUT/``root``. A data set with its manifest is done; reruns skip done shards."""
-    from pipeline.jobs import TokenizeConfig, run_tokenize
+    from pipeline.jobs import TokenizeConfig, ray_session, run_tokenize
 
     resolution = resolution or cfg.resolution
-    out = {}
-    for name, adapter in ADAPTER.items():
-        dst = _p(cfg, root, name)
-        out[name] = dst
-        if os.path.exists(os.path.join(dst, "manifest.json")):
-            continue
-        _log(f"tokenize {name} ({adapter} layout) at {resolution} px with tokenizer {cfg.tokenizer!r}")
-        # 2 cores: half a core per decode actor, one tokenizer actor with one core.
-        run_tokenize(TokenizeConfig(dataset=adapter, input=_p(cfg, "data", name), output=dst, tokenizer=cfg.tokenizer,
-                                    resolution=resolution, num_cpus=2, decode_cpus=0.5, tokenizer_cpus=1.0,
-                                    cpu_actors=1, batch_size=64, items_per_shard=DEMO_ITEMS_PER_SHARD))
+    out = {name: _p(cfg, root, name) for name in ADAPTER}
+    # 2 cores: half a core per decode actor, one tokenizer actor with one core.
+    jobs = [TokenizeConfig(dataset=adapter, input=_p(cfg, "data", name), output=out[name], tokenizer=cfg.tokenizer,
+                           resolution=resolution, num_cpus=2, decode_cpus=0.5, tokenizer_cpus=1.0, cpu_actors=1,
+                           batch_size=64, items_per_shard=DEMO_ITEMS_PER_SHARD)
+            for name, adapter in ADAPTER.items() if not os.path.exists(os.path.join(out[name], "manifest.json"))]
+    if not jobs:
+        return out
+    with ray_session(jobs[0]):  # one Ray start and stop for the stage's jobs, not one each
+        for job in jobs:
+            _log(f"tokenize {job.input} ({job.dataset} layout) at {resolution} px with tokenizer {cfg.tokenizer!r}")
+            run_tokenize(job)
     return out
 
 
