@@ -12,9 +12,15 @@ Stages (each skipped when its output is already complete, so an interrupted demo
              (the demo clips are 2 s at 16 fps: stride 4 would need 61 frames).
 5. pretrain  `trainer.train.train` with the `demo` preset on a fixed token budget -> OUT/run.
 6. sweep     the same on narrower widths (muP, one learning rate) -> OUT/sweep/wNNN, for the scaling fit.
-7. study     `trainer.evals.study.run_study`: probes (attention vs average, every layer) on the
+7. coarse-data  the coarse-to-fine arm's data: both data sets tokenized at half resolution (32 px:
+             4x4 tokens a frame) -> OUT/tokens-coarse, and their mix -> OUT/mix-coarse.json.
+8. coarse    stage A: the main run's model and recipe at half resolution -> OUT/c2f/coarse.
+9. fine      stage B: `init_from` stage A at full resolution with RoPE base 50 000 -> OUT/c2f/fine;
+             stage A + stage B train no more tokens (and so no more FLOPs) than the main run.
+10. study    `trainer.evals.study.run_study`: probes (attention vs average, every layer) on the
              image and video object tasks, loss by position, scaling on the sweep's frontier,
-             label propagation J&F, a short generation (`toto-train generate`), report.md.
+             label propagation J&F, coarse-to-fine vs the main (direct) run, a short generation
+             (`toto-train generate`), report.md.
 
 Scale decisions (CPU, 2 cores, 15 minutes): 64 px frames -> 8x8 = 64 tokens per frame, 16-frame
 clips of 1 024 tokens, a few million parameters, about a million training tokens. `--quick`
@@ -67,6 +73,14 @@ class DemoConfig:
     # all, as the paper does; each trains sweep_tokens with the main run's schedule shape.
     sweep_widths: tuple[int, ...] = (40, 80, 120)
     sweep_tokens: int = 491_520  # 60 steps of 8 192 tokens
+    # Coarse-to-fine arm (finding 5), fixed before any number is seen: stage A trains the main run's model
+    # and recipe at resolution // 2 (a quarter of the tokens a frame), stage B continues it (init_from, new
+    # optimizer and schedule) at full resolution with RoPE base c2f_rope_theta (the paper's 50 000). Half the
+    # main run's token budget each: together the main run's tokens, and fewer FLOPs, since stage A's
+    # 4x shorter sequences cost less attention per token. The direct arm is the main run (OUT/run).
+    c2f_coarse_tokens: int = 491_520  # 60 steps of 8 192 tokens
+    c2f_fine_tokens: int = 491_520  # 60 steps of 8 192 tokens
+    c2f_rope_theta: float = 50_000.0
     probe_epochs: int = 30
     max_probe_samples: int | None = 1000  # per split: a seeded random subset (time budget)
     loss_clips: int = 32
@@ -77,8 +91,9 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if not self.data_scale > 0:
             raise ValueError(f"DemoConfig.data_scale={self.data_scale!r} is invalid: use a positive factor such as 1.0")
-        if self.resolution % 8 or self.resolution < 16:
-            raise ValueError(f"DemoConfig.resolution={self.resolution!r} is invalid: use a multiple of 8 >= 16, e.g. 64")
+        if self.resolution % 16 or self.resolution < 16:
+            raise ValueError(f"DemoConfig.resolution={self.resolution!r} is invalid: use a multiple of 16 (its half, "
+                             "the coarse-to-fine arm's first stage, a multiple of the tokenizer's 8), e.g. 64")
         from trainer.config import load_config
 
         main = load_config(self.preset, list(self.pretrain_overrides)).model
@@ -94,10 +109,17 @@ class DemoConfig:
         if set(self.ratios) != {"imagenet", "kinetics"} or any(v <= 0 for v in self.ratios.values()):
             raise ValueError(f"DemoConfig.ratios={self.ratios!r} is invalid: give positive shares for imagenet and kinetics")
         for name in ("frames", "stride", "images_per_seq", "probe_epochs", "loss_clips", "generate_frames",
-                     "train_tokens", "sweep_tokens"):
+                     "train_tokens", "sweep_tokens", "c2f_coarse_tokens", "c2f_fine_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"DemoConfig.{name}={v!r} is invalid: use a positive integer")
+        if self.c2f_coarse_tokens + self.c2f_fine_tokens > self.train_tokens:
+            raise ValueError(f"DemoConfig.c2f_coarse_tokens + c2f_fine_tokens = "
+                             f"{self.c2f_coarse_tokens + self.c2f_fine_tokens} exceeds train_tokens={self.train_tokens}: "
+                             "the coarse-to-fine arm must train at no more compute than the direct run")
+        if not self.c2f_rope_theta > 0:
+            raise ValueError(f"DemoConfig.c2f_rope_theta={self.c2f_rope_theta!r} is invalid: use a positive base "
+                             "such as 50000.0")
 
     @classmethod
     def quick_config(cls, out: str = "demo-out", seed: int = 0) -> DemoConfig:
@@ -105,6 +127,8 @@ class DemoConfig:
         return cls(
             out=out, seed=seed, data_scale=0.05, quick=True, probe_epochs=5, max_probe_samples=200, loss_clips=4,
             track_max_frames=8, generate_frames=2, train_tokens=6 * 2048, sweep_widths=(40,), sweep_tokens=4 * 2048,
+            # 2 steps a stage with val_every=2: each stage's last step is validated, as in the full demo.
+            c2f_coarse_tokens=2 * 2048, c2f_fine_tokens=2 * 2048,
             pretrain_overrides=("warmup_steps=1", "ckpt_every=6", "val_every=2", "val_batches=1",
                                 "batch_tokens=2048", "micro_batch=2", "tensorboard=false"),
         )
@@ -136,28 +160,31 @@ ADAPTER = {"imagenet": "imagenet", "kinetics": "kinetics600"}  # mix source name
 DEMO_ITEMS_PER_SHARD = 64
 
 
-def stage_tokenize(cfg: DemoConfig) -> dict[str, str]:
-    """Tokenize both demo data sets with the bundled tokenizer on embedded Ray. Reruns skip done shards."""
-    from pipeline.jobs import TokenizeConfig, run_tokenize
+def stage_tokenize(cfg: DemoConfig, resolution: int | None = None, root: str = "tokens") -> dict[str, str]:
+    """Tokenize both demo data sets with the bundled tokenizer on embedded Ray at ``resolution`` (default
+    the demo's) into OUT/``root``. A data set with its manifest is done; reruns skip done shards."""
+    from pipeline.jobs import TokenizeConfig, ray_session, run_tokenize
 
-    out = {}
-    for name, adapter in ADAPTER.items():
-        dst = _p(cfg, "tokens", name)
-        out[name] = dst
-        if os.path.exists(os.path.join(dst, "manifest.json")):
-            continue
-        _log(f"tokenize {name} ({adapter} layout) at {cfg.resolution} px with tokenizer {cfg.tokenizer!r}")
-        # 2 cores: half a core per decode actor, one tokenizer actor with one core.
-        run_tokenize(TokenizeConfig(dataset=adapter, input=_p(cfg, "data", name), output=dst, tokenizer=cfg.tokenizer,
-                                    resolution=cfg.resolution, num_cpus=2, decode_cpus=0.5, tokenizer_cpus=1.0,
-                                    cpu_actors=1, batch_size=64, items_per_shard=DEMO_ITEMS_PER_SHARD))
+    resolution = resolution or cfg.resolution
+    out = {name: _p(cfg, root, name) for name in ADAPTER}
+    # 2 cores: half a core per decode actor, one tokenizer actor with one core.
+    jobs = [TokenizeConfig(dataset=adapter, input=_p(cfg, "data", name), output=out[name], tokenizer=cfg.tokenizer,
+                           resolution=resolution, num_cpus=2, decode_cpus=0.5, tokenizer_cpus=1.0, cpu_actors=1,
+                           batch_size=64, items_per_shard=DEMO_ITEMS_PER_SHARD)
+            for name, adapter in ADAPTER.items() if not os.path.exists(os.path.join(out[name], "manifest.json"))]
+    if not jobs:
+        return out
+    with ray_session(jobs[0]):  # one Ray start and stop for the stage's jobs, not one each
+        for job in jobs:
+            _log(f"tokenize {job.input} ({job.dataset} layout) at {resolution} px with tokenizer {cfg.tokenizer!r}")
+            run_tokenize(job)
     return out
 
 
-def stage_mix(cfg: DemoConfig, tokens: dict[str, str]) -> str:
+def stage_mix(cfg: DemoConfig, tokens: dict[str, str], name: str = "mix.json") -> str:
     from pipeline.mix.build import MixConfig, build_mix
 
-    path = _p(cfg, "mix.json")
+    path = _p(cfg, name)
     if not os.path.exists(path):
         build_mix(MixConfig(ratios={k: str(v) for k, v in cfg.ratios.items()}, inputs=tokens, seed=cfg.seed,
                             frames=cfg.frames, stride=cfg.stride, images_per_seq=cfg.images_per_seq), path)
@@ -203,9 +230,36 @@ def _train_once(tcfg, mix: str, run: str) -> str:
 
 
 def stage_pretrain(cfg: DemoConfig, mix: str) -> str:
+    return _train_once(_train_config(cfg, cfg.train_tokens, _mup(cfg)), mix, _p(cfg, "run"))
+
+
+def stage_coarse_data(cfg: DemoConfig) -> str:
+    """The coarse-to-fine arm's data: both data sets at half resolution and their mix (the main mix's
+    shares, clips and seed) -> OUT/mix-coarse.json."""
+    tokens = stage_tokenize(cfg, cfg.resolution // 2, "tokens-coarse")
+    return stage_mix(cfg, tokens, "mix-coarse.json")
+
+
+def _mup(cfg: DemoConfig) -> tuple[str, ...]:
     # muP relative to the main width: at dim == mup_base_dim the model is the standard one.
-    mup = (f"model.mup_base_dim={_main_model(cfg).dim}",)
-    return _train_once(_train_config(cfg, cfg.train_tokens, mup), mix, _p(cfg, "run"))
+    return (f"model.mup_base_dim={_main_model(cfg).dim}",)
+
+
+def stage_coarse(cfg: DemoConfig, mix_coarse: str) -> str:
+    """Stage A: the main run's model and recipe on the half-resolution mix, c2f_coarse_tokens."""
+    return _train_once(_train_config(cfg, cfg.c2f_coarse_tokens, _mup(cfg)), mix_coarse, _p(cfg, "c2f", "coarse"))
+
+
+def stage_fine(cfg: DemoConfig, mix: str, coarse: str) -> str:
+    """Stage B: stage A's weights (init_from its last checkpoint) on the full-resolution mix with RoPE
+    base c2f_rope_theta, c2f_fine_tokens; its logs' tokens_seen / flops_seen continue stage A's."""
+    from trainer.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(coarse)
+    if last is None:
+        raise RuntimeError(f"stage A of the coarse-to-fine arm has no checkpoint under {coarse}")
+    extra = (*_mup(cfg), f"model.rope_theta={cfg.c2f_rope_theta}", f"init_from={last}")
+    return _train_once(_train_config(cfg, cfg.c2f_fine_tokens, extra), mix, _p(cfg, "c2f", "fine"))
 
 
 def sweep_overrides(width: int, main) -> tuple[str, ...]:
@@ -271,7 +325,7 @@ def _generate_fn(cfg: DemoConfig, tokenizer):
     return generate
 
 
-STAGES = ("data", "tokenize", "checks", "mix", "pretrain", "sweep", "study")
+STAGES = ("data", "tokenize", "checks", "mix", "pretrain", "sweep", "coarse-data", "coarse", "fine", "study")
 
 
 def run_demo(cfg: DemoConfig, until: str = "study") -> str:
@@ -332,6 +386,15 @@ def run_demo(cfg: DemoConfig, until: str = "study") -> str:
     sweep = timed("sweep", stage_sweep, cfg, mix)
     if until == "sweep":
         return _p(cfg, "sweep")
+    mix_coarse = timed("coarse-data", stage_coarse_data, cfg)
+    if until == "coarse-data":
+        return mix_coarse
+    coarse = timed("coarse", stage_coarse, cfg, mix_coarse)
+    if until == "coarse":
+        return coarse
+    fine = timed("fine", stage_fine, cfg, mix, coarse)
+    if until == "fine":
+        return fine
     scfg = StudyConfig(probe_epochs=cfg.probe_epochs, max_probe_samples=cfg.max_probe_samples,
                        loss_clips=cfg.loss_clips, track_max_frames=cfg.track_max_frames, seed=cfg.seed,
                        video_stride=cfg.stride)
@@ -342,7 +405,10 @@ def run_demo(cfg: DemoConfig, until: str = "study") -> str:
         f"{cfg.images_per_seq} images per image sequence; pre-training preset `{cfg.preset}` "
         f"{' '.join(cfg.pretrain_overrides)}, {cfg.train_tokens:,} training tokens (a fixed budget, not a time "
         f"limit); size sweep widths {', '.join(map(str, cfg.sweep_widths))} besides the main width "
-        f"{_main_model(cfg).dim}, {cfg.sweep_tokens:,} tokens each, muP with one learning rate."
+        f"{_main_model(cfg).dim}, {cfg.sweep_tokens:,} tokens each, muP with one learning rate. Coarse-to-fine arm: "
+        f"stage A at {cfg.resolution // 2} px, {cfg.c2f_coarse_tokens:,} tokens; stage B `init_from` stage A at "
+        f"{cfg.resolution} px with RoPE base {cfg.c2f_rope_theta:g}, {cfg.c2f_fine_tokens:,} tokens; the direct arm "
+        f"is the main run ({cfg.train_tokens:,} tokens)."
         + (" QUICK MODE: tiny data and a handful of steps; the numbers below only show that every stage runs."
            if cfg.quick else "")
     )
@@ -353,7 +419,7 @@ def run_demo(cfg: DemoConfig, until: str = "study") -> str:
         intro="The paper's evaluations run end to end on the embedded demo data on a CPU. Each qualitative "
               "finding of the paper is checked and stated as it came out; nothing is tuned to make it hold.",
         extra_sections=[("Pipeline", setup + "\n\n" + "\n".join(f"- {k}: {v}" for k, v in times.items()))],
-        data_checks=checks, scaling_runs=[run] + sweep,
+        data_checks=checks, scaling_runs=[run] + sweep, c2f_ckpt=fine,
     )
     _log(f"demo finished in {time.time() - t_start:.0f} s: {path}")
     return path
@@ -367,8 +433,8 @@ def run_demo(cfg: DemoConfig, until: str = "study") -> str:
               help="Stop after this stage (e.g. `--until mix` builds the demo token data and OUT/mix.json only; "
                    "`make pretrain` uses it).")
 def demo(out: str, quick: bool, seed: int, until: str) -> None:
-    """Run the whole study on the embedded demo data: data -> tokenize -> mix -> pretrain ->
-    probes, loss by position, label propagation, generation -> OUT/report.md.
+    """Run the whole study on the embedded demo data: data -> tokenize -> mix -> pretrain -> size sweep ->
+    coarse-to-fine arm -> probes, loss by position, label propagation, generation -> OUT/report.md.
 
     Re-running resumes: finished stages are skipped.
 

@@ -35,6 +35,7 @@ is what makes Ray's autoscaler start one), and Ray Data grows each pool with its
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -42,7 +43,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -343,6 +344,19 @@ def _init_ray(cfg: TokenizeConfig):
             configure_logging=False,
         )
     return ray, True
+
+
+@contextlib.contextmanager
+def ray_session(cfg: TokenizeConfig) -> Iterator[None]:
+    """Ray for several `run_tokenize` calls in a row: each joins the running Ray and leaves it up, so
+    its start and stop are paid once; stopped on exit when it was started here. `cfg` says which Ray:
+    embedded with `num_cpus`, or the cluster at `ray_address`."""
+    ray, owns = _init_ray(cfg)
+    try:
+        yield
+    finally:
+        if owns:
+            ray.shutdown()
 
 
 def stage_sizes(cfg: TokenizeConfig, cluster: dict[str, float], *, fixed: bool) -> dict[str, Any]:

@@ -26,7 +26,8 @@ from trainer.evals.probes import ProbeConfig
 from trainer.evals.report import Report, fmt, paired_accuracy_diff, significant
 from trainer.evals.run import ProbeJob, default_track_layer, load_labelled, probe_job, track_job
 
-__all__ = ["StudyConfig", "TaskData", "run_study", "named_middle_block", "compare_poolings", "compare_blocks"]
+__all__ = ["StudyConfig", "TaskData", "run_study", "named_middle_block", "compare_poolings", "compare_blocks",
+           "compare_models"]
 
 
 def _log(msg: str) -> None:
@@ -100,18 +101,40 @@ def _row(doc: dict, layer: int, pooling: str) -> dict:
     raise ValueError(f"the sweep has no {pooling} probe at block {layer}")
 
 
+def _paired(a: dict, b: dict, **where) -> dict:
+    """Two probe rows scored on the same samples: a − b top-1 and its paired (McNemar) s.e., both top-1s."""
+    return dict(paired_accuracy_diff(a["correct"], b["correct"]), **where, a=a["top1"], b=b["top1"])
+
+
 def compare_poolings(doc: dict, layer: int) -> dict:
     """Finding 1 at one block: attention − average top-1, paired over the same scored samples."""
-    att, avg = _row(doc, layer, "attention"), _row(doc, layer, "average")
-    return dict(paired_accuracy_diff(att["correct"], avg["correct"]), layer=layer, a=att["top1"], b=avg["top1"])
+    return _paired(_row(doc, layer, "attention"), _row(doc, layer, "average"), layer=layer)
 
 
 def compare_blocks(doc: dict, layer: int, pooling: str = "attention") -> dict:
     """Finding 2: the named middle block − the last block, same pooling, paired over the same samples."""
     last = int(doc["n_layers"])
-    mid, end = _row(doc, layer, pooling), _row(doc, last, pooling)
-    return dict(paired_accuracy_diff(mid["correct"], end["correct"]), layer=layer, last=last, a=mid["top1"],
-                b=end["top1"])
+    return _paired(_row(doc, layer, pooling), _row(doc, last, pooling), layer=layer, last=last)
+
+
+def compare_models(doc_a: dict, doc_b: dict, layer: int, pooling: str = "attention") -> dict:
+    """Finding 5: model a − model b, the same probe at the same block, paired over the same scored samples
+    (both sweeps from the same ProbeJob, so the same validation rows in the same order)."""
+    if doc_a["classes"] != doc_b["classes"] or doc_a["n_layers"] != doc_b["n_layers"]:
+        raise ValueError("the two probe sweeps are not of the same task and depth: their samples cannot be paired")
+    return _paired(_row(doc_a, layer, pooling), _row(doc_b, layer, pooling), layer=layer)
+
+
+def _probe_task(task: TaskData, key: str, video: bool, cfg: StudyConfig, layers: str,
+                poolings: tuple[str, ...]) -> ProbeJob:
+    """The probe job of one task: every model the study compares is probed with it, so the same
+    validation samples are scored in the same order and can be paired."""
+    return ProbeJob(
+        train=task.url, val=task.url, layers=layers, poolings=poolings, train_split=task.train_split,
+        val_split=task.val_split, frames=cfg.video_frames if video else 1, stride=cfg.video_stride if video else 1,
+        clips=cfg.video_clips if video else 1, max_samples=cfg.max_probe_samples,
+        pool_tokens=cfg.video_pool_tokens if video else 1, task=key,
+    )
 
 
 def clip_token_losses(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int = 8) -> np.ndarray:
@@ -248,6 +271,123 @@ def _scaling_section(report: Report, run_dirs: list[str], out_dir: str) -> dict 
     return {"b": f["b"], "b_se": se, "r2": f["r2"], "a": f["a"], "holds": holds}
 
 
+def _final_val(run_dir: str) -> dict:
+    """The last validation point of a run (the most compute): {"step", "loss", "macs", ...}."""
+    from trainer.evals.scaling import read_run_points
+
+    return max(read_run_points(run_dir), key=lambda p: p["macs"])
+
+
+def _run_dir(meta: dict) -> str:
+    return os.path.dirname(str(meta["step_dir"]).rstrip("/"))
+
+
+def _c2f_section(report: Report, ckpt: str, direct_meta: dict, sweeps: dict[str, dict],
+                 tasks: tuple[tuple[str, TaskData, bool], ...], mid: int, cfg: StudyConfig, probe_cfg: ProbeConfig,
+                 out_dir: str, log: Callable[[str], None]) -> dict:
+    """Finding 5: the coarse-to-fine model (``ckpt``: a run started with init_from from a half-resolution
+    run) against the study's direct model (its probe sweeps ``sweeps``): the attention probe at the named
+    middle block with the direct model's probe job, paired over the same samples. A verdict is given only
+    when the coarse-to-fine arm spent no more FLOPs (flops_seen, both stages) than the direct run."""
+    from trainer.checkpoint import load_model, read_meta, resolve_checkpoint
+
+    model, meta = load_model(ckpt)
+    if not meta.get("init_from"):
+        raise ValueError(f"{meta['step_dir']} was not started with init_from: it is not the second stage of a "
+                         "coarse-to-fine run")
+    coarse = dict(read_meta(resolve_checkpoint(meta["init_from"])), step_dir=str(meta["init_from"]))
+    # The same model, only its RoPE base and context may differ (the finding compares schedules, not models).
+    same = {k: v for k, v in direct_meta["model_config"].items() if k not in ("rope_theta", "max_seq_len")}
+    for name, m in (("coarse-to-fine", meta), ("coarse stage", coarse)):
+        other = {k: v for k, v in m["model_config"].items() if k not in ("rope_theta", "max_seq_len")}
+        if other != same:
+            raise ValueError(f"the {name} checkpoint {m['step_dir']} has another model config than the direct run "
+                             f"({ {k: v for k, v in other.items() if same.get(k) != v} }): compare the same model")
+    for name, m in (("direct", direct_meta), ("coarse-to-fine", meta), ("coarse stage", coarse)):
+        if m.get("flops_seen") is None or m.get("tokens_seen") is None:
+            raise ValueError(f"the {name} checkpoint {m['step_dir']} records no flops_seen/tokens_seen: train it "
+                             "with this trainer")
+    flops = {"direct": float(direct_meta["flops_seen"]), "coarse": float(coarse["flops_seen"]),
+             "c2f": float(meta["flops_seen"])}
+    flops["fine"] = flops["c2f"] - flops["coarse"]
+    tokens = {"direct": int(direct_meta["tokens_seen"]), "coarse": int(coarse["tokens_seen"]),
+              "c2f": int(meta["tokens_seen"])}
+    tokens["fine"] = tokens["c2f"] - tokens["coarse"]
+    within = flops["c2f"] <= flops["direct"]
+    grid = {k: "×".join(map(str, m.get("grid") or ["?"])) for k, m in
+            (("coarse", coarse), ("fine", meta), ("direct", direct_meta))}
+    theta = {"coarse": float(coarse["model_config"]["rope_theta"]), "fine": float(model.cfg.rope_theta),
+             "direct": float(direct_meta["model_config"]["rope_theta"])}
+    # Both full-resolution runs validate on the same mix's held-out batches, so their losses compare.
+    val = {"c2f": _final_val(_run_dir(meta)), "direct": _final_val(_run_dir(direct_meta))}
+    n_layers = int(model.cfg.n_layers)
+    pr, pd = paper.RESOLUTION_TOP1["16->32 rope 50k"], paper.RESOLUTION_TOP1["32"]
+
+    per_task, rows = {}, []
+    for key, task, video in tasks:
+        log(f"coarse-to-fine: attention probe at block {mid} on the {task.name} task")
+        job = _probe_task(task, key, video, cfg, layers=str(mid), poolings=("attention",))
+        doc, _, _ = probe_job(model, meta, job, probe_cfg, os.path.join(out_dir, "coarse-to-fine"), log=log)
+        c = compare_models(doc, sweeps[key], mid)
+        holds = significant(c["diff"], c["se"]) if within else None
+        report.finding(f"coarse-to-fine beats direct training at no more compute ({key} task)",
+                       f"{pr} vs {pd} top-1 (ImageNet, 16→32 vs 32×32 tokens)",
+                       f"block {mid}/{n_layers}: {c['a']:.1f} vs {c['b']:.1f} top-1, {c['diff']:+.1f} ± {c['se']:.1f} "
+                       f"(n={c['n']}); {flops['c2f']:.2e} vs {flops['direct']:.2e} FLOPs", holds)
+        per_task[key] = {"c2f_top1": c["a"], "direct_top1": c["b"], "holds": holds,
+                         **{k: c[k] for k in ("diff", "se", "n", "only_a", "only_b")}}
+        rows += [(f"attention probe at block {mid}, {key} task: coarse-to-fine vs direct", f"{c['a']:.1f} vs {c['b']:.1f}",
+                  f"{pr} vs {pd} (ImageNet)", f"n = {c['n']}"),
+                 (f"coarse-to-fine − direct, {key} task (± paired s.e.)", f"{c['diff']:+.1f} ± {c['se']:.1f}",
+                  f"{pr - pd:+.1f}", f"discordant samples {c['only_a']} / {c['only_b']}")]
+
+    report.section(
+        "Coarse-to-fine against direct training",
+        f"Stage A pre-trains the model at half resolution ({grid['coarse']} tokens a frame, RoPE base "
+        f"{theta['coarse']:g}), stage B continues it (`init_from`, new optimizer and schedule) at full resolution "
+        f"({grid['fine']} tokens a frame) with RoPE base {theta['fine']:g}; the direct run trains the same model at "
+        f"full resolution only (RoPE base {theta['direct']:g}). Both are probed with the attention probe at the "
+        f"named block {mid} with the settings of findings 1 and 2, on the same validation samples; the "
+        "difference is paired over them (McNemar's discordant pairs). Compute is each run's `flops_seen` "
+        "(stage B's counts stage A's too); a verdict needs the coarse-to-fine arm at no more compute than "
+        "the direct run.",
+    )
+    ratio = flops["c2f"] / flops["direct"]
+    report.comparison([
+        ("compute, coarse-to-fine: stage A + stage B (FLOPs)",
+         f"{flops['coarse']:.2e} + {flops['fine']:.2e} = {flops['c2f']:.2e}",
+         f"{paper.RESOLUTION_FLOPS['16->32']:.2e} (16→32)", f"{ratio:.2f} × direct"),
+        ("compute, direct (FLOPs)", f"{flops['direct']:.2e}", f"{paper.RESOLUTION_FLOPS['32']:.2e} (32×32)", ""),
+        ("training tokens: stage A + stage B / direct", f"{tokens['coarse']:,} + {tokens['fine']:,} / "
+         f"{tokens['direct']:,}", "—", ""),
+        ("validation loss at full resolution (same held-out batches)",
+         f"{val['c2f']['loss']:.3f} vs {val['direct']['loss']:.3f}", "—",
+         f"coarse-to-fine step {val['c2f']['step']}, direct step {val['direct']['step']}"),
+        *rows,
+    ])
+    missed = [k for k in per_task if per_task[k]["holds"] is not True]
+    if not within:
+        report.parts.append(
+            f"No verdict: the coarse-to-fine arm spent more compute than the direct run ({flops['c2f']:.3e} > "
+            f"{flops['direct']:.3e} FLOPs), so this is not a comparison at no more compute.\n")
+    elif missed:
+        diffs = "; ".join(f"{k} task {per_task[k]['diff']:+.1f} ± {per_task[k]['se']:.1f} points" for k in missed)
+        if val["c2f"]["loss"] > val["direct"]["loss"]:
+            why = (f"the coarse-to-fine model ends with a higher validation loss at full resolution "
+                   f"({val['c2f']['loss']:.3f} vs {val['direct']['loss']:.3f} nats on the same held-out batches) after "
+                   f"{tokens['fine']:,} full-resolution tokens against the direct run's {tokens['direct']:,}: at this "
+                   "scale the half-resolution stage does not make up for the full-resolution tokens it replaces")
+        else:
+            why = (f"its validation loss at full resolution is no higher ({val['c2f']['loss']:.3f} vs "
+                   f"{val['direct']['loss']:.3f} nats on the same held-out batches), so it models the full-resolution "
+                   f"tokens as well as the direct run, but that does not reach the probe at block {mid} beyond 2 "
+                   "standard errors")
+        report.parts.append(f"Where the finding is not shown ({diffs}), the measured reason: {why}.\n")
+    return {"checkpoint": str(meta["step_dir"]), "coarse_checkpoint": str(meta["init_from"]), "named_block": mid,
+            "within_compute": within, "flops": flops, "tokens": tokens, "grid": grid, "rope_theta": theta,
+            "val_loss": {k: v["loss"] for k, v in val.items()}, **per_task}
+
+
 def run_study(
     ckpt: str,
     *,
@@ -263,6 +403,7 @@ def run_study(
     extra_sections: list[tuple[str, str]] | None = None,
     data_checks: dict | None = None,
     scaling_runs: list[str] | None = None,
+    c2f_ckpt: str | None = None,
     log: Callable[[str], None] = _log,
 ) -> str:
     """Evaluate a checkpoint the way the paper does, in miniature; return the report's path.
@@ -271,7 +412,8 @@ def run_study(
     label propagation on ``davis_root``; ``generate(model, meta, out_dir) -> png path`` adds a
     generation figure. ``data_checks`` (`trainer.evals.data_checks` results per task, measured
     before training) opens the report; ``scaling_runs`` (run directories of a size sweep; default the
-    checkpoint's own run) give finding 4. Every section is always present: a stage that cannot run says why.
+    checkpoint's own run) give finding 4; ``c2f_ckpt`` (the full-resolution stage of a coarse-to-fine run
+    of the same model, started with init_from) gives finding 5 against ``ckpt`` as the direct run. Every section is always present: a stage that cannot run says why.
     """
     cfg = cfg or StudyConfig()
     from trainer.evals.probes import torch_threads
@@ -279,11 +421,12 @@ def run_study(
     with torch_threads(cfg.threads):
         return _run_study(ckpt, image_task=image_task, video_task=video_task, out_dir=out_dir, davis_root=davis_root,
                           tokenize=tokenize, resolution=resolution, generate=generate, cfg=cfg, intro=intro,
-                          extra_sections=extra_sections, data_checks=data_checks, scaling_runs=scaling_runs, log=log)
+                          extra_sections=extra_sections, data_checks=data_checks, scaling_runs=scaling_runs,
+                          c2f_ckpt=c2f_ckpt, log=log)
 
 
 def _run_study(ckpt, *, image_task, video_task, out_dir, davis_root, tokenize, resolution, generate, cfg, intro,
-               extra_sections, data_checks, scaling_runs, log) -> str:
+               extra_sections, data_checks, scaling_runs, c2f_ckpt, log) -> str:
     from trainer.checkpoint import load_model
 
     os.makedirs(out_dir, exist_ok=True)
@@ -313,16 +456,11 @@ def _run_study(ckpt, *, image_task, video_task, out_dir, davis_root, tokenize, r
                             num_heads=cfg.probe_heads, seed=cfg.seed)
     sweeps = {}
     mid = named_middle_block(n_layers)  # fixed before any probe runs (and a one-block model fails now)
-    for key, task, video in (("image", image_task, False), ("video", video_task, True)):
+    tasks = (("image", image_task, False), ("video", video_task, True))
+    for key, task, video in tasks:
         t0 = time.time()
         log(f"probes on the {task.name} task (every layer, attention and average pooling)")
-        job = ProbeJob(
-            train=task.url, val=task.url, layers="all", poolings=("attention", "average"),
-            train_split=task.train_split, val_split=task.val_split,
-            frames=cfg.video_frames if video else 1, stride=cfg.video_stride if video else 1,
-            clips=cfg.video_clips if video else 1, max_samples=cfg.max_probe_samples,
-            pool_tokens=cfg.video_pool_tokens if video else 1, task=key,
-        )
+        job = _probe_task(task, key, video, cfg, layers="all", poolings=("attention", "average"))
         doc, _, png = probe_job(model, meta, job, probe_cfg, out_dir, log=log)
         sweeps[key] = doc
         timings[f"probe_{key}"] = time.time() - t0
@@ -442,6 +580,12 @@ def _run_study(ckpt, *, image_task, video_task, out_dir, davis_root, tokenize, r
 
     own_run = os.path.dirname(str(meta.get("step_dir", "")).rstrip("/"))
     results["scaling"] = _scaling_section(report, scaling_runs or [own_run], out_dir)
+
+    if c2f_ckpt is not None:
+        t0 = time.time()
+        results["coarse_to_fine"] = _c2f_section(report, c2f_ckpt, meta, sweeps, tasks, mid, cfg, probe_cfg, out_dir,
+                                                 log)
+        timings["coarse_to_fine_probes"] = time.time() - t0
 
     report.section("Generation")
     if generate is None:

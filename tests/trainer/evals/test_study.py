@@ -18,6 +18,7 @@ from trainer.evals.study import (
     StudyConfig,
     TaskData,
     compare_blocks,
+    compare_models,
     compare_poolings,
     named_middle_block,
     run_study,
@@ -80,19 +81,27 @@ def _generate(model, meta, out_dir):
     return path
 
 
-def _checkpoint(run_dir):
+def _checkpoint(run_dir, max_seq_len: int = 168, **meta):
     from pipeline.mix.sequence import make_specials
     from trainer import checkpoint as ck
     from trainer.model import ModelConfig, Transformer
 
     torch.manual_seed(0)
-    cfg = ModelConfig(dim=32, n_layers=3, n_heads=2, vocab_size=CODEBOOK + 4, max_seq_len=168, mlp_hidden=64)
+    cfg = ModelConfig(dim=32, n_layers=3, n_heads=2, vocab_size=CODEBOOK + 4, max_seq_len=max_seq_len, mlp_hidden=64)
     w = ck.CheckpointWriter(run_dir, 5)
     w.write_model(Transformer(cfg).state_dict())
     w.commit({"model_config": cfg.to_dict(), "train_config": {"name": "test"},
               "scheduler": {"kind": "warmup_cosine", "step": 5},
               "loader_state": {"version": 1, "mix_hash": "x", "consumed_samples": 5}, "world_size": 1,
-              "specials": make_specials(CODEBOOK), "tokenizer": TOK})
+              "specials": make_specials(CODEBOOK), "tokenizer": TOK, **meta})
+    return run_dir
+
+
+def _c2f_run(run_dir, tokens: int, flops: float, val_loss: float, **meta) -> str:
+    """A checkpoint (the same weights every time) with its compute and one validation line, as pretrain writes them."""
+    _checkpoint(run_dir, tokens_seen=tokens, flops_seen=flops, **meta)
+    with open(os.path.join(run_dir, "val.jsonl"), "w") as f:
+        f.write(json.dumps({"step": 5, "val_loss": val_loss, "tokens_seen": tokens, "flops": flops}) + "\n")
     return run_dir
 
 
@@ -142,6 +151,76 @@ def test_named_block_comparisons_are_paired_over_the_same_samples():
     assert blocks["diff"] == 25.0 and blocks["se"] == pytest.approx(100 * (3 - 1 / 4) ** 0.5 / 4)
     pools = compare_poolings(doc, 2)
     assert (pools["only_a"], pools["only_b"], pools["diff"]) == (2, 0, 50.0)
+
+
+def test_model_comparison_is_paired_at_the_named_block():
+    # Finding 5: the same probe (attention, block 2) of two models on the same four samples.
+    def doc(correct2: list[int], classes=("a", "b")) -> dict:
+        return {"n_layers": 3, "classes": list(classes), "results": [
+            {"layer": 1, "pooling": "attention", "top1": 100.0, "correct": [1, 1, 1, 1]},
+            {"layer": 2, "pooling": "attention", "top1": 25.0 * sum(correct2), "correct": correct2}]}
+
+    c = compare_models(doc([1, 1, 1, 0]), doc([0, 0, 1, 1]), named_middle_block(3))
+    # Block 1 (all right in both) plays no part; at block 2: a alone right on samples 1, 2, b alone on 4.
+    assert (c["only_a"], c["only_b"], c["n"], c["a"], c["b"], c["layer"]) == (2, 1, 4, 75.0, 50.0, 2)
+    assert c["diff"] == 25.0 and c["se"] == pytest.approx(100 * (3 - 1 / 4) ** 0.5 / 4)
+    with pytest.raises(ValueError, match="cannot be paired"):
+        compare_models(doc([1, 1, 1, 0]), doc([1, 1, 1, 0], classes=("a", "c")), 2)
+    with pytest.raises(ValueError, match="paired scores need the same samples"):
+        compare_models(doc([1, 1, 1, 0]), doc([1, 1, 0]), 2)
+
+
+def test_coarse_to_fine_is_judged_at_no_more_compute_with_its_measured_reason(tmp_path):
+    from trainer.checkpoint import latest_checkpoint, load_model
+    from trainer.evals.probes import ProbeConfig
+    from trainer.evals.report import Report
+    from trainer.evals.run import probe_job
+    from trainer.evals.study import _c2f_section, _probe_task
+
+    _dataset(str(tmp_path / "img"), video=False, per_class=6, seed=0)
+    _dataset(str(tmp_path / "vid"), video=True, per_class=4, seed=1)
+    out = str(tmp_path / "out")
+    cfg = StudyConfig(probe_epochs=2, probe_batch_size=16, probe_heads=2, video_frames=4, video_stride=2,
+                      video_clips=2, video_pool_tokens=2)
+    probe_cfg = ProbeConfig(epochs=2, lr=cfg.probe_lr, batch_size=16, num_heads=2)
+    tasks = (("image", TaskData("image", str(tmp_path / "img")), False),
+             ("video", TaskData("video", str(tmp_path / "vid")), True))
+    direct = _c2f_run(str(tmp_path / "direct"), 2000, 1e6, 2.0)
+    coarse = _c2f_run(str(tmp_path / "coarse"), 1000, 2e5, 3.0, max_seq_len=64)
+    init = str(latest_checkpoint(coarse))
+    model, meta = load_model(direct)
+    sweeps = {k: probe_job(model, meta, _probe_task(t, k, v, cfg, "2", ("attention",)), probe_cfg, out)[0]
+              for k, t, v in tasks}
+
+    def section(c2f: str) -> tuple[dict, str]:
+        report = Report("t", out)
+        res = _c2f_section(report, c2f, meta, sweeps, tasks, 2, cfg, probe_cfg, out, log=lambda m: None)
+        return res, report.render()
+
+    # The second stage has the direct run's weights, so both probes score alike: within noise on both tasks,
+    # and the report gives the measured reason (its higher full-resolution loss, its fewer full-resolution tokens).
+    res, text = section(_c2f_run(str(tmp_path / "fine"), 2000, 7e5, 2.5, init_from=init))
+    assert res["within_compute"] and res["flops"] == {"direct": 1e6, "coarse": 2e5, "c2f": 7e5, "fine": 5e5}
+    assert res["tokens"] == {"direct": 2000, "coarse": 1000, "c2f": 2000, "fine": 1000}
+    assert res["val_loss"] == {"c2f": 2.5, "direct": 2.0} and res["grid"]["fine"] == "?"
+    assert res["image"]["diff"] == 0.0 and res["image"]["holds"] is None and res["video"]["n"] == sweeps["video"][
+        "results"][0]["num_eval"]
+    assert "| compute, coarse-to-fine: stage A + stage B (FLOPs) | 2.00e+05 + 5.00e+05 = 7.00e+05 | 2.13e+17 (16→32) " \
+           "| 0.70 × direct |" in text
+    assert "the measured reason: the coarse-to-fine model ends with a higher validation loss at full resolution " \
+           "(2.500 vs 2.000 nats on the same held-out batches) after 1,000 full-resolution tokens against the " \
+           "direct run's 2,000" in text
+    assert text.count("| coarse-to-fine beats direct training at no more compute (") == 2
+    # More compute than the direct run: no verdict, whatever the probes say.
+    res, text = section(_c2f_run(str(tmp_path / "fine-over"), 2000, 1.5e6, 1.5, init_from=init))
+    assert not res["within_compute"] and res["image"]["holds"] is None and res["video"]["holds"] is None
+    assert "No verdict: the coarse-to-fine arm spent more compute than the direct run (1.500e+06 > 1.000e+06" in text
+    # Not a second stage (no init_from), or another model: refused before any probe runs.
+    with pytest.raises(ValueError, match="not started with init_from"):
+        section(direct)
+    with pytest.raises(ValueError, match="another model config"):
+        _c2f_section(Report("t", out), str(tmp_path / "fine"), dict(meta, model_config={**meta["model_config"], "dim": 64}),
+                     sweeps, tasks, 2, cfg, probe_cfg, out, log=lambda m: None)
 
 
 def test_data_checks_known_answers(tmp_path):
