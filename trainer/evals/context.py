@@ -18,7 +18,8 @@ JSON carries as its `context` field:
 - `pos_interp` (GPT-2, the `auto` choice): the learned position table is interpolated. With the frame
   grids known, the table is read as [bos, frame 0's h·w rows, frame 1's, ...]: each frame's rows are
   resized bilinearly to the eval grid (as `trainer.backbones.resize_positions` does) and the frame
-  axis is linearly interpolated to the frames needed; otherwise rows 1.. are interpolated in 1-D.
+  axis is linearly interpolated to the frames needed. That needs (T_old - 1) % (h·w) == 0 for the
+  trained table; otherwise (or without grids) rows 1.. are interpolated in 1-D.
 - Mamba has no positions: only the length check is lifted (recorded as `no_positions`).
 - `drop_bos`: the sequence layout leaves out `bos` (where the protocol allows it: features are read
   at visual tokens only), so 16·256 = 4096 tokens fit exactly; the caller drops the token, this
