@@ -47,6 +47,7 @@ from torch import nn
 from pipeline import storage
 from trainer import checkpoint as ck
 from trainer.evals.probes import AttentionPoolingHead, AveragePoolingHead
+from trainer.model import no_weight_decay
 
 __all__ = ["HEADS", "FinetuneConfig", "PRESETS", "FinetuneModel", "LabelledSet", "load_labelled_set",
            "layer_decay_groups", "lr_at_step", "finetune", "PAPER_TOP1"]
@@ -152,17 +153,21 @@ class FinetuneModel(nn.Module):
 
 def _freeze_unused(backbone: nn.Module, layer: int) -> None:
     """Parameters that never reach the head (lm-head, final norm, blocks above `layer`) are frozen:
-    they get no optimizer state, and DDP does not wait for their gradients."""
-    used = {f"layers.{i}." for i in range(layer)}
+    they get no optimizer state, and DDP does not wait for their gradients. Everything the features
+    pass through (embeddings, positions, blocks up to `layer`) trains."""
     for name, p in backbone.named_parameters():
-        if not (name.startswith("tok_embeddings.") or any(name.startswith(u) for u in used)):
+        parts = name.split(".")
+        above = parts[0] == "layers" and int(parts[1]) >= layer
+        # Everything else below the head's block trains: the embeddings, GPT-2's learned positions.
+        if above or parts[0] in ("norm", "output"):
             p.requires_grad_(False)
 
 
 def layer_decay_groups(model: FinetuneModel, *, weight_decay: float, layer_decay: float) -> list[dict]:
     """AdamW groups with layer-wise lr decay (BEiT): the head is layer L+1 (scale 1), block i is
-    layer i (scale decay^(L+1-i)), the embedding layer 0. No weight decay on vectors (norm weights,
-    biases), the embedding (the backbone's own convention) and the head's query token.
+    layer i (scale decay^(L+1-i)), the embeddings (and GPT-2's positions) layer 0. No weight decay on
+    vectors (norm weights, biases), the head's query token, and what pre-training does not decay
+    (`trainer.model.no_weight_decay`: the embedding, the backbone's vector-like matrices).
 
     Each group carries `lr_scale` (multiplied into the scheduled lr) and `name`."""
     n = model.layer
@@ -176,7 +181,9 @@ def layer_decay_groups(model: FinetuneModel, *, weight_decay: float, layer_decay
             depth = int(name.split(".")[2]) + 1
         else:
             depth = 0  # tok_embeddings (and anything else below the first block)
-        no_decay = p.ndim < 2 or name.endswith("tok_embeddings.weight") or name.endswith("head.query")
+        # The backbone decays what pre-training decayed (model.no_weight_decay, with its vector_like).
+        no_decay = p.ndim < 2 or name.endswith("head.query") or (
+            name.startswith("backbone.") and no_weight_decay(model.backbone, name, p))
         g = groups.setdefault((depth, no_decay), {
             "params": [], "weight_decay": 0.0 if no_decay else weight_decay,
             "lr_scale": layer_decay ** (n + 1 - depth), "name": f"layer{depth:03d}_{'no_decay' if no_decay else 'decay'}",

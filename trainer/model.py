@@ -515,6 +515,16 @@ def build_model(cfg: ModelConfig) -> CausalLM:
     return BACKBONES[cfg.arch](cfg)
 
 
+def no_weight_decay(model: nn.Module, name: str, p: torch.Tensor) -> bool:
+    """Pre-training's rule for a parameter of `model` (named as model.named_parameters() names it,
+    or with a prefix): no weight decay on vectors (norm weights, biases), the input embedding, and
+    matrices whose fan-in does not grow with width (the backbone's `vector_like`: GPT-2's
+    positions, Mamba's A_log and depthwise conv), as in their reference code; μP treats those as
+    vector-like too."""
+    vector_like = tuple(getattr(model, "vector_like", ()))
+    return name.endswith("tok_embeddings.weight") or p.ndim < 2 or bool(vector_like and name.endswith(vector_like))
+
+
 def param_groups(model: CausalLM, lr: float, weight_decay: float) -> list[dict]:
     """AdamW groups: decay only on hidden/output matrices; μP scales hidden matrices' lr.
 
@@ -522,13 +532,10 @@ def param_groups(model: CausalLM, lr: float, weight_decay: float) -> list[dict]:
     carries `lr_scale` so a scheduler can set lr = base_lr(step) * lr_scale.
     """
     hidden, vectors, output = [], [], []
-    # Matrices whose fan-in does not grow with width (GPT-2's positions, Mamba's A_log and depthwise
-    # conv) are vector-like for μP and, as in their reference code, get no weight decay.
-    vector_like = tuple(getattr(model, "vector_like", ()))
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.endswith("tok_embeddings.weight") or p.ndim < 2 or (vector_like and name.endswith(vector_like)):
+        if no_weight_decay(model, name, p):
             vectors.append(p)
         elif name.endswith("output.weight"):
             output.append(p)

@@ -154,3 +154,31 @@ def test_two_process_ddp_equals_one_process(images_and_ckpt, tmp_path):
     sd2, _, _ = ck.load_state(ck.latest_checkpoint(str(tmp_path / "two")))
     for k, v in sd1.items():
         torch.testing.assert_close(sd2[k], v, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["tiny-gpt2", "tiny-mamba"])
+def test_finetune_decays_what_pretraining_decays_and_trains_gpt2_positions(arch):
+    from trainer.config import MODEL_PRESETS
+    from trainer.evals.probes import AttentionPoolingHead
+    from trainer.finetune import _freeze_unused
+    from trainer.model import build_model, param_groups
+
+    cfg = MODEL_PRESETS[arch]
+    bb = build_model(cfg)
+    # Pre-training's decay per parameter name on a fresh model of the same config.
+    ref = build_model(cfg)
+    by_id = {id(p): g["weight_decay"] for g in param_groups(ref, 1e-3, 0.1) for p in g["params"]}
+    want = {n: by_id[id(p)] for n, p in ref.named_parameters()}
+    layer = cfg.n_layers  # the head reads the last block: only the final norm and lm-head go unused
+    _freeze_unused(bb, layer)
+    m = FinetuneModel(bb, AttentionPoolingHead(cfg.dim, 5, 2), layer, torch.arange(1, 5))
+    groups = layer_decay_groups(m, weight_decay=0.1, layer_decay=0.5)
+    got = {n[len("backbone."):]: g["weight_decay"] for g in groups for p in g["params"]
+           for n, q in m.named_parameters() if q is p and n.startswith("backbone.")}
+    assert set(got) == {n for n in want if not n.startswith(("norm.", "output."))}
+    assert got == {n: want[n] for n in got}
+    if arch == "tiny-gpt2":
+        assert bb.pos_embeddings.weight.requires_grad and got["pos_embeddings.weight"] == 0.0
+    else:
+        assert got["layers.0.mixer.conv1d.weight"] == 0.0 and got["layers.0.mixer.A_log"] == 0.0
+        assert got["layers.0.mixer.in_proj.weight"] == 0.1
