@@ -445,7 +445,8 @@ def _evaluate(heads, specs, val, labels: torch.Tensor, groups: list[str] | None,
     summed until its last sample has been seen, then averaged and scored (groups in sorted order).
     Memory: a batch of probabilities plus the open groups (clips of a video are consecutive).
     Features go to the heads' device; probabilities are scored on the CPU."""
-    device = next(heads[0].parameters()).device
+    # A head without parameters (a fixed scorer) runs on the CPU.
+    device = next(heads[0].parameters(), torch.empty(0)).device
     for h in heads:
         h.eval()
     n, n_heads = val.n, len(heads)
