@@ -36,8 +36,11 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 	$(PIP) install -e .
 	@touch $@
 
+# boto3 (for moto) is pinned to the botocore that s3fs's aiobotocore already installed: they are
+# released in lockstep, and an unpinned boto3 newer than aiobotocore's botocore range sends pip's
+# resolver backtracking through every ray and s3fs release.
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(PIP) install -e ".[dev]"
+	$(PIP) install -e ".[dev]" "boto3==$$($(PY) -c 'import botocore; print(botocore.__version__)')"
 	$(PIP) install --no-deps $(REFERENCE_PKGS)
 	@touch $@
 

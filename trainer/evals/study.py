@@ -271,6 +271,37 @@ def _scaling_section(report: Report, run_dirs: list[str], out_dir: str) -> dict 
     return {"b": f["b"], "b_se": se, "r2": f["r2"], "a": f["a"], "holds": holds}
 
 
+def _depth_reason(doc: dict, mid: int, n_layers: int, run_dir: str) -> str:
+    """Finding 2 not shown: where the attention probe peaks and how far from converged the model is
+    (the paper's middle optimum comes from late blocks specialising to next-token prediction)."""
+    from trainer.evals.scaling import read_run_points
+
+    top1 = {r["layer"]: r["top1"] for r in doc["results"] if r["pooling"] == "attention"}
+    best = max(top1, key=lambda layer: (top1[layer], -layer))
+    rising = sum(top1[b + 1] > top1[b] for b in range(1, n_layers))
+    text = (f"the attention probe peaks at block {best} of {n_layers} (relative depth {best / n_layers:.2f}; top-1 "
+            f"by block {', '.join(f'{top1[b]:.1f}' for b in range(1, n_layers + 1))}, rising at {rising} of "
+            f"{n_layers - 1} steps)")
+    try:
+        points = sorted(read_run_points(run_dir), key=lambda p: p["macs"])
+    except ValueError:  # a checkpoint without its run's logs: the probe curve is all there is to read
+        points = []
+    if len(points) >= 2:
+        a, b = points[-2], points[-1]
+        span = f"{b['step'] - a['step']} steps" if a.get("step") is not None and b.get("step") is not None else \
+            "validation interval"
+        drop = (a["loss"] - b["loss"]) / a["loss"] * 100
+        if b["loss"] < a["loss"]:
+            text += (f", and the model was still improving when training stopped: validation loss {a['loss']:.3f} → "
+                     f"{b['loss']:.3f} nats over its last {span} ({drop:.1f}% lower): the last blocks have not yet "
+                     "traded general features for next-token prediction, which is what puts the paper's best layer "
+                     "at ~50% depth after ~1T tokens")
+        else:
+            text += (f"; the model's validation loss had stopped falling ({a['loss']:.3f} → {b['loss']:.3f} nats over "
+                     f"its last {span}), so this is not a model stopped early")
+    return text
+
+
 def _final_val(run_dir: str) -> dict:
     """The last validation point of a run (the most compute): {"step", "loss", "macs", ...}."""
     from trainer.evals.scaling import read_run_points
@@ -509,7 +540,11 @@ def _run_study(ckpt, *, image_task, video_task, out_dir, davis_root, tokenize, r
             for layer in range(1, n_layers + 1)
         ])
         report.figure(png, f"{task.name}: top-1 by relative depth")
-        results[f"probe_{key}"] = {"best": doc["best"], "attention_beats_average": holds_att,
+        why_depth = None if holds_mid is True else _depth_reason(doc, mid, n_layers, _run_dir(meta))
+        if why_depth is not None:
+            report.parts.append(f"Where a middle block is not shown to beat the last ({block_cmp['diff']:+.1f} ± "
+                                f"{block_cmp['se']:.1f} points), the measured reason: {why_depth}.\n")
+        results[f"probe_{key}"] = {"middle_vs_last_reason": why_depth, "best": doc["best"], "attention_beats_average": holds_att,
                                    "middle_beats_last": holds_mid, "named_block": mid,
                                    "attention_minus_average": {k: pool_cmp[k] for k in ("diff", "se", "n")},
                                    "middle_minus_last": {k: block_cmp[k] for k in ("diff", "se", "n")}}

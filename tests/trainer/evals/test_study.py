@@ -260,3 +260,28 @@ def test_scaling_verdict_needs_a_sweep_not_one_runs_curve(tmp_path):
     sweep = Report("t", str(tmp_path))
     got = _scaling_section(sweep, runs, str(tmp_path))
     assert got["holds"] is True and got["b"] < 0 and "each run of the size sweep" in "".join(sweep.parts)
+
+
+def test_depth_reason_reads_the_probe_curve_and_the_runs_last_validation_interval(tmp_path):
+    from trainer.evals.study import _depth_reason
+
+    doc = {"results": [{"layer": b, "pooling": p, "top1": t}
+                       for b, t in zip(range(1, 6), (41.2, 40.8, 43.4, 44.2, 44.4), strict=True)
+                       for p in ("attention", "average")]}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"global_batch": 8, "seq_len": 1024, "flops_per_token": 2e7}))
+
+    def val(losses):
+        (run / "val.jsonl").write_text("".join(json.dumps({"step": 20 * (i + 1), "val_loss": v}) + "\n"
+                                               for i, v in enumerate(losses)))
+        return _depth_reason(doc, 2, 5, str(run))
+
+    text = val([5.2, 4.8, 4.7])
+    assert text.startswith("the attention probe peaks at block 5 of 5 (relative depth 1.00; top-1 by block "
+                           "41.2, 40.8, 43.4, 44.2, 44.4, rising at 3 of 4 steps)")
+    assert "still improving when training stopped: validation loss 4.800 → 4.700 nats over its last 20 steps " \
+           "(2.1% lower)" in text
+    text = val([5.2, 4.7, 4.7])
+    assert "had stopped falling (4.700 → 4.700 nats over its last 20 steps), so this is not a model stopped early" in text
+    assert "still improving" not in text
