@@ -14,15 +14,18 @@ min_lr; label smoothing 0.1; 50 epochs; global batch 1024 at lr 4e-3 (MAE's base
 1024/256). MAE's drop path, mixup and cutmix act on pixels or on ViT blocks this backbone does not
 have and are not used. bf16 autocast on CUDA.
 
-Distribution and resumption: torchrun (DDP; every rank takes a strided share of each global batch,
-so a global batch is the same at any world size; the head's BatchNorm takes its statistics over
-all ranks (the probes' `trainer.evals.probes.GlobalBatchNorm1d`), so a step equals one process's up to rounding. With --micro-batch
-they are per micro-batch, as gradient accumulation with BatchNorm always is). FSDP is not offered:
-the train loop's FSDP2 path is inline in `trainer.train._train`, and fine-tuning fits DDP up to 1b
-(1.1B parameters + AdamW state ≈ 18 GB per GPU in fp32). The order of samples is a pure function of
-(seed, epoch); a checkpoint (trainer.checkpoint: atomic step-NNNNNNNN/ directories) holds model +
-head + optimizer + RNG and the position (global step), so a rerun after an interruption gives the
-result of an uninterrupted run (bit-for-bit on CPU). Each epoch's top-1/top-5 on --val goes to
+Distribution and resumption: torchrun, with `parallel` "ddp" (DDP) or "fsdp" (FSDP2 `fully_shard`
+on every backbone block and on the whole model: parameters, gradients and AdamW state sharded over
+the ranks, all-gathered in fp32, for backbones whose fp32 weights + AdamW state (16 bytes a
+parameter) do not fit one GPU beside the activations). Either way every rank takes a strided share
+of each global batch, so a global batch is the same at any world size; the head's BatchNorm takes
+its statistics over all ranks (the probes' `trainer.evals.probes.GlobalBatchNorm1d`), so a step
+equals one process's up to rounding. With --micro-batch they are per micro-batch, as gradient
+accumulation with BatchNorm always is. The order of samples is a pure function of (seed, epoch); a
+checkpoint (trainer.checkpoint: atomic step-NNNNNNNN/ directories) holds the full (unsharded)
+model + head + optimizer state, RNG, the position (global step) and the running epoch's loss, so a
+rerun after an interruption, at any world size and with either parallelism, gives the result of an
+uninterrupted run (bit-for-bit on CPU in one process). Each epoch's top-1/top-5 on --val goes to
 OUT/finetune.json (schema finetune_result), rewritten atomically after every epoch.
 
 Memory: the labelled token sequences are held in host memory as int32 (ImageNet-1k at 257 tokens
@@ -48,11 +51,13 @@ from pipeline import storage
 from trainer import checkpoint as ck
 from trainer.evals.probes import AttentionPoolingHead, AveragePoolingHead
 from trainer.model import no_weight_decay
+from trainer.process_group import full_state_dicts, load_full_state_dicts
 
-__all__ = ["HEADS", "FinetuneConfig", "PRESETS", "FinetuneModel", "LabelledSet", "load_labelled_set",
+__all__ = ["HEADS", "PARALLEL", "FinetuneConfig", "PRESETS", "FinetuneModel", "LabelledSet", "load_labelled_set",
            "layer_decay_groups", "lr_at_step", "finetune", "PAPER_TOP1"]
 
 HEADS = ("attention", "average")
+PARALLEL = ("ddp", "fsdp")
 PAPER_TOP1 = 82.6  # Toto's full fine-tuning on ImageNet-1k (PAPER_NUMBERS.md)
 RESULT_FILE = "finetune.json"
 
@@ -88,6 +93,7 @@ class FinetuneConfig:
     ckpt_every_epochs: int = 1
     keep_last: int = 2
     exit_after_steps: int | None = None  # leave (with a checkpoint) after this many steps: tests, preemption
+    parallel: str = "ddp"  # under torchrun: ddp or fsdp (FSDP2 fully_shard); ignored in one process
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
@@ -113,6 +119,8 @@ class FinetuneConfig:
             raise ValueError("FinetuneConfig.weight_decay and grad_clip must be >= 0")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ValueError(f"FinetuneConfig.dtype={self.dtype!r} is invalid: use auto, bf16 or fp32")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"FinetuneConfig.parallel={self.parallel!r} is invalid: use one of {', '.join(PARALLEL)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"FinetuneConfig.device={self.device!r} is invalid: use auto, cpu or cuda")
         if self.max_samples is not None and self.max_samples < 2:
@@ -269,20 +277,24 @@ def _topk(probs: torch.Tensor, labels: torch.Tensor, k: int) -> float:
 def _evaluate(model: nn.Module, data: LabelledSet, *, rank: int, world: int, device: torch.device,
               amp: torch.dtype | None, batch: int) -> dict:
     """Top-1/top-5 on `data`, clip probabilities averaged per video. Each rank scores a strided share;
-    the per-group sums are all-reduced, so every rank gets the same numbers."""
+    the per-group sums are all-reduced, so every rank gets the same numbers. Every rank runs the same
+    number of forwards (a rank whose share ran out scores sample 0 and drops it): under FSDP2 each
+    forward is a collective."""
     order = sorted(set(data.groups))
     gidx = {g: i for i, g in enumerate(order)}
     gid = torch.tensor([gidx[g] for g in data.groups])
     sums = torch.zeros(len(order), len(data.classes), dtype=torch.float64)  # (G, C)
     model.eval()
     mine = torch.arange(rank, len(data.groups), world)
+    longest = -(-len(data.groups) // world)  # the largest share: ranks 0.. get one more
     with torch.no_grad():
-        for i in range(0, len(mine), batch):
+        for i in range(0, longest, batch):
             idx = mine[i : i + batch]
-            x = data.tokens[idx].long().to(device)
+            x = data.tokens[idx if len(idx) else torch.zeros(1, dtype=torch.long)].long().to(device)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 logits = model(x)
-            sums.index_add_(0, gid[idx], logits.float().softmax(-1).double().cpu())
+            if len(idx):
+                sums.index_add_(0, gid[idx], logits.float().softmax(-1).double().cpu())
     if world > 1:
         t = sums.to(device)
         dist.all_reduce(t)
@@ -293,9 +305,11 @@ def _evaluate(model: nn.Module, data: LabelledSet, *, rank: int, world: int, dev
     return {"top1": _topk(sums, labels, 1), "top5": _topk(sums, labels, 5), "num_eval": len(order)}
 
 
-def _resume_key(cfg: FinetuneConfig) -> dict:
-    """The settings a resume must share with the interrupted run (not where or how long it runs)."""
-    return {k: v for k, v in cfg.to_dict().items() if k not in ("device", "exit_after_steps", "keep_last")}
+def _resume_key(cfg: FinetuneConfig, train_url: str, val_url: str) -> dict:
+    """The settings and data a resume must share with the interrupted run (not where, on how many
+    ranks, with which parallelism or for how long it runs)."""
+    key = {k: v for k, v in cfg.to_dict().items() if k not in ("device", "exit_after_steps", "keep_last", "parallel")}
+    return {**key, "train": str(train_url), "val": str(val_url)}
 
 
 def _device(cfg: FinetuneConfig, local_rank: int) -> torch.device:
@@ -371,27 +385,43 @@ def _finetune(ckpt, train_url, val_url, out, cfg: FinetuneConfig, so, log) -> di
         head.k.bias.requires_grad_(False)
     _freeze_unused(backbone, layer)
     raw = FinetuneModel(backbone.train(), head, layer, train.visual).to(device)
+    fsdp = world > 1 and cfg.parallel == "fsdp"
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        # One unit per block (its parameters are gathered just for its forward and backward), and the
+        # root for the embeddings, final norm and head. No parameter casting: compute runs in fp32 or
+        # under autocast exactly as with DDP, so both parallelisms train the same model.
+        for block in backbone.layers:
+            fully_shard(block)
+        fully_shard(raw)
     groups = layer_decay_groups(raw, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **({"fused": True} if device.type == "cuda" else {}))
 
     start, history = 0, []
+    loss_sum, loss_n = 0.0, 0  # the running epoch's training loss: carried through a resume
+    key = _resume_key(cfg, train_url, val_url)
     resume = ck.latest_checkpoint(out, so)
     if rank == 0:
         ck.clean_tmp(out, so)
     if resume is not None:
         model_sd, opt_sd, rmeta = ck.load_state(resume, so)
-        if rmeta.get("finetune", {}).get("config") != _resume_key(cfg) or rmeta["finetune"].get("init") != str(ckpt):
-            raise ValueError(f"cannot resume {resume}: it was started with other settings or another CKPT "
-                             f"({rmeta.get('finetune', {}).get('init')}); use a new --out")
-        raw.load_state_dict(model_sd)
-        opt.load_state_dict(opt_sd)
+        saved = rmeta.get("finetune", {})
+        if saved.get("config") != key or saved.get("init") != str(ckpt):
+            diff = sorted(k for k in set(key) | set(saved.get("config") or {})
+                          if key.get(k) != (saved.get("config") or {}).get(k))
+            what = ", ".join(diff) if diff else f"the CKPT ({saved.get('init')})"
+            raise ValueError(f"cannot resume {resume}: it was started with another {what}; rerun with the same "
+                             "settings, or use a new --out")
+        load_full_state_dicts(raw, opt, model_sd, opt_sd, broadcast_from_rank0=False)
         rng = ck.load_rng(resume, rank, so)
         if rng is not None:
             ck.restore_rng(rng)
-        start, history = int(rmeta["step"]), list(rmeta["finetune"]["history"])
+        start, history = int(rmeta["step"]), list(saved["history"])
+        loss_sum, loss_n = saved.get("epoch_loss", [0.0, 0])
         log(f"resumed {resume} at step {start} (epoch {start // steps_per_epoch})")
     model: nn.Module = raw
-    if world > 1:
+    if world > 1 and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
@@ -416,26 +446,26 @@ def _finetune(ckpt, train_url, val_url, out, cfg: FinetuneConfig, so, log) -> di
             dist.barrier()
         w = ck.CheckpointWriter(out, step, create=False, storage_options=so)
         w.write_rng(rank, ck.capture_rng())
+        model_sd, opt_sd = full_state_dicts(raw, opt, distributed=world > 1)  # a collective under FSDP2
         if world > 1:
             dist.barrier()
         if rank == 0:
-            w.write_model({k: v for k, v in raw.state_dict().items()})
-            w.write_optimizer(opt.state_dict())
+            w.write_model(model_sd)
+            w.write_optimizer(opt_sd)
             w.commit({
                 "model_config": backbone.cfg.to_dict(), "train_config": {"name": "finetune"},
                 "scheduler": {"kind": "warmup_cosine", "step": step, "warmup_steps": warmup, "max_steps": total},
                 "loader_state": {"kind": "finetune", "step": step, "epoch": step // steps_per_epoch},
                 "world_size": world, "global_batch": cfg.global_batch, "specials": meta["specials"],
                 "tokenizer": meta.get("tokenizer"), "init_from": str(ckpt),
-                "finetune": {"config": _resume_key(cfg), "init": str(ckpt), "history": history,
-                             "classes": train.classes, "layer": layer},
+                "finetune": {"config": key, "init": str(ckpt), "history": history,
+                             "classes": train.classes, "layer": layer, "epoch_loss": [loss_sum, loss_n]},
             })
             ck.prune(out, cfg.keep_last, so)
         if world > 1:
             dist.barrier()
 
     model.train()
-    loss_sum, loss_n = 0.0, 0
     ran = 0
     for step in range(start, total):
         epoch, b = divmod(step, steps_per_epoch)
@@ -449,8 +479,11 @@ def _finetune(ckpt, train_url, val_url, out, cfg: FinetuneConfig, so, log) -> di
         for j in range(0, per_rank, micro):
             idx = mine[j : j + micro]
             x, y = train.tokens[idx].long().to(device), train.labels[idx].to(device)
-            # Gradients are all-reduced once per step, after the last micro-batch.
-            sync = model.no_sync() if world > 1 and j + micro < per_rank else contextlib.nullcontext()
+            # Gradients are reduced once per step, after the last micro-batch.
+            last = j + micro >= per_rank
+            if fsdp:
+                model.set_requires_gradient_sync(last)
+            sync = model.no_sync() if world > 1 and not fsdp and not last else contextlib.nullcontext()
             with sync:
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     logits = model(x)  # (b, C)
@@ -471,7 +504,6 @@ def _finetune(ckpt, train_url, val_url, out, cfg: FinetuneConfig, so, log) -> di
         ran += 1
         if b == steps_per_epoch - 1:  # an epoch ends: score it
             ev = _evaluate(raw, val, rank=rank, world=world, device=device, amp=amp, batch=max(micro, 64))
-            # An epoch cut by a resume averages only the steps run since; the loss is a log, not a result.
             history.append({"epoch": epoch + 1, "step": step + 1, "train_loss": loss_sum / loss_n, "lr": lr, **ev})
             loss_sum, loss_n = 0.0, 0
             log(f"epoch {epoch + 1}/{cfg.epochs}  loss {history[-1]['train_loss']:.4f}  top-1 {ev['top1']:.2f}  "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from trainer.finetune import HEADS, PAPER_TOP1, PRESETS, FinetuneConfig
+from trainer.finetune import HEADS, PAPER_TOP1, PARALLEL, PRESETS, FinetuneConfig
 
 __all__ = ["finetune_command"]
 
@@ -40,6 +40,9 @@ def _split(v: str) -> str | None:
 @click.option("--max-samples", default=None, type=int, help="Cap on samples per split (quick runs).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the head init and the sample order.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--parallel", default=None, type=click.Choice(PARALLEL),
+              help="Under torchrun: ddp (replicas) or fsdp (FSDP2: weights, gradients and AdamW state sharded "
+                   "over the ranks, for backbones that do not fit one GPU with DDP). [default: ddp]")
 @click.option("--exit-after-steps", default=None, type=int, help="Checkpoint and leave after N steps (rerun resumes).")
 def finetune_command(ckpt, train_url, val_url, out_dir, preset, train_split, val_split, seed, device, **overrides) -> None:
     """Fine-tune a checkpoint end to end with a pooling head and report top-1 / top-5 per epoch.
@@ -56,6 +59,8 @@ def finetune_command(ckpt, train_url, val_url, out_dir, preset, train_split, val
             --head attention --preset tiny --out ft-out
         torchrun --nproc-per-node 8 -m trainer.cli finetune runs/large --train tok/in1k --val tok/in1k \\
             --out ft/large
+        torchrun --nproc-per-node 8 -m trainer.cli finetune runs/1b --train tok/in1k --val tok/in1k \\
+            --parallel fsdp --out ft/1b
     """
     from trainer.finetune import finetune
 

@@ -49,7 +49,7 @@ from trainer.config import TrainConfig, config_to_dict
 from trainer.evals.position_loss import target_frames, token_losses
 from trainer.model import CausalLM, ModelConfig, build_model, flops_per_token, param_groups
 from trainer.patches import pixel_losses, target_ids
-from trainer.process_group import init_process_group
+from trainer.process_group import full_state_dicts, init_process_group, load_full_state_dicts
 
 __all__ = ["train", "lr_at", "peak_flops_for", "PEAK_FLOPS", "LoaderFactory", "NonFiniteLossError", "ray_train_loop",
            "DeviceFeed", "RunOutputs"]
@@ -341,19 +341,6 @@ def _write_position_loss(out: Path, step: int, pos_sum: np.ndarray, pos_cnt: np.
     return doc
 
 
-def _state_dicts(raw: CausalLM, opt: torch.optim.Optimizer, d: _Dist, fsdp: bool):
-    """Full (unsharded, CPU) model and optimizer state dicts keyed by parameter name (single
-    process and DDP; FSDP2 saves sharded with `_sharded_state`)."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=d.enabled)
-    return get_model_state_dict(raw, options=opts), get_optimizer_state_dict(raw, opt, options=opts)
-
-
 def _sharded_state(raw: CausalLM, opt: torch.optim.Optimizer) -> dict:
     """{"model", "optim"} state dicts as this rank holds them: DTensor shards under FSDP2 (nothing
     gathered), plain tensors otherwise. The optimizer's state is created if it has not stepped yet,
@@ -372,22 +359,6 @@ def _load_sharded(raw: CausalLM, opt: torch.optim.Optimizer, step_dir, d: _Dist,
     ck.load_sharded(step_dir, state, storage_options, no_dist=not d.enabled)
     set_model_state_dict(raw, state["model"])
     set_optimizer_state_dict(raw, opt, state["optim"])
-
-
-def _load_state_dicts(raw: CausalLM, opt: torch.optim.Optimizer | None, model_sd: dict, opt_sd: dict | None,
-                      d: _Dist, fsdp: bool) -> None:
-    """Load full state dicts. Under FSDP2 only rank 0's copy is read; it is broadcast and sharded
-    (a "full" checkpoint, e.g. from a DDP run, resumed under FSDP2)."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=fsdp)
-    set_model_state_dict(raw, model_sd, options=opts)
-    if opt is not None and opt_sd is not None:
-        set_optimizer_state_dict(raw, opt, opt_sd, options=opts)
 
 
 @dataclasses.dataclass
@@ -631,7 +602,7 @@ def _train(cfg, data, out: str, factory, d: _Dist, on_log, so: dict | None, outp
         if resume_fmt == "dcp":
             _load_sharded(raw, opt, resume_dir, d, so)
         else:
-            _load_state_dicts(raw, opt, model_sd, opt_sd, d, fsdp)
+            load_full_state_dicts(raw, opt, model_sd, opt_sd, broadcast_from_rank0=fsdp)
         if meta.get("loader_state") is not None:
             loader.load_state_dict(meta["loader_state"])
         rng = ck.load_rng(resume_dir, d.rank, so)
@@ -639,7 +610,7 @@ def _train(cfg, data, out: str, factory, d: _Dist, on_log, so: dict | None, outp
             ck.restore_rng(rng)
         del model_sd, opt_sd
     elif init_sd is not None:
-        _load_state_dicts(raw, None, init_sd, None, d, False)
+        load_full_state_dicts(raw, None, init_sd, None, broadcast_from_rank0=False)
 
     model: torch.nn.Module = raw
     if cfg.compile:
@@ -673,7 +644,7 @@ def _train(cfg, data, out: str, factory, d: _Dist, on_log, so: dict | None, outp
             writer.write_sharded(_sharded_state(raw, opt))  # collective; every rank writes its own shards
             model_sd = opt_sd = None
         else:
-            model_sd, opt_sd = _state_dicts(raw, opt, d, fsdp)
+            model_sd, opt_sd = full_state_dicts(raw, opt, distributed=d.enabled)
         writer.write_rng(d.rank, ck.capture_rng())
         _barrier(d, device)
         if is_main:

@@ -3,6 +3,7 @@ interrupted run resumed gives exactly the uninterrupted result."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -83,6 +84,8 @@ def test_finetune_learns_and_resume_is_exact(images_and_ckpt, tmp_path):
     for a, b in zip(full["epochs"], resumed["epochs"], strict=True):
         assert (a["top1"], a["top5"]) == (b["top1"], b["top5"])
     assert resumed["epochs"][0]["train_loss"] == full["epochs"][0]["train_loss"]
+    # The epoch the interruption cut: its running loss was carried in the checkpoint.
+    assert resumed["epochs"][1]["train_loss"] == full["epochs"][1]["train_loss"]
     assert resumed["epochs"][2]["train_loss"] == full["epochs"][2]["train_loss"]  # a whole epoch after the resume
     from trainer import checkpoint as ck
 
@@ -92,8 +95,14 @@ def test_finetune_learns_and_resume_is_exact(images_and_ckpt, tmp_path):
     on_disk = json.loads((Path(out_b) / "finetune.json").read_text())
     assert on_disk["final"] == full["final"]
     # Other settings on the same OUT are refused, naming the fix.
-    with pytest.raises(ValueError, match="use a new --out"):
+    with pytest.raises(ValueError, match="started with another lr; rerun with the same settings, or use a new --out"):
         finetune(ckpt, data, data, out_b, _cfg(lr=1e-2), log=lambda m: None)
+    other = str(tmp_path / "other-data")
+    import shutil
+
+    shutil.copytree(data, other)
+    with pytest.raises(ValueError, match="started with another train, val;"):
+        finetune(ckpt, other, other, out_b, _cfg(), log=lambda m: None)
 
 
 def test_finetune_cli_on_video_clips(tmp_path):
@@ -114,7 +123,7 @@ def test_finetune_cli_on_video_clips(tmp_path):
 
 
 def _rank(rank: int, port: int, ckpt: str, data: str, out: str, cfg: dict) -> None:
-    """One DDP rank in a forked child (no second torch import: forking keeps the suite cheap)."""
+    """One rank in a forked child (no second torch import: forking keeps the suite cheap)."""
     import os
 
     torch.set_num_threads(1)
@@ -123,26 +132,35 @@ def _rank(rank: int, port: int, ckpt: str, data: str, out: str, cfg: dict) -> No
     finetune(ckpt, data, data, out, FinetuneConfig(**cfg), log=lambda m: None)
 
 
-def test_two_process_ddp_equals_one_process(images_and_ckpt, tmp_path):
+def _two_ranks(ckpt: str, data: str, out: str, cfg: FinetuneConfig) -> None:
     import multiprocessing
     import socket
 
-    data, ckpt = images_and_ckpt
-    cfg = _cfg(epochs=1)
-    single = finetune(ckpt, data, data, str(tmp_path / "one"), cfg, log=lambda m: None)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_rank, args=(r, port, ckpt, data, str(tmp_path / "two"), cfg.to_dict()))
-             for r in range(2)]
+    procs = [ctx.Process(target=_rank, args=(r, port, ckpt, data, out, cfg.to_dict())) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=180)
     assert [p.exitcode for p in procs] == [0, 0]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process(images_and_ckpt, tmp_path, parallel):
+    data, ckpt = images_and_ckpt
+    cfg = _cfg(epochs=2, parallel=parallel)
+    single = finetune(ckpt, data, data, str(tmp_path / "one"), cfg, log=lambda m: None)
+    two_dir = str(tmp_path / "two")
+    if parallel == "fsdp":
+        # Sharded: interrupted inside epoch 2 on two ranks, resumed on two ranks from the gathered checkpoint.
+        _two_ranks(ckpt, data, two_dir, dataclasses.replace(cfg, exit_after_steps=4))
+        assert len(json.loads((tmp_path / "two" / "finetune.json").read_text())["epochs"]) == 1
+    _two_ranks(ckpt, data, two_dir, cfg)
     two = json.loads((tmp_path / "two" / "finetune.json").read_text())
-    assert two["world_size"] == 2
+    assert two["world_size"] == 2 and two["config"]["parallel"] == parallel
     for a, b in zip(single["epochs"], two["epochs"], strict=True):
         # The global batch is split over the ranks and the head's BatchNorm statistics are global: the
         # same steps up to summation order.
