@@ -405,15 +405,18 @@ def _finetune(ckpt, train_url, val_url, out, cfg: FinetuneConfig, so, log) -> di
     if rank == 0:
         ck.clean_tmp(out, so)
     if resume is not None:
-        model_sd, opt_sd, rmeta = ck.load_state(resume, so)
+        rmeta = ck.read_meta(resume, so)
         saved = rmeta.get("finetune", {})
-        if saved.get("config") != key or saved.get("init") != str(ckpt):
-            diff = sorted(k for k in set(key) | set(saved.get("config") or {})
-                          if key.get(k) != (saved.get("config") or {}).get(k))
+        old = saved.get("config") or {}
+        if old != key or saved.get("init") != str(ckpt):
+            diff = sorted(k for k in set(key) | set(old) if key.get(k) != old.get(k))
             what = ", ".join(diff) if diff else f"the CKPT ({saved.get('init')})"
             raise ValueError(f"cannot resume {resume}: it was started with another {what}; rerun with the same "
                              "settings, or use a new --out")
-        load_full_state_dicts(raw, opt, model_sd, opt_sd, broadcast_from_rank0=False)
+        # Under FSDP2 rank 0 alone reads the weights and the optimizer state and sends each rank its shards.
+        model_sd, opt_sd = ck.load_state(resume, so)[:2] if not fsdp or rank == 0 else ({}, {})
+        load_full_state_dicts(raw, opt, model_sd, opt_sd, broadcast_from_rank0=fsdp)
+        del model_sd, opt_sd
         rng = ck.load_rng(resume, rank, so)
         if rng is not None:
             ck.restore_rng(rng)
@@ -446,7 +449,8 @@ def _finetune(ckpt, train_url, val_url, out, cfg: FinetuneConfig, so, log) -> di
             dist.barrier()
         w = ck.CheckpointWriter(out, step, create=False, storage_options=so)
         w.write_rng(rank, ck.capture_rng())
-        model_sd, opt_sd = full_state_dicts(raw, opt, distributed=world > 1)  # a collective under FSDP2
+        # Gathered by every rank under FSDP2 (a collective); otherwise rank 0's replica is the state.
+        model_sd, opt_sd = full_state_dicts(raw, opt, distributed=world > 1) if fsdp or rank == 0 else (None, None)
         if world > 1:
             dist.barrier()
         if rank == 0:

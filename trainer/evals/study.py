@@ -271,7 +271,7 @@ def _scaling_section(report: Report, run_dirs: list[str], out_dir: str) -> dict 
     return {"b": f["b"], "b_se": se, "r2": f["r2"], "a": f["a"], "holds": holds}
 
 
-def _depth_reason(doc: dict, mid: int, n_layers: int, run_dir: str) -> str:
+def _depth_reason(doc: dict, n_layers: int, run_dir: str) -> str:
     """Finding 2 not shown: where the attention probe peaks and how far from converged the model is
     (the paper's middle optimum comes from late blocks specialising to next-token prediction)."""
     from trainer.evals.scaling import read_run_points
@@ -540,7 +540,7 @@ def _run_study(ckpt, *, image_task, video_task, out_dir, davis_root, tokenize, r
             for layer in range(1, n_layers + 1)
         ])
         report.figure(png, f"{task.name}: top-1 by relative depth")
-        why_depth = None if holds_mid is True else _depth_reason(doc, mid, n_layers, _run_dir(meta))
+        why_depth = None if holds_mid is True else _depth_reason(doc, n_layers, _run_dir(meta))
         if why_depth is not None:
             report.parts.append(f"Where a middle block is not shown to beat the last ({block_cmp['diff']:+.1f} ± "
                                 f"{block_cmp['se']:.1f} points), the measured reason: {why_depth}.\n")

@@ -275,7 +275,7 @@ def test_depth_reason_reads_the_probe_curve_and_the_runs_last_validation_interva
     def val(losses):
         (run / "val.jsonl").write_text("".join(json.dumps({"step": 20 * (i + 1), "val_loss": v}) + "\n"
                                                for i, v in enumerate(losses)))
-        return _depth_reason(doc, 2, 5, str(run))
+        return _depth_reason(doc, 5, str(run))
 
     text = val([5.2, 4.8, 4.7])
     assert text.startswith("the attention probe peaks at block 5 of 5 (relative depth 1.00; top-1 by block "
