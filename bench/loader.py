@@ -2,7 +2,7 @@
 
 Delivered = global sample ids → blend lookup → per-source permutation and jitter → run search →
 token gather (whole strided clips) from the Arrow shards mapped into one address range per source
-(pipeline/mix/arena.py), widened straight into one int64 [B, T+1] buffer that the int64
+(pipeline/mix/arena.py), widened straight into one int32 [B, T+1] buffer that the int32
 inputs/targets [B, T] are views of, plus frame_index (a broadcast row) and the per-sample source
 and label (``MixReader.batch``; ``MixLoader`` adds only the torch wrap).
 
@@ -18,8 +18,9 @@ Baselines, timed on the very same frames (their element offsets are computed bef
 - "raw gather": the frames copied out of ``numpy.memmap`` views of the same data files with one
   fancy index per shard, nothing else (2 bytes written per token); the issue's target is
   delivered ≥ 0.5× this.
-- "raw gather + int64": the same frames gathered straight into one int64 [B, T+1] buffer, the
-  least the loader contract (int64 inputs and targets) requires (8 bytes written per token).
+- "raw gather + int32": the same frames gathered straight into one int32 [B, T+1] buffer, the
+  least the loader contract (int32 inputs and targets, ``SEQ_DTYPE``) requires (4 bytes written
+  per token); "raw gather + int64" the same into int64, the contract before it became int32.
 - "raw sequential": the same number of bytes copied contiguously from a memmap (the ceiling of any
   reader; reported for context).
 - "raw gather over the FileArena": the same frames with one fancy index per source over the
@@ -42,6 +43,7 @@ import numpy as np
 from timing import interleaved_best  # bench/timing.py (this script's folder is on sys.path)
 
 from pipeline.mix import MixConfig, MixReader, build_mix
+from pipeline.mix.sequence import SEQ_DTYPE
 from pipeline.mix.tables import locate_frames
 from pipeline.shards import ShardWriter, write_manifest
 from trainer.data import MixLoader  # imports torch before any timing, so every measurement runs alike
@@ -175,14 +177,18 @@ def main() -> None:
 
         t_len = r.seq_len
 
-        def raw_gather_int64() -> None:
+        def raw_gather_into(dtype):
             # The least any loader honouring the contract does: the same frames, widened into one
-            # int64 [B, T+1] buffer that int64 inputs and targets [B, T] are views of (no blend,
-            # no permutation, no index lookups, no specials).
-            for per in plan:
-                seq = np.empty((args.batch, t_len + 1), np.int64)
-                flat = np.concatenate([f.frames_local(starts) for f, starts in per]).reshape(args.batch, -1)
-                seq[:, 1:] = flat[:, :t_len]
+            # [B, T+1] buffer that the inputs and targets [B, T] are views of (no blend, no
+            # permutation, no index lookups, no specials).
+            def run() -> None:
+                for per in plan:
+                    seq = np.empty((args.batch, t_len + 1), dtype)
+                    flat = np.concatenate([f.frames_local(starts) for f, starts in per]).reshape(args.batch, -1)
+                    seq[:, 1:] = flat[:, :t_len]
+            return run
+
+        raw_gather_int32, raw_gather_int64 = raw_gather_into(SEQ_DTYPE), raw_gather_into(np.int64)
 
         maps = []
         for name in sorted(os.listdir(f"{d}/video")):
@@ -234,7 +240,8 @@ def main() -> None:
 
         # Taking turns within each round: a slow spell of the (shared) machine hits all alike.
         runs = {"delivered": (delivered, None), "raw": (raw_gather, None), "loader0": (through_loader, loader_start),
-                "sequential": (raw_sequential, None), "int64": (raw_gather_int64, None)}
+                "sequential": (raw_sequential, None), "int32": (raw_gather_int32, None),
+                "int64": (raw_gather_int64, None)}
         if all(arena_plan):
             runs["arena"] = (raw_arena, None)
         load0 = os.getloadavg()
@@ -250,7 +257,8 @@ def main() -> None:
               f"({os.cpu_count()} CPUs)")
         print("  M tokens/s (best wall time | best CPU time of this process); ratios = delivered ÷ this")
         rows = [("delivered (MixReader.batch)", "delivered", seq_tokens), ("MixLoader, 0 workers (torch)", "loader0", seq_tokens),
-                ("raw memmap gather, same frames", "raw", tokens_frames), ("raw gather into int64 [B, T+1]", "int64", tokens_frames),
+                ("raw memmap gather, same frames", "raw", tokens_frames), ("raw gather into int32 [B, T+1]", "int32", tokens_frames),
+                ("raw gather into int64 [B, T+1]", "int64", tokens_frames),
                 ("raw gather over the FileArena", "arena", tokens_frames), ("raw memmap sequential, same n", "sequential", tokens_frames)]
         for label, key, tokens in rows:
             if key not in got:

@@ -363,8 +363,8 @@ def _load_sharded(raw: CausalLM, opt: torch.optim.Optimizer, step_dir, d: _Dist,
 
 @dataclasses.dataclass
 class _FedBatch:
-    inputs: torch.Tensor  # (B_rank, T) int64, on the device
-    targets: torch.Tensor  # (B_rank, T) int64, on the device
+    inputs: torch.Tensor  # (B_rank, T) int32 token ids (or packed patches), on the device
+    targets: torch.Tensor  # (B_rank, T) int32 token ids (or packed pixel targets), on the device
     host: dict  # the loader's batch as it came (host tensors, sources, labels)
     n_valid: int  # target tokens that count (not IGNORE_INDEX), counted on the host: no device sync
     state: dict  # loader state after this batch: what a checkpoint taken after this step records
@@ -774,7 +774,8 @@ def _train(cfg, data, out: str, factory, d: _Dist, on_log, so: dict | None, outp
                 if y.ndim == 3:  # patch -> patch: MSE on the next patch's normalised pixels (trainer.patches)
                     loss = pixel_losses(logits, y).sum()
                 else:
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
+                    # The loader's int32 ids widen here, on the device (cross-entropy takes int64).
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten().long(), ignore_index=IGNORE_INDEX,
                                            reduction="sum")
                 (loss * scale).backward()
             loss_acc += loss.detach().double()

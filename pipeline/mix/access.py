@@ -43,7 +43,7 @@ from pipeline.mix import arena
 from pipeline.mix.arena import FileArena
 from pipeline.mix.blend import Blend, PassCache, SourceOrder, _mix64
 from pipeline.mix.build import TABLE_ARRAYS, order_key
-from pipeline.mix.sequence import assemble_into, inputs_targets, layout, write_specials
+from pipeline.mix.sequence import SEQ_DTYPE, assemble_into, inputs_targets, layout, write_specials
 from pipeline.mix.tables import locate_frames
 from pipeline.shards import open_shard, read_manifest
 from pipeline.shards.arrow_format import frame_sums
@@ -239,7 +239,7 @@ class TokenStore:
         """Tokens of absolute frames (int64 [m, F]) → (tokens [m, F, HW], row position [m, F]).
 
         Without ``out`` the tokens are a new uint16 array. With ``out`` (any integer dtype,
-        [B, F, HW], e.g. an int64 view into the batch's sequence buffer) frame ``f`` of sample ``i``
+        [B, F, HW], e.g. an int32 view into the batch's sequence buffer) frame ``f`` of sample ``i``
         is written to ``out[rows[i], f]`` directly, widened on the way: no intermediate copy.
         """
         frames = np.asarray(frames, dtype=np.int64)
@@ -460,7 +460,7 @@ class _Direct:
 
     def clips_into(self, out: np.ndarray, rows: np.ndarray | slice, first: np.ndarray) -> None:
         """Clips by absolute first frame (int64 [m]) → ``out[rows]`` (integer [B, F, HW], e.g. an
-        int64 view of the batch's sequence buffer: widened by the assignment).
+        int32 view of the batch's sequence buffer: widened by the assignment).
 
         A clip inside one run is one strided window; a clip that runs from one data file (or record
         batch) into the next is read frame by frame, in a second gather of only those clips.
@@ -728,13 +728,13 @@ class MixReader:
     def batch(self, ids: np.ndarray) -> dict[str, Any]:
         """The sequences of global sample ids ``ids`` (int64 [B]) as numpy arrays and lists.
 
-        ``inputs``/``targets`` are int64 [B, T] views of one [B, T+1] buffer (targets = inputs
-        shifted by one); ``frame_index`` is int64 [B, T], a read-only broadcast of one row when
+        ``inputs``/``targets`` are int32 (SEQ_DTYPE) [B, T] views of one [B, T+1] buffer (targets =
+        inputs shifted by one); ``frame_index`` is int64 [B, T], a read-only broadcast of one row when
         every sample of the batch has the same layout (the usual case: it depends only on it).
         """
         ids = np.asarray(ids, dtype=np.int64)
         b, t, hw = len(ids), self.seq_len, self.hw
-        seq = np.empty((b, t + 1), dtype=np.int64)
+        seq = np.empty((b, t + 1), dtype=SEQ_DTYPE)
         label_id = np.empty(b, dtype=np.int32)  # into _labels_all()'s list; -1 = None
         names, row_label = self._labels_all()
         groups = []
@@ -747,7 +747,7 @@ class MixReader:
             direct = self._direct_access(si)
             video = starts.ndim == 1
             nf = self.manifest["frames"] if video else starts.shape[1]
-            # Every frame fits (the usual case): frames go straight into the sequence buffer, int64
+            # Every frame fits (the usual case): frames go straight into the sequence buffer, widened
             # on the way; else (S cut before its last frame) through a uint16 [m, F, HW] batch.
             body = None
             if lay["body"] == nf * hw:

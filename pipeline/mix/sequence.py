@@ -27,6 +27,12 @@ import numpy as np
 
 SPECIAL_NAMES: tuple[str, ...] = ("bos_video", "bos_image", "eos", "pad")
 IGNORE_INDEX = -100
+# Token ids of a sequence buffer (inputs and targets). int32 holds every vocabulary (codebooks of
+# ≤ 65 536 codes plus the specials) and IGNORE_INDEX, and halves what the loader writes and copies
+# per token against int64 (the widening of the uint16 shards is the loader's largest cost, and the
+# batch crosses shared memory and PCIe at this width). Consumers that index with the ids take int32
+# (`nn.Embedding`); cross-entropy widens its targets on the device (`.long()`), where that is free.
+SEQ_DTYPE = np.int32
 
 
 def make_specials(codebook_size: int) -> dict[str, int]:
@@ -42,7 +48,8 @@ def vocab_size_for(codebook_size: int) -> int:
 
 
 def layout(f: int, hw: int, *, start: int, seq_len: int, specials: dict[str, int]) -> dict[str, Any]:
-    """The fixed part of a sequence of ``f`` frames: the template of S' (int64 [T+1]), frame indices.
+    """The fixed part of a sequence of ``f`` frames: the template of S' (SEQ_DTYPE [T+1]), frame indices
+    (int64).
 
     ``padded``: S is shorter than T+1, so targets on the padding must become ``IGNORE_INDEX``
     from target position ``keep - 1`` on.
@@ -50,7 +57,7 @@ def layout(f: int, hw: int, *, start: int, seq_len: int, specials: dict[str, int
     t = int(seq_len)
     n = f * hw + 2  # length of S
     keep = min(n, t + 1)
-    tmpl = np.full(t + 1, specials["pad"], dtype=np.int64)
+    tmpl = np.full(t + 1, specials["pad"], dtype=SEQ_DTYPE)
     fidx = np.full(t + 1, -1, dtype=np.int64)
     tmpl[0] = start
     body = min(f * hw, keep - 1)  # frame tokens that fit
@@ -63,10 +70,10 @@ def layout(f: int, hw: int, *, start: int, seq_len: int, specials: dict[str, int
 
 def assemble_into(seq: np.ndarray, rows: np.ndarray | slice, frames: np.ndarray, lay: dict[str, Any]) -> None:
     """Write S' of each sample of ``frames`` (integer [m, F, HW]) into rows ``rows`` of ``seq``
-    (int64 [B, T+1]); inputs and targets are then views of it (:func:`inputs_targets`).
+    (SEQ_DTYPE [B, T+1]); inputs and targets are then views of it (:func:`inputs_targets`).
 
     Every value is written once, frame tokens straight from the gathered (uint16) values, so the
-    int64 widening is the only pass over them.
+    widening is the only pass over them.
     """
     m = frames.shape[0]
     body = lay["body"]
@@ -84,8 +91,8 @@ def write_specials(seq: np.ndarray, rows: np.ndarray | slice, lay: dict[str, Any
 
 
 def inputs_targets(seq: np.ndarray, padded: list[tuple[np.ndarray | slice, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """``inputs`` = ``seq[:, :T]`` and ``targets`` = ``seq[:, 1:]``, both int64 [B, T] views of one
-    buffer (8 bytes written per token instead of 16), except when some rows are padded
+    """``inputs`` = ``seq[:, :T]`` and ``targets`` = ``seq[:, 1:]``, both SEQ_DTYPE [B, T] views of one
+    buffer (4 bytes written per token instead of 8), except when some rows are padded
     (``padded``: (rows, keep) per padded layout): then targets is a copy with ``IGNORE_INDEX``
     from position ``keep - 1`` on in those rows."""
     inputs, targets = seq[:, :-1], seq[:, 1:]
@@ -101,15 +108,15 @@ def assemble(
 ) -> dict[str, np.ndarray]:
     """Sequences for a batch of samples of one kind.
 
-    ``frames``: integer tokens ``[B, F, HW]`` (raster order inside each frame). Returns int64 arrays
-    ``inputs``, ``targets``, ``frame_index``, ``target_frame_index``, each ``[B, seq_len]``
+    ``frames``: integer tokens ``[B, F, HW]`` (raster order inside each frame). Returns
+    ``inputs``, ``targets`` (SEQ_DTYPE) and ``frame_index``, ``target_frame_index`` (int64), each ``[B, seq_len]``
     (``inputs``/``targets`` may be views of one buffer, the frame indices broadcast views).
     """
     if frames.ndim != 3:
         raise ValueError(f"frames must be [B, F, HW], got shape {frames.shape}")
     b, f, hw = frames.shape
     lay = layout(f, hw, start=start, seq_len=seq_len, specials=specials)
-    seq = np.empty((b, int(seq_len) + 1), dtype=np.int64)
+    seq = np.empty((b, int(seq_len) + 1), dtype=SEQ_DTYPE)
     assemble_into(seq, slice(None), frames, lay)
     inputs, targets = inputs_targets(seq, [(slice(None), lay["keep"])] if lay["padded"] else [])
     return {"inputs": inputs, "targets": targets,

@@ -116,7 +116,7 @@ def test_loader_pairs_each_position_with_its_own_patch(pair):
             if target == "pixels":
                 assert torch.equal(y[:, :-1, 1:], x[:, 1:, 1:]) and bool((y[..., 0] == 0).all())
             else:
-                assert y.dtype == torch.int64 and torch.equal(y[:, :-1], tok[:, 1:])
+                assert y.dtype == torch.int32 and torch.equal(y[:, :-1], tok[:, 1:])
         assert loader.state_dict()["consumed_samples"] == 12  # the token mix's order and state, unchanged
 
 

@@ -62,7 +62,7 @@ def iter_clips(
     verify_sha256: bool = False,
     max_items: int | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Yield ``{"tokens": int64 [T], "label", "video_id", "frame_index": int64 [T], "split", "first_frame"}``.
+    """Yield ``{"tokens": int32 [T], "label", "video_id", "frame_index": int64 [T], "split", "first_frame"}``.
 
     ``first_frame`` is counted inside its video.
 

@@ -76,8 +76,9 @@ class MixLoader:
     >>> batch = next(iter(loader)); batch["inputs"].shape      # (4, seq_len)
     >>> sd = loader.state_dict()   # save with the checkpoint; load_state_dict(sd) to resume
 
-    Batch keys: ``inputs``/``targets`` int64 [B, T] (views of one [B, T+1] buffer: targets are
-    the inputs shifted by one); ``source`` list[str]; ``label`` list[str|None]; ``frame_index``
+    Batch keys: ``inputs``/``targets`` int32 [B, T] (views of one [B, T+1] buffer: targets are
+    the inputs shifted by one; widen targets with ``.long()`` on the device for cross-entropy,
+    see ``pipeline.mix.sequence.SEQ_DTYPE``); ``source`` list[str]; ``label`` list[str|None]; ``frame_index``
     int64 [B, T] (frame of each input, -1 on specials/padding; an ``expand`` of one row when all
     samples share a layout, so treat it as read-only); ``sample_index`` int64 [B]. The frame of target ``t`` is ``frame_index[:, t+1]`` (targets are the inputs shifted
     by one); for the last position it is ``frame_index[:, -1]`` whenever ``seq_len`` ≤ frames × tokens

@@ -7,9 +7,9 @@ order, state and resume) whose batches also carry each sequence's pixels, read f
 at the very frames the mix chose, and hand the model packed tensors (trainer/patches.py):
 
 - ``inputs`` int32 (B, T, 1 + P*P*3): the position's token id and its patch's pixels (0 on specials);
-- ``targets``: the next dVAE code, int64 (B, T), for patch -> dVAE, or for patch -> patch the next
+- ``targets``: the next dVAE code, int32 (B, T), for patch -> dVAE, or for patch -> patch the next
   patch's pixels packed as int32 (B, T, 1 + P*P*3), channel 0 = IGNORE_INDEX where no patch follows;
-- ``tokens`` int64 (B, T): the token inputs as MixLoader gives them (what the patches are aligned to).
+- ``tokens`` int32 (B, T): the token inputs as MixLoader gives them (what the patches are aligned to).
 
 Pairing is checked when the loader is made: each pixel dataset must have been made by the patch
 tokenizer with the model's patch size, at the token dataset's resolution with the same patch grid,

@@ -19,12 +19,12 @@ __all__ = ["token_losses", "target_frames", "per_position_loss", "summarize_posi
 
 
 def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy at every position: logits (B, T, V), targets int64 (B, T) → fp32 (B, T).
+    """Next-token cross-entropy at every position: logits (B, T, V), targets int32/int64 (B, T) → fp32 (B, T).
 
     Computed in fp32 whatever the logits' dtype; 0 where the target is ``IGNORE_INDEX`` (padding),
     so callers mask with ``targets != IGNORE_INDEX`` before averaging.
     """
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten().long(), ignore_index=IGNORE_INDEX,
                            reduction="none").view_as(targets)
 
 

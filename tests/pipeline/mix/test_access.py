@@ -147,7 +147,7 @@ def test_an_index_that_asks_for_frames_past_the_split_is_refused(datasets):
 def test_clip_and_frame_gathers_equal_the_per_shard_reads_across_boundaries(datasets):
     """The arena's gathers (whole clips as strided windows, clips that cross a record batch or a
     shard frame by frame, image frames located by row) against the per-shard reads of the same
-    frames (TokenStore.gather), written into int64 rows given in any order."""
+    frames (TokenStore.gather), written into int32 rows (the sequence buffer's type) given in any order."""
     # 16-frame chunks, 2 to a record batch, 5 to a shard: clips cross both kinds of boundary.
     vid = str(datasets["root"] / "k600_rb")
     write_positional_dataset(vid, VIDEOS, dataset="k600", chunk_frames=16, rows_per_shard=5, row_group_size=2)
@@ -171,9 +171,9 @@ def test_clip_and_frame_gathers_equal_the_per_shard_reads_across_boundaries(data
     for pick in (np.arange(len(first)), np.flatnonzero(q0 == q1), np.flatnonzero(q0 != q1),
                  rng.choice(len(first), 40, replace=False)):
         rows = rng.permutation(len(pick) + 3)[: len(pick)]  # destination rows in any order, some left out
-        body = np.full((len(pick) + 3, frames, r.hw), -7, dtype=np.int64)
+        body = np.full((len(pick) + 3, frames, r.hw), -7, dtype=np.int32)
         d.clips_into(body, rows, first[pick])
-        assert body.dtype == np.int64 and np.array_equal(body[rows], ref[pick])
+        assert body.dtype == np.int32 and np.array_equal(body[rows], ref[pick])
         assert (np.delete(body, rows, axis=0) == -7).all()
     di = r._direct_access(1)
     assert di._rows is not None  # images: one frame per row, located by row, not by run

@@ -143,7 +143,7 @@ def test_sequences_have_specials_length_and_frame_order(datasets):
     r = MixReader(out)
     ids = np.arange(120)  # several passes over both sources
     b = r.batch(ids)
-    assert b["inputs"].shape == (120, 16) and b["inputs"].dtype == np.int64
+    assert b["inputs"].shape == (120, 16) and b["inputs"].dtype == np.int32
     video = {s["name"]: s["kind"] == "video" for s in doc["sources"]}
     for i in range(120):
         seq = {k: b[k][i] for k in ("inputs", "targets", "frame_index")}

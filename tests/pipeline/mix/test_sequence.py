@@ -19,7 +19,7 @@ def test_specials_sit_above_the_codebook():
 def test_default_length_predicts_every_frame_token_and_drops_eos():
     fr = _frames()
     out = assemble(fr, start=SP["bos_video"], seq_len=12, specials=SP)
-    assert out["inputs"].shape == (2, 12) and out["inputs"].dtype == np.int64
+    assert out["inputs"].shape == (2, 12) and out["inputs"].dtype == np.int32
     assert out["inputs"][0].tolist() == [8192] + list(range(11))
     assert out["targets"][0].tolist() == list(range(12))
     assert out["frame_index"][0].tolist() == [-1, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2]

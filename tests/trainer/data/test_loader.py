@@ -27,8 +27,8 @@ def test_contract_fields(mix_path):
     assert loader.specials == {"bos_video": 512, "bos_image": 513, "eos": 514, "pad": 515}
     assert loader.sources == ["k600", "imagenet"]
     (b,) = _take(loader, 1)
-    assert b["inputs"].shape == (G, 16) and b["inputs"].dtype == torch.int64
-    assert b["targets"].shape == (G, 16) and b["targets"].dtype == torch.int64
+    assert b["inputs"].shape == (G, 16) and b["inputs"].dtype == torch.int32
+    assert b["targets"].shape == (G, 16) and b["targets"].dtype == torch.int32
     assert b["frame_index"].dtype == torch.int64 and b["sample_index"].tolist() == list(range(G))
     assert len(b["source"]) == G and len(b["label"]) == G
     assert (b["inputs"][:, 1:] == b["targets"][:, :-1]).all()
@@ -164,12 +164,12 @@ def test_batched_assembly_equals_one_by_one(mix_path):
 
 
 def test_inputs_and_targets_are_views_of_one_buffer_and_frame_index_is_shared(mix_path):
-    # One int64 [B, T+1] buffer per batch (8 bytes written per token, not 16) and one frame-index
+    # One int32 [B, T+1] buffer per batch (4 bytes written per token, not 8) and one frame-index
     # row for all samples of a layout; the values must be what separate arrays would hold.
     loader = MixLoader(mix_path, global_batch=G)
     b = loader.batch_at(0)
     x, y, fi = b["inputs"], b["targets"], b["frame_index"]
-    assert x.dtype == y.dtype == fi.dtype == torch.int64 and x.shape == y.shape == fi.shape == (G, loader.seq_len)
+    assert x.dtype == y.dtype == torch.int32 and fi.dtype == torch.int64 and x.shape == y.shape == fi.shape == (G, loader.seq_len)
     assert x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
     assert torch.equal(x[:, 1:], y[:, :-1])
     assert fi.stride(0) == 0 and torch.equal(fi[0], fi[-1])
