@@ -16,7 +16,7 @@ have and are not used. bf16 autocast on CUDA.
 
 Distribution and resumption: torchrun, with `parallel` "ddp" (DDP) or "fsdp" (FSDP2 `fully_shard`
 on every backbone block and on the whole model: parameters, gradients and AdamW state sharded over
-the ranks, all-gathered in fp32, for backbones whose fp32 weights + AdamW state (16 bytes a
+the ranks, all-gathered in bf16 under bf16 autocast as in pre-training, for backbones whose fp32 weights + AdamW state (16 bytes a
 parameter) do not fit one GPU beside the activations). Either way every rank takes a strided share
 of each global batch, so a global batch is the same at any world size; the head's BatchNorm takes
 its statistics over all ranks (the probes' `trainer.evals.probes.GlobalBatchNorm1d`), so a step
@@ -387,14 +387,17 @@ def _finetune(ckpt, train_url, val_url, out, cfg: FinetuneConfig, so, log) -> di
     raw = FinetuneModel(backbone.train(), head, layer, train.visual).to(device)
     fsdp = world > 1 and cfg.parallel == "fsdp"
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         # One unit per block (its parameters are gathered just for its forward and backward), and the
-        # root for the embeddings, final norm and head. No parameter casting: compute runs in fp32 or
-        # under autocast exactly as with DDP, so both parallelisms train the same model.
+        # root for the embeddings, final norm and head. The policy of pre-training (trainer.train):
+        # under bf16 the shards are all-gathered as bf16 (half the traffic of fp32) and gradients
+        # reduced in fp32; the fp32 master weights and AdamW state stay sharded. In fp32 nothing is
+        # cast, and FSDP trains the same model as DDP.
+        mp = MixedPrecisionPolicy(param_dtype=amp or torch.float32, reduce_dtype=torch.float32)
         for block in backbone.layers:
-            fully_shard(block)
-        fully_shard(raw)
+            fully_shard(block, mp_policy=mp)
+        fully_shard(raw, mp_policy=mp)
     groups = layer_decay_groups(raw, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **({"fused": True} if device.type == "cuda" else {}))
 

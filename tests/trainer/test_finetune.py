@@ -200,3 +200,21 @@ def test_finetune_decays_what_pretraining_decays_and_trains_gpt2_positions(arch)
     else:
         assert got["layers.0.mixer.conv1d.weight"] == 0.0 and got["layers.0.mixer.A_log"] == 0.0
         assert got["layers.0.mixer.in_proj.weight"] == 0.1
+
+
+def test_fsdp_under_bf16_trains_and_keeps_fp32_master_weights(images_and_ckpt, tmp_path):
+    # The pre-training policy: bf16 parameters for compute and all-gathers, fp32 shards, gradients
+    # reduced in fp32. The run trains (its loss close to one process under the same autocast) and
+    # its checkpoint holds fp32 weights.
+    data, ckpt = images_and_ckpt
+    cfg = _cfg(epochs=2, parallel="fsdp", dtype="bf16")
+    single = finetune(ckpt, data, data, str(tmp_path / "one"), cfg, log=lambda m: None)
+    _two_ranks(ckpt, data, str(tmp_path / "two"), cfg)
+    two = json.loads((tmp_path / "two" / "finetune.json").read_text())
+    assert two["config"]["dtype"] == "bf16" and len(two["epochs"]) == 2
+    for a, b in zip(single["epochs"], two["epochs"], strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=5e-2)
+    from trainer import checkpoint as ck
+
+    sd, _, _ = ck.load_state(ck.latest_checkpoint(str(tmp_path / "two")))
+    assert {v.dtype for v in sd.values() if v.is_floating_point()} == {torch.float32}
