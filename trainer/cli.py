@@ -38,6 +38,9 @@ main.add_command(position_loss_command)
 from trainer.evals.sta import sta_command  # noqa: E402
 
 main.add_command(sta_command)
+from trainer.evals.robot import robot_command  # noqa: E402
+
+main.add_command(robot_command)
 
 if __name__ == "__main__":
     main()

@@ -81,3 +81,33 @@ def _make_track_setup(root, *, max_seq_len: int, codebook: int = 64, n_hid: int 
 def make_track_setup():
     """The `_make_track_setup(root, max_seq_len=...)` builder, for module- and function-scoped setups."""
     return _make_track_setup
+
+
+def write_demo_checkpoint(run_dir: str, *, max_seq_len: int, grid: tuple[int, int], resolution: int | None = None,
+                          spec: bool = True) -> str:
+    """A random dim-32, 2-block LLaMA checkpoint over the demo tokenizer's 512 codes, recorded as
+    trained on `grid` (8 px patches); `spec` records the tokenizer spec "demo" (else only its id)."""
+    from pipeline.mix.sequence import make_specials
+    from pipeline.tokenizers import load_tokenizer
+    from trainer import checkpoint as ck
+    from trainer.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    tok = load_tokenizer("demo", device="cpu")
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=2, vocab_size=tok.vocab_size + 4, max_seq_len=max_seq_len,
+                      mlp_hidden=64)
+    info = {"id": tok.id, "downsample": 8} | ({"spec": "demo"} if spec else {})
+    if resolution is not None:
+        info["resolution"] = resolution
+    w = ck.CheckpointWriter(run_dir, 1)
+    w.write_model(Transformer(cfg).state_dict())
+    w.commit({"model_config": cfg.to_dict(), "train_config": {}, "scheduler": {"kind": "warmup_cosine", "step": 1},
+              "loader_state": {"version": 1, "mix_hash": "x", "consumed_samples": 1}, "world_size": 1,
+              "specials": make_specials(tok.vocab_size), "grid": list(grid), "tokenizer": info})
+    return run_dir
+
+
+@pytest.fixture
+def demo_checkpoint():
+    """`write_demo_checkpoint`, for tests of commands that load a checkpoint with its tokenizer."""
+    return write_demo_checkpoint

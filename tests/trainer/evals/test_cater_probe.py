@@ -13,28 +13,6 @@ from trainer.cli import main
 from trainer.evals.run import TASK_PRESETS, preset_settings
 
 
-def _checkpoint(run_dir: str, max_seq_len: int) -> str:
-    """A random dim-32, 2-block model over the demo tokenizer's 512 codes at a 4x4 grid (32 px)."""
-    import torch
-
-    from pipeline.mix.sequence import make_specials
-    from pipeline.tokenizers import load_tokenizer
-    from trainer import checkpoint as ck
-    from trainer.model import ModelConfig, Transformer
-
-    torch.manual_seed(0)
-    tok = load_tokenizer("demo", device="cpu")
-    cfg = ModelConfig(dim=32, n_layers=2, n_heads=2, vocab_size=tok.vocab_size + 4, max_seq_len=max_seq_len,
-                      mlp_hidden=64)
-    w = ck.CheckpointWriter(run_dir, 1)
-    w.write_model(Transformer(cfg).state_dict())
-    w.commit({"model_config": cfg.to_dict(), "train_config": {}, "scheduler": {"kind": "warmup_cosine", "step": 1},
-              "loader_state": {"version": 1, "mix_hash": "x", "consumed_samples": 1}, "world_size": 1,
-              "specials": make_specials(tok.vocab_size), "grid": [4, 4],
-              "tokenizer": {"id": tok.id, "downsample": 8, "resolution": 32}})
-    return run_dir
-
-
 def test_preset_settings():
     assert preset_settings("probe") == {}
     p = preset_settings("cater")
@@ -45,7 +23,7 @@ def test_preset_settings():
     assert all((f - 1) * s + 1 <= 300 for f, s in TASK_PRESETS["cater"]["strides"].items())
 
 
-def test_probe_task_cater_end_to_end(ray_local, tmp_path):
+def test_probe_task_cater_end_to_end(ray_local, tmp_path, demo_checkpoint):
     from pipeline.jobs import TokenizeConfig, run_tokenize
 
     data = str(tmp_path / "cater")
@@ -54,7 +32,7 @@ def test_probe_task_cater_end_to_end(ray_local, tmp_path):
     run_tokenize(TokenizeConfig(dataset="cater", input=data, output=tok, tokenizer="demo", resolution=32,
                                 max_fps=24.0, chunk_frames=24, num_cpus=1, decode_cpus=0.5, tokenizer_cpus=0.5,
                                 items_per_shard=9, batch_size=8, rows_per_batch=4, progress=False))
-    run = _checkpoint(str(tmp_path / "run"), max_seq_len=1 + 4 * 16)
+    run = demo_checkpoint(str(tmp_path / "run"), max_seq_len=1 + 4 * 16, grid=(4, 4), resolution=32, spec=False)
     out = str(tmp_path / "out")
     # 4 frames at stride 7 span 22 of the 24 frames (the preset's 16 x 18 needs CATER's 300).
     res = CliRunner().invoke(main, ["probe", run, "--task", "cater", "--train", tok, "--val", tok, "--frames", "4",

@@ -69,26 +69,10 @@ def test_roi_features_pool_the_cells_under_the_box():
     assert torch.allclose(out[0, 2:], torch.tensor([0.25, 0.25, 29 / 40, 29 / 40]))
 
 
-def _checkpoint(run_dir: str) -> None:
-    from pipeline.mix.sequence import make_specials
-    from pipeline.tokenizers import load_tokenizer
-    from trainer import checkpoint as ck
-    from trainer.model import ModelConfig, Transformer
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(dim=32, n_layers=2, n_heads=2, vocab_size=512 + 4, max_seq_len=1 + 4 * 64, mlp_hidden=64)
-    w = ck.CheckpointWriter(run_dir, 1)
-    w.write_model(Transformer(cfg).state_dict())
-    w.commit({"model_config": cfg.to_dict(), "train_config": {}, "scheduler": {"kind": "warmup_cosine", "step": 1},
-              "loader_state": {"version": 1, "mix_hash": "x", "consumed_samples": 1}, "world_size": 1,
-              "specials": make_specials(512), "grid": [8, 8],
-              "tokenizer": {"id": load_tokenizer("demo").id, "spec": "demo", "downsample": 8}})
-
-
-def test_sta_command_end_to_end(mini, tmp_path):
+def test_sta_command_end_to_end(mini, tmp_path, demo_checkpoint):
     from trainer.cli import main
 
-    _checkpoint(str(tmp_path / "run"))
+    demo_checkpoint(str(tmp_path / "run"), max_seq_len=1 + 4 * 64, grid=(8, 8))
     res = CliRunner().invoke(main, ["sta", str(tmp_path / "run"), "--annotations", mini["annotations"],
                                     "--videos", mini["videos"], "--detections", mini["detections"],
                                     "--out", str(tmp_path / "out"), "--epochs", "60", "--threads", "1"])
@@ -126,12 +110,12 @@ def test_heads_learn_verbs_and_ttc_from_separable_features():
     assert (ttc - ttcs).abs().mean() < 0.1 and (ttc >= 0).all()
 
 
-def test_a_frame_without_detections_costs_its_class_recall(mini, tmp_path):
+def test_a_frame_without_detections_costs_its_class_recall(mini, tmp_path, demo_checkpoint):
     from trainer.checkpoint import load_model
     from trainer.evals.run import frame_tokenizer_from_meta
     from trainer.evals.sta import StaConfig, sta_job
 
-    _checkpoint(str(tmp_path / "run"))
+    demo_checkpoint(str(tmp_path / "run"), max_seq_len=1 + 4 * 64, grid=(8, 8))
     dets = json.loads(open(mini["detections"]).read())
     dets["val-clip-00_0000011"] = []  # the one cup of that frame is never proposed
     (tmp_path / "dets.json").write_text(json.dumps(dets))
