@@ -16,8 +16,8 @@ have and are not used. bf16 autocast on CUDA.
 
 Distribution and resumption: torchrun, with `parallel` "ddp" (DDP) or "fsdp" (FSDP2 `fully_shard`
 on every backbone block and on the whole model: parameters, gradients and AdamW state sharded over
-the ranks, all-gathered in bf16 under bf16 autocast as in pre-training, for backbones whose fp32 weights + AdamW state (16 bytes a
-parameter) do not fit one GPU beside the activations). Either way every rank takes a strided share
+the ranks, all-gathered in bf16 under bf16 autocast as in pre-training, for backbones whose fp32
+weights + AdamW state (16 bytes a parameter) do not fit one GPU beside the activations). Either way every rank takes a strided share
 of each global batch, so a global batch is the same at any world size; the head's BatchNorm takes
 its statistics over all ranks (the probes' `trainer.evals.probes.GlobalBatchNorm1d`), so a step
 equals one process's up to rounding. With --micro-batch they are per micro-batch, as gradient

@@ -27,6 +27,7 @@ tanh to the action square; MSE on the expert's action, AdamW with cosine decay.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -113,25 +114,31 @@ Encoder = Callable[[np.ndarray, np.ndarray], torch.Tensor]  # (frames (N,R,R,3),
 
 def image_encoder(model: nn.Module, meta: dict, layer: int, tokenize: Callable[[np.ndarray], np.ndarray],
                   batch: int = 64, record: dict | None = None) -> Encoder:
-    """Frames -> (N, h·w, D) float32 features of `layer`, each frame fed as one image: [bos_image] + tokens."""
+    """Frames -> (N, h·w, D) float32 features of `layer`, each frame fed as one image: [bos_image] + tokens
+    (the training layout, `pipeline.mix.sequence.assemble`). Call it inside `trained_context(model)`:
+    a grid longer than the trained context extends the model (`fit_context`, once per grid)."""
+    from pipeline.mix.sequence import assemble
     from trainer.evals.context import fit_context
     from trainer.evals.features import backbone_features
 
-    bos = int(meta["specials"]["bos_image"])
+    specials = meta["specials"]
     trained_grid = tuple(meta["grid"]) if meta.get("grid") else None
+    fitted: dict[tuple[int, int], nn.Module] = {}
 
     def fn(frames: np.ndarray, states: np.ndarray) -> torch.Tensor:
         out = []
         for i in range(0, len(frames), batch):
             tokens = np.asarray(tokenize(frames[i : i + batch]))  # (b, h, w)
             b, h, w = tokens.shape
-            fitted, rec = fit_context(model, 1 + h * w, "auto", grid=(h, w), trained_grid=trained_grid)
-            if record is not None:
-                record.update(rec)
-            seq = torch.from_numpy(np.concatenate([np.full((b, 1), bos), tokens.reshape(b, -1)], 1).astype(np.int64))
-            fi = torch.full_like(seq, 0)
-            fi[:, 0] = -1  # bos is no visual token
-            out.append(backbone_features(fitted, seq, fi, [layer])[layer].cpu())
+            if (h, w) not in fitted:
+                fitted[(h, w)], rec = fit_context(model, 1 + h * w, "auto", grid=(h, w), trained_grid=trained_grid)
+                if record is not None:
+                    record.update(rec)
+            seq = assemble(tokens.reshape(b, 1, h * w), start=int(specials["bos_image"]), seq_len=1 + h * w,
+                           specials=specials)  # inputs (b, 1 + hw): bos, then the frame
+            x = torch.from_numpy(seq["inputs"])
+            fi = torch.from_numpy(np.ascontiguousarray(seq["frame_index"]))
+            out.append(backbone_features(fitted[(h, w)], x, fi, [layer])[layer].cpu())
         return torch.cat(out)
 
     return fn
@@ -140,12 +147,13 @@ def image_encoder(model: nn.Module, meta: dict, layer: int, tokenize: Callable[[
 def pixel_encoder(patch: int) -> Encoder:
     """Frames -> (N, (R/P)², P·P·3) raw patches in [0, 1], raster order (the tokens' grid)."""
 
+    from pipeline.tokenizers.patch import patchify
+
     def fn(frames: np.ndarray, states: np.ndarray) -> torch.Tensor:
-        n, r, _, c = frames.shape
+        n, r = frames.shape[:2]
         if r % patch:
             raise ValueError(f"frames of {r} px do not split into {patch} px patches")
-        g = r // patch
-        x = frames.reshape(n, g, patch, g, patch, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, g * g, -1)
+        x = patchify(frames, patch).reshape(n, (r // patch) ** 2, -1)  # (N, P, p·p·3)
         return torch.from_numpy(x.astype(np.float32) / 255.0)
 
     return fn
@@ -158,7 +166,8 @@ def state_encoder(frames: np.ndarray, states: np.ndarray) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ policy
 class BCPolicy(nn.Module):
-    """features (B, P, D) and proprioception (B, K) -> action (B, 2) in [-1, 1]²."""
+    """features (B, P, D) and proprioception (B, K) -> action (B, 2) in [-1, 1]². The pooling uses
+    gcd(heads, D) heads, so any feature width works (the state token's 6 values: 2 heads)."""
 
     def __init__(self, dim: int, proprio_dim: int, hidden: int, heads: int) -> None:
         super().__init__()
@@ -236,7 +245,6 @@ def robot_job(
     out_dir: str,
     *,
     tokenize: Callable[[np.ndarray], np.ndarray] | None,
-    resolution: int,
     patch: int,
     cfg: RobotConfig | None = None,
     task: PushConfig | None = None,
@@ -244,14 +252,14 @@ def robot_job(
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
 ) -> tuple[dict, str]:
     """Collect demonstrations once, then for each encoder: features, policy, closed-loop success.
-    Writes robot.json. `model`/`meta`/`tokenize` may be None when no encoder needs them."""
+    Frames are rendered at ``task.resolution``. Writes robot.json. `model`/`meta`/`tokenize` may be
+    None when no encoder needs them."""
     from pipeline.storage import write_json
+    from trainer.evals.context import trained_context
     from trainer.evals.run import default_track_layer, parse_layers
 
     cfg = cfg or RobotConfig()
-    task = task or PushConfig(resolution=resolution)
-    if task.resolution != resolution:
-        raise ValueError(f"task resolution {task.resolution} differs from resolution {resolution}")
+    task = task or PushConfig()
     needs_model = {"toto", "random"} & set(cfg.encoders)
     if needs_model and (model is None or meta is None or tokenize is None):
         raise ValueError(f"encoders {', '.join(sorted(needs_model))} need a checkpoint and its tokenizer")
@@ -277,19 +285,21 @@ def robot_job(
             backbone = model if name == "toto" else _random_like(model, cfg.seed)
             encoder = image_encoder(backbone.to(device).eval(), meta, layer, tokenize, record=context)
         elif name == "pixels":
-            encoder = pixel_encoder(patch)
+            backbone, encoder = None, pixel_encoder(patch)
         else:
-            encoder = state_encoder
-        feats = encoder(demos["frames"], demos["states"])  # (N, P, D)
-        policy, mse = train_policy(feats, proprio, actions, cfg, device)
-        got = evaluate_policy(task, _policy_actor(encoder, policy, device), seeds)
+            backbone, encoder = None, state_encoder
+        # A context extension for this grid lasts for this encoder only: the caller's model leaves as trained.
+        with trained_context(backbone) if backbone is not None else contextlib.nullcontext():
+            feats = encoder(demos["frames"], demos["states"])  # (N, P, D)
+            policy, mse = train_policy(feats, proprio, actions, cfg, device)
+            got = evaluate_policy(task, _policy_actor(encoder, policy, device), seeds)
         results[name] = {"success_rate": got["success_rate"], "mean_steps": got["mean_steps"],
                          "mean_final_distance": got["mean_final_distance"], "train_mse": mse,
                          "feature_shape": list(feats.shape[1:]), "episodes_succeeded": int(sum(got["success"]))}
         log(f"{name:7s} success {got['success_rate']:.0%}  final distance {got['mean_final_distance']:.3f}  "
             f"train MSE {mse:.4f}  ({time.perf_counter() - t1:.1f} s)")
     doc = {"schema": "robot_result", "version": 1, "task": "push", "checkpoint": str((meta or {}).get("step_dir", "")),
-           "layer": layer, "resolution": resolution, "patch": patch, "config": asdict(cfg) | {"layer": layer},
+           "layer": layer, "resolution": task.resolution, "patch": patch, "config": asdict(cfg) | {"layer": layer},
            "task_config": asdict(task), "context": context,
            "counts": {"demo_episodes": cfg.demos, "demo_steps": int(len(demos["actions"])),
                       "eval_episodes": cfg.episodes},
@@ -373,7 +383,7 @@ def robot_command(ckpt, out_dir, encoders, layer, demos, episodes, noise, epochs
         task = PushConfig(resolution=res, max_steps=max_steps)
         with torch_threads(threads):
             doc, path = robot_job(model, meta, out_dir, tokenize=frame_tokenizer_from_meta(meta, tokenizer_spec),
-                                  resolution=res, patch=patch, cfg=cfg, task=task, device=device)
+                                  patch=patch, cfg=cfg, task=task, device=device)
     except (ValueError, RuntimeError) as e:
         raise click.ClickException(str(e)) from e
     rows = "  ".join(f"{k} {v['success_rate']:.0%}" for k, v in doc["results"].items())

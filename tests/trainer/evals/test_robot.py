@@ -147,3 +147,20 @@ def test_robot_command_end_to_end(tmp_path, demo_checkpoint):
     bad = CliRunner().invoke(main, ["robot", str(tmp_path / "run"), "--out", str(tmp_path / "o2"), "--encoders", "toto,dino"])
     assert bad.exit_code != 0 and "pick distinct names from toto, random, pixels, state" in bad.output
     assert "Traceback" not in bad.output
+
+
+def test_image_features_are_the_frames_tokens_after_bos_image(tmp_path, demo_checkpoint):
+    from trainer.checkpoint import load_model
+    from trainer.evals.robot import image_encoder
+    from trainer.evals.run import frame_tokenizer_from_meta
+
+    model, meta = load_model(demo_checkpoint(str(tmp_path / "run"), max_seq_len=1 + 64, grid=(8, 8)))
+    tokenize = frame_tokenizer_from_meta(meta)
+    frames = np.stack([PushEnv(PushConfig(), s).frame() for s in range(3)])
+    got = image_encoder(model, meta, 1, tokenize, batch=2)(frames, None)  # two batches
+    toks = torch.from_numpy(np.asarray(tokenize(frames)).reshape(3, 64).astype(np.int64))
+    seq = torch.cat([torch.full((3, 1), meta["specials"]["bos_image"]), toks], 1)  # (3, 65)
+    with torch.no_grad():
+        want = model.features(seq, [1])[0][:, 1:]  # the frame's 64 positions
+    assert got.shape == (3, 64, 32)
+    torch.testing.assert_close(got, want)
