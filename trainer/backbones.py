@@ -118,20 +118,27 @@ def resize_positions(weight: torch.Tensor, old_grid: tuple[int, int], new_grid: 
     """GPT-2's learned positions for a new frame grid (coarse to fine: 16x16 -> 32x32 tokens).
 
     weight (T_old, D) follows the training layout [start token, frame 0's h*w tokens, frame 1's, ...].
-    The start token's row is kept; each whole frame's h x w rows are resized bilinearly to the new
-    grid, so a token keeps the position of the same place in the picture; the result is cut to
-    new_len rows -> (new_len, D).
+    The start token's row is kept; each frame's h x w rows are resized bilinearly to the new grid, so a
+    token keeps the position of the same place in the picture; the result is cut to new_len rows ->
+    (new_len, D). A last frame the table holds only in part (a model reads all but the last token of
+    its sequences, so a clip's last frame lacks its last row) is completed with the previous frame's
+    rows at the missing places before it is resized.
     """
     (h, w), (h2, w2) = old_grid, new_grid
     T_old, D = weight.shape
-    frames = (T_old - 1) // (h * w)
+    hw = h * w
+    whole, part = divmod(T_old - 1, hw)
+    frames = whole + (1 if part and whole else 0)  # a partial first frame has no earlier frame to complete it
     need = -(-(new_len - 1) // (h2 * w2))
     if need > frames:
         raise ValueError(
-            f"the source positions hold {frames} whole {h}x{w} frames but {new_len} positions of {h2}x{w2} frames "
+            f"the source positions hold {frames} {h}x{w} frames but {new_len} positions of {h2}x{w2} frames "
             f"need {need}; train the first stage with a longer context or use fewer frames"
         )
-    grid = weight[1 : 1 + need * h * w].reshape(need, h, w, D).permute(0, 3, 1, 2)  # (F, D, h, w)
+    rows = weight[1 : 1 + need * hw]
+    if rows.shape[0] < need * hw:  # the partial last frame: its missing rows from the frame before
+        rows = torch.cat([rows, weight[1 + (need - 1) * hw - hw + part : 1 + (need - 1) * hw]])
+    grid = rows.reshape(need, h, w, D).permute(0, 3, 1, 2)  # (F, D, h, w)
     grid = F.interpolate(grid.float(), size=(h2, w2), mode="bilinear", align_corners=False)
     rows = grid.permute(0, 2, 3, 1).reshape(need * h2 * w2, D).to(weight.dtype)  # (F*h2*w2, D)
     return torch.cat([weight[:1], rows])[:new_len].contiguous()

@@ -202,6 +202,30 @@ def _barrier(d: _Dist, device: torch.device) -> None:
             dist.barrier()
 
 
+def _stage_positions(weight: torch.Tensor, old_grid, new_grid, new_len: int, init_from: str, *,
+                     announce: bool = False) -> torch.Tensor:
+    """GPT-2's learned positions (T_old, D) of a first stage laid out for this run's grid and length
+    (new_len, D): unchanged when both match, else `trainer.backbones.resize_positions` (the start row
+    kept, each frame's rows resized bilinearly) from the grids the two mix manifests record."""
+    from trainer.backbones import resize_positions
+
+    same_grid = old_grid is not None and new_grid is not None and tuple(old_grid) == tuple(new_grid)
+    if same_grid and weight.shape[0] == new_len:
+        return weight
+    if old_grid is None or new_grid is None:
+        if weight.shape[0] == new_len:
+            return weight  # no grid recorded (data without a mix manifest): nothing says the layout changed
+        raise ValueError(
+            f"init_from={init_from}: its GPT-2 positions have {weight.shape[0]} rows, this run needs {new_len}, and "
+            f"the {'initial checkpoint' if old_grid is None else 'new data'} records no token grid to resize them "
+            "by; train both stages on mix manifests (toto-pipeline mix)")
+    out = resize_positions(weight, tuple(int(g) for g in old_grid), tuple(int(g) for g in new_grid), new_len)
+    if announce:
+        print(f"init_from: GPT-2 positions resized from {weight.shape[0]} rows of {old_grid[0]}x{old_grid[1]} "
+              f"frames to {new_len} rows of {new_grid[0]}x{new_grid[1]} frames", file=sys.stderr, flush=True)
+    return out
+
+
 def _read_mix_doc(data: str) -> dict:
     """The mix manifest (for the tokenizer id, grid and frames recorded in checkpoints); {} when the
     data is not a manifest file (an injected loader in tests)."""
@@ -575,6 +599,10 @@ def _train(cfg, data, out: str, factory, d: _Dist, on_log, so: dict | None, outp
                 icfg, int(init_meta.get("seq_len") or icfg.max_seq_len), init_model.num_params(include_embedding=False))
         del init_model
         shapes = {k: tuple(v.shape) for k, v in raw.state_dict().items()}
+        if "pos_embeddings.weight" in init_sd:  # GPT-2: one learned row per slot of the first stage's layout
+            init_sd["pos_embeddings.weight"] = _stage_positions(
+                init_sd["pos_embeddings.weight"], init_meta.get("grid"), mix_doc.get("grid"),
+                shapes["pos_embeddings.weight"][0], cfg.init_from, announce=d.rank == 0)
         wrong = [k for k, v in init_sd.items() if shapes.get(k) != tuple(v.shape)]
         if wrong:
             raise ValueError(

@@ -141,8 +141,12 @@ def test_resize_positions_interpolates_each_frame_and_keeps_the_start_token():
     torch.testing.assert_close(grid[1, :, :, 2], expect.expand(8, 8))
     torch.testing.assert_close(grid[0, :, :, 1], expect[:, None].expand(8, 8))
     assert torch.equal(grid[1, :, :, 0], torch.ones(8, 8)) and torch.equal(new[129:, 0], torch.full((10,), 2.0))
-    with pytest.raises(ValueError, match="whole 4x4 frames"):
+    with pytest.raises(ValueError, match="hold 3 4x4 frames"):
         resize_positions(weight, (h, w), (8, 8), 1 + 4 * 64)
+    # A model's inputs lack the clip's last token: the third frame's missing rows come from the second frame.
+    cut = weight[:-3]
+    done = resize_positions(cut, (h, w), (h, w), weight.shape[0])
+    assert torch.equal(done[: cut.shape[0]], cut) and torch.equal(done[cut.shape[0]:], weight[1 + 16 + 13 : 1 + 32])
 
 
 QUIET = ["progress=false", "tensorboard=false", "global_batch=2", "micro_batch=2", "val_every=0"]
@@ -198,3 +202,37 @@ def test_presets_arms_at_280m_sweep_and_second_stage():
     for name, base in (("base-256", "base"), ("large-256", "large"), ("1b-256", "1b")):
         m = PRESETS[name].model
         assert m.rope_theta == 50000.0 and (m.dim, m.n_layers) == (PRESETS[base].model.dim, PRESETS[base].model.n_layers)
+
+
+def test_init_from_resizes_gpt2_positions_to_the_new_grid(tmp_path, capsys):
+    from patch_data import write_pair
+
+    from pipeline.mix import MixConfig, build_mix
+
+    videos = [{"frames": 12, "label": "a"}, {"frames": 12, "split": "val", "label": "b"}]
+    mixes = {}
+    for grid in (2, 4):  # 8 px and 16 px frames of 4 px patches: 2x2 and 4x4 token grids
+        tok, _ = write_pair(tmp_path / f"g{grid}", videos, dataset="k600", grid=grid)
+        mixes[grid] = str(tmp_path / f"mix{grid}.json")
+        build_mix(MixConfig(ratios={"k600": "1"}, inputs={"k600": tok}, frames=3, stride=2, seed=0), mixes[grid],
+                  progress=False)
+    common = QUIET + ["max_steps=1", "warmup_steps=0", "ckpt_every=1", "position_loss=false"]
+    train(load_config("tiny-gpt2", common), mixes[2], tmp_path / "coarse")
+    # lr 1e-9: one step that leaves the loaded weights as they were, to the test's tolerance.
+    train(load_config("tiny-gpt2", common + ["lr=1e-9", f"init_from={tmp_path / 'coarse'}"]), mixes[4],
+          tmp_path / "fine")
+    coarse, cmeta = ck.load_model(tmp_path / "coarse")
+    fine, fmeta = ck.load_model(tmp_path / "fine")
+    assert (cmeta["grid"], fmeta["grid"]) == ([2, 2], [4, 4])
+    old, new = coarse.pos_embeddings.weight.detach(), fine.pos_embeddings.weight.detach()
+    assert (old.shape[0], new.shape[0]) == (12, 48)  # bos + 3 frames of 4 / of 16, less the last token
+    torch.testing.assert_close(new, resize_positions(old, (2, 2), (4, 4), 48), rtol=0, atol=1e-6)
+    csd = coarse.state_dict()
+    for k, v in fine.state_dict().items():  # every other weight is the first stage's
+        if k != "pos_embeddings.weight":
+            torch.testing.assert_close(v, csd[k], rtol=0, atol=1e-6)
+    assert "GPT-2 positions resized from 12 rows of 2x2 frames to 48 rows of 4x4 frames" in capsys.readouterr().err
+    # Data without a recorded grid cannot say how the rows map: refused by name.
+    with pytest.raises(ValueError, match="records no token grid"):
+        train(load_config("tiny-gpt2", common + [f"init_from={tmp_path / 'coarse'}"]), "fake", tmp_path / "x",
+              loader_factory=factory(seq_len=40))
