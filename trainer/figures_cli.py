@@ -45,7 +45,11 @@ def curves_command(run_dirs, out_dir, log_y) -> None:
 
 @click.command("position-loss")
 @click.argument("ckpt")
-@click.option("--data", required=True, help="Video token dataset (dir or s3:// URL), e.g. Kinetics-400 val tokens.")
+@click.option("--data", required=True,
+              help="Video token dataset (dir or s3:// URL), e.g. Kinetics-400 val tokens; for a patch-input model "
+                   "its pixel dataset (--tokenizer patch:P).")
+@click.option("--codes", default=None,
+              help="Patch -> dVAE models only: the token dataset of --data's input (the codes it predicts).")
 @click.option("--split", default="val", show_default=True, help="Split to score; 'all' for every split.")
 @click.option("--frames", default=16, show_default=True, type=int, help="Frames per clip (the paper: 16).")
 @click.option("--stride", default=4, show_default=True, type=int, help="Temporal stride inside a clip (the paper: 4).")
@@ -55,17 +59,19 @@ def curves_command(run_dirs, out_dir, log_y) -> None:
 @click.option("--out", "out_dir", default="position-loss-out", show_default=True,
               help="Output directory (position_loss.json, position_loss.png).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-def position_loss_command(ckpt, data, split, frames, stride, clips, max_clips, batch_size, out_dir, device) -> None:
+def position_loss_command(ckpt, data, codes, split, frames, stride, clips, max_clips, batch_size, out_dir, device) -> None:
     """Next-token loss by position (per token and per frame) of CKPT on a video dataset (Figure 10).
 
     The paper finds the first frame of a clip clearly harder to predict than the later ones. A clip
     of 16 frames of 256 tokens (4097 tokens with bos) is scored in the 4096-token context: the last
-    token is only a target. An image-only dataset is refused.
+    token is only a target. An image-only dataset is refused. A patch -> patch model is scored by its
+    MSE on the next normalised patch, a patch -> dVAE model by cross-entropy on the --codes dataset.
 
     Example:
 
     \b
         toto-train position-loss runs/large --data tok/k400 --frames 16 --out pos-out
+        toto-train position-loss runs/patch-dvae --data px/k400 --codes tok/k400 --out pos-out
     """
     import torch
 
@@ -77,7 +83,7 @@ def position_loss_command(ckpt, data, split, frames, stride, clips, max_clips, b
         model, meta = load_model(ckpt, device=dev)
         doc, json_path, png = position_loss_job(model, meta, data, out_dir, frames=frames, stride=stride, clips=clips,
                                                 split=None if split == "all" else split, batch_size=batch_size,
-                                                max_clips=max_clips)
+                                                max_clips=max_clips, codes=codes)
     except ValueError as e:
         raise click.ClickException(str(e)) from e
     per = "  ".join(f"{x:.3f}" for x in doc["per_frame"])

@@ -5,6 +5,11 @@ evenly spaced over the video's valid starts (one clip: the middle one), never cr
 between chunks or into another video. An image dataset gives ``images_per_seq`` consecutive images
 per item (1: one item per image). Items are laid out like training sequences: the start token,
 the frame tokens in raster order, optionally ``eos``.
+
+A pixel dataset (`--tokenizer patch:P`, ``values_per_token`` = P*P*3 in its manifest) gives the
+same items for the patch-input models: its rows are the patches of the frames, so each item also
+carries ``pixels`` (T, P*P*3) uint8 (zeros at special positions) and its ``tokens`` hold code 0 at
+every patch position (a patch model only reads which positions are special; trainer/patches.py).
 """
 
 from __future__ import annotations
@@ -62,7 +67,8 @@ def iter_clips(
     verify_sha256: bool = False,
     max_items: int | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Yield ``{"tokens": int32 [T], "label", "video_id", "frame_index": int64 [T], "split", "first_frame"}``.
+    """Yield ``{"tokens": int32 [T], "label", "video_id", "frame_index": int64 [T], "split", "first_frame"}``
+(and ``"pixels"``: uint8 [T, P*P*3] for a pixel dataset, module docstring).
 
     ``first_frame`` is counted inside its video.
 
@@ -83,8 +89,11 @@ def iter_clips(
     kind = kind or detect_kind(rows)
     if kind not in ("image", "video"):
         raise ValueError(f"kind={kind!r}: use 'image' or 'video'")
-    hw = int(m["grid"][0]) * int(m["grid"][1])
-    store = TokenStore(dataset_url, m, hw, storage_options=storage_options, verify="sha256" if verify_sha256 else "off")
+    values = int(m["grid"][0]) * int(m["grid"][1])  # stored values per frame
+    vpt = int((m.get("tokenizer") or {}).get("values_per_token", 1))  # P*P*3 for a pixel dataset
+    hw = values // vpt  # positions per frame
+    store = TokenStore(dataset_url, m, values, storage_options=storage_options,
+                       verify="sha256" if verify_sha256 else "off")
     splits = [split] if split is not None else rows.splits()
     done = 0
     for sp in splits:
@@ -104,13 +113,20 @@ def iter_clips(
             items = [np.arange(i * images_per_seq, (i + 1) * images_per_seq, dtype=np.int64) for i in range(n)]
             start_tok = specials["bos_image"]
         for fr in items:
-            toks, q = store.gather(tab, fr[None, :])
+            toks, q = store.gather(tab, fr[None, :])  # (1, F, values)
+            pixels = None
+            if vpt > 1:
+                body = toks.reshape(-1, vpt).astype(np.uint8)  # (F*hw, P*P*3) patches in raster order
+                toks = np.zeros((1, len(fr), hw), dtype=toks.dtype)
             seq = assemble(toks, start=start_tok, seq_len=seq_len, specials=specials)
+            if vpt > 1:
+                pixels = np.zeros((seq_len, vpt), dtype=np.uint8)
+                pixels[1 : 1 + len(body)] = body
             r0 = int(q[0, 0])
             li = int(t.label[r0])
             vcode = int(t.video[r0])
             video_start = int(t.cum[int(np.searchsorted(t.video, vcode))])  # video numbers increase in row order
-            yield {
+            item = {
                 "tokens": seq["inputs"][0],
                 "frame_index": seq["frame_index"][0],
                 "label": t.labels[li] if li >= 0 else None,
@@ -118,6 +134,9 @@ def iter_clips(
                 "split": sp,
                 "first_frame": int(fr[0]) - video_start,  # frame number inside its video
             }
+            if pixels is not None:
+                item["pixels"] = pixels
+            yield item
             done += 1
             if max_items is not None and done >= max_items:
                 return

@@ -82,8 +82,14 @@ class ImageSource:
         self.layers, self.resolution, self.seed, self.augment = list(layers), int(resolution), int(seed), augment
         self.pool_tokens, self.storage_options = pool_tokens, storage_options
         self.n = len(items)
-        grid = np.asarray(tokenize(np.zeros((1, resolution, resolution, 3), np.uint8))).shape[1:]
-        p = int(np.prod(grid))
+        # A patch-input model reads the crops' own P x P patches (trainer.patches.image_inputs), no tokenizer.
+        self.patch = int(model.cfg.patch_size) if model.cfg.input == "patches" else None
+        if self.patch is not None:
+            if resolution % self.patch:
+                raise ValueError(f"resolution {resolution} is not a multiple of the model's {self.patch} px patches")
+            p = (resolution // self.patch) ** 2
+        else:
+            p = int(np.prod(np.asarray(tokenize(np.zeros((1, resolution, resolution, 3), np.uint8))).shape[1:]))
         if pool_tokens < 1 or p % pool_tokens:
             raise ValueError(f"pool_tokens={pool_tokens} must be >= 1 and divide the {p} visual tokens per image")
         self.tokens, self.dim = p // pool_tokens, int(model.cfg.dim)
@@ -107,6 +113,14 @@ class ImageSource:
 
     def features(self, idx: np.ndarray, epoch: int) -> dict[int, torch.Tensor]:
         frames = np.stack([self.frame(int(i), epoch) for i in idx])  # (b, R, R, 3)
+        if self.patch is not None:
+            from trainer.patches import image_inputs
+
+            x = torch.from_numpy(image_inputs(frames, self.patch, self.bos))  # (b, 1+hw, 1+P*P*3)
+            fi = torch.zeros(x.shape[:2], dtype=torch.int64)
+            fi[:, 0] = -1
+            feats = backbone_features(self.model, x, fi, self.layers, pool_tokens=self.pool_tokens)
+            return {layer: f.to(torch.float16).float() for layer, f in feats.items()}
         codes = np.asarray(self.tokenize(frames)).reshape(len(idx), -1).astype(np.int64)  # (b, h·w) raster order
         tokens = torch.from_numpy(np.concatenate([np.full((len(idx), 1), self.bos), codes], axis=1))  # (b, 1+hw)
         fi = torch.zeros_like(tokens)

@@ -118,7 +118,8 @@ def probe(ckpt, train_url, val_url, train_split, val_split, layers, pooling, cli
             classes=preset.get("classes"),
         )
         cfg = ProbeConfig(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, num_heads=heads)
-        tokenize = frame_tokenizer_from_meta(meta, tokenizer_spec) if train_images else None
+        tokenize = (frame_tokenizer_from_meta(meta, tokenizer_spec) if train_images and model.cfg.input != "patches"
+                    else None)  # a patch model reads the crops' pixels
         with torch_threads(threads):
             doc, json_path, png_path = probe_job(model, meta, job, cfg, out_dir, tokenize=tokenize,
                                                  resolution=resolution)
@@ -186,7 +187,7 @@ def track(ckpt, davis_root, split, layer, resolution, tokenizer_spec, max_frames
     """
     from trainer.checkpoint import load_model
     from trainer.evals.propagation import PropagationConfig
-    from trainer.evals.run import frame_tokenizer_from_meta, resolution_from_meta, track_job
+    from trainer.evals.run import frame_inputs_for, resolution_from_meta, track_job
 
     try:
         model, meta = load_model(ckpt, device=device)
@@ -194,7 +195,7 @@ def track(ckpt, davis_root, split, layer, resolution, tokenizer_spec, max_frames
         res = resolution or resolution_from_meta(meta)
         with torch_threads(threads):
             doc, path = track_job(model, meta, davis_root, out_dir,
-                                  tokenize=frame_tokenizer_from_meta(meta, tokenizer_spec), resolution=res, layer=layer,
+                                  tokenize=frame_inputs_for(model, meta, tokenizer_spec), resolution=res, layer=layer,
                                   split=split, max_frames=max_frames, cfg=cfg, layers=layers_spec,
                                   context=context_rule)
     except (ValueError, RuntimeError) as e:

@@ -100,7 +100,8 @@ def patch_features(
     dtype: torch.dtype = torch.float32,
 ) -> dict[int, torch.Tensor]:
     """Per-patch features of a video after each of `layers`, from one backbone pass per window:
-    (F, h, w) tokens -> {layer: (F, h, w, D)} in `dtype` on the CPU.
+    (F, h, w) tokens, or for a patch-input model (F, h, w, P*P*3) pixel patches, -> {layer: (F, h, w, D)}
+    in `dtype` on the CPU.
 
     The clip is fed as ``[bos] + frames`` in raster order, as in training (``bos=None``: frames
     only, the drop_bos layout). Clips longer than the model's context are covered by windows of
@@ -109,7 +110,7 @@ def patch_features(
     `trainer.evals.features.backbone_features` (bf16 autocast on CUDA, as for the probes); STA's
     features come from here too.
     """
-    n, h, w = frame_tokens.shape
+    n, h, w = frame_tokens.shape[:3]
     hw = h * w
     head = [] if bos is None else [bos]
     max_frames = (model.cfg.max_seq_len - len(head)) // hw
@@ -124,8 +125,15 @@ def patch_features(
     start = 0
     while True:
         end = min(n, start + window)
-        seq = np.concatenate([head, frame_tokens[start:end].reshape(-1)]).astype(np.int64)  # (T,)
-        fi = np.zeros_like(seq)
+        if frame_tokens.ndim == 4:  # pixel patches: the patch model's packed (T, 1 + P*P*3) sequence
+            from trainer.patches import pack_inputs
+
+            body = frame_tokens[start:end].reshape((end - start) * hw, -1)
+            ids = np.concatenate([head, np.zeros(len(body), dtype=np.int64)])
+            seq = pack_inputs(ids[None], np.concatenate([np.zeros((len(head), body.shape[1]), body.dtype), body])[None])[0]
+        else:
+            seq = np.concatenate([head, frame_tokens[start:end].reshape(-1)]).astype(np.int64)  # (T,)
+        fi = np.zeros(seq.shape[0], dtype=np.int64)
         fi[: len(head)] = -1  # bos is not a visual position
         # The evaluations' one backbone pass (no grad; bf16 autocast on CUDA, as the probes run it).
         feats = backbone_features(model, torch.from_numpy(seq)[None], torch.from_numpy(fi)[None], list(layers))

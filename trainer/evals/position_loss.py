@@ -42,11 +42,14 @@ def per_position_loss(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mean cross-entropy per sequence position and the target frame of each position.
 
-    ``batches`` yield dicts with "inputs" and "targets" int64 (B, T) and either
+    ``batches`` yield dicts with "inputs" and "targets" int64 (B, T) (a patch model's packed inputs and
+    targets, trainer/patches.py: the loss is then its own, MSE for pixel targets) and either
     "target_frame_index" (B, T) or "frame_index" (B, T) (the frame of each input; the target
     frame is then the next position's). Targets of -100 (padding) are ignored.
     Returns (loss (T,), target_frame (T,)), with NaN loss where no target was scored.
     """
+    from trainer.patches import pixel_losses, target_ids
+
     device = next(model.parameters()).device
     total = None
     count = None
@@ -58,10 +61,12 @@ def per_position_loss(
                 break
             inputs = torch.as_tensor(batch["inputs"]).to(device)
             targets = torch.as_tensor(batch["targets"]).to(device)
-            loss = token_losses(model(inputs), targets)  # (B, T)
-            valid = (targets != IGNORE_INDEX).float()
+            out = model(inputs)
+            # Packed pixel targets (patch -> patch, B x T x 1+P*P*3): MSE on the next normalised patch.
+            loss = pixel_losses(out, targets) if targets.ndim == 3 else token_losses(out, targets)  # (B, T)
+            valid = (target_ids(targets) != IGNORE_INDEX).float()
             if total is None:
-                total = torch.zeros(inputs.shape[1], dtype=torch.float64)
+                total = torch.zeros(inputs.shape[1], dtype=torch.float64)  # (T,)
                 count = torch.zeros(inputs.shape[1], dtype=torch.float64)
                 if "target_frame_index" in batch:
                     tframe = np.asarray(batch["target_frame_index"])[0].astype(np.int64)
@@ -108,7 +113,7 @@ def plot_position_loss(doc: dict, tokens_per_frame: int, path: str) -> str:
     for f in range(1, len(doc["per_frame"])):
         a0.axvline(f * tokens_per_frame, color="grey", lw=0.3)
     a0.set_xlabel("token position")
-    a0.set_ylabel("loss (nats)")
+    a0.set_ylabel("MSE (normalised patch)" if doc.get("loss") == "mse_next_patch" else "loss (nats)")
     a0.set_title("loss per position")
     a1.bar(np.arange(len(doc["per_frame"])), doc["per_frame"])
     a1.set_xlabel("frame in clip")

@@ -264,6 +264,10 @@ def robot_job(
     if needs_model and (model is None or meta is None or tokenize is None):
         raise ValueError(f"encoders {', '.join(sorted(needs_model))} need a checkpoint and its tokenizer")
     layer = None
+    if needs_model and model.cfg.input == "patches":
+        raise ValueError("the robot task's image encoder feeds dVAE codes; a patch-input model (model.input=patches) "
+                         "is probed with `toto-train probe` and `track` on its pixel datasets; use --encoders pixels,state "
+                         "for the task's raw-patch and true-state baselines")
     if needs_model:
         n_layers = int(model.cfg.n_layers)
         layer = cfg.layer or default_track_layer(n_layers)

@@ -244,6 +244,7 @@ def probe_job(
         p.requires_grad_(False)
     # The checkpoint the features come from: the probe state and feature cache are keyed by it.
     ckpt_id = hashlib.sha256(f"{meta.get('step_dir', '')}|{meta.get('step', '')}".encode()).hexdigest()[:12]
+    check_probe_data(model, job, storage_options)
     with trained_context(model):  # the caller's model is as trained again afterwards
         args = dict(job=job, specials=meta["specials"], max_seq_len=context_limit(model, job.context),
                     storage_options=storage_options, dist=dist)
@@ -256,7 +257,7 @@ def probe_job(
             model, context, (va_tok, va_fi) = fit_probe_inputs(model, job.context, (va_tok, va_fi))
             from trainer.evals.augment import ImageSource, list_probe_images
 
-            if tokenize is None:
+            if tokenize is None and model.cfg.input != "patches":  # a patch model reads the crops' own pixels
                 raise ValueError("probing on raw images needs the checkpoint's tokenizer: pass --tokenizer SPEC")
             if job.features == "cache":
                 raise ValueError("augmented images are new crops every epoch and cannot be cached: use --features stream")
@@ -332,6 +333,16 @@ def probe_job(
         return doc, json_path, png_path
 
 
+def check_probe_data(model: torch.nn.Module, job: ProbeJob, storage_options: dict | None = None) -> None:
+    """The probe's datasets are what the model reads (codes, or a patch model's pixel datasets), else a
+    ValueError naming the dataset to pass."""
+    from pipeline.shards import read_manifest
+    from trainer.patches import check_input_dataset
+
+    for url in [job.val] + ([] if job.train_images is not None else [job.train]):
+        check_input_dataset(model.cfg, read_manifest(url, storage_options), url)
+
+
 def resolution_from_meta(meta: dict) -> int:
     """Training frame size of a checkpoint: recorded, or token grid × tokenizer downsampling."""
     if meta.get("resolution"):
@@ -359,6 +370,17 @@ def tokenizer_spec_for(meta: dict, spec: str | None) -> str:
         f"the checkpoint was trained on tokenizer {info.get('id')!r}; pass --tokenizer SPEC "
         "(dalle:DIR, vqgan:DIR, dvae:DIR or demo) pointing at the same weights"
     )
+
+
+def frame_inputs_for(model: torch.nn.Module, meta: dict, spec: str | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """What the model reads of frames (F, R, R, 3) uint8: their codes (F, h, w) by the checkpoint's
+    tokenizer, or for a patch-input model their own P x P patches (F, h, w, P*P*3)."""
+    if model.cfg.input == "patches":
+        from pipeline.tokenizers.patch import patchify
+
+        p = int(model.cfg.patch_size)
+        return lambda frames: patchify(np.asarray(frames), p)
+    return frame_tokenizer_from_meta(meta, spec)
 
 
 def frame_tokenizer_from_meta(meta: dict, spec: str | None = None) -> Callable[[np.ndarray], np.ndarray]:
@@ -403,8 +425,8 @@ def features_fn_for(
     trained_grid = tuple(meta["grid"]) if meta.get("grid") else None
 
     def fn(frames: np.ndarray) -> torch.Tensor | dict[int, torch.Tensor]:
-        tokens = tokenize(frames)  # (F, h, w)
-        _, h, w = tokens.shape
+        tokens = tokenize(frames)  # (F, h, w) codes, or (F, h, w, P*P*3) patches for a patch model
+        h, w = tokens.shape[1:3]
         head = 0 if bos is None else 1
         window = max(1, (trained_length(model) - head) // (h * w))
         fitted, rec = fit_context(model, head + window * h * w, context, grid=(h, w), trained_grid=trained_grid)

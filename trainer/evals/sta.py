@@ -264,7 +264,7 @@ def sta_command(ckpt, annotations_dir, videos_dir, detections_path, out_dir, lay
     """
     from trainer.checkpoint import load_model
     from trainer.evals.probes import torch_threads
-    from trainer.evals.run import frame_tokenizer_from_meta, resolution_from_meta
+    from trainer.evals.run import frame_inputs_for, resolution_from_meta
 
     try:
         cfg = StaConfig(frames=frames, stride=stride, layer=layer, epochs=epochs, lr=lr, min_score=min_score)
@@ -272,7 +272,7 @@ def sta_command(ckpt, annotations_dir, videos_dir, detections_path, out_dir, lay
         res = resolution or resolution_from_meta(meta)
         with torch_threads(threads):
             doc, path = sta_job(model, meta, annotations_dir, videos_dir, detections_path, out_dir,
-                                tokenize=frame_tokenizer_from_meta(meta, tokenizer_spec), resolution=res, cfg=cfg,
+                                tokenize=frame_inputs_for(model, meta, tokenizer_spec), resolution=res, cfg=cfg,
                                 max_annotations=max_annotations)
     except (ValueError, RuntimeError) as e:
         raise click.ClickException(str(e)) from e

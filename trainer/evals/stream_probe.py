@@ -12,6 +12,8 @@ Feature sources (what a batch of sample indices turns into: {layer: (b, P, D) fl
   2·D bytes a token for one layer's fp16 feature), and every epoch re-reads batches of tokens in
   a fresh global shuffle and runs the backbone on them. The shuffle has to be global: datasets are
   stored class by class, so a bounded shuffle buffer over the stream would give one-class batches.
+  For a patch-input model (a pixel dataset) the file also holds each position's patch (uint8, N x T x
+  P*P*3), packed for the model as batches are read (`trainer.patches.PackedRows`).
 - `CacheSource` ("cache"): features of every layer computed once into fp16 `.npy` memmaps on disk
   and read back by batch; cheaper when the set is small (one backbone pass in all).
 - `TensorSource`: features already in memory (`train_probe` and unit tests).
@@ -147,8 +149,9 @@ class TensorSource:
 class TokenSource:
     """Runs the frozen backbone on a batch of token sequences read from a token file (stream mode).
 
-    tokens (N, T) int32 and frame_index (N, T) int16 (np.memmap or arrays); ``rows`` maps sample
-    i to its row (a subset of the file). Returns {layer: (b, P, D) float32 on the model's device}."""
+    tokens (N, T) int32, or for a patch model packed (N, T, 1 + P*P*3) (`PackedRows`), and frame_index
+    (N, T) int16 (np.memmap or arrays); ``rows`` maps sample i to its row (a subset of the file).
+    Returns {layer: (b, P, D) float32 on the model's device}."""
 
     def __init__(self, model: nn.Module, tokens: np.ndarray, frame_index: np.ndarray, layers: list[int], *,
                  rows: np.ndarray | None = None, pool_tokens: int = 1) -> None:
@@ -163,8 +166,8 @@ class TokenSource:
     def features(self, idx: np.ndarray, epoch: int) -> dict[int, torch.Tensor]:
         rows = self.rows[np.asarray(idx, dtype=np.int64)]
         order = np.argsort(rows, kind="stable")  # read the file in ascending rows, return in idx order
-        tok = np.empty((len(rows), self.tok.shape[1]), dtype=np.int64)
-        fi = np.empty_like(tok)
+        tok = np.empty((len(rows), *self.tok.shape[1:]), dtype=np.int64 if self.tok.ndim == 2 else np.int32)
+        fi = np.empty((len(rows), self.tok.shape[1]), dtype=np.int64)
         tok[order] = self.tok[rows[order]]
         fi[order] = self.fi[rows[order]]
         feats = backbone_features(self.model, torch.from_numpy(tok), torch.from_numpy(fi), self.layers,
@@ -192,8 +195,9 @@ def cache_bytes(n: int, tokens: int, dim: int, layers: int) -> int:
 
 
 def build_token_file(clips, out_dir: str, *, max_seq_len: int, what: str, key: dict | None = None) -> dict:
-    """Write the token sequences of an `iter_clips` stream to OUT/tokens.i32 and frames.i16 (raw, row-major)
-    and return {"n", "seq_len", "labels", "video_ids"}: one pass, memory bounded by one clip.
+    """Write the token sequences of an `iter_clips` stream to OUT/tokens.i32 and frames.i16 (raw, row-major),
+    and the patches of a pixel dataset's clips to OUT/pixels.u8, and return {"n", "seq_len", "labels",
+    "video_ids", "patch_values"}: one pass, memory bounded by one clip.
 
     A finished file carries index.json; an unfinished one (a killed run) is rebuilt."""
     os.makedirs(out_dir, exist_ok=True)
@@ -201,8 +205,9 @@ def build_token_file(clips, out_dir: str, *, max_seq_len: int, what: str, key: d
     if os.path.exists(index_path):
         with open(index_path) as f:
             return json.load(f)
-    labels, videos, seq_len = [], [], None
-    with open(os.path.join(out_dir, "tokens.i32"), "wb") as ft, open(os.path.join(out_dir, "frames.i16"), "wb") as ff:
+    labels, videos, seq_len, values = [], [], None, 0
+    with (open(os.path.join(out_dir, "tokens.i32"), "wb") as ft, open(os.path.join(out_dir, "frames.i16"), "wb") as ff,
+          open(os.path.join(out_dir, "pixels.u8"), "wb") as fp):
         for c in clips:
             if c["label"] is None:
                 continue
@@ -216,9 +221,14 @@ def build_token_file(clips, out_dir: str, *, max_seq_len: int, what: str, key: d
                 raise ValueError(f"{what}: sequences of {seq_len} and {len(t)} tokens; use clips of one length")
             ft.write(t.tobytes())
             ff.write(np.asarray(c["frame_index"], dtype=np.int16).tobytes())
+            if "pixels" in c:
+                px = np.asarray(c["pixels"], dtype=np.uint8)  # (T, P*P*3)
+                values = int(px.shape[1])
+                fp.write(px.tobytes())
             labels.append(c["label"])
             videos.append(c["video_id"])
-    info = {"n": len(labels), "seq_len": seq_len or 0, "labels": labels, "video_ids": videos, "key": key}
+    info = {"n": len(labels), "seq_len": seq_len or 0, "labels": labels, "video_ids": videos, "key": key,
+            "patch_values": values}
     from pipeline.storage import atomic_write_bytes
 
     atomic_write_bytes(index_path, json.dumps(info).encode())
@@ -226,9 +236,17 @@ def build_token_file(clips, out_dir: str, *, max_seq_len: int, what: str, key: d
 
 
 def open_token_file(out_dir: str, info: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens (N, T) int32 memmap, or `PackedRows` of a pixel dataset's file; frame_index (N, T) int16 memmap)."""
     shape = (int(info["n"]), int(info["seq_len"]))
-    return (np.memmap(os.path.join(out_dir, "tokens.i32"), dtype=np.int32, mode="r", shape=shape),
-            np.memmap(os.path.join(out_dir, "frames.i16"), dtype=np.int16, mode="r", shape=shape))
+    tok = np.memmap(os.path.join(out_dir, "tokens.i32"), dtype=np.int32, mode="r", shape=shape)
+    fi = np.memmap(os.path.join(out_dir, "frames.i16"), dtype=np.int16, mode="r", shape=shape)
+    values = int(info.get("patch_values", 0))
+    if values:
+        from trainer.patches import PackedRows
+
+        px = np.memmap(os.path.join(out_dir, "pixels.u8"), dtype=np.uint8, mode="r", shape=(*shape, values))
+        tok = PackedRows(tok, px)
+    return tok, fi
 
 
 def build_feature_cache(source: TokenSource, cache_dir: str, *, batch_size: int, dist: Dist | None = None,

@@ -15,7 +15,8 @@ class ToyBackbone(nn.Module):
 
     def __init__(self, vocab: int = 40, dim: int = 8, n_layers: int = 4, max_seq_len: int = 200) -> None:
         super().__init__()
-        self.cfg = types.SimpleNamespace(n_layers=n_layers, dim=dim, max_seq_len=max_seq_len, vocab_size=vocab)
+        self.cfg = types.SimpleNamespace(n_layers=n_layers, dim=dim, max_seq_len=max_seq_len, vocab_size=vocab,
+                                         input="tokens", target="tokens")
         g = torch.Generator().manual_seed(0)
         self.emb = nn.Parameter(torch.randn(vocab, dim, generator=g))
         self.head = nn.Linear(dim, vocab)
