@@ -190,10 +190,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("parallel,model", [("ddp", "tiny"), ("fsdp", "tiny"), ("ddp", "tiny-mamba")],
-                         ids=["ddp", "fsdp", "ddp-mamba"])
+@pytest.mark.parametrize("parallel,model", [("ddp", "tiny"), ("fsdp", "tiny"), ("ddp", "tiny-mamba"),
+                                            ("fsdp", "tiny-mamba"), ("fsdp", "tiny-gpt2")],
+                         ids=["ddp", "fsdp", "ddp-mamba", "fsdp-mamba", "fsdp-gpt2"])
 def test_two_process_gloo_equals_one_process_and_resumes(tmp_path, parallel, model):
-    # ddp-mamba: the backbone whose blocks are transformers' (GPT-2's are built like LLaMA's).
+    # mamba: the backbone whose blocks are transformers'; gpt2 under FSDP: its learned position table is
+    # a root parameter, sharded with the embedding rather than with a block.
     overrides = QUIET + ["max_steps=4", "global_batch=4", "micro_batch=1", "ckpt_every=2", "lr=3e-3",
                          f"parallel={parallel}", "val_every=2", f"model={model}"]
     single = tmp_path / "single"

@@ -167,3 +167,28 @@ def test_tracking_and_image_features_of_a_patch_model_are_its_features_on_the_pa
     img = image_inputs(frames[:2], P, 513)
     assert img.shape == (2, 5, 49) and img[:, 0, 0].tolist() == [513, 513] and not img[:, 0, 1:].any()
     np.testing.assert_array_equal(img[1, 1:, 1:], patchify(frames[1:2], P).reshape(4, 48))
+
+
+def test_probe_crops_of_raw_images_feed_a_patch_model_their_own_patches(runs, tmp_path):
+    from PIL import Image
+
+    from trainer.evals.augment import ImageSource, list_probe_images
+
+    model, meta = runs["tiny-patch"]
+    for c in range(2):
+        d = tmp_path / "train" / f"n0000000{c}"
+        d.mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(frames_of(10 * c + i, 1, 12)[0]).save(d / f"n0000000{c}_{i}.JPEG", quality=95)
+    items = list_probe_images(str(tmp_path), "imagenet", "train")
+    bos = meta["specials"]["bos_image"]
+    src = ImageSource(model, items, None, bos=bos, layers=[2], resolution=RES)  # no tokenizer: patches
+    assert (src.n, src.tokens, src.dim) == (4, 4, 32)
+    got = src.features(np.arange(4), epoch=3)[2]  # augmented crops of epoch 3
+    crops = np.stack([src.frame(i, 3) for i in range(4)])
+    x = torch.from_numpy(image_inputs(crops, P, bos))
+    with torch.no_grad():
+        want = model.features(x, layers=[2])[0][:, 1:]
+    torch.testing.assert_close(got, want.to(torch.float16).float())
+    with pytest.raises(ValueError, match="not a multiple of the model's 4 px patches"):
+        ImageSource(model, items, None, bos=bos, layers=[2], resolution=10)
