@@ -194,7 +194,18 @@ def inspect_cmd(target: str, as_json: bool, plot_path: str | None, others: tuple
         if not sides:
             raise click.ClickException(f"{target}: no committed shards found")
     cb = sides[0]["codebook_size"]
-    counts = store.token_histogram(out, cb, so, sidecars=sides)
+    counter = None
+    if plot_path:  # one pass: the n-gram counts hold the exact unigram histogram too
+        from pipeline.shards.ngrams import count_dataset
+
+        try:
+            counter, _ = count_dataset(out, so, buckets=ngram_buckets, sidecars=sides)
+        except ValueError as e:
+            raise click.ClickException(str(e)) from e
+    if counter is not None and counter.exact[1]:
+        counts = counter.counts[1]
+    else:
+        counts = store.token_histogram(out, cb, so, sidecars=sides)
     stats = store.unigram_stats(counts)
     fps = sorted({s.get("fps") for s in sides if s.get("fps") is not None})
     info = {
@@ -212,7 +223,7 @@ def inspect_cmd(target: str, as_json: bool, plot_path: str | None, others: tuple
         "top_codes": [[int(c), int(counts[c])] for c in np.argsort(-counts, kind="stable")[:10] if counts[c]],
     }
     if plot_path:
-        _ngram_plot(out, sides, list(others), plot_path, ngram_buckets, so)
+        _ngram_plot(out, sides, counter, list(others), plot_path, ngram_buckets, so)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -228,14 +239,14 @@ def inspect_cmd(target: str, as_json: bool, plot_path: str | None, others: tuple
 
 
 
-def _ngram_plot(out: str, sides: list[dict], others: list[str], plot_path: str, buckets: int, so) -> None:
-    """n-gram statistics of `out` (these sidecars) and of each other dataset: PNG + JSON (ngram_stats)."""
+def _ngram_plot(out: str, sides: list[dict], counter, others: list[str], plot_path: str, buckets: int, so) -> None:
+    """n-gram statistics of `out` (its counts, `counter`) and of each other dataset: PNG + JSON (ngram_stats)."""
     import os
 
-    from pipeline.shards.ngrams import dataset_ngrams, plot_ngrams
+    from pipeline.shards.ngrams import dataset_ngrams, ngram_doc, plot_ngrams
 
     try:
-        docs = [dataset_ngrams(out, so, buckets=buckets, sidecars=sides)]
+        docs = [ngram_doc(out, counter, sides)]
         docs += [dataset_ngrams(o, so, buckets=buckets) for o in others]
     except ValueError as e:
         raise click.ClickException(str(e)) from e

@@ -24,7 +24,8 @@ import numpy as np
 from pipeline import storage
 from pipeline.shards import store
 
-__all__ = ["NGRAM_ORDERS", "DEFAULT_BUCKETS", "NgramCounter", "dataset_ngrams", "plot_ngrams"]
+__all__ = ["NGRAM_ORDERS", "DEFAULT_BUCKETS", "NgramCounter", "count_dataset", "ngram_doc", "dataset_ngrams",
+           "plot_ngrams"]
 
 NGRAM_ORDERS = (1, 2, 3)
 DEFAULT_BUCKETS = 1 << 22  # 32 MiB of int64 counters per hashed order
@@ -97,9 +98,10 @@ class NgramCounter:
         return out
 
 
-def dataset_ngrams(target: str, storage_options: dict | None = None, *, buckets: int = DEFAULT_BUCKETS,
-                   sidecars: list[dict] | None = None) -> dict:
-    """n-gram summary of a token dataset directory (every committed shard), streamed row group by row group."""
+def count_dataset(target: str, storage_options: dict | None = None, *, buckets: int = DEFAULT_BUCKETS,
+                  sidecars: list[dict] | None = None) -> tuple[NgramCounter, list[dict]]:
+    """The n-gram counts of a token dataset directory (every committed shard, or these sidecars), streamed
+    row group by row group; returns (counter, sidecars)."""
     sides = sidecars if sidecars is not None else store.committed_shards(target, storage_options)
     if not sides:
         raise ValueError(f"{target}: no committed shards found")
@@ -113,8 +115,20 @@ def dataset_ngrams(target: str, storage_options: dict | None = None, *, buckets:
         with store.ShardReader(storage.join(target, s["data_file"]), s, storage_options) as r:
             for _, values in r.iter_token_batches():
                 counter.add(np.asarray(values).reshape(-1, hw))  # rows hold whole frames: (F, HW)
-    return {"target": target, "tokenizer": sides[0]["tokenizer"]["id"], "codebook_size": cb,
-            "grid": list(next(iter(grids))), "ngrams": counter.summary()}
+    return counter, sides
+
+
+def ngram_doc(target: str, counter: NgramCounter, sides: list[dict]) -> dict:
+    """The `ngram_stats` entry of one dataset from its counts."""
+    return {"target": target, "tokenizer": sides[0]["tokenizer"]["id"], "codebook_size": counter.v,
+            "grid": list(sides[0]["grid"]), "ngrams": counter.summary()}
+
+
+def dataset_ngrams(target: str, storage_options: dict | None = None, *, buckets: int = DEFAULT_BUCKETS,
+                   sidecars: list[dict] | None = None) -> dict:
+    """n-gram summary of a token dataset directory (every committed shard), streamed row group by row group."""
+    counter, sides = count_dataset(target, storage_options, buckets=buckets, sidecars=sidecars)
+    return ngram_doc(target, counter, sides)
 
 
 def plot_ngrams(datasets: list[dict], path: str) -> str:

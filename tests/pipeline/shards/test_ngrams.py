@@ -63,13 +63,22 @@ def _dataset(out, tok_id: str, codes: int, seed: int) -> str:
     return str(out)
 
 
-def test_inspect_plot_two_tokenizers(tmp_path):
+def test_inspect_plot_two_tokenizers(tmp_path, monkeypatch):
+    from pipeline.shards import store
+
     a = _dataset(tmp_path / "a", "tok-a", codes=16, seed=0)
     b = _dataset(tmp_path / "b", "tok-b", codes=256, seed=1)
+    plain = CliRunner().invoke(main, ["inspect", a, "--json"])
     png = tmp_path / "fig" / "ngrams.png"
+    opened = []
+    real_init = store.ShardReader.__init__
+    monkeypatch.setattr(store.ShardReader, "__init__", lambda self, url, *a, **k: (opened.append(url),
+                                                                                   real_init(self, url, *a, **k))[1])
     res = CliRunner().invoke(main, ["inspect", a, "--with", b, "--plot", str(png), "--json"])
     assert res.exit_code == 0, res.output
     info = json.loads(res.output[res.output.index("{"):])
+    assert len(opened) == len(set(opened)) == 4  # each dataset's 2 shards read once: statistics and n-grams together
+    assert info == json.loads(plain.output[plain.output.index("{"):])  # the same statistics as without --plot
     doc = json.loads(png.with_suffix(".json").read_text())
     validate(doc, "ngram_stats")
     da, db = doc["datasets"]
