@@ -56,7 +56,9 @@ class StudyConfig:
     video_frames: int = 8  # frames per video clip for the video probe (context and memory permitting)
     video_stride: int = 2
     video_clips: int = 2
-    video_pool_tokens: int = 4  # average 4 consecutive tokens of video clips before the probe (memory)
+    # Every video token reaches the probe (8 frames x 64 = 512): averaging 4 raster-neighbours first mixed
+    # the object's tokens with the background's, the very selection finding 1's attention head is about.
+    video_pool_tokens: int = 1
     loss_clips: int = 32  # clips for loss by position
     loss_frames: int | None = None  # None: as many frames as the context holds (at most 16)
     loss_stride: int | None = None  # None: video_stride
