@@ -20,8 +20,11 @@ def _fail(e: Exception) -> None:
 @click.command("probe")
 @click.argument("ckpt")
 @click.option("--train", "train_url", default=None,
-              help="Labelled token dataset (dir or s3:// URL) to train the probe on (required unless --train-images).")
-@click.option("--val", "val_url", required=True, help="Labelled token dataset to score the probe on (may equal --train with other splits).")
+              help="Labelled token dataset (dir or s3:// URL) to train the probe on (required unless --train-images); "
+                   "for a patch-input model its pixel dataset (--tokenizer patch:P).")
+@click.option("--val", "val_url", required=True,
+              help="Labelled token (or, for a patch model, pixel) dataset to score the probe on (may equal --train "
+                   "with other splits).")
 @click.option("--train-split", default="train", show_default=True, help="Split of --train to use; 'all' for every split.")
 @click.option("--val-split", default="val", show_default=True, help="Split of --val to use; 'all' for every split.")
 @click.option("--layers", default="all", show_default=True,
