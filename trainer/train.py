@@ -46,7 +46,7 @@ from pipeline import storage
 from pipeline.mix.sequence import IGNORE_INDEX
 from trainer import checkpoint as ck
 from trainer.config import TrainConfig, config_to_dict
-from trainer.evals.position_loss import target_frames, token_losses
+from trainer.evals.position_loss import next_losses, target_frames
 from trainer.model import CausalLM, ModelConfig, build_model, flops_per_token, param_groups
 from trainer.patches import pixel_losses, target_ids
 from trainer.process_group import full_state_dicts, init_process_group, load_full_state_dicts
@@ -734,8 +734,8 @@ def _train(cfg, data, out: str, factory, d: _Dist, on_log, so: dict | None, outp
                 x, y = b["inputs"].to(device), b["targets"].to(device)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     logits = raw(x)  # (b, T, V); no DDP wrapper needed without gradients
-                tok = (pixel_losses(logits, y) if y.ndim == 3 else token_losses(logits, y)).double().cpu()  # (B, T)
-                valid = (target_ids(y) != IGNORE_INDEX).cpu()
+                tok, valid = next_losses(logits, y)  # (B, T) each
+                tok, valid = tok.double().cpu(), valid.cpu()
                 pos_sum += (tok * valid).sum(0)
                 pos_cnt += valid.sum(0)
                 if n_frames:

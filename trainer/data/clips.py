@@ -115,13 +115,11 @@ def iter_clips(
         for fr in items:
             toks, q = store.gather(tab, fr[None, :])  # (1, F, values)
             pixels = None
-            if vpt > 1:
-                body = toks.reshape(-1, vpt).astype(np.uint8)  # (F*hw, P*P*3) patches in raster order
+            if vpt > 1:  # the patches (F*hw, P*P*3) in raster order after the start token; code 0 as their ids
+                pixels = np.zeros((seq_len, vpt), dtype=np.uint8)
+                pixels[1 : 1 + len(fr) * hw] = toks.reshape(-1, vpt)
                 toks = np.zeros((1, len(fr), hw), dtype=toks.dtype)
             seq = assemble(toks, start=start_tok, seq_len=seq_len, specials=specials)
-            if vpt > 1:
-                pixels = np.zeros((seq_len, vpt), dtype=np.uint8)
-                pixels[1 : 1 + len(body)] = body
             r0 = int(q[0, 0])
             li = int(t.label[r0])
             vcode = int(t.video[r0])

@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.mix.sequence import IGNORE_INDEX
+from trainer.patches import pixel_losses, target_ids
 
-__all__ = ["token_losses", "target_frames", "per_position_loss", "summarize_position_loss", "plot_position_loss"]
+__all__ = ["token_losses", "next_losses", "target_frames", "per_position_loss", "summarize_position_loss",
+           "plot_position_loss"]
 
 
 def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -26,6 +28,15 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten().long(), ignore_index=IGNORE_INDEX,
                            reduction="none").view_as(targets)
+
+
+def next_losses(out: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's own loss at every position and where it counts: (loss fp32 (B, T), valid bool (B, T)).
+
+    Cross-entropy for token targets (B, T); for a patch -> patch model's packed pixel targets
+    (B, T, 1 + P*P*3, trainer/patches.py) the MSE on the next per-patch-normalised patch."""
+    loss = pixel_losses(out, targets) if targets.ndim == 3 else token_losses(out, targets)
+    return loss, target_ids(targets) != IGNORE_INDEX
 
 
 def target_frames(frame_index: torch.Tensor) -> torch.Tensor:
@@ -48,8 +59,6 @@ def per_position_loss(
     frame is then the next position's). Targets of -100 (padding) are ignored.
     Returns (loss (T,), target_frame (T,)), with NaN loss where no target was scored.
     """
-    from trainer.patches import pixel_losses, target_ids
-
     device = next(model.parameters()).device
     total = None
     count = None
@@ -61,10 +70,8 @@ def per_position_loss(
                 break
             inputs = torch.as_tensor(batch["inputs"]).to(device)
             targets = torch.as_tensor(batch["targets"]).to(device)
-            out = model(inputs)
-            # Packed pixel targets (patch -> patch, B x T x 1+P*P*3): MSE on the next normalised patch.
-            loss = pixel_losses(out, targets) if targets.ndim == 3 else token_losses(out, targets)  # (B, T)
-            valid = (target_ids(targets) != IGNORE_INDEX).float()
+            loss, valid = next_losses(model(inputs), targets)  # (B, T) each
+            valid = valid.float()
             if total is None:
                 total = torch.zeros(inputs.shape[1], dtype=torch.float64)  # (T,)
                 count = torch.zeros(inputs.shape[1], dtype=torch.float64)

@@ -33,6 +33,7 @@ the global batch size, so the sum is the global mean) and BatchNorm uses global 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -207,7 +208,8 @@ def build_token_file(clips, out_dir: str, *, max_seq_len: int, what: str, key: d
             return json.load(f)
     labels, videos, seq_len, values = [], [], None, 0
     with (open(os.path.join(out_dir, "tokens.i32"), "wb") as ft, open(os.path.join(out_dir, "frames.i16"), "wb") as ff,
-          open(os.path.join(out_dir, "pixels.u8"), "wb") as fp):
+          contextlib.ExitStack() as stack):
+        fp = None  # pixels.u8, opened at a pixel dataset's first clip
         for c in clips:
             if c["label"] is None:
                 continue
@@ -224,6 +226,8 @@ def build_token_file(clips, out_dir: str, *, max_seq_len: int, what: str, key: d
             if "pixels" in c:
                 px = np.asarray(c["pixels"], dtype=np.uint8)  # (T, P*P*3)
                 values = int(px.shape[1])
+                if fp is None:
+                    fp = stack.enter_context(open(os.path.join(out_dir, "pixels.u8"), "wb"))
                 fp.write(px.tobytes())
             labels.append(c["label"])
             videos.append(c["video_id"])
