@@ -5,8 +5,10 @@ baseline measured in the same run.
 Listing is `ensure_worklist` (adapter → Arrow table → sorted, hashed, frozen worklist.parquet);
 planning is `pipeline.jobs.plan.prepare` on the frozen list (load + verify sha256, cut into input
 shards, one LIST, clean debris, read the committed sidecars: half the shards are committed
-beforehand); after planning's memory is taken, `items_json()` of every shard (what the job hands
-the decode stage) is timed. Each phase runs in a fresh process; its memory is the process's peak RSS minus its
+beforehand), then the hand-over to the decode stage (`ray_job.stream_inputs`: a row range per
+pending shard and the work list loaded into Ray's object store once by a task, then the dataset's
+read tasks, one block per shard, as `_stream` builds them),
+whose peak is reported with planning's. Each phase runs in a fresh process; its memory is the process's peak RSS minus its
 RSS just before the phase, per work item.
 
   generated  the folder adapter over a generated listing file of N image paths (`listing=`)
@@ -89,26 +91,42 @@ def child_list(a: argparse.Namespace) -> dict:
 
 
 def child_plan(a: argparse.Namespace) -> dict:
+    import ray
+
     from pipeline.jobs.config import TokenizeConfig
     from pipeline.jobs.plan import prepare
+    from pipeline.jobs.ray_job import _shard_rows, stream_inputs
 
     _warm_imports()
     so = json.loads(a.so) if a.so else None
     cfg = TokenizeConfig(dataset="folder", input=a.root, output=a.out, items_per_shard=a.items_per_shard,
                          progress=False, storage_options=so)
+    # The job's driver has Ray up before it hands the plan over: started before the baseline (a
+    # fixed cost, not per item).
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    import ray.data  # noqa: F401 - its import (~40 MB) is a fixed cost too
+
     r0 = rss_bytes()
     t0 = time.perf_counter()
     plan = prepare(cfg, TOK)
     dt = time.perf_counter() - t0
     assert plan.num_items == a.n and len(plan.done) == (len(plan.shards) + 1) // 2, (plan.num_items, len(plan.done))
     mem = (peak_bytes() - r0) / a.n
-    # After the memory figure: what the job does next with the plan, each shard's compact rows
-    # expanded to items and JSON for the decode stage (all shards, as a fresh job would).
+    # What the job does next with the plan (ray_job._execute, then _stream): the decode stage's
+    # input, one row range per pending shard and the work list loaded into the object store by a
+    # task, then the dataset's read tasks. The driver's peak over both phases is what a job pays.
     t0 = time.perf_counter()
-    json_bytes = sum(len(s.items_json()) for s in plan.shards)
-    return {"s": dt, "bytes_per_item": mem, "shards": len(plan.shards), "done": len(plan.done),
-            "rows_bytes_per_item": plan.shards[0].source.nbytes / a.n, "items_json_s": time.perf_counter() - t0,
-            "json_bytes_per_item": json_bytes / a.n}
+    shards, worklist = stream_inputs(ray, cfg, plan)
+    ray.wait(worklist)  # loaded by a task, in the object store
+    index = [ray.put(shards)]
+    ds = ray.data.read_datasource(_shard_rows(len(shards)), num_cpus=0, override_num_blocks=len(shards))
+    handover_s = time.perf_counter() - t0
+    out = {"s": dt, "bytes_per_item": mem, "shards": len(plan.shards), "done": len(plan.done),
+           "rows_bytes_per_item": plan.shards[0].source.nbytes / a.n, "handover_s": handover_s,
+           "handover_bytes_per_item": (peak_bytes() - r0) / a.n, "pending": len(shards)}
+    del ds, worklist, index
+    ray.shutdown()
+    return out
 
 
 def child_dicts(a: argparse.Namespace) -> dict:
@@ -380,9 +398,10 @@ def main() -> None:
                   f"B/item, dicts {marg['dicts']:.0f} B/item (ratio {max(marg['list'], marg['plan']) / marg['dicts']:.2f})")
         for r in gen:
             p = r["plan"]
-            print(f"{r['n']:.0e} items: compact rows {p['rows_bytes_per_item']:.0f} B/item in memory; items_json() of "
-                  f"all {p['shards']} shards (expand + JSON for the decode stage) {p['items_json_s']:.2f} s, "
-                  f"{p['json_bytes_per_item']:.0f} B/item of JSON")
+            print(f"{r['n']:.0e} items: compact rows {p['rows_bytes_per_item']:.0f} B/item in memory; handing the "
+                  f"{p['pending']} pending shards to the decode stage (row ranges, the work list loaded by a task, the "
+                  f"dataset's read tasks) {p['handover_s']:.2f} s, driver peak with planning "
+                  f"{p['handover_bytes_per_item']:.0f} B/item")
         print("growth: time per item relative to the smallest generated size: "
               + ", ".join(f"{r['n']:.0e}: {(r['list']['s'] + r['plan']['s']) / r['n'] * 1e6 / base_us:.2f}x" for r in gen))
         if s3 is not None:

@@ -1,6 +1,7 @@
 """The tokenization job on Ray Data (the only module of the pipeline that knows Ray).
 
-    pending input shards (one row each: shard id + its items as JSON)
+    pending input shards (one row each: shard id + its row range of the work list, whose compact
+                       Arrow rows a Ray task loads into the object store once)
       → DecodeStage    autoscaling actor pool (CPU); each actor keeps one watchdog decode subprocess
                        and streams a shard's chunks as blocks of ≤ decode_block_bytes of frames
                        (32 MB for CPU tokenizers, 256 MB for GPU ones), the end record riding in
@@ -136,17 +137,27 @@ def _node_id() -> str:
 class DecodeStage:
     """Ray Data actor: decode the input shards of a batch (one per call), streaming blocks."""
 
-    def __init__(self, decode_cfg: dict, storage_options: dict | None, block_bytes: int = CPU_DECODE_BLOCK_BYTES) -> None:
+    def __init__(self, decode_cfg: dict, storage_options: dict | None, worklist: list, shards: list,
+                 block_bytes: int = CPU_DECODE_BLOCK_BYTES) -> None:
+        import ray
+
         from pipeline.decode import DecodeConfig
 
         self.worker = new_decode_worker(DecodeConfig.from_dict(decode_cfg), storage_options)
         self.node = _node_id()
         self.block_bytes = block_bytes
+        # [ObjectRef] of the work list's compact rows (WORKLIST_SCHEMA), put once by the driver: read
+        # from this node's object store without a copy, shared by every decode actor on the node.
+        self.worklist: pa.Table = ray.get(worklist[0])
+        self.shards: np.ndarray = ray.get(shards[0])  # (n, 3) int64 [shard id, start, stop], by dataset row
 
     def __call__(self, batch: pa.Table):
-        for row in batch.to_pylist():
-            for block in decode_input_shard(row["shard_id"], json.loads(row["items"]), self.worker,
-                                            max_block_bytes=self.block_bytes):
+        from pipeline.sources.items import expand_items
+
+        for i in batch["id"].to_pylist():
+            sid, start, stop = (int(v) for v in self.shards[i])
+            items = expand_items(self.worklist.slice(start, stop - start)).to_pylist()
+            for block in decode_input_shard(sid, items, self.worker, max_block_bytes=self.block_bytes):
                 if block[-1]["type"] == "end":
                     block[-1]["node"] = self.node  # where the shard was decoded, for the run summary
                 yield records_to_table(block)
@@ -520,9 +531,55 @@ def _rusage_cpu(a, b) -> float:
     return (b.ru_utime - a.ru_utime) + (b.ru_stime - a.ru_stime)
 
 
-def _stream(ray, cfg: TokenizeConfig, rows: list[dict], writers: list, sizes: dict, precision: str,
+def _worklist_rows(out_url: str, storage_options: dict | None, sha256: str, limit: int | None) -> pa.Table:
+    """The job's frozen work list's compact rows (WORKLIST_SCHEMA), first `limit` rows when given:
+    run as a Ray task, so the table is made in the object store by a worker (reconstructible from
+    the frozen file if its node goes), never copied through the driver."""
+    from pipeline.jobs.plan import WORKLIST_DIR
+    from pipeline.sources import load_worklist
+
+    wl = load_worklist(storage.join(out_url, WORKLIST_DIR), storage_options=storage_options)
+    if wl.sha256 != sha256:
+        raise RuntimeError(f"the work list in {storage.redact(out_url)} changed under the job "
+                           f"(sha256 {wl.sha256[:12]}…, planned {sha256[:12]}…); rerun to plan again")
+    return wl.table.slice(0, limit) if limit else wl.table
+
+
+def stream_inputs(ray, cfg: TokenizeConfig, plan: JobPlan) -> tuple[np.ndarray, list]:
+    """What the decode stage is handed: `[shard id, start, stop]` (int64, (n, 3)) per pending
+    input shard, its row range of the work list, and `[ObjectRef]` of the work list's compact rows,
+    which a Ray task loads from the frozen work list into the object store once. The driver adds
+    nothing per item to the plan (no item dicts, no JSON, no copy of the table); each decode actor
+    reads the table from its node's object store without a copy and expands its shard's rows."""
+    if any(s.source_start for s in plan.pending):
+        raise RuntimeError("input shards of a job plan index the whole work list (source_start 0)")
+    shards = np.array([(s.id, s.start, s.stop) for s in plan.pending], dtype=np.int64).reshape(-1, 3)
+    task = ray.remote(_worklist_rows).options(num_cpus=0, max_retries=3)
+    return shards, [task.remote(cfg.output, cfg.storage_options, plan.worklist_sha256, cfg.limit)]
+
+
+def _shard_rows(n: int):
+    """A Ray Data datasource of the rows {"id": i}, i < n, one per block (one read task each)."""
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    def read(i: int):
+        return lambda: [pa.table({"id": pa.array([i], type=pa.int64())})]
+
+    class ShardRows(Datasource):
+        def estimate_inmemory_data_size(self) -> int:
+            return 8 * n
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
+            return [ReadTask(read(i), BlockMetadata(num_rows=1, size_bytes=8, exec_stats=None)) for i in range(n)]
+
+    return ShardRows()
+
+
+def _stream(ray, cfg: TokenizeConfig, shards: np.ndarray, worklist: list, writers: list, sizes: dict, precision: str,
             stop: Callable[[], bool]) -> dict[str, Any]:
-    """Build the decode → tokenize dataset over `rows` (pending input shards) and run Ray Data's
+    """Build the decode → tokenize dataset over `shards` (pending input shards as row ranges of
+    the work list `worklist` = [ObjectRef], from `stream_inputs`) and run Ray Data's
     streaming executor over it in this process, taking the stage's output blocks without fetching
     them, until it ends or `stop()` says so. Returns this process's costs (what
     bench/driver_cost.py turns into "GPUs one executor can feed")."""
@@ -547,11 +604,15 @@ def _stream(ray, cfg: TokenizeConfig, rows: list[dict], writers: list, sizes: di
     ctx.target_max_block_size = block_bytes
 
     ru0, loop0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.thread_time(), time.perf_counter()
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    # One dataset row (and block) per shard, made by read tasks that ask for no CPU: the driver
+    # holds the read tasks, not a block per shard (from_items made them here, ~6 KB each), and the
+    # reads never wait for a CPU the decode pool holds. Decode actors look the row's shard up in `index`.
+    index = [ray.put(shards)]
+    ds = ray.data.read_datasource(_shard_rows(len(shards)), num_cpus=0, override_num_blocks=len(shards))
     ds = ds.map_batches(
         DecodeStage,
         fn_constructor_kwargs={"decode_cfg": cfg.decode_config().to_dict(), "storage_options": cfg.storage_options,
-                               "block_bytes": block_bytes},
+                               "worklist": worklist, "shards": index, "block_bytes": block_bytes},
         batch_size=1,
         batch_format="pyarrow",
         compute=_pool(dec),
@@ -568,7 +629,7 @@ def _stream(ray, cfg: TokenizeConfig, rows: list[dict], writers: list, sizes: di
         num_cpus=tok["num_cpus"],
         **tok_args,
     )
-    stats: dict[str, Any] = {"blocks": 0, "input_blocks": len(rows)}
+    stats: dict[str, Any] = {"blocks": 0, "input_blocks": len(shards)}
     steady0: tuple = ()
     for bundle in ds.iter_internal_ref_bundles():
         if not stats["blocks"]:
@@ -592,10 +653,11 @@ class StreamExecutor:
     it); the writers are the job's. Not restarted: a lost executor fails the job, and a rerun
     resumes from what the writers committed."""
 
-    def run(self, cfg: TokenizeConfig, rows: list[dict], writers: list, sizes: dict, precision: str) -> dict:
+    def run(self, cfg: TokenizeConfig, shards: np.ndarray, worklist: list, writers: list, sizes: dict,
+            precision: str) -> dict:
         import ray
 
-        return {**_stream(ray, cfg, rows, writers, sizes, precision, stop=lambda: False), "node": _node_id()}
+        return {**_stream(ray, cfg, shards, worklist, writers, sizes, precision, stop=lambda: False), "node": _node_id()}
 
 
 def _execute(ray, cfg: TokenizeConfig, plan: JobPlan, sizes: dict, progress: Progress) -> dict[str, Any]:
@@ -615,9 +677,9 @@ def _execute(ray, cfg: TokenizeConfig, plan: JobPlan, sizes: dict, progress: Pro
     writers = [writer_cls.remote(cfg.output, {k: v for k, v in descriptors.items() if k % wr["actors"] == w}, grid, kw)
                for w in range(wr["actors"])]
 
-    rows = [{"shard_id": s.id, "items": s.items_json()} for s in plan.pending]
+    shards, worklist = stream_inputs(ray, cfg, plan)
     precision = plan.tokenizer["precision"]
-    n_exec = min(sizes["executors"]["count"], len(rows))
+    n_exec = min(sizes["executors"]["count"], len(shards))
     sizes = {**sizes, "executors": {**sizes["executors"], "count": n_exec}}  # no executor without shards
     state = _Driver(ray, writers, plan, progress)
     stop = threading.Event()
@@ -641,13 +703,14 @@ def _execute(ray, cfg: TokenizeConfig, plan: JobPlan, sizes: dict, progress: Pro
     execs: list = []
     try:
         if n_exec == 1:
-            executors = [_stream(ray, cfg, rows, writers, sizes, precision, stop=lambda: state.failure() is not None)]
+            executors = [_stream(ray, cfg, shards, worklist, writers, sizes, precision,
+                                 stop=lambda: state.failure() is not None)]
         else:
             ex_cls = ray.remote(StreamExecutor).options(num_cpus=sizes["executors"]["num_cpus"], max_restarts=0,
                                                         scheduling_strategy="SPREAD")
             execs = [ex_cls.remote() for _ in range(n_exec)]
             # Shard k goes to executor k % n: each sees the plan's order, and their shards interleave.
-            waiting = {e.run.remote(cfg, rows[k::n_exec], writers, executor_share(sizes, k), precision): k
+            waiting = {e.run.remote(cfg, shards[k::n_exec].copy(), worklist, writers, executor_share(sizes, k), precision): k
                        for k, e in enumerate(execs)}
             done_stats: dict[int, dict] = {}
             while waiting and state.failure() is None:
@@ -677,7 +740,7 @@ def _execute(ray, cfg: TokenizeConfig, plan: JobPlan, sizes: dict, progress: Pro
         raise RuntimeError(why)
 
     driver: dict[str, Any] = {**state.stats, "cpu_s": _rusage_cpu(ru0, ru1), "loop_cpu_s": loop1 - loop0,
-                              "wall_s": wall1 - wall0, "shards": len(state.committed), "input_blocks": len(rows),
+                              "wall_s": wall1 - wall0, "shards": len(state.committed), "input_blocks": len(shards),
                               "blocks": sum(x["blocks"] for x in executors)}
     if n_exec == 1:
         # The executor's start-up (building the dataset, creating the actors) ran in this process.

@@ -13,7 +13,7 @@ Public API (plain Python, no Ray):
     for shard in input_shards(wl, items_per_shard=256):
         shard.id, shard.name ("shard-000000"), shard.start, shard.stop (rows of wl.table),
         shard.rows (zero-copy slice of the compact rows), shard.table (its items, ARROW_SCHEMA),
-        shard.items_json() (what the decode stage reads), shard.items (tuple of item dicts),
+        shard.items (tuple of item dicts),
         shard.descriptor()
 
 Work items live in Arrow tables of compact rows (WORKLIST_SCHEMA, work-list version 2) from

@@ -1,7 +1,7 @@
 """Work items, the listing report and long-video segmentation.
 
 A work item has these fields (ITEM_FIELDS, Arrow schema ARROW_SCHEMA: what an input shard's
-`table`, `items` and `items_json()` hold, and what `make_item` gives as a plain dict):
+`table` and `items` hold, and what `make_item` gives as a plain dict):
 
     key         str   "{dataset}/{video_id}/{chunk:05d}", the key of the item's first output row
     uri         str   local path or s3://... URL of the file (or of the tar holding it)

@@ -182,8 +182,9 @@ class InputShard:
 
     Holds a reference to the whole work list's (compact, WORKLIST_SCHEMA) table, not a copy, and
     expands its own rows into items on demand, so a plan of any number of shards costs a few
-    hundred bytes per shard. The decode stage receives the shard's items as `items_json()` (or
-    `table` / `items`).
+    hundred bytes per shard. The job hands the decode stage the shard's row range of the work list
+    (put into Ray's object store once), which the decode actor expands itself (`table` / `items`
+    here).
     """
 
     id: int
@@ -222,10 +223,6 @@ class InputShard:
     def items(self) -> tuple[dict, ...]:
         """The shard's items as dicts (fields of ITEM_FIELDS, in that order)."""
         return tuple(self.table.to_pylist())
-
-    def items_json(self) -> str:
-        """The items as a JSON list of objects, as the decode stage reads them."""
-        return json.dumps(self.table.to_pylist())
 
     def descriptor(self) -> dict:
         """`{id, worklist_sha256, num_items}`, the `input_shard` argument of ShardWriter.commit."""
