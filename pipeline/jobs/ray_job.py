@@ -26,7 +26,8 @@ No token and no commit passes through the driver: an executor's cost is per bloc
 and per wall second, the driver's per wall second × writers (the poll), not per token or per
 shard (bench/driver_cost.py). A SIGKILL
 at any instant leaves at worst data files without sidecars (debris, cleaned by the next run),
-never a partial shard.
+never a partial shard. Writers outlive the killed driver by seconds, so a rerun's clean-up may race
+their last commits; store.clean_debris says why that is safe.
 
 The two stages ask for different resources, so Ray Data keeps them as separate operators (it would
 otherwise fuse a map into the following one). Pools have a minimum and a maximum: on a cluster the

@@ -212,6 +212,7 @@ def write_shard(
 
     The bytes are a pure function of the rows, so a repeated attempt rewrites the same bytes, and
     a data file whose sidecar never came (a kill between the two) is debris that the next run cleans.
+    A killed run's writer may finish this after the kill, racing a rerun: see store.clean_debris.
     """
     # The grid is the tokenizer's, not taken from the rows: a shard whose inputs all failed has none.
     w = ShardWriter(out_url, sid, grid=tuple(grid), codebook_size=codebook_size, tokenizer=tokenizer,

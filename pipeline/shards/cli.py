@@ -78,7 +78,10 @@ def status_cmd(out: str, as_json: bool, rebuild_manifest: bool, endpoint_url: st
     """
     so = _storage_options(endpoint_url)
     names = storage.listdir(out, so)
-    sides = store.committed_shards(out, so, names=names)
+    try:
+        sides = store.committed_shards(out, so, names=names)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
     if rebuild_manifest:
         store.write_manifest(out, so, sidecars=sides)  # the sidecars just read, not a second GET of each
         names = sorted({*names, store.MANIFEST})
@@ -104,7 +107,8 @@ def status_cmd(out: str, as_json: bool, rebuild_manifest: bool, endpoint_url: st
 
 @click.command("verify")
 @click.argument("out")
-@click.option("--clean", is_flag=True, help="Also delete debris (uncommitted data files). Only when no job writes OUT.")
+@click.option("--clean", is_flag=True, help="First delete debris (temporaries, data files without a sidecar, sidecars without a data file). "
+              "Only when no job writes OUT.")
 @endpoint_option
 def verify_cmd(out: str, clean: bool, endpoint_url: str | None) -> None:
     """Check every committed shard at OUT: schema, sha256, per-frame checksums, row counts, token range.
@@ -117,6 +121,11 @@ def verify_cmd(out: str, clean: bool, endpoint_url: str | None) -> None:
     """
     so = _storage_options(endpoint_url)
     names = storage.listdir(out, so)  # one listing, one read of each sidecar, for every check below
+    deb = store.debris(out, so, names=names)
+    if clean and deb:  # first: a sidecar whose data file is gone is debris that readers refuse
+        store.clean_debris(out, so, names=names)
+        gone = {storage.basename(u) for u in deb}
+        names = [n for n in names if n not in gone]
     try:
         sides = store.committed_shards(out, so, names=names)
     except ValueError as e:
@@ -137,9 +146,6 @@ def verify_cmd(out: str, clean: bool, endpoint_url: str | None) -> None:
                 bad["manifest.json"] = ["does not match the shard sidecars; rebuild with `toto-pipeline status OUT --rebuild-manifest`"]
         except ValueError as e:
             bad["manifest.json"] = [str(e)]
-    deb = store.debris(out, so, names=names)
-    if clean and deb:
-        store.clean_debris(out, so, names=names)
     for name, problems in bad.items():
         for p in problems:
             click.echo(f"BAD {storage.join(out, name)}: {p}", err=True)

@@ -3,7 +3,10 @@
 Commit protocol (DESIGN.md): the data file is written under a temporary name, fsynced and
 renamed (on object stores: one upload of the final key); then the JSON sidecar is written the
 same way. A shard exists exactly when its sidecar does. A data file without a sidecar, or a
-temporary file, is debris: readers ignore it and :func:`clean_debris` removes it.
+temporary file, is debris: readers ignore it and :func:`clean_debris` removes it. So is a sidecar
+whose data file is gone: a killed run's writers outlive its process group by seconds, and one that
+renames a sidecar in between a rerun's listing and its clean-up is left with its data file
+removed as debris (readers call it damage; the job's clean-up removes it and redoes the shard).
 """
 
 from __future__ import annotations
@@ -308,32 +311,43 @@ def committed_shards(
         side = have[n]
         if side["data_file"] not in present:
             raise ValueError(
-                f"{storage.join(out_url, n)} names {side['data_file']}, which is missing: the output was damaged; "
-                "delete this sidecar and rerun the job to rebuild the shard"
+                f"{storage.join(out_url, n)} names {side['data_file']}, which is missing: the shard is not readable; "
+                "rerun the same tokenize command to rebuild it (its clean-up removes such a sidecar)"
             )
         out.append(side)
     return out
 
 
 def debris(out_url: str, storage_options: dict | None = None, *, names: list[str] | None = None) -> list[str]:
-    """Files that belong to no committed shard: temporaries and data files without a sidecar.
+    """Files that belong to no committed shard: temporaries, data files without a sidecar, and
+    sidecars without a data file (``shard-N.json`` with neither ``shard-N.arrow`` nor ``.tar``).
 
     ``names``: the listing of ``out_url`` when the caller has it (saves a LIST)."""
     names = storage.listdir(out_url, storage_options) if names is None else names
-    sidecars = {n for n in names if SIDECAR_RE.match(n)}
+    sidecars = {m.group(1) for n in names if (m := SIDECAR_RE.match(n))}
+    data = {m.group(1) for n in names if (m := DATA_RE.match(n))}
     out = []
     for n in names:
-        m = DATA_RE.match(n)
-        if (m and f"shard-{m.group(1)}.json" not in sidecars) or storage.TMP_MARK in n:
+        d, s = DATA_RE.match(n), SIDECAR_RE.match(n)
+        if (d and d.group(1) not in sidecars) or (s and s.group(1) not in data) or storage.TMP_MARK in n:
             out.append(storage.join(out_url, n))
     return out
 
 
 def clean_debris(out_url: str, storage_options: dict | None = None, *, names: list[str] | None = None) -> list[str]:
-    """Remove :func:`debris`. Call only when no writer is running on ``out_url``."""
+    """Remove :func:`debris` found in one listing (``names``, or a new one); returns what it found.
+
+    Safe while a killed run's writers still finish commits (they outlive its process group by
+    seconds): a temporary they rename away between the listing and its removal is already gone,
+    and a data file removed just after its late sidecar arrived leaves a sidecar without data,
+    which the next clean-up removes. Nothing it removes was a committed shard when listed, so a
+    job that replans from the same listing redoes every shard whose files it touched."""
     gone = debris(out_url, storage_options, names=names)
     for url in gone:
-        storage.remove(url, storage_options)
+        try:
+            storage.remove(url, storage_options)
+        except FileNotFoundError:
+            pass
     return gone
 
 

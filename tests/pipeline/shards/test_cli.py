@@ -47,6 +47,20 @@ def test_verify_passes_then_names_the_bad_shard(tmp_path, rows):
     assert "shard-000000" not in res.output.split("BAD")[-1]
 
 
+def test_status_refuses_a_sidecar_without_data_and_verify_clean_removes_it(tmp_path, rows):
+    _dataset(tmp_path, rows)
+    (tmp_path / "shard-000001.arrow").unlink()
+    (tmp_path / ".shard-000003.tar.tmp-1-abcd").write_bytes(b"partial")
+    runner = CliRunner()
+    for cmd in (["status", str(tmp_path)], ["verify", str(tmp_path)]):
+        res = runner.invoke(main, cmd)
+        assert res.exit_code == 1 and "shard-000001.json names shard-000001.arrow, which is missing" in res.output
+    res = runner.invoke(main, ["verify", str(tmp_path), "--clean"])
+    assert res.exit_code == 0, res.output
+    assert "1/1 shards OK" in res.output and "2 debris files removed" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.arrow", "shard-000000.json"]
+
+
 def test_inspect_reports_coverage_and_entropy(tmp_path, rows):
     # tokens drawn uniformly from 4 codes: coverage 4/16, entropy ≈ 2 bits
     rng = np.random.default_rng(0)

@@ -116,6 +116,23 @@ def test_data_file_without_sidecar_is_debris_ignored_then_cleaned(tmp_path, rows
     assert sorted(os.listdir(tmp_path)) == ["shard-000000.arrow", "shard-000000.json"]
 
 
+def test_sidecar_without_data_file_is_debris_and_vanished_debris_is_no_error(tmp_path, rows, monkeypatch):
+    # A killed run's late writer renames shard 1's sidecar after a rerun's clean-up removed its
+    # data file (listed without a sidecar): readers refuse the shard, clean-up removes the orphan.
+    write(tmp_path, rows[:3], shard_id=0)
+    write(tmp_path, rows[3:], shard_id=1)
+    os.remove(tmp_path / "shard-000001.arrow")
+    with pytest.raises(ValueError, match="shard-000001.json names shard-000001.arrow, which is missing.*rerun the same tokenize"):
+        committed_shards(str(tmp_path))
+    assert [os.path.basename(d) for d in debris(str(tmp_path))] == ["shard-000001.json"]
+    # A temporary that its writer renames away between the listing and the removal.
+    names = [*os.listdir(tmp_path), ".shard-000002.arrow.tmp-9-ffff"]
+    assert sorted(os.path.basename(d) for d in clean_debris(str(tmp_path), names=names)) == [
+        ".shard-000002.arrow.tmp-9-ffff", "shard-000001.json"]
+    assert sorted(os.listdir(tmp_path)) == ["shard-000000.arrow", "shard-000000.json"]
+    assert [s["shard_id"] for s in committed_shards(str(tmp_path))] == [0]
+
+
 def test_write_probe_leaves_nothing_and_a_killed_probe_is_debris(tmp_path, rows, monkeypatch):
     write(tmp_path, rows[:3], shard_id=0)
     storage.check_writable(str(tmp_path))
